@@ -1,0 +1,168 @@
+"""Checkpoints: a directory holding weights (safetensors), the full config and
+metadata (JSON), and optionally the training state (optimiser, RNG, data position).
+
+Writes are crash-safe: everything goes into a temporary sibling directory, each
+file is fsynced, and the directory is renamed into place in one atomic step, so a
+half-written checkpoint never carries a checkpoint's name. config.json records a
+SHA-256 of every other file; loading verifies them.
+"""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from move.config import ModelConfig
+from move.errors import CheckpointError, ConfigError
+from move.model.gpt import GPT
+
+FORMAT = "move-checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAIN_STATE = "train_state.pt"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | None = None) -> Path:
+    """Atomically write checkpoint directory `path` (replacing an older one of that name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        files = {WEIGHTS: save_safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})}
+        if train_state is not None:
+            buffer = io.BytesIO()
+            torch.save(train_state, buffer)
+            files[TRAIN_STATE] = buffer.getvalue()
+        for name, data in files.items():
+            _write_synced(tmp / name, data)
+        header = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_config": model.config.to_dict(),
+            "meta": meta or {},
+            "sha256": {name: sha256(data) for name, data in files.items()},
+        }
+        _write_synced(tmp / CONFIG, json.dumps(header, indent=2).encode())
+        _fsync_dir(tmp)
+        if path.exists():  # replace: move the old one aside first, delete it after
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_header(path) -> dict:
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise CheckpointError(f"{path}: not a checkpoint (no {CONFIG})")
+    try:
+        header = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}/{CONFIG}: corrupt JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} (format field is {header.get('format') if isinstance(header, dict) else None!r})")
+    return header
+
+
+def _read_verified(path: Path, name: str, header: dict) -> bytes:
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"{path}: missing {name}")
+    data = file.read_bytes()
+    expected = header.get("sha256", {}).get(name)
+    if expected != sha256(data):
+        raise CheckpointError(f"{file}: checksum mismatch (truncated or corrupted)")
+    return data
+
+
+def load_state_dict(path) -> tuple[dict, dict]:
+    """Verified (state_dict, header) of a checkpoint directory."""
+    path = Path(path)
+    header = read_header(path)
+    data = _read_verified(path, WEIGHTS, header)
+    try:
+        return load_safetensors_bytes(data), header
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}/{WEIGHTS}: unreadable safetensors ({e})") from None
+
+
+def load_train_state(path) -> dict:
+    path = Path(path)
+    header = read_header(path)
+    data = _read_verified(path, TRAIN_STATE, header)
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def check_compatible(model, state_dict: dict, source) -> None:
+    """Refuse, with the first mismatch named, weights that do not fit `model`."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing:
+        raise CheckpointError(f"{source}: tensor {missing[0]} missing from checkpoint ({len(missing)} missing)")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]} in checkpoint ({len(unexpected)} unexpected)")
+    for name, tensor in own.items():
+        if tuple(state_dict[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for {name}: checkpoint {tuple(state_dict[name].shape)} vs model {tuple(tensor.shape)}"
+            )
+
+
+def config_mismatch(a: ModelConfig, b: ModelConfig) -> str | None:
+    """'field: x vs y' for the first differing config field, or None."""
+    da, db = a.to_dict(), b.to_dict()
+    for key in da:
+        if da[key] != db[key]:
+            return f"{key}: {da[key]!r} vs {db[key]!r}"
+    return None
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the model from a checkpoint directory alone -> (model, header)."""
+    state_dict, header = load_state_dict(path)
+    try:
+        config = ModelConfig.from_dict(header["model_config"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path}: invalid model config in {CONFIG} ({e})") from None
+    model = GPT(config)
+    check_compatible(model, state_dict, path)
+    model.load_state_dict(state_dict)
+    return model.to(device), header

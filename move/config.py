@@ -1,0 +1,156 @@
+"""The model configuration: one plain dataclass, its validation, and the presets.
+
+Every architectural knob lives here so that a compute-matched dense baseline is
+just another `ModelConfig` (more layers or width, `value_memory="standard"`).
+"""
+
+from dataclasses import asdict, dataclass, fields
+
+from move.errors import ConfigError
+
+VALUE_MEMORY_VARIANTS = ("standard", "lave", "move")
+ATTENTION_KINDS = ("mha", "mla")
+# nanochat's LaVE gate reads only the first 32 channels of the block input.
+LAVE_GATE_CHANNELS = 32
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    seq_len: int = 256
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    # Key/value heads for grouped-query attention; 0 means n_head (plain MHA).
+    n_kv_head: int = 0
+    attention: str = "mha"  # "mha" (MHA/GQA) or "mla" (multi-head latent attention)
+    # MLA only: width d_c of the cached KV latent (0: 4 * head_dim).
+    kv_latent_dim: int = 0
+    # MLA only: width of the decoupled RoPE key/query part (0: head_dim // 2).
+    rope_head_dim: int = 0
+    value_memory: str = "standard"  # "standard", "lave" or "move"
+    # Memory density xk: LaVE gets k tables per participating layer; MoVE gets
+    # M = k * (number of LaVE layers) slots, i.e. the same value-memory parameters.
+    memory_density: int = 1
+    # MoVE only: set M directly (0: derive it from memory_density).
+    memory_slots: int = 0
+    # Ablation: False = MoVE without the gate g0 on the standard value path.
+    move_gate_g0: bool = True
+    # Ablation: LaVE with full-width routers (d_model -> H*(k+1)) and a gate g0.
+    lave_full_gates: bool = False
+    logit_softcap: float = 15.0  # 0 disables the tanh soft-cap
+    rope_base: float = 10000.0
+
+    # ---- derived quantities (one place, used by model and accounting) ----
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads that own a value vector (MLA has no GQA: every head does)."""
+        if self.attention == "mla":
+            return self.n_head
+        return self.n_kv_head or self.n_head
+
+    @property
+    def kv_latent_width(self) -> int:
+        return self.kv_latent_dim or 4 * self.head_dim
+
+    @property
+    def rope_width(self) -> int:
+        return self.rope_head_dim or max(2, self.head_dim // 2)
+
+    @property
+    def lave_layers(self) -> list[int]:
+        """Layers that carry LaVE tables: alternate ones ending at the last layer."""
+        return [i for i in range(self.n_layer) if i % 2 == (self.n_layer - 1) % 2]
+
+    @property
+    def n_slots(self) -> int:
+        """MoVE's M (bank slots per token) or LaVE's tables per participating layer."""
+        if self.value_memory == "move":
+            return self.memory_slots or self.memory_density * len(self.lave_layers)
+        if self.value_memory == "lave":
+            return self.memory_density
+        return 0
+
+    @property
+    def memory_width(self) -> int:
+        """Width of one memory slot summed over heads: the value width d_v, or on
+        MLA+MoVE the latent width d_c (memory is mixed into the latent)."""
+        if self.attention == "mla" and self.value_memory == "move":
+            return self.kv_latent_width
+        return self.kv_heads * self.head_dim
+
+    @property
+    def gate_g0(self) -> bool:
+        """Whether the standard value path has its own gate g0."""
+        if self.value_memory == "move":
+            return self.move_gate_g0
+        return self.value_memory == "lave" and self.lave_full_gates
+
+    def memory_layers(self) -> list[int]:
+        """Layers that mix value memory into attention."""
+        if self.value_memory == "move":
+            return list(range(self.n_layer))
+        if self.value_memory == "lave":
+            return self.lave_layers
+        return []
+
+    def validate(self) -> "ModelConfig":
+        positive = ["vocab_size", "seq_len", "n_layer", "n_embd", "n_head", "memory_density"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ["n_kv_head", "kv_latent_dim", "rope_head_dim", "memory_slots"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 = default), got {getattr(self, name)}")
+        if self.value_memory not in VALUE_MEMORY_VARIANTS:
+            raise ConfigError(f"unknown value_memory {self.value_memory!r}; choose one of {', '.join(VALUE_MEMORY_VARIANTS)}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_head={self.n_head} does not divide n_embd={self.n_embd}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.attention == "mha" and self.n_head % self.kv_heads:
+            raise ConfigError(f"n_kv_head={self.kv_heads} does not divide n_head={self.n_head}")
+        if self.attention == "mla" and self.rope_width % 2:
+            raise ConfigError(f"rope_head_dim={self.rope_width} must be even")
+        if self.attention == "mla" and self.value_memory == "move" and self.kv_latent_width % self.n_head:
+            raise ConfigError(f"MLA+MoVE needs kv_latent_dim (d_c={self.kv_latent_width}) divisible by n_head={self.n_head}")
+        if self.value_memory == "lave" and self.n_embd < LAVE_GATE_CHANNELS and not self.lave_full_gates:
+            raise ConfigError(f"LaVE gates read {LAVE_GATE_CHANNELS} channels; n_embd={self.n_embd} is smaller")
+        if self.logit_softcap < 0:
+            raise ConfigError(f"logit_softcap must be >= 0, got {self.logit_softcap}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**d).validate()
+
+
+# Presets: the shape of the model; the variant and density are set separately.
+MODEL_PRESETS: dict[str, dict] = {
+    # seconds on a CPU; used by tests
+    "tiny": dict(vocab_size=512, seq_len=64, n_layer=2, n_embd=64, n_head=2),
+    # a few minutes per model on 2 CPU cores
+    "small": dict(vocab_size=2048, seq_len=128, n_layer=4, n_embd=128, n_head=4),
+    # nanochat D12, the paper's smallest text model (GPU)
+    "d12": dict(vocab_size=65536, seq_len=2048, n_layer=12, n_embd=768, n_head=6),
+}
+
+
+def model_config_from_preset(preset: str, **overrides) -> ModelConfig:
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    values = {**MODEL_PRESETS[preset], **overrides}
+    return ModelConfig.from_dict(values)

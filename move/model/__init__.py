@@ -1,0 +1,1 @@
+"""Model code: the GPT, its attention kinds, value memory, sampling, accounting."""

@@ -1,0 +1,122 @@
+"""The GPT: nanochat-style decoder with swappable value memory.
+
+token embedding -> RMSNorm -> L x [x + attn(norm(x)), x + mlp(norm(x))] -> norm ->
+untied lm_head -> optional tanh soft-cap. No biases, RoPE, QK-norm, relu^2.
+MoVE's global bank is looked up once here and handed to every layer.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from move.config import ModelConfig
+from move.errors import TokenRangeError
+from move.model.attention import CausalSelfAttention, MultiHeadLatentAttention
+from move.model.layers import MLP, KVCache, rms_norm, rotary_tables
+from move.model.value_memory import ValueTable
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        attention = MultiHeadLatentAttention if config.attention == "mla" else CausalSelfAttention
+        self.attn = attention(config, layer_idx)
+        self.mlp = MLP(config.n_embd)
+
+    def forward(self, x, idx, bank_slots, cos, sin, cache):
+        x = x + self.attn(rms_norm(x), idx, bank_slots, cos, sin, cache)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.bank = None
+        if config.value_memory == "move":
+            heads = config.kv_heads
+            self.bank = ValueTable(config.vocab_size, heads, config.n_slots, config.memory_width // heads)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.rotary_dim = config.rope_width if config.attention == "mla" else config.head_dim
+        self._rotary_len = 0
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every initialisation of the model, in one place (nanochat's scheme).
+
+        - wte: N(0, 1); the embedding is RMS-normed right after, so only direction matters.
+        - lm_head: N(0, 0.001): near-uniform predictions at step 0.
+        - every input-side matrix (q, k, v, MLA down/up projections, MLP c_fc):
+          U(-s, s) with s = sqrt(3) / sqrt(fan_in), i.e. std 1/sqrt(fan_in).
+        - output projections (attn c_proj, mlp c_proj): zero, so each block starts
+          as the identity on the residual stream.
+        - value memory tables (MoVE bank, LaVE tables): U(-s, s) with the value
+          projection's s = sqrt(3)/sqrt(d_model), so memory and v start on one scale.
+        - routers / gates: zero, so every gate 2*sigmoid(0) is exactly 1.0.
+        """
+        s_model = math.sqrt(3) / math.sqrt(self.config.n_embd)
+        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.blocks:
+            for name, module in block.named_modules():
+                if isinstance(module, nn.Linear):
+                    if name.endswith("c_proj"):
+                        nn.init.zeros_(module.weight)
+                    elif name.endswith("router"):
+                        nn.init.zeros_(module.weight)
+                    else:
+                        s = math.sqrt(3) / math.sqrt(module.in_features)
+                        nn.init.uniform_(module.weight, -s, s)
+                elif isinstance(module, ValueTable):
+                    nn.init.uniform_(module.weight, -s_model, s_model)
+        if self.bank is not None:
+            nn.init.uniform_(self.bank.weight, -s_model, s_model)
+
+    def _rotary(self, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Tables grow on demand so generation may run past seq_len.
+        if end > self._rotary_len or self.rotary_cos.device != device:
+            length = max(end, 2 * self.config.seq_len)
+            cos, sin = rotary_tables(length, self.rotary_dim, self.config.rope_base, device)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+            self._rotary_len = length
+        return self.rotary_cos, self.rotary_sin
+
+    def check_token_ids(self, idx: torch.Tensor) -> None:
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            raise TokenRangeError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got range "
+                f"[{int(idx.min())}, {int(idx.max())}]"
+            )
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean", check_ids: bool = True):
+        """idx (B, T) -> logits (B, T, V), or the cross-entropy loss if targets are
+        given (targets == -1 are ignored; reduction='none' gives per-token nats)."""
+        if check_ids:
+            self.check_token_ids(idx)
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        cos, sin = self._rotary(start + T, idx.device)
+        cos, sin = cos[:, start : start + T], sin[:, start : start + T]
+        bank_slots = self.bank(idx) if self.bank is not None else None  # one gather for all layers
+        x = rms_norm(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, idx, bank_slots, cos, sin, cache)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(rms_norm(x)).float()
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+        return loss.view(B, T) if reduction == "none" else loss
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.config.n_layer, batch_size, max_len)

@@ -1,0 +1,64 @@
+"""Autoregressive sampling with a KV cache: temperature, top-k, top-p, seeded, batched."""
+
+import torch
+
+from move.errors import ConfigError
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token once the mass *before* it already exceeds top_p (keeps at least one)
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) > top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """logits (B, V) -> next ids (B, 1); temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """prompt (B, T0) of equal-length prompts -> (B, T0 + max_new_tokens).
+
+    The prompt is prefilled in one forward; each new token then costs one
+    single-position forward against the cache.
+    """
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    model.check_token_ids(prompt)
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    cache = model.new_cache(prompt.size(0), prompt.size(1) + max_new_tokens)
+    out = prompt
+    logits = model(prompt, cache=cache, check_ids=False)[:, -1]
+    for i in range(max_new_tokens):
+        nxt = pick_next(logits, temperature, top_k, top_p, generator)
+        out = torch.cat([out, nxt], dim=1)
+        if i + 1 < max_new_tokens:
+            logits = model(nxt, cache=cache, check_ids=False)[:, -1]
+    model.train(was_training)
+    return out

@@ -1,0 +1,76 @@
+"""Value memory: token-indexed tables mixed into attention values by learned gates.
+
+Both memory variants reduce to one formula per head h and position t:
+
+    v'_{t,h} = g_{t,h,0} * v_{t,h} + sum_{i=1..S} g_{t,h,i} * m_{t,i,h}
+
+where m_{t,i} are S slots looked up by the token id x_t and g = 2*sigmoid(router)
+starts at exactly 1.0 (zero-initialised router). They differ in where the slots
+live and what the router sees:
+
+- MoVE: ONE global bank (vocab, H, M, width) shared by every layer and looked up
+  once per forward; each layer has a router Linear(d_model -> H*(M+1)) on the full
+  normed hidden state. Without g0 (ablation) the standard v is added ungated.
+- LaVE (nanochat, Jan 2026): each participating layer owns k tables; a router
+  Linear(32 -> H*k) reads only the first 32 channels and there is no g0, so
+  v' = v + sum_i g_i * ve_i. The "full gates" ablation gives LaVE MoVE's router.
+
+The bank is stored head-major, (vocab, H, S, width_per_head), so a gathered row is
+already in the layout of the batched matmul that mixes it: no permute, no copy.
+"""
+
+import torch
+import torch.nn as nn
+
+from move.config import LAVE_GATE_CHANNELS, ModelConfig
+
+
+class ValueTable(nn.Module):
+    """Token-indexed slots: weight (vocab, heads, slots, width_per_head)."""
+
+    def __init__(self, vocab_size: int, heads: int, slots: int, width_per_head: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, heads, slots, width_per_head))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> slots (B, T, heads, slots, width_per_head)."""
+        return self.weight[idx]
+
+
+def mix_values(v: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, gate_g0: bool) -> torch.Tensor:
+    """v (B,T,H,D), slots (B,T,H,S,D), gates (B,T,H,S+g0) -> mixed v (B,T,H,D)."""
+    if gate_g0:
+        base, slot_gates = gates[..., :1] * v, gates[..., 1:]
+    else:
+        base, slot_gates = v, gates
+    # (B,T,H,1,S) @ (B,T,H,S,D): the weighted sum over slots as one batched matmul.
+    return base + torch.matmul(slot_gates.unsqueeze(-2).to(slots.dtype), slots).squeeze(-2).to(v.dtype)
+
+
+class LayerValueMemory(nn.Module):
+    """One layer's gates (and, for LaVE, its own tables).
+
+    forward(x, v, idx, bank_slots): x is the normed block input (B,T,d_model), v the
+    per-head standard values (B,T,H,D) (on MLA+MoVE: the latent split in H chunks),
+    idx the token ids, bank_slots MoVE's gathered global bank rows (or None).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads = config.kv_heads
+        self.slots = config.n_slots
+        self.gate_g0 = config.gate_g0
+        full_width = config.value_memory == "move" or config.lave_full_gates
+        self.gate_channels = config.n_embd if full_width else LAVE_GATE_CHANNELS
+        self.router = nn.Linear(self.gate_channels, self.heads * (self.slots + int(self.gate_g0)), bias=False)
+        self.table = None
+        if config.value_memory == "lave":
+            self.table = ValueTable(config.vocab_size, self.heads, self.slots, config.memory_width // self.heads)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x[..., : self.gate_channels])
+        return 2 * torch.sigmoid(logits).view(*x.shape[:2], self.heads, -1)
+
+    def forward(self, x, v, idx, bank_slots):
+        slots = self.table(idx) if self.table is not None else bank_slots
+        return mix_values(v, slots, self.gates(x), self.gate_g0)

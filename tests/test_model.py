@@ -1,0 +1,331 @@
+"""Core model: value-memory formula, identity at init, causality, KV cache,
+accounting, checkpoints, bank gradients."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from move.checkpoint import load_model, save_checkpoint
+from move.config import ModelConfig
+from move.errors import CheckpointError, ConfigError, TokenRangeError
+from move.model.accounting import count_params, forward_flops_per_token
+from move.model.gpt import GPT
+from move.model.layers import rms_norm
+from move.model.sampling import generate
+from move.model.value_memory import LayerValueMemory
+
+VOCAB = 50
+SHAPES = {  # attention kind -> extra config
+    "mha": dict(attention="mha"),
+    "gqa": dict(attention="mha", n_kv_head=2),
+    "mla": dict(attention="mla", kv_latent_dim=48, rope_head_dim=8),
+}
+VARIANTS = ["standard", "lave", "move"]
+
+
+def make_config(shape="mha", variant="move", **kw) -> ModelConfig:
+    base = dict(vocab_size=VOCAB, seq_len=16, n_layer=3, n_embd=64, n_head=4, value_memory=variant)
+    return ModelConfig(**{**base, **SHAPES[shape], **kw}).validate()
+
+
+def randomized(model: GPT, seed=0, std=0.2) -> GPT:
+    """Random weights everywhere: zero-initialised routers and projections would
+    otherwise hide mistakes in the gates and in the cached values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def capture_memory_calls(model):
+    """Record (module, inputs, output) of every LayerValueMemory call."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp, out)))
+             for m in model.modules() if isinstance(m, LayerValueMemory)]
+    return calls, hooks
+
+
+# ---------------------------------------------------------------- mixing formula
+def naive_move_mix(x, v, idx, router_w, bank_spec, heads, slots, gate_g0):
+    """Spec formula with explicit loops. bank_spec is (vocab, M, d_v) as in the paper."""
+    B, T, _ = x.shape
+    width = bank_spec.shape[-1] // heads
+    out = torch.empty_like(v)
+    for b, t, h in itertools.product(range(B), range(T), range(heads)):
+        logits = (router_w @ x[b, t]).view(heads, slots + int(gate_g0))
+        g = 2 * torch.sigmoid(logits[h])
+        acc = g[0] * v[b, t, h] if gate_g0 else v[b, t, h].clone()
+        for i in range(slots):
+            gi = g[i + 1] if gate_g0 else g[i]
+            acc = acc + gi * bank_spec[idx[b, t], i, h * width:(h + 1) * width]
+        out[b, t, h] = acc
+    return out
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("gate_g0", [True, False])
+def test_move_mixing_matches_naive_formula(shape, gate_g0):
+    config = make_config(shape, "move", move_gate_g0=gate_g0)
+    model = randomized(GPT(config))
+    idx = torch.randint(0, VOCAB, (2, 5))
+    calls, _ = capture_memory_calls(model)
+    model(idx)
+    assert len(calls) == config.n_layer
+    H, M = config.kv_heads, config.n_slots
+    bank_spec = model.bank.weight.permute(0, 2, 1, 3).reshape(VOCAB, M, -1)  # (vocab, M, d_v)
+    for layer, (module, (x, v, idx_in, _), out) in enumerate(calls):
+        attn = model.blocks[layer].attn
+        # the value the memory is mixed into is the standard value (MLA: the normed latent)
+        if shape == "mla":
+            expected_v = rms_norm(attn.c_kv_down(x)).view(2, 5, H, -1)
+        else:
+            expected_v = attn.c_v(x).view(2, 5, H, -1)
+        torch.testing.assert_close(v, expected_v)
+        naive = naive_move_mix(x, v, idx, module.router.weight, bank_spec, H, M, gate_g0)
+        torch.testing.assert_close(out, naive, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_lave_mixing_matches_naive_formula(shape):
+    config = make_config(shape, "lave", n_layer=4, memory_density=2)
+    model = randomized(GPT(config))
+    idx = torch.randint(0, VOCAB, (2, 5))
+    calls, _ = capture_memory_calls(model)
+    model(idx)
+    assert [c[0] for c in calls] == [model.blocks[i].attn.value_memory for i in (1, 3)]  # i % 2 == (L-1) % 2
+    H, k = config.kv_heads, 2
+    for module, (x, v, idx_in, _), out in calls:
+        expected = v.clone()
+        for b, t, h, j in itertools.product(range(2), range(5), range(H), range(k)):
+            gate = 2 * torch.sigmoid(module.router.weight.view(H, k, 32)[h, j] @ x[b, t, :32])
+            expected[b, t, h] += gate * module.table.weight[idx[b, t], h, j]
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- identity at init
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant,extra", [("move", {}), ("lave", {}), ("lave", {"lave_full_gates": True})])
+def test_gates_start_at_one_and_zero_memory_equals_standard(shape, variant, extra):
+    torch.manual_seed(0)
+    config = make_config(shape, variant, **extra)
+    model = GPT(config)
+    x = torch.randn(2, 5, config.n_embd)
+    for m in model.modules():
+        if isinstance(m, LayerValueMemory):
+            assert torch.equal(m.gates(x), torch.ones_like(m.gates(x)))
+    # same shared weights, memory zeroed -> exactly the standard model's logits
+    standard = randomized(GPT(make_config(shape, "standard")))
+    missing, unexpected = model.load_state_dict(standard.state_dict(), strict=False)
+    assert not unexpected and all("bank" in n or "value_memory" in n for n in missing)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bank" in name or "table" in name:
+                p.zero_()
+    idx = torch.randint(0, VOCAB, (2, 12))
+    assert torch.equal(model(idx), standard(idx))
+
+
+# ---------------------------------------------------------------- token indexing and causality
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant", ["move", "lave"])
+def test_changing_a_bank_row_changes_outputs_only_from_its_first_occurrence(shape, variant):
+    model = randomized(GPT(make_config(shape, variant)))
+    idx = torch.tensor([[1, 2, 3, 4, 7, 5, 7, 6, 1, 2]])
+    before = model(idx)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bank" in name or "table" in name:
+                p[7] += 1.0
+    after = model(idx)
+    changed = (after - before).abs().amax(dim=-1)[0] > 1e-6
+    assert changed.tolist() == [False] * 4 + [True] * 6
+
+
+# ---------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decoding_equals_full_forward(shape, variant):
+    model = randomized(GPT(make_config(shape, variant)), std=0.1)
+    idx = torch.randint(0, VOCAB, (2, 12))
+    full = model(idx)
+    cache = model.new_cache(2, 12)
+    pieces = [model(idx[:, :4], cache=cache), model(idx[:, 4:7], cache=cache)]  # prefill, then a chunk
+    pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 12)]  # then token by token
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def cache_bytes(config, T=8):
+    model = GPT(config)
+    cache = model.new_cache(1, T)
+    model(torch.zeros(1, T, dtype=torch.long), cache=cache)
+    return cache.nbytes()
+
+
+def test_mla_move_cache_is_as_small_as_mla_standard_and_lave_is_not():
+    standard = cache_bytes(make_config("mla", "standard"))
+    assert cache_bytes(make_config("mla", "move", memory_density=4)) == standard
+    assert cache_bytes(make_config("mla", "lave")) > standard
+    # MHA with memory caches exactly k and v like the standard model
+    assert cache_bytes(make_config("mha", "move")) == cache_bytes(make_config("mha", "standard"))
+
+
+# ---------------------------------------------------------------- accounting
+def closed_form_params(c: ModelConfig) -> dict:
+    d, V, L, H, hd = c.n_embd, c.vocab_size, c.n_layer, c.n_head, c.head_dim
+    if c.attention == "mla":
+        dc, r = c.kv_latent_width, c.rope_width
+        attn = d * H * (hd + r) + d * dc + d * r + 2 * dc * H * hd + H * hd * d
+        kv = H
+    else:
+        kv = c.n_kv_head or H
+        attn = d * H * hd * 2 + 2 * d * kv * hd
+    mlp = 8 * d * d
+    L_mem = L if c.value_memory == "move" else (len(range((L - 1) % 2, L, 2)) if c.value_memory == "lave" else 0)
+    if c.value_memory == "move":
+        M = c.memory_slots or c.memory_density * len(range((L - 1) % 2, L, 2))
+        width = c.kv_latent_width if c.attention == "mla" else kv * hd
+        routers = L * d * kv * (M + int(c.move_gate_g0))
+        memory = V * M * width
+        slots = M
+    elif c.value_memory == "lave":
+        k = c.memory_density
+        routers = L_mem * (d * kv * (k + 1) if c.lave_full_gates else 32 * kv * k)
+        memory = L_mem * k * V * kv * hd
+        slots = k
+        width = kv * hd
+    else:
+        routers = memory = slots = width = 0
+    return dict(token_embedding=V * d, lm_head=V * d, transformer_matrices=L * (attn + mlp),
+                routers=routers, value_memory=memory, mixing_flops=L_mem * 2 * slots * width)
+
+
+CONFIGS = [make_config(s, v) for s in SHAPES for v in VARIANTS] + [
+    make_config("mha", "move", memory_density=4, n_layer=4),
+    make_config("gqa", "move", memory_slots=5, move_gate_g0=False),
+    make_config("mha", "lave", memory_density=2, lave_full_gates=True, n_layer=4),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.attention}-{c.kv_heads}-{c.value_memory}-{c.n_slots}")
+def test_param_and_flop_counts_match_closed_form(config):
+    model = GPT(config)
+    counts = count_params(model)
+    expected = closed_form_params(config)
+    for group in ["token_embedding", "lm_head", "transformer_matrices", "routers", "value_memory"]:
+        assert counts[group] == expected[group], group
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    flops = forward_flops_per_token(config, counts)
+    if config.value_memory == "move":  # the paper's router cost: 2 * d_model * H * (M+1) per layer
+        per_layer = 2 * config.n_embd * config.kv_heads * (config.n_slots + int(config.move_gate_g0))
+        assert flops["routers"] == config.n_layer * per_layer
+    assert flops["value_mixing"] == expected["mixing_flops"]
+    # an independent count: torch's FLOP counter over a real forward (math SDPA so
+    # attention is visible to it); lookups are free, so the bank adds nothing
+    idx = torch.zeros(2, config.seq_len, dtype=torch.long)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(idx)
+    assert counter.get_total_flops() == flops["total"] * idx.numel()
+
+
+def test_move_x1_has_exactly_lave_x1_value_memory():
+    for L in (2, 3, 4, 12):
+        lave = count_params(GPT(make_config("mha", "lave", n_layer=L)))["value_memory"]
+        move = count_params(GPT(make_config("mha", "move", n_layer=L)))["value_memory"]
+        assert lave == move > 0
+
+
+# ---------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("shape", ["gqa", "mla"])
+def test_save_load_gives_identical_outputs(tmp_path, shape):
+    model = randomized(GPT(make_config(shape, "move")))
+    save_checkpoint(tmp_path / "ck", model, meta={"step": 3})
+    loaded, header = load_model(tmp_path / "ck")
+    idx = torch.randint(0, VOCAB, (2, 8))
+    assert torch.equal(loaded(idx), model(idx))
+    assert header["meta"]["step"] == 3
+
+
+def test_mismatched_checkpoint_is_refused_with_the_mismatch_named(tmp_path):
+    save_checkpoint(tmp_path / "ck", GPT(make_config("mha", "move")))
+    header_path = tmp_path / "ck" / "config.json"
+    header = json.loads(header_path.read_text())
+    header["model_config"]["memory_slots"] = 7  # on disk M=2: routers 4*(2+1) x 64
+    header_path.write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for blocks.0.attn.value_memory.router.weight: checkpoint \(12, 64\) vs model \(32, 64\)"):
+        load_model(tmp_path / "ck")
+    header["model_config"]["value_memory"] = "standard"
+    header_path.write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match="unexpected tensor bank.weight"):
+        load_model(tmp_path / "ck")
+
+
+def test_corrupted_weights_are_refused(tmp_path):
+    save_checkpoint(tmp_path / "ck", GPT(make_config("mha", "standard")))
+    weights = tmp_path / "ck" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_model(tmp_path / "ck")
+
+
+# ---------------------------------------------------------------- gradients and validation
+@pytest.mark.parametrize("variant", ["move", "lave"])
+def test_bank_gradient_only_at_rows_of_tokens_in_the_batch(variant):
+    model = randomized(GPT(make_config("mha", variant)))
+    idx = torch.tensor([[3, 9, 9, 17], [40, 3, 22, 17]])
+    model(idx, targets=torch.roll(idx, -1, 1)).backward()
+    used = sorted(set(idx.flatten().tolist()))
+    for name, p in model.named_parameters():
+        if "bank" in name or "table" in name:
+            nonzero_rows = (p.grad.flatten(1).abs().sum(1) > 0).nonzero().flatten().tolist()
+            assert nonzero_rows == used
+
+
+def test_token_ids_out_of_range_are_refused():
+    model = GPT(make_config("mha", "move"))
+    with pytest.raises(TokenRangeError, match=r"token ids must lie in \[0, 50\)"):
+        model(torch.tensor([[1, 50]]))
+    with pytest.raises(TokenRangeError):
+        generate(model, torch.tensor([[-1]]), 2)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(n_embd=65), "does not divide n_embd"),
+    (dict(n_kv_head=3), "does not divide n_head"),
+    (dict(attention="mla", kv_latent_dim=50, value_memory="move"), "divisible by n_head"),
+    (dict(value_memory="moe"), "unknown value_memory"),
+    (dict(n_layer=0), "n_layer must be positive"),
+    (dict(memory_slots=-1), "memory_slots must be >= 0"),
+])
+def test_impossible_configs_are_refused(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**{**dict(vocab_size=VOCAB, n_embd=64, n_head=4), **bad}).validate()
+
+
+# ---------------------------------------------------------------- generation
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_greedy_generation_equals_repeated_full_forward(shape):
+    model = randomized(GPT(make_config(shape, "move")), std=0.1)
+    prompt = torch.randint(0, VOCAB, (3, 4))
+    out = generate(model, prompt, 6, temperature=0)
+    seq = prompt
+    for _ in range(6):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = randomized(GPT(make_config("mha", "move")), std=0.1)
+    prompt = torch.randint(0, VOCAB, (4, 3))
+    a = generate(model, prompt, 10, temperature=1.0, top_k=5, seed=7)
+    b = generate(model, prompt, 10, temperature=1.0, top_k=5, seed=7)
+    c = generate(model, prompt, 10, temperature=1.0, top_k=5, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # with top_k=1 sampling is greedy
+    assert torch.equal(generate(model, prompt, 5, top_k=1, seed=3), generate(model, prompt, 5, temperature=0))
