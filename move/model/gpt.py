@@ -62,20 +62,23 @@ class GPT(nn.Module):
         s_model = math.sqrt(3) / math.sqrt(self.config.n_embd)
         nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        memory_tables = []
         for block in self.blocks:
             for name, module in block.named_modules():
-                if isinstance(module, nn.Linear):
-                    if name.endswith("c_proj"):
-                        nn.init.zeros_(module.weight)
-                    elif name.endswith("router"):
+                if isinstance(module, ValueTable):
+                    memory_tables.append(module)
+                elif isinstance(module, nn.Linear):
+                    if name.endswith("c_proj") or name.endswith("router"):
                         nn.init.zeros_(module.weight)
                     else:
                         s = math.sqrt(3) / math.sqrt(module.in_features)
                         nn.init.uniform_(module.weight, -s, s)
-                elif isinstance(module, ValueTable):
-                    nn.init.uniform_(module.weight, -s_model, s_model)
+        # Memory last: with the same seed, every variant draws identical shared
+        # weights, so paired comparisons differ only by the value memory.
         if self.bank is not None:
-            nn.init.uniform_(self.bank.weight, -s_model, s_model)
+            memory_tables.append(self.bank)
+        for table in memory_tables:
+            nn.init.uniform_(table.weight, -s_model, s_model)
 
     def _rotary(self, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         # Tables grow on demand so generation may run past seq_len.

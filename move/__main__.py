@@ -1,0 +1,5 @@
+import sys
+
+from move.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Metrics: bits per byte for text."""

@@ -1,0 +1,34 @@
+"""Bits per byte: a tokenizer-independent language-modelling metric.
+
+bpb = (sum over scored targets of -ln p(target)) / (ln 2 * sum of their UTF-8 bytes),
+where targets that are special tokens (BOS: 0 bytes) are excluded from both sums,
+as nanochat computes it. Changing the vocabulary changes tokens per byte, not bpb.
+"""
+
+import math
+
+import torch
+
+from move.device import autocast
+
+
+@torch.no_grad()
+def bits_per_byte(model, batches, token_bytes: torch.Tensor) -> float:
+    """batches: iterable of (inputs, targets) (B, T); token_bytes: (vocab,) int64."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    token_bytes = token_bytes.to(device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            nats = model(x, targets=y, reduction="none")
+        nbytes = token_bytes[y]
+        total_nats += (nats.double() * (nbytes > 0)).sum()
+        total_bytes += nbytes.sum()
+    model.train(was_training)
+    if total_bytes.item() == 0:
+        return float("nan")
+    return total_nats.item() / (math.log(2) * total_bytes.item())

@@ -1,0 +1,1 @@
+"""Experiments: the main comparison job and its report."""

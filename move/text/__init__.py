@@ -1,0 +1,1 @@
+"""Text pipeline: corpora, tokenizer, prepared token files, batches, the text task."""

@@ -1,0 +1,210 @@
+"""Prepare a corpus once: split by document, train (or load) the tokenizer,
+tokenise into flat token files with a manifest, verified on every load.
+
+Layout of a prepared directory:
+    manifest.json    source, split rule, tokenizer fingerprint, counts, checksums
+    tokenizer.json   the tokenizer
+    train.bin        token ids (uint16 when the vocabulary fits, else uint32)
+    val.bin
+
+Documents are cut at line boundaries into passages of at most `passage_tokens`
+tokens, each starting with BOS, so every training sequence can start at a
+meaningful BOS position and every token of a long work is still seen.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from move.errors import ConfigError, DataError
+from move.text.corpora import iter_documents
+from move.text.tokenizer import Tokenizer
+
+FORMAT = "move-text-data"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """Deterministic split by document: a hash of the id, not the order of reading."""
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+    return h < val_fraction
+
+
+def split_documents(doc_ids: list[str], val_fraction: float) -> set[str]:
+    """Validation ids; at least one document on each side when there are two."""
+    val = {d for d in doc_ids if is_validation(d, val_fraction)}
+    if len(doc_ids) >= 2:
+        by_hash = sorted(doc_ids, key=lambda d: hashlib.sha256(d.encode()).digest())
+        if not val:
+            val = {by_hash[0]}
+        if len(val) == len(doc_ids):
+            val.discard(by_hash[-1])
+    return val
+
+
+def passages(line_tokens: list[list[int]], passage_tokens: int) -> list[list[int]]:
+    """Group consecutive lines' tokens into passages of at most passage_tokens
+    (a single longer line is cut into passage_tokens pieces)."""
+    out, current = [], []
+    for tokens in line_tokens:
+        while len(tokens) > passage_tokens:
+            if current:
+                out.append(current)
+                current = []
+            out.append(tokens[:passage_tokens])
+            tokens = tokens[passage_tokens:]
+        if len(current) + len(tokens) > passage_tokens:
+            out.append(current)
+            current = []
+        current = current + tokens
+    if current:
+        out.append(current)
+    return out
+
+
+def encode_document(tokenizer: Tokenizer, text: str, passage_tokens: int) -> list[int]:
+    """BOS-prefixed passages of one document, flattened."""
+    lines = text.splitlines(keepends=True)
+    ids = []
+    for passage in passages(tokenizer.encode_batch(lines), passage_tokens):
+        ids.append(tokenizer.bos_id)
+        ids.extend(passage)
+    return ids
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+@dataclass
+class PrepareOptions:
+    source: str = "shakespeare"
+    path: str | None = None
+    field: str = "text"
+    vocab_size: int = 2048
+    tokenizer: str = "bpe"  # "bpe" (trained here) or "gpt2"
+    val_fraction: float = 0.1
+    passage_tokens: int = 256
+    tokenizer_chars: int = 50_000_000  # cap on text used to train the BPE (nanochat does the same)
+
+    def validate(self) -> "PrepareOptions":
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.passage_tokens < 1:
+            raise ConfigError(f"passage_tokens must be positive, got {self.passage_tokens}")
+        if self.tokenizer not in ("bpe", "gpt2"):
+            raise ConfigError(f"unknown tokenizer {self.tokenizer!r}; choose bpe or gpt2")
+        return self
+
+
+def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
+    """Write a prepared data directory; returns its manifest. Nothing existing is
+    touched unless force: the result is built in a temporary sibling and renamed."""
+    o = options.validate()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise DataError(f"{out_dir} already exists; pass --force to replace it")
+    docs = lambda: iter_documents(o.source, o.path, o.field)  # noqa: E731 - re-readable stream
+    doc_ids = [d for d, _ in docs()]
+    if len(set(doc_ids)) != len(doc_ids):
+        raise DataError(f"corpus {o.source!r} has duplicate document ids")
+    val_ids = split_documents(doc_ids, o.val_fraction)
+
+    if o.tokenizer == "gpt2":
+        tokenizer = Tokenizer.gpt2()
+    else:
+        def training_text():
+            budget = o.tokenizer_chars
+            for doc_id, text in docs():
+                if doc_id not in val_ids and budget > 0:
+                    budget -= len(text)
+                    yield text
+        tokenizer = Tokenizer.train(training_text(), o.vocab_size)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    stats = {s: dict(file=f"{s}.bin", tokens=0, documents=0, text_bytes=0) for s in SPLITS}
+    hashes = {s: hashlib.sha256() for s in SPLITS}
+    files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
+    try:
+        for doc_id, text in docs():
+            split = "val" if doc_id in val_ids else "train"
+            data = np.asarray(encode_document(tokenizer, text, o.passage_tokens), dtype=dtype).tobytes()
+            files[split].write(data)
+            hashes[split].update(data)
+            stats[split]["tokens"] += len(data) // np.dtype(dtype).itemsize
+            stats[split]["documents"] += 1
+            stats[split]["text_bytes"] += len(text.encode("utf-8"))
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files.values():
+            f.close()
+    for s in SPLITS:
+        stats[s]["sha256"] = hashes[s].hexdigest()
+    tokenizer.save(tmp)
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "options": o.__dict__,
+        "tokenizer_sha256": tokenizer.fingerprint(),
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "dtype": np.dtype(dtype).name,
+        "split_rule": "sha256(document id) < val_fraction, at least one document per side",
+        "val_documents": sorted(val_ids),
+        "splits": stats,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return manifest
+
+
+@dataclass
+class PreparedData:
+    directory: Path
+    manifest: dict
+    tokenizer: Tokenizer
+
+    def tokens(self, split: str) -> np.memmap:
+        info = self.manifest["splits"][split]
+        return np.memmap(self.directory / info["file"], dtype=self.manifest["dtype"], mode="r")
+
+
+def load_prepared(directory, verify: bool = True) -> PreparedData:
+    """Open a prepared directory, checking manifest, shard sizes and checksums,
+    and that the tokenizer on disk is the one the tokens were made with."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"{directory}: no prepared data ({MANIFEST} missing); run `move prepare` first")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        assert manifest.get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, AttributeError):
+        raise DataError(f"{manifest_path}: not a {FORMAT} manifest") from None
+    tokenizer = Tokenizer.load(directory)
+    if tokenizer.fingerprint() != manifest["tokenizer_sha256"]:
+        raise DataError(f"{directory}: tokenizer.json does not match the tokenizer the data was prepared with")
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for split in SPLITS:
+        info = manifest["splits"][split]
+        file = directory / info["file"]
+        if not file.is_file():
+            raise DataError(f"{file}: missing shard")
+        if file.stat().st_size != info["tokens"] * itemsize:
+            raise DataError(f"{file}: size {file.stat().st_size} bytes, manifest says {info['tokens']} tokens x {itemsize}")
+        if verify and hashlib.sha256(file.read_bytes()).hexdigest() != info["sha256"]:
+            raise DataError(f"{file}: checksum does not match the manifest (corrupted shard)")
+    return PreparedData(directory, manifest, tokenizer)

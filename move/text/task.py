@@ -1,0 +1,34 @@
+"""The text task for the shared training loop: BOS-aligned training batches and
+validation bits per byte on a fixed held-out token set."""
+
+from pathlib import Path
+
+import torch
+
+from move.errors import DataError
+from move.evaluation.bpb import bits_per_byte
+from move.text.loader import BatchLoader, eval_windows
+from move.text.prepare import PreparedData
+
+
+class TextTask:
+    def __init__(self, data: PreparedData, seq_len: int, batch_size: int, seed: int, eval_tokens: int,
+                 rank: int = 0, world_size: int = 1):
+        self.data, self.seq_len, self.batch_size, self.eval_tokens = data, seq_len, batch_size, eval_tokens
+        self.loader = BatchLoader(data.tokens("train"), data.tokenizer.bos_id, batch_size, seq_len, seed, rank, world_size)
+        self.token_bytes = torch.from_numpy(data.tokenizer.token_bytes())
+
+    def check_model(self, model) -> None:
+        if model.config.vocab_size < self.data.tokenizer.vocab_size:
+            raise DataError(f"model vocab_size {model.config.vocab_size} is smaller than the data's tokenizer "
+                            f"({self.data.tokenizer.vocab_size})")
+
+    def evaluate(self, model) -> dict:
+        batches = eval_windows(self.data.tokens("val"), self.seq_len, self.eval_tokens, self.batch_size)
+        return {"val_bpb": bits_per_byte(model, batches, self.token_bytes)}
+
+    def describe(self) -> dict:
+        m = self.data.manifest
+        return {"modality": "text", "data": str(Path(self.data.directory).resolve()), "source": m["options"]["source"],
+                "tokenizer_sha256": m["tokenizer_sha256"], "train_tokens": m["splits"]["train"]["tokens"],
+                "eval_tokens": min(self.eval_tokens, m["splits"]["val"]["tokens"] - 1)}

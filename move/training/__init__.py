@@ -1,0 +1,1 @@
+"""One training loop for every modality, its optimisers and schedule."""

@@ -1,0 +1,87 @@
+"""Optimisers and the learning-rate schedule (nanochat's recipe).
+
+- Muon (torch.optim.Muon) for every 2-D transformer matrix, routers included;
+  or AdamW for them with --optimizer adamw.
+- AdamW for the token embedding, the lm_head and value memory (MoVE bank, LaVE
+  tables), each with its own learning rate. Value memory is optimised like an
+  embedding, as the paper does. AdamW rates are scaled by (d_model/768)^-0.5 so
+  one setting transfers across widths; fused AdamW avoids the slow foreach path
+  over big tables.
+- Schedule: linear warmup, constant, linear warmdown to zero over the last
+  `warmdown_frac` of the steps.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from move.errors import ConfigError
+from move.model.accounting import param_group
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "muon"  # "muon" or "adamw" (for the matrices)
+    lr_matrix: float = 0.02  # Muon
+    lr_adamw_matrix: float = 0.003  # matrices when optimizer == "adamw"
+    lr_embedding: float = 0.2
+    lr_value_memory: float = 0.2
+    lr_lm_head: float = 0.004
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    warmdown_frac: float = 0.2
+    grad_clip: float = 1.0  # 0 disables
+
+    def validate(self) -> "OptimConfig":
+        if self.optimizer not in ("muon", "adamw"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose muon or adamw")
+        for f in fields(self):
+            if f.name.startswith("lr_") and not 0 < getattr(self, f.name) <= 10:
+                raise ConfigError(f"{f.name} must be in (0, 10], got {getattr(self, f.name)}")
+        if not 0 <= self.warmdown_frac <= 1:
+            raise ConfigError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("warmup_steps, grad_clip and weight_decay must be >= 0")
+        return self
+
+
+def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
+    groups: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(param_group(name), []).append(p)
+    matrices = groups.get("transformer_matrices", []) + groups.get("routers", [])
+    scale = (model.config.n_embd / 768) ** -0.5
+    adam_groups = [
+        dict(params=groups.get("token_embedding", []), lr=oc.lr_embedding * scale),
+        dict(params=groups.get("lm_head", []), lr=oc.lr_lm_head * scale),
+        dict(params=groups.get("value_memory", []), lr=oc.lr_value_memory * scale),
+    ]
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    optimizers = []
+    if oc.optimizer == "muon":
+        optimizers.append(torch.optim.Muon(matrices, lr=oc.lr_matrix, momentum=0.95, nesterov=True,
+                                           weight_decay=oc.weight_decay))
+    else:
+        adam_groups.append(dict(params=matrices, lr=oc.lr_adamw_matrix))
+    adam_groups = [g for g in adam_groups if g["params"]]
+    optimizers.append(torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10,
+                                        weight_decay=oc.weight_decay, fused=fused))
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+    return optimizers
+
+
+def lr_multiplier(step: int, total_steps: int, oc: OptimConfig) -> float:
+    if step < oc.warmup_steps:
+        return (step + 1) / oc.warmup_steps
+    warmdown = round(oc.warmdown_frac * total_steps)
+    if warmdown and step >= total_steps - warmdown:
+        return (total_steps - step) / warmdown
+    return 1.0
+
+
+def set_lr(optimizers, multiplier: float) -> None:
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * multiplier

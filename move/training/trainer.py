@@ -1,0 +1,276 @@
+"""The training loop, shared by every modality.
+
+A task supplies what is modality-specific:
+    task.loader                 next_batch() -> (inputs, targets); state_dict()/load_state_dict()
+    task.evaluate(model)        -> {"val_bpb": ...} (or image metrics)
+    task.describe()             -> JSON-able description of data and evaluation
+Everything else is here: optimisers and schedule, gradient accumulation and
+clipping, periodic evaluation, metrics.jsonl / summary.json / a loss-curve PNG,
+rotating crash-safe checkpoints, exact resume, graceful stop on SIGINT/SIGTERM,
+and a guard against non-finite losses.
+
+Run directory:
+    run.json          model config, train config, task, accounting
+    metrics.jsonl     one JSON object per evaluation
+    summary.json      final metrics and measured cost
+    loss_curve.png
+    checkpoints/step_XXXXXX/   the last `keep_checkpoints` checkpoints
+"""
+
+import json
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from move.checkpoint import check_compatible, config_mismatch, load_state_dict, load_train_state, save_checkpoint
+from move.config import ModelConfig
+from move.device import autocast
+from move.errors import CheckpointError, ConfigError, UserError
+from move.model.accounting import summarize
+from move.training.curves import plot_loss_curve
+from move.training.optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged; the newest checkpoint is still the last good one."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_every: int = 50
+    eval_tokens: int = 65536
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> "TrainConfig":
+        for name in ["steps", "batch_size", "grad_accum", "eval_every", "eval_tokens", "checkpoint_every", "keep_checkpoints"]:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        self.optim.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        return cls(**{**d, "optim": OptimConfig(**d.pop("optim", {}))})
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories start with '.')."""
+    return sorted((run_dir / "checkpoints").glob("step_*"))
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    def __init__(self, model, task, config: TrainConfig, run_dir, resume: bool = False, force: bool = False,
+                 quiet: bool = False):
+        self.model, self.task, self.config = model, task, config.validate()
+        self.run_dir = Path(run_dir)
+        self.device = next(model.parameters()).device
+        self.quiet = quiet
+        self.optimizers = build_optimizers(model, config.optim)
+        self.step = 0
+        self.train_losses: list[float] = []
+        self.train_time = 0.0  # seconds spent in training steps (not evaluation)
+        self.tokens_per_step = config.batch_size * config.grad_accum * model.config.seq_len
+        self.stop_requested = False
+        self._prepare_run_dir(resume, force)
+
+    # ------------------------------------------------------------------ run directory
+    def _run_record(self) -> dict:
+        return {"model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
+                "task": self.task.describe(), "accounting": summarize(self.model)}
+
+    def _prepare_run_dir(self, resume: bool, force: bool) -> None:
+        record_path = self.run_dir / "run.json"
+        if resume:
+            if not record_path.is_file():
+                raise UserError(f"{self.run_dir}: nothing to resume (no run.json)")
+            self._check_same_run(json.loads(record_path.read_text()))
+            self._resume_latest()
+            return
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            if not force:
+                raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it or --force to replace it")
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(self._run_record(), indent=2))
+
+    def _check_same_run(self, record: dict) -> None:
+        saved = ModelConfig.from_dict(record["model_config"])
+        mismatch = config_mismatch(saved, self.model.config)
+        if mismatch:
+            raise UserError(f"{self.run_dir}: the run was started with another model config ({mismatch})")
+        saved_train = {k: v for k, v in record["train_config"].items() if k != "steps"}
+        ours = {k: v for k, v in self.config.to_dict().items() if k != "steps"}
+        for key in ours:
+            if saved_train.get(key) != ours[key]:
+                raise UserError(f"{self.run_dir}: the run was started with {key}={saved_train.get(key)!r}, not {ours[key]!r}")
+
+    def _resume_latest(self) -> None:
+        for ckpt in reversed(checkpoint_dirs(self.run_dir)):
+            try:
+                state_dict, header = load_state_dict(ckpt)
+                check_compatible(self.model, state_dict, ckpt)
+                train_state = load_train_state(ckpt)
+            except CheckpointError as e:
+                print(f"warning: skipping checkpoint {ckpt.name}: {e}", file=sys.stderr)
+                continue
+            self.model.load_state_dict(state_dict)
+            for opt, s in zip(self.optimizers, train_state["optimizers"]):
+                opt.load_state_dict(s)
+            self.task.loader.load_state_dict(train_state["loader"])
+            set_rng_state(train_state["rng"])
+            self.step = train_state["step"]
+            self.train_losses = train_state["train_losses"]
+            self.train_time = train_state["train_time"]
+            self._truncate_metrics(self.step)
+            if not self.quiet:
+                print(f"resuming from {ckpt} (step {self.step})")
+            return
+        raise UserError(f"{self.run_dir}: no valid checkpoint to resume from")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics logged after the checkpoint: they will be logged again."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        train_state = {
+            "step": self.step,
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "loader": self.task.loader.state_dict(),
+            "rng": rng_state(),
+            "train_losses": self.train_losses,
+            "train_time": self.train_time,
+        }
+        path = save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}", self.model,
+                               meta={"step": self.step, "task": self.task.describe()}, train_state=train_state)
+        for old in checkpoint_dirs(self.run_dir)[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old)
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def _train_step(self) -> float:
+        c = self.config
+        set_lr(self.optimizers, lr_multiplier(self.step, c.steps, c.optim))
+        total = torch.zeros((), device=self.device)
+        for _ in range(c.grad_accum):
+            x, y = self.task.loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast(self.device):
+                loss = self.model(x, targets=y)
+            (loss / c.grad_accum).backward()
+            total += loss.detach()
+        loss = (total / c.grad_accum).item()
+        if c.optim.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip)
+        else:
+            grad_norm = torch.zeros(())
+        if not (np.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise NonFiniteLossError(f"non-finite loss or gradient at step {self.step + 1} (loss {loss}); "
+                                     f"the newest checkpoint is the last good state")
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return loss
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _log_eval(self, since: int) -> dict:
+        metrics = self.task.evaluate(self.model)
+        recent = self.train_losses[since:] or self.train_losses[-1:]
+        record = {
+            "step": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "train_loss": float(np.mean(recent)) if recent else float("nan"),
+            **metrics,
+            "tok_per_s": self.step * self.tokens_per_step / self.train_time if self.train_time else 0.0,
+        }
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def run(self) -> dict:
+        c = self.config
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        last_eval = len(self.train_losses)
+        bar = tqdm(total=c.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, desc=self.run_dir.name)
+        try:
+            while self.step < c.steps and not self.stop_requested:
+                start = time.perf_counter()
+                loss = self._train_step()
+                self.train_time += time.perf_counter() - start
+                self.step += 1
+                self.train_losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.step * self.tokens_per_step / self.train_time:.0f}")
+                if self.step % c.eval_every == 0 or self.step == c.steps:
+                    record = self._log_eval(last_eval)
+                    last_eval = len(self.train_losses)
+                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                if self.step % c.checkpoint_every == 0 or self.step == c.steps or self.stop_requested:
+                    self.save()
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self.stop_requested and self.step < c.steps:
+            print(f"stopped at step {self.step}; checkpoint written, continue with --resume", file=sys.stderr)
+            return {"stopped_at": self.step}
+        return self._finish()
+
+    def _finish(self) -> dict:
+        metrics = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        final = metrics[-1]
+        summary = {
+            **final,
+            "steps": self.step,
+            "tokens_seen": self.step * self.tokens_per_step,
+            "train_time_s": self.train_time,
+            "tok_per_s": self.step * self.tokens_per_step / self.train_time,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "device": str(self.device),
+            "accounting": summarize(self.model),
+            "checkpoint": str(checkpoint_dirs(self.run_dir)[-1]),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_loss_curve(self.train_losses, metrics, self.run_dir / "loss_curve.png", title=self.run_dir.name)
+        return summary

