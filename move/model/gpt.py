@@ -12,10 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from move.config import ModelConfig
-from move.errors import TokenRangeError
+from move.errors import ConfigError, TokenRangeError
 from move.model.attention import CausalSelfAttention, MultiHeadLatentAttention
 from move.model.layers import MLP, KVCache, rms_norm, rotary_tables
-from move.model.value_memory import ValueTable
+from move.model.value_memory import GRAD_MODES, ValueTable
 
 
 class Block(nn.Module):
@@ -120,6 +120,33 @@ class GPT(nn.Module):
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
         return loss.view(B, T) if reduction == "none" else loss
+
+    def value_tables(self) -> list[ValueTable]:
+        return [m for m in self.modules() if isinstance(m, ValueTable)]
+
+    def set_value_memory_grad_mode(self, mode: str) -> None:
+        """'autograd' (reference path), 'dense' (fast, exact AdamW) or 'sparse' (fast, lazy Adam)."""
+        if mode not in GRAD_MODES:
+            raise ConfigError(f"unknown value-memory gradient mode {mode!r}; choose one of {', '.join(GRAD_MODES)}")
+        for table in self.value_tables():
+            table.weight.grad = None
+            table.grad_mode = mode
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Like nn.Module.zero_grad, but a fast-path table keeps its dense gradient
+        buffer and zeroes only the rows the step touched: no bank-sized allocation
+        or memset per step."""
+        kept = set()
+        for table in self.value_tables():
+            if table.grad_mode == "dense":
+                table.zero_touched_grad()
+                kept.add(table.weight)
+        for p in self.parameters():
+            if p not in kept and p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.config.n_layer, batch_size, max_len)

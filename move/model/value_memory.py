@@ -19,32 +19,147 @@ The bank is stored head-major, (vocab, H, S, width_per_head), so a gathered row 
 already in the layout of the batched matmul that mixes it: no permute, no copy.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
 from move.config import LAVE_GATE_CHANNELS, ModelConfig
 
 
+GRAD_MODES = ("autograd", "dense", "sparse")
+
+
+class Slots(NamedTuple):
+    """Gathered memory rows plus, on the fast path, what ties the layers' mixes to
+    one bank-gradient computation (None on the reference path)."""
+
+    values: torch.Tensor  # (B, T, heads, slots, width)
+    carrier: torch.Tensor | None = None  # scalar whose gradient triggers the bank backward
+    record: "MixRecord | None" = None
+
+
+class MixRecord:
+    """What each layer's backward leaves for the bank's: its slot gates and the
+    gradient of its mixed values."""
+
+    def __init__(self):
+        self.gates: list[torch.Tensor] = []  # (B, T, H, S) per consuming layer
+        self.grads: list[torch.Tensor] = []  # (B, T, H, D) per consuming layer
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: rows = weight[idx]. Backward: the gradient of every row, for all
+    consuming layers at once: grad_slots = G^T @ D with G the layers' slot gates
+    stacked (B,T,H,L,S) and D their output gradients (B,T,H,L,D) - one small batched
+    matmul instead of L full-size slot gradients summed - then summed per distinct
+    token id. The result goes into a persistent dense .grad (touched rows only: exact
+    AdamW) or out as a sparse COO gradient (for lazy row-wise Adam)."""
+
+    @staticmethod
+    def forward(ctx, weight, idx, table, record):
+        ctx.set_materialize_grads(False)
+        ctx.table, ctx.record = table, record
+        ctx.save_for_backward(idx)
+        rows = weight[idx]
+        ctx.mark_non_differentiable(rows)
+        return rows, weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad_rows, _grad_carrier):
+        (idx,) = ctx.saved_tensors
+        table, record = ctx.table, ctx.record
+        weight = table.weight
+        gates = torch.stack(record.gates, dim=-2).float()  # (B,T,H,L,S)
+        grads = torch.stack(record.grads, dim=-2).float()  # (B,T,H,L,D)
+        record.gates.clear()
+        record.grads.clear()
+        grad_slots = gates.transpose(-1, -2) @ grads  # (B,T,H,S,D)
+        rows, position = torch.unique(idx.flatten(), return_inverse=True)
+        grad_rows = grad_slots.new_zeros((len(rows), *weight.shape[1:]))
+        grad_rows.index_add_(0, position, grad_slots.flatten(0, 1))
+        grad_rows = grad_rows.to(weight.dtype)
+        if table.grad_mode == "sparse":
+            return torch.sparse_coo_tensor(rows[None], grad_rows, weight.shape), None, None, None
+        if weight.grad is None:  # allocated once, then reused: only touched rows are ever zeroed
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.index_add_(0, rows, grad_rows)
+        table.touched.append(rows)
+        return None, None, None, None
+
+
+class _FastMix(torch.autograd.Function):
+    """mix_values with a backward that hands the slot gradient to _GatherRows."""
+
+    @staticmethod
+    def forward(ctx, v, gates, slot_values, carrier, record, gate_g0):
+        ctx.record, ctx.gate_g0 = record, gate_g0
+        ctx.save_for_backward(v, gates, slot_values)
+        return _mix(v, slot_values, gates, gate_g0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        v, gates, slot_values = ctx.saved_tensors
+        slot_gates = gates[..., 1:] if ctx.gate_g0 else gates
+        # d out / d g_i = m_i . grad_out  for every slot i: (B,T,H,S,D) @ (B,T,H,D,1)
+        grad_slot_gates = (slot_values.to(grad_out.dtype) @ grad_out.unsqueeze(-1)).squeeze(-1)
+        if ctx.gate_g0:
+            grad_v = gates[..., :1].to(grad_out.dtype) * grad_out
+            grad_g0 = (grad_out * v).sum(-1, keepdim=True)
+            grad_gates = torch.cat([grad_g0, grad_slot_gates], dim=-1)
+        else:
+            grad_v, grad_gates = grad_out, grad_slot_gates
+        ctx.record.gates.append(slot_gates.detach())
+        ctx.record.grads.append(grad_out)
+        return grad_v.to(v.dtype), grad_gates.to(gates.dtype), None, torch.zeros((), device=v.device), None, None
+
+
 class ValueTable(nn.Module):
-    """Token-indexed slots: weight (vocab, heads, slots, width_per_head)."""
+    """Token-indexed slots: weight (vocab, heads, slots, width_per_head).
+
+    grad_mode picks how its gradient is built (the maths is the same):
+      "autograd": the reference path - plain indexing, a dense gradient per step;
+      "dense":    fast path, a persistent dense .grad of which only the rows touched
+                  in the step are written and zeroed (exact AdamW over the table);
+      "sparse":   fast path, a sparse gradient of the touched rows (lazy Adam).
+    """
 
     def __init__(self, vocab_size: int, heads: int, slots: int, width_per_head: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, heads, slots, width_per_head))
+        self.grad_mode = "dense"
+        self.touched: list[torch.Tensor] = []
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor) -> Slots:
         """idx (B, T) -> slots (B, T, heads, slots, width_per_head)."""
-        return self.weight[idx]
+        if self.grad_mode == "autograd" or not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return Slots(self.weight[idx])
+        record = MixRecord()
+        rows, carrier = _GatherRows.apply(self.weight, idx, self, record)
+        return Slots(rows, carrier, record)
+
+    def zero_touched_grad(self) -> None:
+        """Zero the rows written since the last call, keeping the buffer."""
+        if self.touched and self.weight.grad is not None and not self.weight.grad.is_sparse:
+            self.weight.grad.index_fill_(0, torch.cat(self.touched).unique(), 0)
+        self.touched.clear()
 
 
-def mix_values(v: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, gate_g0: bool) -> torch.Tensor:
-    """v (B,T,H,D), slots (B,T,H,S,D), gates (B,T,H,S+g0) -> mixed v (B,T,H,D)."""
+def _mix(v, slot_values, gates, gate_g0):
     if gate_g0:
         base, slot_gates = gates[..., :1] * v, gates[..., 1:]
     else:
         base, slot_gates = v, gates
     # (B,T,H,1,S) @ (B,T,H,S,D): the weighted sum over slots as one batched matmul.
-    return base + torch.matmul(slot_gates.unsqueeze(-2).to(slots.dtype), slots).squeeze(-2).to(v.dtype)
+    mixed = torch.matmul(slot_gates.unsqueeze(-2).to(slot_values.dtype), slot_values).squeeze(-2)
+    return base + mixed.to(v.dtype)
+
+
+def mix_values(v: torch.Tensor, slots: Slots, gates: torch.Tensor, gate_g0: bool) -> torch.Tensor:
+    """v (B,T,H,D), slots (B,T,H,S,D), gates (B,T,H,S+g0) -> mixed v (B,T,H,D)."""
+    if slots.record is None:
+        return _mix(v, slots.values, gates, gate_g0)
+    return _FastMix.apply(v, gates, slots.values, slots.carrier, slots.record, gate_g0)
 
 
 class LayerValueMemory(nn.Module):

@@ -7,6 +7,11 @@
   embedding, as the paper does. AdamW rates are scaled by (d_model/768)^-0.5 so
   one setting transfers across widths; fused AdamW avoids the slow foreach path
   over big tables.
+- Value memory has two optimiser modes. "exact": AdamW over the whole table, fed
+  by the fast path's persistent gradient buffer (identical to dense AdamW).
+  "lazy": torch.optim.SparseAdam on sparse row gradients - only the rows a step
+  touched are updated, and the moments of untouched rows do not decay (different
+  semantics from AdamW, much cheaper for big banks; no weight decay).
 - Schedule: linear warmup, constant, linear warmdown to zero over the last
   `warmdown_frac` of the steps.
 """
@@ -31,6 +36,7 @@ class OptimConfig:
     warmup_steps: int = 0
     warmdown_frac: float = 0.2
     grad_clip: float = 1.0  # 0 disables
+    value_memory_optimizer: str = "exact"  # "exact" (AdamW) or "lazy" (row-sparse Adam)
 
     def validate(self) -> "OptimConfig":
         if self.optimizer not in ("muon", "adamw"):
@@ -40,6 +46,10 @@ class OptimConfig:
                 raise ConfigError(f"{f.name} must be in (0, 10], got {getattr(self, f.name)}")
         if not 0 <= self.warmdown_frac <= 1:
             raise ConfigError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        if self.value_memory_optimizer not in ("exact", "lazy"):
+            raise ConfigError(f"unknown value_memory_optimizer {self.value_memory_optimizer!r}; choose exact or lazy")
+        if self.value_memory_optimizer == "lazy" and self.weight_decay:
+            raise ConfigError("the lazy value-memory optimizer has no weight decay; use weight_decay 0 or exact")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("warmup_steps, grad_clip and weight_decay must be >= 0")
         return self
@@ -51,13 +61,17 @@ def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
         groups.setdefault(param_group(name), []).append(p)
     matrices = groups.get("transformer_matrices", []) + groups.get("routers", [])
     scale = (model.config.n_embd / 768) ** -0.5
+    memory = dict(params=groups.get("value_memory", []), lr=oc.lr_value_memory * scale)
     adam_groups = [
         dict(params=groups.get("token_embedding", []), lr=oc.lr_embedding * scale),
         dict(params=groups.get("lm_head", []), lr=oc.lr_lm_head * scale),
-        dict(params=groups.get("value_memory", []), lr=oc.lr_value_memory * scale),
     ]
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     optimizers = []
+    if oc.value_memory_optimizer == "lazy" and memory["params"]:
+        optimizers.append(torch.optim.SparseAdam([memory], betas=(0.8, 0.95), eps=1e-10))
+    else:
+        adam_groups.append(memory)
     if oc.optimizer == "muon":
         optimizers.append(torch.optim.Muon(matrices, lr=oc.lr_matrix, momentum=0.95, nesterov=True,
                                            weight_decay=oc.weight_decay))
@@ -70,6 +84,30 @@ def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
     return optimizers
+
+
+def value_memory_grad_mode(path: str, optimizer_mode: str) -> str:
+    """The ValueTable gradient mode for a (path, optimiser mode) pair."""
+    if path == "reference":
+        if optimizer_mode == "lazy":
+            raise ConfigError("the lazy value-memory optimizer needs the fast path")
+        return "autograd"
+    if path != "fast":
+        raise ConfigError(f"unknown value_memory_path {path!r}; choose fast or reference")
+    return "sparse" if optimizer_mode == "lazy" else "dense"
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Global-norm clipping that also handles sparse gradients (lazy mode), which
+    torch.nn.utils.clip_grad_norm_ does not. Returns the norm before clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    squares = [(g.coalesce().values() if g.is_sparse else g).float().square().sum() for g in grads]
+    norm = torch.stack(squares).sum().sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return norm
 
 
 def lr_multiplier(step: int, total_steps: int, oc: OptimConfig) -> float:

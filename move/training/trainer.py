@@ -37,7 +37,8 @@ from move.device import autocast
 from move.errors import CheckpointError, ConfigError, UserError
 from move.model.accounting import summarize
 from move.training.curves import plot_loss_curve
-from move.training.optim import OptimConfig, build_optimizers, lr_multiplier, set_lr
+from move.training.optim import (OptimConfig, build_optimizers, clip_grad_norm, lr_multiplier, set_lr,
+                                 value_memory_grad_mode)
 
 
 class NonFiniteLossError(UserError):
@@ -55,6 +56,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     device: str = "auto"
+    value_memory_path: str = "fast"  # "fast" (default) or "reference" (the direct implementation)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> "TrainConfig":
@@ -101,6 +103,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device = next(model.parameters()).device
         self.quiet = quiet
+        model.set_value_memory_grad_mode(value_memory_grad_mode(config.value_memory_path, config.optim.value_memory_optimizer))
         self.optimizers = build_optimizers(model, config.optim)
         self.step = 0
         self.train_losses: list[float] = []
@@ -199,10 +202,7 @@ class Trainer:
             (loss / c.grad_accum).backward()
             total += loss.detach()
         loss = (total / c.grad_accum).item()
-        if c.optim.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip)
-        else:
-            grad_norm = torch.zeros(())
+        grad_norm = clip_grad_norm(list(self.model.parameters()), c.optim.grad_clip or float("inf"))
         if not (np.isfinite(loss) and torch.isfinite(grad_norm)):
             raise NonFiniteLossError(f"non-finite loss or gradient at step {self.step + 1} (loss {loss}); "
                                      f"the newest checkpoint is the last good state")
