@@ -12,10 +12,12 @@ import io
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
@@ -155,14 +157,61 @@ def config_mismatch(a: ModelConfig, b: ModelConfig) -> str | None:
     return None
 
 
-def load_model(path, device="cpu"):
-    """Rebuild the model from a checkpoint directory alone -> (model, header)."""
-    state_dict, header = load_state_dict(path)
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}
+
+
+def mapped_tensor(file: Path, name: str) -> torch.Tensor:
+    """A read-only tensor backed by the safetensors file itself (numpy memmap):
+    indexing it reads only the pages of the rows asked for.
+
+    safetensors layout: 8-byte little-endian header length, JSON header giving each
+    tensor's dtype, shape and byte range, then the data."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    if name not in header:
+        raise CheckpointError(f"{file}: no tensor {name}")
+    info = header[name]
+    start, end = info["data_offsets"]
+    if info["dtype"] == "BF16":  # numpy has no bfloat16: map the raw 16-bit words and reinterpret
+        words = np.memmap(file, dtype=np.int16, mode="r", offset=8 + header_len + start, shape=tuple(info["shape"]))
+        return torch.from_numpy(words).view(torch.bfloat16)
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{file}: cannot memory-map {name} of dtype {info['dtype']}")
+    array = np.memmap(file, dtype=SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=8 + header_len + start,
+                      shape=tuple(info["shape"]))
+    assert array.nbytes == end - start
+    return torch.from_numpy(array)
+
+
+def load_model(path, device="cpu", mmap_bank: bool = False):
+    """Rebuild the model from a checkpoint directory alone -> (model, header).
+
+    mmap_bank: leave the MoVE bank in the file and gather its rows on demand (CPU
+    inference only), so a bank larger than RAM can still generate. The checksum of
+    the weights file is not verified in this mode: that would read the whole bank."""
+    path = Path(path)
+    header = read_header(path)
     try:
         config = ModelConfig.from_dict(header["model_config"])
     except (KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path}: invalid model config in {CONFIG} ({e})") from None
-    model = GPT(config)
+    if not mmap_bank:
+        state_dict, _ = load_state_dict(path)
+    else:
+        if config.value_memory != "move":
+            raise CheckpointError(f"{path}: --mmap-bank needs a MoVE checkpoint, this one is {config.value_memory}")
+        with warnings.catch_warnings():  # read-only memmap: torch warns it is not writable; we never write it
+            warnings.simplefilter("ignore", UserWarning)
+            bank = mapped_tensor(path / WEIGHTS, "bank.weight")
+        with safe_open(path / WEIGHTS, framework="pt") as f:
+            state_dict = {k: f.get_tensor(k) for k in f.keys() if k != "bank.weight"}
+        state_dict["bank.weight"] = bank
+    with torch.device("meta"):  # no memory for weights that are about to be replaced
+        model = GPT(config)
     check_compatible(model, state_dict, path)
-    model.load_state_dict(state_dict)
+    model.load_state_dict(state_dict, assign=True)
+    if mmap_bank:
+        model.bank.weight.requires_grad_(False)
+        return model, header
     return model.to(device), header

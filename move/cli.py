@@ -130,8 +130,8 @@ def cmd_eval(args) -> None:
 def cmd_sample(args) -> None:
     from move.model.sampling import generate
 
-    device = pick_device(args.device)
-    model, _ = load_model(args.checkpoint, device)
+    device = torch.device("cpu") if args.mmap_bank else pick_device(args.device)
+    model, _ = load_model(args.checkpoint, device, mmap_bank=args.mmap_bank)
     tokenizer = tokenizer_for(args.checkpoint, args.tokenizer)
     prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     prompt = torch.tensor([prompt] * args.num_samples, device=device)
@@ -148,6 +148,19 @@ def cmd_compare(args) -> None:
 
     torch.set_flush_denormal(True)
     run_comparison(args)
+
+
+# ---------------------------------------------------------------------------- bench
+def cmd_bench(args) -> None:
+    from move.experiments.bench import CONFIGS, QUICK, BenchShape, run_bench
+
+    unknown = [c for c in args.configs or [] if c not in CONFIGS]
+    if unknown:
+        raise UserError(f"unknown bench config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    shape = QUICK if args.quick else BenchShape()
+    if args.rounds:
+        shape.rounds = args.rounds
+    run_bench(shape, None if args.no_save else args.out, args.configs, args.device)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -206,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's data)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--mmap-bank", action="store_true",
+                   help="keep the MoVE bank in the checkpoint file, gather rows on demand (CPU)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("compare", help="the main job: train variants on identical data and report")
@@ -215,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for runs and the report")
     p.add_argument("--force", action="store_true", help="retrain runs that are already complete")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("bench", help="training-step, decode and memory cost of value memory, side by side")
+    p.add_argument("--out", default="benchmarks", help="where to write <device>_bench.md / .json")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (seconds; for smoke tests)")
+    p.add_argument("--no-save", action="store_true", help="print only")
+    p.add_argument("--configs", nargs="+", help="subset of configurations (standard is always the baseline)")
+    p.add_argument("--rounds", type=int, default=0, help="timed rounds (default 7)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -24,3 +24,42 @@ def autocast(device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak-memory measurement. CUDA: allocator peak. CPU (Linux):
+    writing 5 to /proc/self/clear_refs resets the process's resident high-water
+    mark, so runs made one after another in one process are measured separately."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device) -> float | None:
+    """Peak since reset_peak_memory: CUDA allocated bytes, or CPU resident set (None if unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = _proc_status_kib("VmHWM")
+    return None if peak is None else peak / 1024
+
+
+def resident_memory_mb() -> float | None:
+    rss = _proc_status_kib("VmRSS")
+    return None if rss is None else rss / 1024

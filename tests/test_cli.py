@@ -65,3 +65,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, prepared_dir, argv, message)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_bench_quick_writes_a_table_of_ratios(tmp_path, capsys):
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--configs", "standard", "move_x1", "move_x4_ref",
+                 "--rounds", "1"]) == 0
+    report = (tmp_path / "cpu_bench.md").read_text()
+    assert "| move_x1 |" in report and "| move_x4_ref |" in report
+    assert "train move_x1/standard" in report  # targets are checked
+    results = json.loads((tmp_path / "cpu_bench.json").read_text())
+    assert results["512"]["standard"]["value_memory_params"] == 0
+    assert results["512"]["move_x1"]["persistent_mb"] > results["512"]["standard"]["persistent_mb"]

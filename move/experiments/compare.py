@@ -76,9 +76,10 @@ def format_table(summaries: dict[str, dict]) -> str:
         p = s["accounting"]["params"]
         delta = f"{s['val_bpb'] - base:+.4f}" if base is not None else "n/a"
         speed = f"{s['tok_per_s'] / base_speed:.2f}x" if base_speed else "n/a"
+        peak = "n/a" if s["peak_memory_mb"] is None else f"{s['peak_memory_mb']:.0f}"
         lines.append(
             f"| {name} | {s['val_bpb']:.4f} | {delta} | {p['value_memory']:,} | {p['routers']:,} | {p['total']:,} "
-            f"| {s['accounting']['training_flops_per_token']:,} | {s['tok_per_s']:.0f} | {speed} | {s['peak_memory_mb']:.0f} |"
+            f"| {s['accounting']['training_flops_per_token']:,} | {s['tok_per_s']:.0f} | {speed} | {peak} |"
         )
     return "\n".join(lines)
 
@@ -98,7 +99,9 @@ def write_report(out: Path, summaries: dict[str, dict]) -> None:
         "",
         f"Identical data order and shared-weight initialisation for every run; {any_summary['steps']} steps, "
         f"{any_summary['tokens_seen']:,} training tokens each, device {any_summary['device']}.",
-        "Tokens/s are measured in one process, one run after another, on the same machine.",
+        "Tokens/s are measured in one process, one run after another, on the same machine; peak MB is the "
+        "run's peak resident memory on CPU (allocator peak on CUDA). Speed ratios between separately timed runs "
+        "are indicative only: `move bench` measures cost side by side.",
         "",
         table,
         "",

@@ -37,7 +37,7 @@ class Slots(NamedTuple):
     values: torch.Tensor  # (B, T, heads, slots, width)
     carrier: torch.Tensor | None = None  # scalar whose gradient triggers the bank backward
     record: "MixRecord | None" = None
-
+    reference: bool = False  # the reference path: direct einsum, autograd
 
 class MixRecord:
     """What each layer's backward leaves for the bank's: its slot gates and the
@@ -80,7 +80,8 @@ class _GatherRows(torch.autograd.Function):
         grad_rows.index_add_(0, position, grad_slots.flatten(0, 1))
         grad_rows = grad_rows.to(weight.dtype)
         if table.grad_mode == "sparse":
-            return torch.sparse_coo_tensor(rows[None], grad_rows, weight.shape), None, None, None
+            sparse = torch.sparse_coo_tensor(rows[None], grad_rows, weight.shape, is_coalesced=True, check_invariants=False)
+            return sparse, None, None, None
         if weight.grad is None:  # allocated once, then reused: only touched rows are ever zeroed
             weight.grad = torch.zeros_like(weight)
         weight.grad.index_add_(0, rows, grad_rows)
@@ -132,7 +133,9 @@ class ValueTable(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> Slots:
         """idx (B, T) -> slots (B, T, heads, slots, width_per_head)."""
-        if self.grad_mode == "autograd" or not (torch.is_grad_enabled() and self.weight.requires_grad):
+        if self.grad_mode == "autograd":
+            return Slots(self.weight[idx], reference=True)
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return Slots(self.weight[idx])
         record = MixRecord()
         rows, carrier = _GatherRows.apply(self.weight, idx, self, record)
@@ -155,11 +158,22 @@ def _mix(v, slot_values, gates, gate_g0):
     return base + mixed.to(v.dtype)
 
 
+def _mix_direct(v, slot_values, gates, gate_g0):
+    """The reference path: the formula as a plain einsum, autograd for everything."""
+    base, slot_gates = (gates[..., :1] * v, gates[..., 1:]) if gate_g0 else (v, gates)
+    return base + torch.einsum("bths,bthsd->bthd", slot_gates.to(slot_values.dtype), slot_values).to(v.dtype)
+
+
 def mix_values(v: torch.Tensor, slots: Slots, gates: torch.Tensor, gate_g0: bool) -> torch.Tensor:
-    """v (B,T,H,D), slots (B,T,H,S,D), gates (B,T,H,S+g0) -> mixed v (B,T,H,D)."""
-    if slots.record is None:
-        return _mix(v, slots.values, gates, gate_g0)
-    return _FastMix.apply(v, gates, slots.values, slots.carrier, slots.record, gate_g0)
+    """v (B,T,H,D), slots (B,T,H,S,D), gates (B,T,H,S+g0) -> mixed v (B,T,H,D).
+
+    Inference and the "dense"/"sparse" fast paths share one forward (_mix); the
+    reference path ("autograd" tables) is the direct einsum with autograd."""
+    if slots.record is not None:
+        return _FastMix.apply(v, gates, slots.values, slots.carrier, slots.record, gate_g0)
+    if slots.reference:
+        return _mix_direct(v, slots.values, gates, gate_g0)
+    return _mix(v, slots.values, gates, gate_g0)
 
 
 class LayerValueMemory(nn.Module):

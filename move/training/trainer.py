@@ -19,7 +19,6 @@ Run directory:
 
 import json
 import random
-import resource
 import shutil
 import signal
 import sys
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from move.checkpoint import check_compatible, config_mismatch, load_state_dict, load_train_state, save_checkpoint
 from move.config import ModelConfig
-from move.device import autocast
+from move.device import autocast, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
 from move.model.accounting import summarize
 from move.training.curves import plot_loss_curve
@@ -88,12 +87,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class Trainer:
@@ -230,6 +223,7 @@ class Trainer:
 
     def run(self) -> dict:
         c = self.config
+        reset_peak_memory(self.device)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         last_eval = len(self.train_losses)
         bar = tqdm(total=c.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, desc=self.run_dir.name)

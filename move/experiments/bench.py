@@ -1,0 +1,226 @@
+"""`move bench`: what value memory costs, measured side by side in one process.
+
+For each vocabulary size, every configuration (standard, LaVE x1, MoVE x1/x4/x8 on
+the fast path, MoVE on the reference path, MoVE x4 with the lazy optimiser) is
+built once; then timings are taken in interleaved rounds (one step of each
+configuration per round, after warm-up) and reported as medians, so a slow
+moment of the machine hits every configuration alike. Reported per configuration:
+- training step (forward + backward + clip + optimiser step + zero_grad), ratio to standard;
+- decode latency per token with the KV cache at batch 1 and batch 8, ratio to standard;
+- persistent training memory (parameters + gradients + optimiser state, from the tensors);
+- the peak resident-memory growth during one training step (Linux VmHWM, reset per measurement).
+The issue's targets are checked and every miss is printed with its size.
+"""
+
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from move.config import ModelConfig
+from move.device import autocast, peak_memory_mb, pick_device, reset_peak_memory, resident_memory_mb
+from move.model.gpt import GPT
+from move.training.optim import OptimConfig, build_optimizers, clip_grad_norm, value_memory_grad_mode
+
+# name -> (model fields, value-memory path, value-memory optimiser)
+CONFIGS = {
+    "standard": (dict(value_memory="standard"), "fast", "exact"),
+    "lave_x1": (dict(value_memory="lave", memory_density=1), "fast", "exact"),
+    "move_x1": (dict(value_memory="move", memory_density=1), "fast", "exact"),
+    "move_x4": (dict(value_memory="move", memory_density=4), "fast", "exact"),
+    "move_x8": (dict(value_memory="move", memory_density=8), "fast", "exact"),
+    "move_x4_lazy": (dict(value_memory="move", memory_density=4), "fast", "lazy"),
+    "move_x1_ref": (dict(value_memory="move", memory_density=1), "reference", "exact"),
+    "move_x4_ref": (dict(value_memory="move", memory_density=4), "reference", "exact"),
+    "move_x8_ref": (dict(value_memory="move", memory_density=8), "reference", "exact"),
+}
+
+# (what, configuration, baseline, limit): ratio of configuration to baseline must be <= limit
+TARGETS = [
+    ("train", "move_x1", "standard", 1.05),
+    ("train", "move_x4_lazy", "standard", 1.10),
+    ("train", "move_x4", "standard", 1.20),
+    ("train", "move_x4_ref", "move_x4", None),  # reference / fast >= 1.5 (checked inverted below)
+    ("decode_b1", "move_x1", "standard", 1.05),
+    ("decode_b1", "move_x4", "standard", 1.05),
+    ("decode_b8", "move_x1", "standard", 1.05),
+    ("decode_b8", "move_x4", "standard", 1.05),
+]
+
+
+@dataclass
+class BenchShape:
+    n_layer: int = 6
+    n_embd: int = 384
+    n_head: int = 6
+    seq_len: int = 256
+    batch_size: int = 8
+    vocab_sizes: tuple = (8192, 32768)
+    warmup: int = 2
+    rounds: int = 7
+    decode_tokens: int = 32
+
+
+QUICK = BenchShape(n_layer=2, n_embd=64, n_head=2, seq_len=32, batch_size=2, vocab_sizes=(512,), warmup=1,
+                   rounds=2, decode_tokens=4)
+
+
+class Subject:
+    """One configuration, ready to step."""
+
+    def __init__(self, shape: BenchShape, vocab: int, device: torch.device, fields: dict, path: str,
+                 optimizer_mode: str):
+        torch.manual_seed(0)
+        self.device = device
+        config = ModelConfig(vocab_size=vocab, seq_len=shape.seq_len, n_layer=shape.n_layer, n_embd=shape.n_embd,
+                             n_head=shape.n_head, **fields)
+        self.model = GPT(config).to(device)
+        self.model.set_value_memory_grad_mode(value_memory_grad_mode(path, optimizer_mode))
+        self.optimizers = build_optimizers(self.model, OptimConfig(value_memory_optimizer=optimizer_mode))
+        g = torch.Generator().manual_seed(1)
+        self.idx = torch.randint(0, vocab, (shape.batch_size, shape.seq_len + 1), generator=g).to(device)
+        self.shape = shape
+
+    def train_step(self) -> None:
+        x, y = self.idx[:, :-1], self.idx[:, 1:]
+        with autocast(self.device):
+            loss = self.model(x, targets=y, check_ids=False)
+        loss.backward()
+        clip_grad_norm(list(self.model.parameters()), 1.0)
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad()
+
+    @torch.no_grad()
+    def decode_per_token(self, batch: int) -> float:
+        """Seconds per generated token after a 16-token prefill."""
+        model, n = self.model, self.shape.decode_tokens
+        prompt = self.idx[:1, :16].expand(batch, 16).contiguous()
+        cache = model.new_cache(batch, 16 + n)
+        model(prompt, cache=cache, check_ids=False)
+        token = prompt[:, -1:]
+
+        def decode():
+            for _ in range(n):
+                with autocast(self.device):
+                    model(token, cache=cache, check_ids=False)
+
+        return timed(decode, self.device) / n
+
+    def persistent_mb(self) -> float:
+        tensors = list(self.model.parameters())
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        for opt in self.optimizers:
+            for state in opt.state.values():
+                tensors += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+        return sum(t.numel() * t.element_size() for t in tensors if not t.is_sparse) / 2**20
+
+
+def step_peak_mb(subject: Subject) -> float | None:
+    """Peak memory growth during one training step (resident set on CPU)."""
+    reset_peak_memory(subject.device)
+    before = resident_memory_mb() if subject.device.type != "cuda" else torch.cuda.memory_allocated() / 2**20
+    subject.train_step()
+    peak = peak_memory_mb(subject.device)
+    return None if before is None or peak is None else peak - before
+
+
+def timed(fn, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def bench_vocab(shape: BenchShape, vocab: int, device: torch.device, names: list[str], log) -> dict:
+    subjects = {name: Subject(shape, vocab, device, *CONFIGS[name]) for name in names}
+    for name, s in subjects.items():
+        for _ in range(shape.warmup):
+            s.train_step()
+        s.decode_per_token(1)
+    times = {name: {"train": [], "decode_b1": [], "decode_b8": []} for name in names}
+    order = list(subjects)
+    rng = random.Random(0)
+    for r in range(shape.rounds):
+        rng.shuffle(order)  # no configuration always follows the same neighbour
+        for name in order:
+            s = subjects[name]
+            times[name]["train"].append(timed(s.train_step, device))
+            times[name]["decode_b1"].append(s.decode_per_token(1))
+            times[name]["decode_b8"].append(s.decode_per_token(8))
+        log(f"vocab {vocab}: round {r + 1}/{shape.rounds} done")
+    result = {}
+    for name, s in subjects.items():
+        medians = {k: statistics.median(v) for k, v in times[name].items()}
+        # ratios paired within a round, then the median: robust to slow phases of the machine
+        ratios = {f"{k}_ratio": statistics.median(a / b for a, b in zip(v, times["standard"][k]))
+                  for k, v in times[name].items()}
+        result[name] = {**medians, **ratios, "persistent_mb": s.persistent_mb(), "step_peak_mb": step_peak_mb(s),
+                        "value_memory_params": sum(t.weight.numel() for t in s.model.value_tables())}
+    del subjects
+    return result
+
+
+def check_targets(results: dict) -> list[str]:
+    lines = []
+    for vocab, r in results.items():
+        for what, name, base, limit in TARGETS:
+            if name not in r or base not in r:
+                continue
+            if limit is None:  # fast path speed-up over the reference path
+                speedup = r[name]["train"] / r[base]["train"]
+                ok = speedup >= 1.5
+                lines.append(f"vocab {vocab}: fast path {speedup:.2f}x faster than reference at {base} "
+                             f"(target >= 1.5x): {'met' if ok else f'MISSED by {1.5 - speedup:.2f}x'}")
+                continue
+            ratio = r[name][f"{what}_ratio"] if base == "standard" else r[name][what] / r[base][what]
+            ok = ratio <= limit
+            lines.append(f"vocab {vocab}: {what} {name}/{base} = {ratio:.3f}x (target <= {limit:.2f}x): "
+                         f"{'met' if ok else f'MISSED by {100 * (ratio / limit - 1):.1f}%'}")
+    return lines
+
+
+def format_results(results: dict, shape: BenchShape, device: str) -> str:
+    precision = "bf16 autocast" if device.startswith("cuda") else "fp32"
+    out = [f"# move bench ({device}, {torch.get_num_threads()} CPU threads, {precision})", "",
+           f"Model: {shape.n_layer} layers, width {shape.n_embd}, {shape.n_head} heads; training batch "
+           f"{shape.batch_size} x {shape.seq_len}; medians of {shape.rounds} interleaved rounds after "
+           f"{shape.warmup} warm-up steps; \"x std\" is the median over rounds of the ratio to standard in the "
+           "same round. Configurations run in a shuffled order each round.", ""]
+    for vocab, r in results.items():
+        out += [f"## vocab {vocab}", "",
+                "| config | value-memory params | train step ms | x std | decode b1 ms/tok | x std "
+                "| decode b8 ms/tok | x std | params+grads+optim MB | step peak RSS growth MB |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, m in r.items():
+            peak = "n/a" if m["step_peak_mb"] is None else f"{m['step_peak_mb']:.0f}"
+            out.append(
+                f"| {name} | {m['value_memory_params']:,} | {1e3 * m['train']:.1f} | {m['train_ratio']:.3f} "
+                f"| {1e3 * m['decode_b1']:.2f} | {m['decode_b1_ratio']:.3f} "
+                f"| {1e3 * m['decode_b8']:.2f} | {m['decode_b8_ratio']:.3f} "
+                f"| {m['persistent_mb']:.0f} | {peak} |")
+        out.append("")
+    out += ["## Targets", ""] + [f"- {line}" for line in check_targets(results)] + [""]
+    return "\n".join(out)
+
+
+def run_bench(shape: BenchShape, out_dir, names=None, device: str = "auto", log=print) -> dict:
+    torch.set_flush_denormal(True)
+    device = pick_device(device)
+    names = names or list(CONFIGS)
+    results = {vocab: bench_vocab(shape, vocab, device, names, log) for vocab in shape.vocab_sizes}
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = format_results(results, shape, f"{device.type}: {label}")
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{device.type}_bench.md").write_text(report)
+        (out_dir / f"{device.type}_bench.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+    print(report)
+    return results
