@@ -1,9 +1,10 @@
-"""Bank memory options: inference with the bank memory-mapped from the checkpoint."""
+"""Bank memory options: memory-mapped inference, bf16 storage with fp32 optimiser state."""
 
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from move.checkpoint import load_model, save_checkpoint
@@ -11,8 +12,6 @@ from move.config import ModelConfig
 from move.errors import CheckpointError
 from move.model.gpt import GPT
 from move.model.sampling import generate
-
-import pytest
 
 MMAP_PROBE = """
 import json, sys, torch
@@ -52,3 +51,66 @@ def test_mmap_bank_is_refused_for_a_model_without_bank(tmp_path):
     save_checkpoint(tmp_path / "ck", GPT(ModelConfig(vocab_size=64, n_embd=32, n_head=2, n_layer=1)))
     with pytest.raises(CheckpointError, match="needs a MoVE checkpoint"):
         load_model(tmp_path / "ck", mmap_bank=True)
+
+
+def test_table_adamw_is_adamw_on_fp32_and_keeps_fp32_state_for_bf16():
+    from move.training.table_adamw import TableAdamW
+
+    torch.manual_seed(0)
+    start = torch.randn(50, 3, 4)
+    grads = [torch.randn(50, 3, 4) for _ in range(3)]
+    ours, ref = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_ours = TableAdamW([ours], lr=0.1, weight_decay=0.01)
+    opt_ref = torch.optim.AdamW([ref], lr=0.1, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.01)
+    for g in grads:
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_ref.step()
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    # sparse gradients: the same as SparseAdam on the touched rows
+    sparse_ours, sparse_ref = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_ours = TableAdamW([sparse_ours], lr=0.1)
+    opt_ref = torch.optim.SparseAdam([sparse_ref], lr=0.1, betas=(0.8, 0.95), eps=1e-10)
+    rows = torch.tensor([[2, 7, 9]])
+    for g in grads:
+        sparse_ours.grad = torch.sparse_coo_tensor(rows, g[rows[0]], start.shape)
+        sparse_ref.grad = torch.sparse_coo_tensor(rows, g[rows[0]], start.shape)
+        opt_ours.step()
+        opt_ref.step()
+    torch.testing.assert_close(sparse_ours, sparse_ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(sparse_ours[0], start[0])
+    # bf16 weights, fp32 moments
+    bf16 = torch.nn.Parameter(start.to(torch.bfloat16))
+    opt = TableAdamW([bf16], lr=0.1)
+    bf16.grad = grads[0].to(torch.bfloat16)
+    opt.step()
+    assert opt.state[bf16]["exp_avg"].dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), start - 0.1 * torch.sign(grads[0]),
+                               rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_bf16_bank_trains_with_half_the_bank_memory(prepared_dir, tmp_path, mode):
+    from move.config import model_config_from_preset
+    from move.text.prepare import load_prepared
+    from move.text.task import TextTask
+    from move.training.optim import OptimConfig
+    from move.training.trainer import TrainConfig, Trainer
+
+    data = load_prepared(prepared_dir)
+    sizes, bpb = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = GPT(model_config_from_preset("tiny", vocab_size=data.tokenizer.vocab_size, value_memory="move"))
+        config = TrainConfig(steps=8, batch_size=4, eval_every=8, eval_tokens=1024, value_memory_dtype=dtype,
+                             optim=OptimConfig(value_memory_optimizer=mode))
+        task = TextTask(data, model.config.seq_len, 4, 0, 1024)
+        summary = Trainer(model, task, config, tmp_path / f"{dtype}-{mode}", quiet=True).run()
+        bank = model.bank.weight
+        sizes[dtype] = bank.numel() * bank.element_size()
+        assert bank.dtype == getattr(torch, dtype)
+        bpb[dtype] = summary["val_bpb"]
+        reloaded, _ = load_model(summary["checkpoint"])
+        assert reloaded.bank.weight.dtype == getattr(torch, dtype)
+    assert sizes["bfloat16"] * 2 == sizes["float32"]
+    assert abs(bpb["bfloat16"] - bpb["float32"]) < 0.02  # rounding the bank does not change what is learned

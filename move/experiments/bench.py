@@ -26,17 +26,18 @@ from move.device import autocast, peak_memory_mb, pick_device, reset_peak_memory
 from move.model.gpt import GPT
 from move.training.optim import OptimConfig, build_optimizers, clip_grad_norm, value_memory_grad_mode
 
-# name -> (model fields, value-memory path, value-memory optimiser)
+# name -> (model fields, value-memory path, value-memory optimiser, bank storage dtype)
 CONFIGS = {
-    "standard": (dict(value_memory="standard"), "fast", "exact"),
-    "lave_x1": (dict(value_memory="lave", memory_density=1), "fast", "exact"),
-    "move_x1": (dict(value_memory="move", memory_density=1), "fast", "exact"),
-    "move_x4": (dict(value_memory="move", memory_density=4), "fast", "exact"),
-    "move_x8": (dict(value_memory="move", memory_density=8), "fast", "exact"),
-    "move_x4_lazy": (dict(value_memory="move", memory_density=4), "fast", "lazy"),
-    "move_x1_ref": (dict(value_memory="move", memory_density=1), "reference", "exact"),
-    "move_x4_ref": (dict(value_memory="move", memory_density=4), "reference", "exact"),
-    "move_x8_ref": (dict(value_memory="move", memory_density=8), "reference", "exact"),
+    "standard": (dict(value_memory="standard"), "fast", "exact", "float32"),
+    "lave_x1": (dict(value_memory="lave", memory_density=1), "fast", "exact", "float32"),
+    "move_x1": (dict(value_memory="move", memory_density=1), "fast", "exact", "float32"),
+    "move_x4": (dict(value_memory="move", memory_density=4), "fast", "exact", "float32"),
+    "move_x8": (dict(value_memory="move", memory_density=8), "fast", "exact", "float32"),
+    "move_x4_lazy": (dict(value_memory="move", memory_density=4), "fast", "lazy", "float32"),
+    "move_x4_bf16": (dict(value_memory="move", memory_density=4), "fast", "exact", "bfloat16"),
+    "move_x1_ref": (dict(value_memory="move", memory_density=1), "reference", "exact", "float32"),
+    "move_x4_ref": (dict(value_memory="move", memory_density=4), "reference", "exact", "float32"),
+    "move_x8_ref": (dict(value_memory="move", memory_density=8), "reference", "exact", "float32"),
 }
 
 # (what, configuration, baseline, limit): ratio of configuration to baseline must be <= limit
@@ -45,6 +46,7 @@ TARGETS = [
     ("train", "move_x4_lazy", "standard", 1.10),
     ("train", "move_x4", "standard", 1.20),
     ("train", "move_x4_ref", "move_x4", None),  # reference / fast >= 1.5 (checked inverted below)
+    ("bank_bytes", "move_x4_bf16", "move_x4", 0.5),
     ("decode_b1", "move_x1", "standard", 1.05),
     ("decode_b1", "move_x4", "standard", 1.05),
     ("decode_b8", "move_x1", "standard", 1.05),
@@ -73,12 +75,13 @@ class Subject:
     """One configuration, ready to step."""
 
     def __init__(self, shape: BenchShape, vocab: int, device: torch.device, fields: dict, path: str,
-                 optimizer_mode: str):
+                 optimizer_mode: str, bank_dtype: str):
         torch.manual_seed(0)
         self.device = device
         config = ModelConfig(vocab_size=vocab, seq_len=shape.seq_len, n_layer=shape.n_layer, n_embd=shape.n_embd,
                              n_head=shape.n_head, **fields)
         self.model = GPT(config).to(device)
+        self.model.set_value_memory_dtype(getattr(torch, bank_dtype))
         self.model.set_value_memory_grad_mode(value_memory_grad_mode(path, optimizer_mode))
         self.optimizers = build_optimizers(self.model, OptimConfig(value_memory_optimizer=optimizer_mode))
         g = torch.Generator().manual_seed(1)
@@ -162,7 +165,8 @@ def bench_vocab(shape: BenchShape, vocab: int, device: torch.device, names: list
         ratios = {f"{k}_ratio": statistics.median(a / b for a, b in zip(v, times["standard"][k]))
                   for k, v in times[name].items()}
         result[name] = {**medians, **ratios, "persistent_mb": s.persistent_mb(), "step_peak_mb": step_peak_mb(s),
-                        "value_memory_params": sum(t.weight.numel() for t in s.model.value_tables())}
+                        "value_memory_params": sum(t.weight.numel() for t in s.model.value_tables()),
+                        "bank_bytes": sum(t.weight.numel() * t.weight.element_size() for t in s.model.value_tables())}
     del subjects
     return result
 
@@ -180,6 +184,10 @@ def check_targets(results: dict) -> list[str]:
                              f"(target >= 1.5x): {'met' if ok else f'MISSED by {1.5 - speedup:.2f}x'}")
                 continue
             ratio = r[name][f"{what}_ratio"] if base == "standard" else r[name][what] / r[base][what]
+            if what == "bank_bytes":
+                lines.append(f"vocab {vocab}: bf16 bank / fp32 bank bytes = {ratio:.3f} (target <= 0.5): "
+                             f"{'met' if ratio <= 0.5 else 'MISSED'}")
+                continue
             ok = ratio <= limit
             lines.append(f"vocab {vocab}: {what} {name}/{base} = {ratio:.3f}x (target <= {limit:.2f}x): "
                          f"{'met' if ok else f'MISSED by {100 * (ratio / limit - 1):.1f}%'}")

@@ -132,6 +132,13 @@ class GPT(nn.Module):
             table.weight.grad = None
             table.grad_mode = mode
 
+    def set_value_memory_dtype(self, dtype: torch.dtype) -> None:
+        """Storage dtype of the memory tables (bf16 halves them; gates and mixing
+        still produce values in the model's dtype)."""
+        for table in self.value_tables():
+            table.weight.grad = None
+            table.weight.data = table.weight.data.to(dtype)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Like nn.Module.zero_grad, but a fast-path table keeps its dense gradient
         buffer and zeroes only the rows the step touched: no bank-sized allocation

@@ -12,6 +12,8 @@
   "lazy": torch.optim.SparseAdam on sparse row gradients - only the rows a step
   touched are updated, and the moments of untouched rows do not decay (different
   semantics from AdamW, much cheaper for big banks; no weight decay).
+- A bank stored in bf16 (--value-memory-dtype bfloat16) is optimised by TableAdamW,
+  which keeps fp32 moments, in either mode.
 - Schedule: linear warmup, constant, linear warmdown to zero over the last
   `warmdown_frac` of the steps.
 """
@@ -22,6 +24,7 @@ import torch
 
 from move.errors import ConfigError
 from move.model.accounting import param_group
+from move.training.table_adamw import TableAdamW
 
 
 @dataclass
@@ -68,7 +71,9 @@ def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
     ]
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     optimizers = []
-    if oc.value_memory_optimizer == "lazy" and memory["params"]:
+    if any(p.dtype == torch.bfloat16 for p in memory["params"]):  # fp32 state for a bf16 bank
+        optimizers.append(TableAdamW([memory], lr=memory["lr"], weight_decay=oc.weight_decay))
+    elif oc.value_memory_optimizer == "lazy" and memory["params"]:
         optimizers.append(torch.optim.SparseAdam([memory], betas=(0.8, 0.95), eps=1e-10))
     else:
         adam_groups.append(memory)

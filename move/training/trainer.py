@@ -56,12 +56,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     value_memory_path: str = "fast"  # "fast" (default) or "reference" (the direct implementation)
+    value_memory_dtype: str = "float32"  # or "bfloat16": half the bank memory, fp32 optimiser state
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> "TrainConfig":
         for name in ["steps", "batch_size", "grad_accum", "eval_every", "eval_tokens", "checkpoint_every", "keep_checkpoints"]:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.value_memory_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
         self.optim.validate()
         return self
 
@@ -96,6 +99,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device = next(model.parameters()).device
         self.quiet = quiet
+        model.set_value_memory_dtype(getattr(torch, config.value_memory_dtype))
         model.set_value_memory_grad_mode(value_memory_grad_mode(config.value_memory_path, config.optim.value_memory_optimizer))
         self.optimizers = build_optimizers(model, config.optim)
         self.step = 0
