@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: standard vs LaVE x1 vs MoVE x1 vs MoVE x4 on Shakespeare, identical
 # data order and shared-weight init, then a table and a report in runs/main/.
-# About 15-20 minutes on 2 CPU cores; rerunning skips finished runs and resumes
+# About 15 minutes on 2 CPU cores; rerunning skips finished runs and resumes
 # interrupted ones. Extra flags go to `move compare` (e.g. --steps 200).
 source "$(dirname "$0")/setup.sh"
 if [ ! -f data/shakespeare/manifest.json ]; then
