@@ -157,7 +157,7 @@ def config_mismatch(a: ModelConfig, b: ModelConfig) -> str | None:
     return None
 
 
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16}  # BF16 is handled on its own
 
 
 def mapped_tensor(file: Path, name: str) -> torch.Tensor:
@@ -173,6 +173,9 @@ def mapped_tensor(file: Path, name: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: no tensor {name}")
     info = header[name]
     start, end = info["data_offsets"]
+    itemsize = 2 if info["dtype"] == "BF16" else np.dtype(SAFETENSORS_DTYPES.get(info["dtype"], np.uint8)).itemsize
+    if end - start != itemsize * int(np.prod(info["shape"])):
+        raise CheckpointError(f"{file}: byte range of {name} does not match its shape and dtype")
     if info["dtype"] == "BF16":  # numpy has no bfloat16: map the raw 16-bit words and reinterpret
         words = np.memmap(file, dtype=np.int16, mode="r", offset=8 + header_len + start, shape=tuple(info["shape"]))
         return torch.from_numpy(words).view(torch.bfloat16)
@@ -180,7 +183,6 @@ def mapped_tensor(file: Path, name: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: cannot memory-map {name} of dtype {info['dtype']}")
     array = np.memmap(file, dtype=SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=8 + header_len + start,
                       shape=tuple(info["shape"]))
-    assert array.nbytes == end - start
     return torch.from_numpy(array)
 
 

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from move.checkpoint import load_model, read_header
@@ -36,7 +37,7 @@ def parse_bool(text: str) -> bool:
 def add_dataclass_flags(parser, cls, skip=()) -> None:
     """One --flag per field of a config dataclass, defaulting to None (= keep)."""
     for f in dataclasses.fields(cls):
-        if f.name in skip or dataclasses.is_dataclass(f.type) or f.name == "optim":
+        if f.name in skip or dataclasses.is_dataclass(f.type):
             continue
         kind = str if f.default in (None, dataclasses.MISSING) else type(f.default)
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
@@ -116,7 +117,6 @@ def cmd_eval(args) -> None:
             text = Path(args.text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{args.text}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
-        import numpy as np
         tokens = np.asarray(encode_document(tokenizer, text, seq_len), dtype=np.int64)
         source = args.text
     else:
@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for runs and the report")
     p.add_argument("--force", action="store_true", help="retrain runs that are already complete")
     p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("bench", help="training-step, decode and memory cost of value memory, side by side")
     p.add_argument("--out", default="benchmarks", help="where to write <device>_bench.md / .json")
     p.add_argument("--quick", action="store_true", help="tiny shapes (seconds; for smoke tests)")

@@ -86,11 +86,9 @@ def format_table(summaries: dict[str, dict]) -> str:
 
 def write_report(out: Path, summaries: dict[str, dict]) -> None:
     from move.training.curves import plot_runs
+    from move.training.trainer import read_metrics
 
-    curves = {}
-    for name in summaries:
-        lines = (out / name / "metrics.jsonl").read_text().splitlines()
-        curves[name] = [json.loads(line) for line in lines if line]
+    curves = {name: read_metrics(out / name) for name in summaries}
     plot_runs(curves, "val_bpb", out / "val_bpb.png", title="validation bits per byte")
     table = format_table(summaries)
     any_summary = next(iter(summaries.values()))

@@ -39,6 +39,7 @@ class Slots(NamedTuple):
     record: "MixRecord | None" = None
     reference: bool = False  # the reference path: direct einsum, autograd
 
+
 class MixRecord:
     """What each layer's backward leaves for the bank's: its slot gates and the
     gradient of its mixed values."""
@@ -101,7 +102,7 @@ class _FastMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         v, gates, slot_values = ctx.saved_tensors
-        slot_gates = gates[..., 1:] if ctx.gate_g0 else gates
+        _, slot_gates = split_gates(v, gates, ctx.gate_g0)
         # d out / d g_i = m_i . grad_out  for every slot i: (B,T,H,S,D) @ (B,T,H,D,1)
         grad_slot_gates = (slot_values.to(grad_out.dtype) @ grad_out.unsqueeze(-1)).squeeze(-1)
         if ctx.gate_g0:
@@ -148,11 +149,15 @@ class ValueTable(nn.Module):
         self.touched.clear()
 
 
-def _mix(v, slot_values, gates, gate_g0):
+def split_gates(v, gates, gate_g0):
+    """(g0 * v, slot gates) with a gate g0 on the standard value, else (v, gates)."""
     if gate_g0:
-        base, slot_gates = gates[..., :1] * v, gates[..., 1:]
-    else:
-        base, slot_gates = v, gates
+        return gates[..., :1] * v, gates[..., 1:]
+    return v, gates
+
+
+def _mix(v, slot_values, gates, gate_g0):
+    base, slot_gates = split_gates(v, gates, gate_g0)
     # (B,T,H,1,S) @ (B,T,H,S,D): the weighted sum over slots as one batched matmul.
     mixed = torch.matmul(slot_gates.unsqueeze(-2).to(slot_values.dtype), slot_values).squeeze(-2)
     return base + mixed.to(v.dtype)
@@ -160,7 +165,7 @@ def _mix(v, slot_values, gates, gate_g0):
 
 def _mix_direct(v, slot_values, gates, gate_g0):
     """The reference path: the formula as a plain einsum, autograd for everything."""
-    base, slot_gates = (gates[..., :1] * v, gates[..., 1:]) if gate_g0 else (v, gates)
+    base, slot_gates = split_gates(v, gates, gate_g0)
     return base + torch.einsum("bths,bthsd->bthd", slot_gates.to(slot_values.dtype), slot_values).to(v.dtype)
 
 

@@ -77,6 +77,12 @@ class TrainConfig:
         return cls(**{**d, "optim": OptimConfig(**d.pop("optim", {}))})
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The evaluation records of a run, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary directories start with '.')."""
     return sorted((run_dir / "checkpoints").glob("step_*"))
@@ -165,10 +171,8 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint: they will be logged again."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in keep))
+        keep = [m for m in read_metrics(self.run_dir) if m["step"] <= step]
+        (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in keep))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -256,7 +260,7 @@ class Trainer:
         return self._finish()
 
     def _finish(self) -> dict:
-        metrics = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        metrics = read_metrics(self.run_dir)
         final = metrics[-1]
         summary = {
             **final,
