@@ -21,7 +21,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from move.config import ModelConfig
 from move.errors import CheckpointError, ConfigError
 from move.model.gpt import GPT
 
@@ -70,6 +69,7 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
         header = {
             "format": FORMAT,
             "version": VERSION,
+            "model_kind": model.kind,
             "model_config": model.config.to_dict(),
             "meta": meta or {},
             "sha256": {name: sha256(data) for name, data in files.items()},
@@ -148,7 +148,7 @@ def check_compatible(model, state_dict: dict, source) -> None:
             )
 
 
-def config_mismatch(a: ModelConfig, b: ModelConfig) -> str | None:
+def config_mismatch(a, b) -> str | None:
     """'field: x vs y' for the first differing config field, or None."""
     da, db = a.to_dict(), b.to_dict()
     for key in da:
@@ -186,16 +186,30 @@ def mapped_tensor(file: Path, name: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def load_model(path, device="cpu", mmap_bank: bool = False):
+def model_classes() -> dict:
+    """Every model a checkpoint can hold, by the kind its header records."""
+    from move.image.classifier import ImageClassifier
+    from move.image.vqvae import VQVAE
+
+    return {cls.kind: cls for cls in (GPT, VQVAE, ImageClassifier)}
+
+
+def load_model(path, device="cpu", mmap_bank: bool = False, kind: str = "gpt"):
     """Rebuild the model from a checkpoint directory alone -> (model, header).
 
-    mmap_bank: leave the MoVE bank in the file and gather its rows on demand (CPU
-    inference only), so a bank larger than RAM can still generate. The checksum of
-    the weights file is not verified in this mode: that would read the whole bank."""
+    kind: which model the caller expects ("gpt", "vqvae", "classifier"); another
+    kind is refused. mmap_bank: leave the MoVE bank in the file and gather its
+    rows on demand (CPU inference only), so a bank larger than RAM can still
+    generate. The checksum of the weights file is not verified in this mode: that
+    would read the whole bank."""
     path = Path(path)
     header = read_header(path)
+    found = header.get("model_kind", "gpt")
+    if found != kind:
+        raise CheckpointError(f"{path}: holds a {found} checkpoint, expected a {kind}")
+    model_class = model_classes()[kind]
     try:
-        config = ModelConfig.from_dict(header["model_config"])
+        config = model_class.config_class.from_dict(header["model_config"])
     except (KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path}: invalid model config in {CONFIG} ({e})") from None
     if not mmap_bank:
@@ -210,7 +224,7 @@ def load_model(path, device="cpu", mmap_bank: bool = False):
             state_dict = {k: f.get_tensor(k) for k in f.keys() if k != "bank.weight"}
         state_dict["bank.weight"] = bank
     with torch.device("meta"):  # no memory for weights that are about to be replaced
-        model = GPT(config)
+        model = model_class(config)
     check_compatible(model, state_dict, path)
     model.load_state_dict(state_dict, assign=True)
     if mmap_bank:

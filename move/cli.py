@@ -17,6 +17,7 @@ from move.checkpoint import load_model, read_header
 from move.config import MODEL_PRESETS, ModelConfig, model_config_from_preset
 from move.device import pick_device
 from move.errors import UserError
+from move.training.runs import build_run, config_overrides, resolve_checkpoint, train_config_from
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -44,16 +45,11 @@ def add_dataclass_flags(parser, cls, skip=()) -> None:
                             type=parse_bool if kind is bool else kind, help=f"(default {f.default})")
 
 
-def dataclass_overrides(args, cls) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
-
-
 # ---------------------------------------------------------------------------- prepare
 def cmd_prepare(args) -> None:
     from move.text.prepare import PrepareOptions, prepare
 
-    options = PrepareOptions(**dataclass_overrides(args, PrepareOptions))
+    options = PrepareOptions(**config_overrides(args, PrepareOptions))
     manifest = prepare(options, args.out, force=args.force)
     s = manifest["splits"]
     print(f"prepared {args.out}: vocab {manifest['vocab_size']}, train {s['train']['tokens']:,} tokens "
@@ -61,32 +57,11 @@ def cmd_prepare(args) -> None:
 
 
 # ---------------------------------------------------------------------------- train
-def build_text_run(args):
-    """Model, text task and train config from flags (shared by train and compare)."""
-    from move.model.gpt import GPT
-    from move.text.prepare import load_prepared
-    from move.text.task import TextTask
-    from move.training.optim import OptimConfig
-    from move.training.trainer import TrainConfig
-
-    data = load_prepared(args.data)
-    overrides = dataclass_overrides(args, ModelConfig)
-    overrides.setdefault("vocab_size", data.tokenizer.vocab_size)
-    model_config = model_config_from_preset(args.preset, **overrides)
-    train_config = TrainConfig(**dataclass_overrides(args, TrainConfig),
-                               optim=OptimConfig(**dataclass_overrides(args, OptimConfig))).validate()
-    torch.manual_seed(train_config.seed)
-    model = GPT(model_config).to(pick_device(train_config.device))
-    task = TextTask(data, model_config.seq_len, train_config.batch_size, train_config.seed, train_config.eval_tokens)
-    task.check_model(model)
-    return model, task, train_config
-
-
 def cmd_train(args) -> None:
     from move.training.trainer import Trainer
 
     torch.set_flush_denormal(True)  # AdamW slows ~20x on denormals on CPU
-    model, task, train_config = build_text_run(args)
+    model, task, train_config = build_run(args)
     summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
     print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
 
@@ -142,6 +117,104 @@ def cmd_sample(args) -> None:
         print("-" * 40)
 
 
+# ---------------------------------------------------------------------------- images
+def dataset_from(args):
+    from move.image.datasets import load_image_dataset
+
+    return load_image_dataset(args.dataset, args.root, args.image_size, args.channels)
+
+
+def dataset_source(args) -> dict:
+    """What `image-encode` records so later commands can reload the same images."""
+    return {"source": args.dataset, "root": str(Path(args.root).resolve()) if args.root else None,
+            "image_size": args.image_size, "channels": args.channels}
+
+
+def train_image_helper(args, model_class, config_class, task_class, shape_fields) -> None:
+    """image-tokenizer / image-classifier: a conv net trained by the shared Trainer."""
+    from move.training.trainer import Trainer
+
+    torch.set_flush_denormal(True)
+    dataset = dataset_from(args)
+    train_config = train_config_from(args)
+    config = config_class(**{**config_overrides(args, config_class), **shape_fields(dataset)})
+    torch.manual_seed(train_config.seed)
+    model = model_class(config).to(pick_device(train_config.device))
+    task = task_class(dataset, train_config.batch_size, train_config.seed, args.eval_images)
+    task.check_model(model)
+    summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
+    print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
+
+
+def cmd_image_tokenizer(args) -> None:
+    from move.image.tasks import ReconstructionTask
+    from move.image.vqvae import VQVAE, VQConfig
+
+    train_image_helper(args, VQVAE, VQConfig, ReconstructionTask,
+                       lambda d: {"channels": d.shape[0], "image_size": d.shape[1]})
+
+
+def cmd_image_classifier(args) -> None:
+    from move.image.classifier import ClassifierConfig, ImageClassifier
+    from move.image.tasks import ClassificationTask
+
+    train_image_helper(args, ImageClassifier, ClassifierConfig, ClassificationTask,
+                       lambda d: {"channels": d.shape[0], "image_size": d.shape[1], "num_classes": d.num_classes})
+
+
+def cmd_image_encode(args) -> None:
+    from move.image.prepare import encode_dataset
+    from move.image.tokenizers import PixelQuantizer, VQTokenizer
+
+    dataset = dataset_from(args)
+    if args.tokenizer == "pixel":
+        tokenizer = PixelQuantizer(args.levels or dataset.gray_levels, dataset.shape)
+    else:
+        tokenizer = VQTokenizer(resolve_checkpoint(args.tokenizer), pick_device(args.device))
+    manifest = encode_dataset(dataset, tokenizer, dataset_source(args), args.out, force=args.force)
+    s = manifest["splits"]
+    print(f"encoded {args.out}: {manifest['dataset']['name']}, codebook {manifest['codebook_size']}, grid "
+          f"{'x'.join(map(str, manifest['grid']))}, train {s['train']['examples']:,} / test {s['test']['examples']:,} images")
+
+
+def image_model_and_data(checkpoint, data_dir, device):
+    from move.image.prepare import load_prepared_images
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    model, header = load_model(checkpoint, device)
+    data_dir = data_dir or header.get("meta", {}).get("task", {}).get("data")
+    if not data_dir:
+        raise UserError(f"{checkpoint}: no image data directory recorded; pass --data")
+    data = load_prepared_images(data_dir)
+    if model.config.vocab_size != data.layout.vocab_size:
+        raise UserError(f"{checkpoint}: vocabulary {model.config.vocab_size} does not fit the image data "
+                        f"{data_dir} ({data.layout.vocab_size})")
+    return model, data
+
+
+def cmd_image_sample(args) -> None:
+    from move.image.evaluate import generate_images
+    from move.image.sampling import class_grid_labels, save_grid
+
+    model, data = image_model_and_data(args.checkpoint, args.data, pick_device(args.device))
+    labels = class_grid_labels(data.layout.num_classes, args.per_class)
+    images = generate_images(model, data, labels, args.cfg_scale, args.temperature, args.top_k, args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_grid(images, args.per_class, args.out)
+    print(f"wrote {args.out}: one row per class ({', '.join(data.manifest['class_names'])}), cfg scale {args.cfg_scale}")
+
+
+def cmd_image_eval(args) -> None:
+    from move.image.evaluate import evaluate_generator, write_json
+
+    model, data = image_model_and_data(args.checkpoint, args.data, pick_device(args.device))
+    result = evaluate_generator(model, data, resolve_checkpoint(args.classifier), args.num_samples, args.cfg_scale,
+                                args.temperature, args.top_k, args.seed, grid_path=args.grid)
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result))
+
+
 # ---------------------------------------------------------------------------- compare
 def cmd_compare(args) -> None:
     from move.experiments.compare import run_comparison
@@ -189,8 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_flags(p, ModelConfig, skip=("value_memory", "memory_density"))
         add_dataclass_flags(p, TrainConfig)
         add_dataclass_flags(p, OptimConfig)
+        p.add_argument("--label-dropout", type=float, default=0.1,
+                       help="image data: probability of replacing the class by the null class (guidance)")
 
-    p = sub.add_parser("train", help="train a model on prepared text")
+    p = sub.add_parser("train", help="train a model on prepared text or image tokens")
     add_training_flags(p)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
@@ -229,7 +304,72 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variant[:density] list")
     p.add_argument("--out", required=True, help="directory for runs and the report")
     p.add_argument("--force", action="store_true", help="retrain runs that are already complete")
+    p.add_argument("--classifier", help="image data: classifier run for class accuracy (move image-classifier)")
+    p.add_argument("--fid-samples", type=int, default=500, help="image data: samples per variant for FID/accuracy")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="image data: guidance scale for the samples")
     p.set_defaults(func=cmd_compare)
+
+    def add_dataset_flags(p):
+        from move.image.datasets import SOURCES as IMAGE_SOURCES
+
+        p.add_argument("--dataset", required=True, choices=IMAGE_SOURCES, help="image dataset")
+        p.add_argument("--root", help="folder dataset: one sub-folder per class (or train/ and test/ of those)")
+        p.add_argument("--image-size", type=int, default=32, help="folder dataset: images are resized to this")
+        p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="folder dataset: 1 gray, 3 RGB")
+
+    def add_conv_training_flags(p, config_class, skip):
+        add_dataset_flags(p)
+        add_dataclass_flags(p, config_class, skip=skip)
+        add_dataclass_flags(p, TrainConfig)
+        add_dataclass_flags(p, OptimConfig)
+        p.add_argument("--eval-images", type=int, default=2000, help="test images per evaluation")
+        p.add_argument("--out", required=True, help="run directory")
+        p.add_argument("--resume", action="store_true")
+        p.add_argument("--force", action="store_true")
+        p.set_defaults(steps=1500, batch_size=64, eval_every=500, checkpoint_every=500, lr_adamw_matrix=2e-3)
+
+    from move.image.classifier import ClassifierConfig
+    from move.image.vqvae import VQConfig
+
+    p = sub.add_parser("image-tokenizer", help="train a VQ-VAE image tokenizer (shared training loop)")
+    add_conv_training_flags(p, VQConfig, skip=("image_size", "channels"))
+    p.set_defaults(func=cmd_image_tokenizer)
+
+    p = sub.add_parser("image-classifier", help="train the classifier that scores conditional samples")
+    add_conv_training_flags(p, ClassifierConfig, skip=("image_size", "channels", "num_classes"))
+    p.set_defaults(func=cmd_image_classifier, steps=1000)
+
+    p = sub.add_parser("image-encode", help="tokenise an image dataset for class-conditional training")
+    add_dataset_flags(p)
+    p.add_argument("--tokenizer", required=True, help="'pixel' (per-pixel quantiser) or a VQ-VAE run/checkpoint")
+    p.add_argument("--levels", type=int, default=0, help="pixel quantiser levels (default: the dataset's gray levels)")
+    p.add_argument("--out", required=True, help="prepared image-token directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_image_encode)
+
+    def add_image_sampling_flags(p):
+        p.add_argument("checkpoint", help="checkpoint or run directory")
+        p.add_argument("--data", help="prepared image data (default: the one the model was trained on)")
+        p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale s")
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("image-sample", help="a PNG grid of guided samples, one row per class")
+    add_image_sampling_flags(p)
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--out", required=True, help="PNG file")
+    p.set_defaults(func=cmd_image_sample)
+
+    p = sub.add_parser("image-eval", help="FID, class accuracy and NLL of a class-conditional model")
+    add_image_sampling_flags(p)
+    p.add_argument("--classifier", required=True, help="classifier run or checkpoint (move image-classifier)")
+    p.add_argument("--num-samples", type=int, default=500, help="samples for FID and accuracy (FID is biased at small N)")
+    p.add_argument("--grid", help="also write a sample grid PNG here")
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.set_defaults(func=cmd_image_eval)
 
     p = sub.add_parser("bench", help="training-step, decode and memory cost of value memory, side by side")
     p.add_argument("--out", default="benchmarks", help="where to write <device>_bench.md / .json")

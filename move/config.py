@@ -14,8 +14,24 @@ ATTENTION_KINDS = ("mha", "mla")
 LAVE_GATE_CHANNELS = 32
 
 
+class SerialConfig:
+    """to_dict / from_dict for config dataclasses: unknown fields are refused and
+    the result is validated, so a config read from a file is as safe as one built in code."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**d).validate()
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(SerialConfig):
     vocab_size: int = 4096
     seq_len: int = 256
     n_layer: int = 4
@@ -126,16 +142,6 @@ class ModelConfig:
             raise ConfigError(f"logit_softcap must be >= 0, got {self.logit_softcap}")
         return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
-        return cls(**d).validate()
 
 
 # Presets: the shape of the model; the variant and density are set separately.

@@ -36,3 +36,21 @@ def prepared_copy(tmp_path, prepared_dir):
     copy = tmp_path / "data"
     shutil.copytree(prepared_dir, copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from move.image.datasets import load_image_dataset
+
+    return load_image_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_tokens(tmp_path_factory, digits):
+    """Digits encoded with the 17-level pixel quantiser: 64 tokens per image."""
+    from move.image.prepare import encode_dataset
+    from move.image.tokenizers import PixelQuantizer
+
+    out = tmp_path_factory.mktemp("images") / "digits_tokens"
+    encode_dataset(digits, PixelQuantizer(17, digits.shape), {"source": "digits"}, out)
+    return out

@@ -136,7 +136,7 @@ def test_loader_crosses_epochs_and_two_ranks_split_one_global_batch(prepared_dir
     for _ in range(n_starts // 8 + 3):  # past the end of an epoch
         x = one.next_batch()[0]
         assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), x)
-    assert one.epoch == 1
+    assert one.sampler.epoch == 1
 
 
 def test_eval_windows_score_every_token_once():

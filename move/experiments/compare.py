@@ -41,7 +41,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 
 def run_comparison(args) -> dict:
-    from move.cli import build_text_run
+    from move.training.runs import build_run
     from move.training.trainer import Trainer
 
     out = Path(args.out)
@@ -55,15 +55,57 @@ def run_comparison(args) -> dict:
             summaries[name] = json.loads(summary_path.read_text())
             continue
         run_args = argparse.Namespace(**{**vars(args), **fields})
-        model, task, train_config = build_text_run(run_args)
+        model, task, train_config = build_run(run_args)
         resume = (run_dir / "run.json").exists() and not args.force
         trainer = Trainer(model, task, train_config, run_dir, resume=resume, force=args.force)
         summaries[name] = trainer.run()
         if "stopped_at" in summaries[name]:
             print(f"{name}: stopped early; rerun the same command to resume")
             return summaries
+    for name, summary in summaries.items():
+        if summary["task"]["modality"] == "image":
+            summary.update(image_sample_metrics(out / name, args))
     write_report(out, summaries)
     return summaries
+
+
+def image_sample_metrics(run_dir: Path, args) -> dict:
+    """FID, class accuracy and a sample grid of a finished image run (cached in
+    sample_metrics.json: a rerun with the same settings costs nothing)."""
+    from move.checkpoint import load_model
+    from move.image.evaluate import evaluate_generator, write_json
+    from move.image.prepare import load_prepared_images
+    from move.training.runs import resolve_checkpoint
+
+    path = run_dir / "sample_metrics.json"
+    settings = {"fid_samples": args.fid_samples, "cfg_scale": args.cfg_scale}
+    if path.exists() and not args.force:
+        cached = json.loads(path.read_text())
+        if all(cached.get(k) == v for k, v in settings.items()):
+            return cached
+    if not args.classifier:
+        raise ConfigError("image comparisons need --classifier (a run of `move image-classifier`)")
+    model, _ = load_model(resolve_checkpoint(run_dir), "cpu")
+    data = load_prepared_images(args.data)
+    print(f"{run_dir.name}: sampling {args.fid_samples} images for FID and class accuracy")
+    metrics = evaluate_generator(model, data, resolve_checkpoint(args.classifier), args.fid_samples, args.cfg_scale,
+                                 grid_path=run_dir / "samples.png")
+    write_json(path, metrics)
+    return metrics
+
+
+def format_image_table(summaries: dict[str, dict]) -> str:
+    head = ("| run | val NLL bits/token | FID | class accuracy | value-memory params | total params "
+            "| train FLOPs/token | tok/s | peak MB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, s in summaries.items():
+        p = s["accounting"]["params"]
+        peak = "n/a" if s["peak_memory_mb"] is None else f"{s['peak_memory_mb']:.0f}"
+        lines.append(
+            f"| {name} | {s['val_nll_bits']:.4f} | {s['fid']:.2f} | {s['class_accuracy']:.3f} | {p['value_memory']:,} "
+            f"| {p['total']:,} | {s['accounting']['training_flops_per_token']:,} | {s['tok_per_s']:.0f} | {peak} |"
+        )
+    return "\n".join(lines)
 
 
 def format_table(summaries: dict[str, dict]) -> str:
@@ -88,11 +130,13 @@ def write_report(out: Path, summaries: dict[str, dict]) -> None:
     from move.training.curves import plot_runs
     from move.training.trainer import read_metrics
 
-    curves = {name: read_metrics(out / name) for name in summaries}
-    plot_runs(curves, "val_bpb", out / "val_bpb.png", title="validation bits per byte")
-    table = format_table(summaries)
     any_summary = next(iter(summaries.values()))
-    report = "\n".join([
+    image = any_summary["task"]["modality"] == "image"
+    metric, title = ("val_nll_bits", "validation NLL (bits per image token)") if image else ("val_bpb", "validation bits per byte")
+    curves = {name: read_metrics(out / name) for name in summaries}
+    plot_runs(curves, metric, out / f"{metric}.png", title=title)
+    table = format_image_table(summaries) if image else format_table(summaries)
+    lines = [
         "# Value-memory comparison",
         "",
         f"Identical data order and shared-weight initialisation for every run; {any_summary['steps']} steps, "
@@ -100,12 +144,20 @@ def write_report(out: Path, summaries: dict[str, dict]) -> None:
         "Tokens/s are measured in one process, one run after another, on the same machine; peak MB is the "
         "run's peak resident memory on CPU (allocator peak on CUDA). Speed ratios between separately timed runs "
         "are indicative only: `move bench` measures cost side by side.",
-        "",
-        table,
-        "",
-        "![validation bpb](val_bpb.png)",
-        "",
-    ])
-    (out / "report.md").write_text(report)
+    ]
+    if image:
+        s = any_summary
+        lines += [
+            "",
+            f"Images: {s['task']['dataset']}, {s['task']['codebook_size']} codes on a {'x'.join(map(str, s['task']['grid']))} "
+            f"grid. FID from {s['fid_samples']} class-balanced samples (guidance scale {s['cfg_scale']}) against the first "
+            f"{s['fid_samples']} test images with the Inception-v3 FID network; FID at this sample count is biased "
+            "upwards and only comparable between rows of this table. Class accuracy: the project's classifier on "
+            f"the samples (its own test accuracy: {s['classifier_test_accuracy']:.4f}).",
+        ]
+    lines += ["", table, "", f"![{title}]({metric}.png)", ""]
+    if image:
+        lines += [f"### {name}\n\n![{name} samples]({name}/samples.png)\n" for name in summaries]
+    (out / "report.md").write_text("\n".join(lines))
     print(table)
     print(f"report: {out / 'report.md'}")

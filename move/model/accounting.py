@@ -56,7 +56,10 @@ def forward_flops_per_token(config: ModelConfig, params: dict[str, int], context
 
 
 def summarize(model) -> dict:
-    """Parameters by group and FLOPs per token: the accounting every run records."""
+    """Parameters by group and FLOPs per token: the accounting every run records.
+    Models other than the GPT (image tokenizer, classifier) report their size only."""
+    if not isinstance(model.config, ModelConfig):
+        return {"params": {"total": sum(p.numel() for p in model.parameters())}}
     params = count_params(model)
     flops = forward_flops_per_token(model.config, params)
     return {

@@ -31,6 +31,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    kind = "gpt"  # recorded in checkpoints (move.checkpoint.model_classes)
+    config_class = ModelConfig
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config.validate()

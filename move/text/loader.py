@@ -1,58 +1,38 @@
 """Batches from a flat token array: BOS-aligned, seeded, exactly resumable.
 
-Training rows start at BOS positions (passage starts), visited in a fresh
-permutation each epoch drawn from (seed, epoch); the loader's whole state is
-(epoch, cursor), so a resumed loader yields exactly the batches an uninterrupted
-one would. With several processes, each global batch of world*B rows is cut in
-contiguous slices, so N processes see together what one process with batch N*B
-sees.
+Training rows start at BOS positions (passage starts); which ones each batch
+holds, and the resumable state, come from the shared EpochSampler.
 """
 
 import numpy as np
 import torch
 
 from move.errors import DataError
+from move.training.sampler import EpochSampler
 
 
 class BatchLoader:
     def __init__(self, tokens: np.ndarray, bos_id: int, batch_size: int, seq_len: int, seed: int,
                  rank: int = 0, world_size: int = 1):
-        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
+        self.tokens, self.seq_len = tokens, seq_len
         starts = np.flatnonzero(np.asarray(tokens) == bos_id)
         self.starts = starts[starts + seq_len + 1 <= len(tokens)]
         if len(self.starts) == 0:
             raise DataError(f"no BOS-aligned sequence of {seq_len + 1} tokens fits in {len(tokens)} tokens")
-        self.epoch, self.cursor = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
-
-    def _next_start(self) -> int:
-        if self.cursor == len(self._order):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        start = self.starts[self._order[self.cursor]]
-        self.cursor += 1
-        return int(start)
+        self.sampler = EpochSampler(len(self.starts), batch_size, seed, rank, world_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (batch_size, seq_len) int64, this rank's slice."""
-        starts = [self._next_start() for _ in range(self.batch_size * self.world_size)]
-        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        rows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64) for s in mine])
+        starts = self.starts[self.sampler.next_indices()]
+        rows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise DataError(f"loader state was saved with seed {state['seed']}, this run uses {self.seed}")
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._order = self._permutation(self.epoch)
+        self.sampler.load_state_dict(state)
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int):

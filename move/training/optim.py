@@ -14,6 +14,7 @@
   semantics from AdamW, much cheaper for big banks; no weight decay).
 - A bank stored in bf16 (--value-memory-dtype bfloat16) is optimised by TableAdamW,
   which keeps fp32 moments, in either mode.
+- The image tokenizer and classifier (conv nets) use plain AdamW at lr_adamw_matrix.
 - Schedule: linear warmup, constant, linear warmdown to zero over the last
   `warmdown_frac` of the steps.
 """
@@ -24,6 +25,7 @@ import torch
 
 from move.errors import ConfigError
 from move.model.accounting import param_group
+from move.model.gpt import GPT
 from move.training.table_adamw import TableAdamW
 
 
@@ -59,6 +61,12 @@ class OptimConfig:
 
 
 def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
+    if not isinstance(model, GPT):  # the small conv nets of the image pipeline: plain AdamW
+        optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr_adamw_matrix, betas=(0.9, 0.95),
+                                      weight_decay=oc.weight_decay)
+        for g in optimizer.param_groups:
+            g["initial_lr"] = g["lr"]
+        return [optimizer]
     groups: dict[str, list] = {}
     for name, p in model.named_parameters():
         groups.setdefault(param_group(name), []).append(p)

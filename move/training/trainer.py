@@ -4,6 +4,10 @@ A task supplies what is modality-specific:
     task.loader                 next_batch() -> (inputs, targets); state_dict()/load_state_dict()
     task.evaluate(model)        -> {"val_bpb": ...} (or image metrics)
     task.describe()             -> JSON-able description of data and evaluation
+    task.tokens_per_example     tokens (or pixels) one example contributes, for throughput
+The model is any module whose forward(inputs, targets) returns the loss and that
+carries a dataclass `config`: the GPT of either modality, and the image
+tokenizer and classifier (move/image), which are trained by this same loop.
 Everything else is here: optimisers and schedule, gradient accumulation and
 clipping, periodic evaluation, metrics.jsonl / summary.json / a loss-curve PNG,
 rotating crash-safe checkpoints, exact resume, graceful stop on SIGINT/SIGTERM,
@@ -31,10 +35,10 @@ import torch
 from tqdm import tqdm
 
 from move.checkpoint import check_compatible, config_mismatch, load_state_dict, load_train_state, save_checkpoint
-from move.config import ModelConfig
 from move.device import autocast, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
 from move.model.accounting import summarize
+from move.model.gpt import GPT
 from move.training.curves import plot_loss_curve
 from move.training.optim import (OptimConfig, build_optimizers, clip_grad_norm, lr_multiplier, set_lr,
                                  value_memory_grad_mode)
@@ -105,13 +109,15 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device = next(model.parameters()).device
         self.quiet = quiet
-        model.set_value_memory_dtype(getattr(torch, config.value_memory_dtype))
-        model.set_value_memory_grad_mode(value_memory_grad_mode(config.value_memory_path, config.optim.value_memory_optimizer))
+        if isinstance(model, GPT):  # where and how value memory is stored and differentiated
+            model.set_value_memory_dtype(getattr(torch, config.value_memory_dtype))
+            model.set_value_memory_grad_mode(value_memory_grad_mode(config.value_memory_path,
+                                                                    config.optim.value_memory_optimizer))
         self.optimizers = build_optimizers(model, config.optim)
         self.step = 0
         self.train_losses: list[float] = []
         self.train_time = 0.0  # seconds spent in training steps (not evaluation)
-        self.tokens_per_step = config.batch_size * config.grad_accum * model.config.seq_len
+        self.tokens_per_step = config.batch_size * config.grad_accum * task.tokens_per_example
         self.stop_requested = False
         self._prepare_run_dir(resume, force)
 
@@ -136,7 +142,7 @@ class Trainer:
         record_path.write_text(json.dumps(self._run_record(), indent=2))
 
     def _check_same_run(self, record: dict) -> None:
-        saved = ModelConfig.from_dict(record["model_config"])
+        saved = type(self.model.config).from_dict(record["model_config"])
         mismatch = config_mismatch(saved, self.model.config)
         if mismatch:
             raise UserError(f"{self.run_dir}: the run was started with another model config ({mismatch})")
@@ -270,6 +276,7 @@ class Trainer:
             "tok_per_s": self.step * self.tokens_per_step / self.train_time,
             "peak_memory_mb": peak_memory_mb(self.device),
             "device": str(self.device),
+            "task": self.task.describe(),
             "accounting": summarize(self.model),
             "checkpoint": str(checkpoint_dirs(self.run_dir)[-1]),
         }

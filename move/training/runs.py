@@ -1,0 +1,66 @@
+"""Building a training run (model, task, train config) from parsed command-line
+flags; shared by `move train`, `move compare` and the image commands. One place
+decides what a modality needs: text data gets the TextTask, image-token data the
+class-conditional GenerationTask, with the vocabulary and sequence length taken
+from the data unless the flags say otherwise."""
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from move.config import ModelConfig, model_config_from_preset
+from move.device import pick_device
+from move.errors import UserError
+from move.training.optim import OptimConfig
+from move.training.trainer import TrainConfig, checkpoint_dirs
+
+
+def config_overrides(args, cls) -> dict:
+    """The flags of `args` that set fields of dataclass `cls` (None = not given)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def train_config_from(args) -> TrainConfig:
+    return TrainConfig(**config_overrides(args, TrainConfig), optim=OptimConfig(**config_overrides(args, OptimConfig))).validate()
+
+
+def build_run(args):
+    """-> (model, task, train_config) for `args.data`, text or image tokens."""
+    from move.image.prepare import is_prepared_images, load_prepared_images
+    from move.image.tasks import GenerationTask
+    from move.model.gpt import GPT
+    from move.text.prepare import load_prepared
+    from move.text.task import TextTask
+
+    train_config = train_config_from(args)
+    overrides = config_overrides(args, ModelConfig)
+    if is_prepared_images(args.data):
+        data = load_prepared_images(args.data)
+        overrides.setdefault("vocab_size", data.layout.vocab_size)
+        overrides.setdefault("seq_len", data.tokens_per_image)
+    else:
+        data = load_prepared(args.data)
+        overrides.setdefault("vocab_size", data.tokenizer.vocab_size)
+    model_config = model_config_from_preset(args.preset, **overrides)
+    torch.manual_seed(train_config.seed)
+    model = GPT(model_config).to(pick_device(train_config.device))
+    if is_prepared_images(args.data):
+        eval_images = max(1, train_config.eval_tokens // data.tokens_per_image)
+        task = GenerationTask(data, train_config.batch_size, train_config.seed, eval_images, args.label_dropout)
+    else:
+        task = TextTask(data, model_config.seq_len, train_config.batch_size, train_config.seed, train_config.eval_tokens)
+    task.check_model(model)
+    return model, task, train_config
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory, or a run directory (-> its newest checkpoint)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    found = checkpoint_dirs(path) if (path / "checkpoints").is_dir() else []
+    if not found:
+        raise UserError(f"{path}: neither a checkpoint nor a run directory with checkpoints")
+    return found[-1]
