@@ -84,6 +84,10 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:  # disk full, quota, permissions: the previous checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
+                              f"earlier checkpoints are intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

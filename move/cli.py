@@ -205,13 +205,14 @@ def cmd_image_sample(args) -> None:
 
 
 def cmd_image_eval(args) -> None:
-    from move.image.evaluate import evaluate_generator, write_json
+    from move.files import atomic_write_json
+    from move.image.evaluate import evaluate_generator
 
     model, data = image_model_and_data(args.checkpoint, args.data, pick_device(args.device))
     result = evaluate_generator(model, data, resolve_checkpoint(args.classifier), args.num_samples, args.cfg_scale,
                                 args.temperature, args.top_k, args.seed, grid_path=args.grid)
     if args.out:
-        write_json(args.out, result)
+        atomic_write_json(args.out, result)
     print(json.dumps(result))
 
 

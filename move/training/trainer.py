@@ -37,6 +37,7 @@ from tqdm import tqdm
 from move.checkpoint import check_compatible, config_mismatch, load_state_dict, load_train_state, save_checkpoint
 from move.device import autocast, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
+from move.files import atomic_write_json, atomic_write_text
 from move.model.accounting import summarize
 from move.model.gpt import GPT
 from move.training.curves import plot_loss_curve
@@ -82,9 +83,18 @@ class TrainConfig:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The evaluation records of a run, in order."""
+    """The evaluation records of a run, in order. A last line cut short by a kill
+    mid-write is dropped (resume rewrites the file up to its checkpoint)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    records = []
+    lines = path.read_text().splitlines() if path.exists() else []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}: line {i + 1} is not JSON (the file was edited or damaged)") from None
+    return records
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -139,7 +149,7 @@ class Trainer:
                 raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it or --force to replace it")
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(self._run_record(), indent=2))
+        atomic_write_json(record_path, self._run_record())
 
     def _check_same_run(self, record: dict) -> None:
         saved = type(self.model.config).from_dict(record["model_config"])
@@ -153,6 +163,13 @@ class Trainer:
                 raise UserError(f"{self.run_dir}: the run was started with {key}={saved_train.get(key)!r}, not {ours[key]!r}")
 
     def _resume_latest(self) -> None:
+        for stale in (self.run_dir / "checkpoints").glob(".step_*"):  # left by a kill mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        if not checkpoint_dirs(self.run_dir):  # stopped before its first checkpoint: start over
+            self._truncate_metrics(0)
+            if not self.quiet:
+                print(f"{self.run_dir}: no checkpoint yet, starting from step 0")
+            return
         for ckpt in reversed(checkpoint_dirs(self.run_dir)):
             try:
                 state_dict, header = load_state_dict(ckpt)
@@ -178,7 +195,7 @@ class Trainer:
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint: they will be logged again."""
         keep = [m for m in read_metrics(self.run_dir) if m["step"] <= step]
-        (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in keep))
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in keep))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -221,9 +238,12 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
 
-    def _log_eval(self, since: int) -> dict:
+    def _log_eval(self) -> dict:
         metrics = self.task.evaluate(self.model)
-        recent = self.train_losses[since:] or self.train_losses[-1:]
+        # the steps since the previous evaluation: a function of the step alone, so a
+        # resumed run logs exactly what an uninterrupted one does
+        since = (self.step - 1) // self.config.eval_every * self.config.eval_every
+        recent = self.train_losses[since:]
         record = {
             "step": self.step,
             "tokens": self.step * self.tokens_per_step,
@@ -239,7 +259,6 @@ class Trainer:
         c = self.config
         reset_peak_memory(self.device)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        last_eval = len(self.train_losses)
         bar = tqdm(total=c.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, desc=self.run_dir.name)
         try:
             while self.step < c.steps and not self.stop_requested:
@@ -251,8 +270,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.step * self.tokens_per_step / self.train_time:.0f}")
                 if self.step % c.eval_every == 0 or self.step == c.steps:
-                    record = self._log_eval(last_eval)
-                    last_eval = len(self.train_losses)
+                    record = self._log_eval()
                     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps or self.stop_requested:
                     self.save()
@@ -280,6 +298,6 @@ class Trainer:
             "accounting": summarize(self.model),
             "checkpoint": str(checkpoint_dirs(self.run_dir)[-1]),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(self.run_dir / "summary.json", summary)
         plot_loss_curve(self.train_losses, metrics, self.run_dir / "loss_curve.png", title=self.run_dir.name)
         return summary

@@ -1,0 +1,227 @@
+"""Every bad input a user can give gets one line `error: ...`, exit status 2, and
+leaves what was already written untouched (issue: reliability)."""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from move.cli import main
+from move.text.tokenizer import Tokenizer
+
+TINY = ["--preset", "tiny", "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "256",
+        "--checkpoint-every", "2"]
+
+
+def cli(argv, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse exits by itself on a bad command line
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, prepared_dir, digits_tokens):
+    """Real artefacts to damage: a text run, a VQ-VAE and a classifier on digits."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("world")
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet, contextlib.redirect_stderr(io.StringIO()):
+        assert main(["train", "--data", str(prepared_dir), "--out", str(root / "run"), "--variant", "move", *TINY]) == 0
+        conv = ["--dataset", "digits", "--steps", "1", "--batch-size", "8", "--eval-every", "1", "--checkpoint-every", "1",
+                "--eval-images", "16"]
+        assert main(["image-tokenizer", *conv, "--downsample", "1", "--hidden", "8", "--out", str(root / "vq")]) == 0
+        assert main(["image-classifier", *conv, "--hidden", "8", "--out", str(root / "cls")]) == 0
+        assert main(["train", "--data", str(digits_tokens), "--out", str(root / "img_run"), *TINY]) == 0
+    return {"data": prepared_dir, "run": root / "run", "ckpt": root / "run" / "checkpoints" / "step_000002",
+            "vq": root / "vq", "cls": root / "cls", "img": digits_tokens, "img_run": root / "img_run"}
+
+
+def copy_of(src: Path, tmp: Path) -> Path:
+    dst = tmp / ("copy_" + src.name)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def flip_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+# Each case: (id, setup(world, tmp) -> extra placeholders, argv with {placeholders}, expected message)
+def no_setup(w, tmp):
+    return {}
+
+
+def damaged_data(damage):
+    def setup(w, tmp):
+        d = copy_of(w["data"], tmp)
+        damage(d)
+        return {"bad": d}
+    return setup
+
+
+def damaged_checkpoint(damage):
+    def setup(w, tmp):
+        c = copy_of(w["ckpt"], tmp)
+        damage(c)
+        return {"bad": c}
+    return setup
+
+
+def text_folder_with(files: dict):
+    def setup(w, tmp):
+        folder = tmp / "corpus"
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        return {"bad": folder}
+    return setup
+
+
+def image_folder(kind):
+    def setup(w, tmp):
+        root = tmp / "images"
+        root.mkdir()
+        if kind == "no-classes":
+            (root / "readme.txt").write_text("no class folders here")
+        else:
+            (root / "cat").mkdir()
+            for i in range(10):
+                Image.fromarray(np.full((8, 8), 25 * i, np.uint8)).save(root / "cat" / f"{i}.png")
+            if kind == "unreadable":
+                (root / "cat" / "x.png").write_bytes(b"\x89PNG but not really")
+            if kind == "empty-class":
+                (root / "dog").mkdir()
+        return {"bad": root}
+    return setup
+
+
+def bigger_tokenizer(w, tmp):
+    """A tokenizer with more entries than the model has: its ids overflow the model."""
+    text = Path(w["data"]).parent
+    folder = tmp / "corpus"
+    folder.mkdir()
+    sample = "".join(f"word{i} token{i * 7} " for i in range(3000))
+    (folder / "a.txt").write_text(sample)
+    (folder / "b.txt").write_text(sample[::-1])
+    main(["prepare", "--corpus", "txt", "--path", str(folder), "--vocab-size", "1200", "--val-fraction", "0.5",
+          "--out", str(tmp / "big")])
+    return {"bad": tmp / "big" / "tokenizer.json", "text": folder / "a.txt"}
+
+
+CASES = [
+    # impossible configs
+    ("heads-not-dividing-width", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--n-head", "3"], "does not divide n_embd"),
+    ("mla-move-latent-not-divisible", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--attention", "mla",
+                                                 "--variant", "move", "--kv-latent-dim", "31"], "divisible by n_head"),
+    ("move-density-zero", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--variant", "move", "--density", "0"], "memory_density must be positive"),
+    ("move-slots-negative", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--variant", "move", "--memory-slots", "-2"], "memory_slots must be >= 0"),
+    ("unknown-variant", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--variant", "moe"], "unknown value_memory 'moe'"),
+    ("unknown-compare-variant", no_setup, ["compare", "--data", "{data}", "--out", "{tmp}/c", *TINY, "--variants", "move:x"], "must be an integer"),
+    ("unknown-preset", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", "--preset", "huge"], "unknown preset 'huge'"),
+    ("zero-layers", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--n-layer", "0"], "n_layer must be positive"),
+    ("negative-width", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--n-embd", "-64"], "n_embd must be positive"),
+    ("zero-steps", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--steps", "0"], "steps must be positive"),
+    ("negative-batch", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--batch-size", "-1"], "batch_size must be positive"),
+    ("lr-too-large", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--lr-embedding", "100"], "lr_embedding must be in"),
+    ("lr-negative", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--lr-matrix", "-0.1"], "lr_matrix must be in"),
+    ("warmdown-out-of-range", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--warmdown-frac", "2"], "warmdown_frac"),
+    ("unknown-optimizer", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--optimizer", "sgd"], "unknown optimizer 'sgd'"),
+    ("lazy-on-reference-path", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--variant", "move",
+                                          "--value-memory-optimizer", "lazy", "--value-memory-path", "reference"], "needs the fast path"),
+    # command line
+    ("unknown-flag", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", "--bogus"], "unrecognized arguments: --bogus"),
+    ("flag-of-wrong-type", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", "--steps", "many"], "invalid int value"),
+    ("eval-without-data", no_setup, ["eval", "{ckpt}"], "eval needs --data or --text"),
+    ("bad-temperature", no_setup, ["sample", "{ckpt}", "--temperature", "-1"], "temperature must be >= 0"),
+    ("bad-top-p", no_setup, ["sample", "{ckpt}", "--top-p", "0"], "top_p must be in (0, 1]"),
+    # corpora
+    ("missing-corpus-path", no_setup, ["prepare", "--corpus", "txt", "--path", "{tmp}/nowhere", "--out", "{tmp}/p"], "nowhere"),
+    ("corpus-path-not-given", no_setup, ["prepare", "--corpus", "txt", "--out", "{tmp}/p"], "needs --path"),
+    ("empty-corpus", text_folder_with({"a.txt": b"", "b.txt": b"  \n"}), ["prepare", "--corpus", "txt", "--path", "{bad}", "--out", "{tmp}/p"], "no non-empty documents"),
+    ("only-non-utf8-files", text_folder_with({"a.txt": "caf\xe9 cr\xe8me".encode("latin-1") * 50}),
+     ["prepare", "--corpus", "txt", "--path", "{bad}", "--out", "{tmp}/p"], "no non-empty documents"),
+    ("unreadable-jsonl", text_folder_with({"a.jsonl": b"{not json\n"}), ["prepare", "--corpus", "jsonl", "--path", "{bad}/a.jsonl", "--out", "{tmp}/p"], "a.jsonl"),
+    # prepared data
+    ("no-prepared-data", no_setup, ["train", "--data", "{tmp}/nowhere", "--out", "{tmp}/r"], "no prepared data"),
+    ("truncated-shard", damaged_data(lambda d: truncate(d / "train.bin")), ["train", "--data", "{bad}", "--out", "{tmp}/r", *TINY], "manifest says"),
+    ("corrupted-shard", damaged_data(lambda d: flip_byte(d / "val.bin")), ["train", "--data", "{bad}", "--out", "{tmp}/r", *TINY], "checksum does not match"),
+    ("manifest-not-json", damaged_data(lambda d: (d / "manifest.json").write_text("{")), ["train", "--data", "{bad}", "--out", "{tmp}/r"], "not a move-text-data manifest"),
+    ("foreign-tokenizer", damaged_data(lambda d: Tokenizer.gpt2().save(d)),
+     ["train", "--data", "{bad}", "--out", "{tmp}/r"], "does not match the tokenizer"),
+    # token ids
+    ("token-ids-beyond-the-model", bigger_tokenizer, ["eval", "{ckpt}", "--text", "{text}", "--tokenizer", "{bad}"], "token ids must lie in [0, 512)"),
+    # checkpoints
+    ("not-a-checkpoint", no_setup, ["eval", "{tmp}", "--text", "x"], "not a checkpoint"),
+    ("truncated-weights", damaged_checkpoint(lambda c: truncate(c / "model.safetensors")), ["sample", "{bad}"], "checksum mismatch"),
+    ("corrupted-weights", damaged_checkpoint(lambda c: flip_byte(c / "model.safetensors")), ["sample", "{bad}"], "checksum mismatch"),
+    ("corrupt-checkpoint-config", damaged_checkpoint(lambda c: (c / "config.json").write_text("{\"format\": ")), ["sample", "{bad}"], "corrupt JSON"),
+    ("checkpoint-of-another-kind", no_setup, ["sample", "{vq}/checkpoints/step_000001"], "holds a vqvae checkpoint, expected a gpt"),
+    ("classifier-is-a-gpt", no_setup, ["image-eval", "{img_run}", "--classifier", "{ckpt}"], "holds a gpt checkpoint, expected a classifier"),
+    ("image-eval-of-a-text-model", no_setup, ["image-eval", "{ckpt}", "--classifier", "{cls}"], "not a move-image-data manifest"),
+    ("resume-with-another-variant", no_setup, ["train", "--data", "{data}", "--out", "{run}", *TINY, "--variant", "lave", "--resume"], "another model config"),
+    ("resume-with-another-shape", no_setup, ["train", "--data", "{data}", "--out", "{run}", *TINY, "--variant", "move", "--n-embd", "128", "--resume"], "another model config"),
+    ("resume-nothing", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/fresh", *TINY, "--resume"], "nothing to resume"),
+    ("run-dir-holds-a-run", no_setup, ["train", "--data", "{data}", "--out", "{run}", *TINY, "--variant", "move"], "already holds a run"),
+    ("prepare-over-existing", no_setup, ["prepare", "--corpus", "shakespeare", "--out", "{data}"], "already exists"),
+    # images
+    ("image-folder-without-classes", image_folder("no-classes"), ["image-encode", "--dataset", "folder", "--root", "{bad}", "--tokenizer", "pixel", "--out", "{tmp}/e"], "no class sub-folders"),
+    ("unreadable-image", image_folder("unreadable"), ["image-encode", "--dataset", "folder", "--root", "{bad}", "--channels", "1", "--tokenizer", "pixel", "--out", "{tmp}/e"], "unreadable image"),
+    ("class-without-images", image_folder("empty-class"), ["image-encode", "--dataset", "folder", "--root", "{bad}", "--tokenizer", "pixel", "--out", "{tmp}/e"], "has no training images"),
+    ("folder-without-root", no_setup, ["image-encode", "--dataset", "folder", "--tokenizer", "pixel", "--out", "{tmp}/e"], "needs --root"),
+    ("pixel-quantizer-on-colour", image_folder("ok"), ["image-encode", "--dataset", "folder", "--root", "{bad}", "--tokenizer", "pixel", "--out", "{tmp}/e"], "grayscale"),
+    ("tokenizer-not-a-checkpoint", no_setup, ["image-encode", "--dataset", "digits", "--tokenizer", "{tmp}", "--out", "{tmp}/e"], "neither a checkpoint nor a run"),
+    ("image-encode-over-existing", no_setup, ["image-encode", "--dataset", "digits", "--tokenizer", "pixel", "--out", "{img}"], "already exists"),
+    ("vq-on-wrong-image-size", no_setup, ["image-encode", "--dataset", "mnist", "--tokenizer", "{vq}", "--out", "{tmp}/e"], "expects images of shape"),
+    ("image-data-on-text-model", no_setup, ["image-sample", "{ckpt}", "--data", "{img}", "--out", "{tmp}/g.png"], "does not fit the image data"),
+    ("unknown-image-dataset", no_setup, ["image-encode", "--dataset", "cifar", "--tokenizer", "pixel", "--out", "{tmp}/e"], "invalid choice: 'cifar'"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, world, tmp_path, capsys):
+    name, setup, argv, message = case
+    places = {k: str(v) for k, v in {**world, "tmp": tmp_path, **setup(world, tmp_path)}.items()}
+    guarded = {k: tree_digest(Path(places[k])) for k in ("data", "run", "img")}
+    code, err = cli([a.format(**places) for a in argv], capsys)
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert message in lines[0], lines[0]
+    for k, digest in guarded.items():  # nothing already written was touched
+        assert tree_digest(Path(places[k])) == digest, f"{k} changed"
+
+
+def test_there_are_at_least_thirty_distinct_cases():
+    assert len({c[0] for c in CASES}) == len(CASES) >= 30
+
+
+def test_a_non_utf8_file_is_skipped_with_a_warning(tmp_path, capsys):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "good.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    (folder / "bad.txt").write_bytes("caf\xe9".encode("latin-1") * 100)
+    code, err = cli(["prepare", "--corpus", "txt", "--path", folder, "--vocab-size", "300", "--out", tmp_path / "p"], capsys)
+    assert code == 0
+    assert "warning: skipping" in err and "bad.txt" in err
