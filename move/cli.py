@@ -140,7 +140,7 @@ def train_image_helper(args, model_class, config_class, task_class, shape_fields
     config = config_class(**{**config_overrides(args, config_class), **shape_fields(dataset)})
     torch.manual_seed(train_config.seed)
     model = model_class(config).to(pick_device(train_config.device))
-    task = task_class(dataset, train_config.batch_size, train_config.seed, args.eval_images)
+    task = task_class(dataset, train_config.batch_size, train_config.loader_seed, args.eval_images)
     task.check_model(model)
     summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
     print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
@@ -224,9 +224,23 @@ def cmd_compare(args) -> None:
     run_comparison(args)
 
 
+# ---------------------------------------------------------------------------- experiments
+def cmd_experiment(args) -> None:
+    from move.experiments.runner import run_experiment
+
+    torch.set_flush_denormal(True)
+    run_experiment(args.file, args.out, force=args.force)
+
+
+def cmd_report(args) -> None:
+    from move.experiments.report import write_experiment_report
+
+    write_experiment_report(args.results)
+
+
 # ---------------------------------------------------------------------------- bench
 def cmd_bench(args) -> None:
-    from move.experiments.bench import CONFIGS, QUICK, BenchShape, run_bench
+    from move.experiments.bench import CONFIGS, QUICK, BenchShape, run_bench, run_profile
 
     unknown = [c for c in args.configs or [] if c not in CONFIGS]
     if unknown:
@@ -234,6 +248,11 @@ def cmd_bench(args) -> None:
     shape = QUICK if args.quick else BenchShape()
     if args.rounds:
         shape.rounds = args.rounds
+    if args.profile:
+        names = args.configs or ["move_x1", "move_x4", "move_x4_ref", "move_x4_lazy"]
+        run_profile(shape, args.profile_vocab or shape.vocab_sizes[0], names, args.profile_steps,
+                    None if args.no_save else args.out, args.device)
+        return
     run_bench(shape, None if args.no_save else args.out, args.configs, args.device)
 
 
@@ -372,12 +391,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the metrics JSON here")
     p.set_defaults(func=cmd_image_eval)
 
+    p = sub.add_parser("experiment", help="run a declarative experiment (TOML grid over variants, sizes, seeds)")
+    p.add_argument("file", help="experiment TOML (see experiments/)")
+    p.add_argument("--out", help="results directory (default results/<name>)")
+    p.add_argument("--force", action="store_true", help="retrain finished runs")
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("report", help="tables, statistics and plots of an experiment's results")
+    p.add_argument("results", help="results directory of `move experiment`")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("bench", help="training-step, decode and memory cost of value memory, side by side")
     p.add_argument("--out", default="benchmarks", help="where to write <device>_bench.md / .json")
     p.add_argument("--quick", action="store_true", help="tiny shapes (seconds; for smoke tests)")
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--configs", nargs="+", help="subset of configurations (standard is always the baseline)")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default 7)")
+    p.add_argument("--profile", action="store_true", help="instead: op-level torch.profiler breakdown vs standard")
+    p.add_argument("--profile-vocab", type=int, default=0, help="vocabulary for --profile (default the first)")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -239,3 +239,51 @@ def run_bench(shape: BenchShape, out_dir, names=None, device: str = "auto", log=
         (out_dir / f"{device.type}_bench.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
     print(report)
     return results
+
+
+def profile_ops(subject: Subject, what: str, steps: int) -> list[tuple[str, float]]:
+    """(op name, self CPU ms per step) from torch.profiler, most expensive first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = subject.train_step if what == "train" else lambda: subject.decode_per_token(1)
+    run()  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run()
+    per_step = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
+    return sorted(per_step, key=lambda kv: -kv[1])
+
+
+def run_profile(shape: BenchShape, vocab: int, names: list[str], steps: int, out_dir, device: str = "auto") -> str:
+    """Where the time of a training step and of batch-1 decoding goes, op by op, for
+    each configuration next to standard: the evidence behind every missed target."""
+    torch.set_flush_denormal(True)
+    device = pick_device(device)
+    names = ["standard"] + [n for n in names if n != "standard"]
+    out = [f"# move bench --profile (vocab {vocab}, {device.type}, {torch.get_num_threads()} threads)", "",
+           f"Model as in the benchmark ({shape.n_layer} layers, width {shape.n_embd}, batch {shape.batch_size} x "
+           f"{shape.seq_len}); torch.profiler self time per step (decode: per 32-token batch-1 decode), "
+           f"mean of {steps} steps. Ops whose time differs most from standard first.", ""]
+    for what in ("train", "decode_b1"):
+        profiles = {}
+        for name in names:
+            subject = Subject(shape, vocab, device, *CONFIGS[name])
+            profiles[name] = dict(profile_ops(subject, what, steps))
+            del subject
+        base = profiles["standard"]
+        for name in names[1:]:
+            ops = profiles[name]
+            total, base_total = sum(ops.values()), sum(base.values())
+            out += [f"## {what}: {name} vs standard ({total:.1f} ms vs {base_total:.1f} ms, "
+                    f"+{total - base_total:.1f} ms)", "", "| op | standard ms | " + name + " ms | difference ms |",
+                    "|---|---|---|---|"]
+            keys = sorted(set(ops) | set(base), key=lambda k: -abs(ops.get(k, 0) - base.get(k, 0)))[:12]
+            out += [f"| `{k}` | {base.get(k, 0):.2f} | {ops.get(k, 0):.2f} | {ops.get(k, 0) - base.get(k, 0):+.2f} |"
+                    for k in keys]
+            out.append("")
+    report = "\n".join(out)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"{device.type}_profile.md").write_text(report)
+    print(report)
+    return report

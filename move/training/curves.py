@@ -40,3 +40,41 @@ def plot_runs(curves: dict[str, list[dict]], key: str, path, title: str = "") ->
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_curve_bands(curves: dict[str, list[list[dict]]], key: str, path, title: str = "") -> None:
+    """Mean validation curve per variant with a band from the lowest to the highest
+    seed: curves maps a variant to one metrics list per seed."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, runs in curves.items():
+        steps = sorted(set.intersection(*[{m["step"] for m in run} for run in runs]))
+        if not steps:
+            continue
+        values = [[next(m[key] for m in run if m["step"] == s) for run in runs] for s in steps]
+        mean = [sum(v) / len(v) for v in values]
+        line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{name} (n={len(runs)})")
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="step", ylabel=key, title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_scaling(points: list[dict], key: str, path, title: str = "") -> None:
+    """Final metric against value-memory parameters and against training FLOPs per
+    token; points: {label, family, memory_params, flops, mean, std}."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    markers = {"standard": "s", "lave": "^", "move": "o"}
+    for p in points:
+        marker = markers.get(p["family"], "x")
+        for ax, x in zip(axes, (p["memory_params"], p["flops"])):
+            ax.errorbar([x], [p["mean"]], yerr=[p["std"]], fmt=marker, capsize=3, label=p["label"])
+    axes[0].set_xscale("symlog", linthresh=1e4)
+    axes[0].set(xlabel="value-memory parameters", ylabel=key, title=f"{title}: memory axis")
+    axes[1].set(xlabel="training FLOPs per token", ylabel=key, title=f"{title}: compute axis")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[1].legend(handles, labels, fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -48,9 +48,11 @@ def build_run(args):
     model = GPT(model_config).to(pick_device(train_config.device))
     if is_prepared_images(args.data):
         eval_images = max(1, train_config.eval_tokens // data.tokens_per_image)
-        task = GenerationTask(data, train_config.batch_size, train_config.seed, eval_images, args.label_dropout)
+        task = GenerationTask(data, train_config.batch_size, train_config.loader_seed, eval_images,
+                              getattr(args, "label_dropout", 0.1))
     else:
-        task = TextTask(data, model_config.seq_len, train_config.batch_size, train_config.seed, train_config.eval_tokens)
+        task = TextTask(data, model_config.seq_len, train_config.batch_size, train_config.loader_seed,
+                        train_config.eval_tokens)
     task.check_model(model)
     return model, task, train_config
 

@@ -58,7 +58,8 @@ class TrainConfig:
     eval_tokens: int = 65536
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    seed: int = 0
+    seed: int = 0  # initialisation (and data order unless data_seed is set)
+    data_seed: int = -1  # data order; -1: the same as seed. Experiments fix it so every run sees the same batches
     device: str = "auto"
     value_memory_path: str = "fast"  # "fast" (default) or "reference" (the direct implementation)
     value_memory_dtype: str = "float32"  # or "bfloat16": half the bank memory, fp32 optimiser state
@@ -72,6 +73,10 @@ class TrainConfig:
             raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
         self.optim.validate()
         return self
+
+    @property
+    def loader_seed(self) -> int:
+        return self.seed if self.data_seed < 0 else self.data_seed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,7 +161,8 @@ class Trainer:
         mismatch = config_mismatch(saved, self.model.config)
         if mismatch:
             raise UserError(f"{self.run_dir}: the run was started with another model config ({mismatch})")
-        saved_train = {k: v for k, v in record["train_config"].items() if k != "steps"}
+        # through the dataclass, so fields added since the run started take their defaults
+        saved_train = {k: v for k, v in TrainConfig.from_dict(record["train_config"]).to_dict().items() if k != "steps"}
         ours = {k: v for k, v in self.config.to_dict().items() if k != "steps"}
         for key in ours:
             if saved_train.get(key) != ours[key]:

@@ -1,0 +1,191 @@
+"""Declarative experiments: one TOML file, a grid of runs, resumable.
+
+    name = "shakespeare-cpu"
+    description = "..."
+    expected_minutes = 30          # on 2 CPU cores (stated, checked by nobody but you)
+    data = "data/shakespeare"      # prepared text or image tokens
+    preset = "small"
+    seeds = [0, 1, 2]              # initialisation seeds: runs with one seed are paired
+    data_seed = 0                  # one data order for every run of the grid
+    variants = ["standard", "lave:1", "move:1", "move:4", "move-nog0:1"]
+
+    [train]                        # flags of `move train` (underscores), the same for every run
+    steps = 300
+    batch_size = 16
+
+    [sizes.small]                  # rows of the main table; keys override the preset
+    [sizes.small-deeper]           # a compute-matched dense baseline: more layers,
+    n_layer = 6                    # standard only
+    variants = ["standard"]
+
+    [image]                        # image experiments: sample-based metrics per run
+    classifier = "runs/image_main/classifier"
+    fid_samples = 200
+    cfg_scale = 1.5
+
+    [[setup]]                      # `move` commands that create what the grid needs;
+    creates = "data/shakespeare/manifest.json"   # skipped when `creates` exists
+    command = ["prepare", "--corpus", "shakespeare", "--out", "data/shakespeare"]
+
+The grid is sizes x variants x seeds, run seed-major (every variant of seed 0
+first), so an interrupted experiment already has complete pairs. Every run sees
+the same batches in the same order (data_seed) and the same number of tokens;
+finished runs are skipped, interrupted ones resume from their checkpoint.
+Results: <out>/runs/<size>/<variant>/seed<k>/ (run.json, metrics.jsonl,
+summary.json, checkpoints), then `move report <out>`.
+"""
+
+import argparse
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from move.config import ModelConfig
+from move.errors import ConfigError
+from move.experiments.compare import image_sample_metrics, parse_variant
+from move.training.optim import OptimConfig
+from move.training.trainer import TrainConfig
+
+TOP_LEVEL = {"name", "description", "expected_minutes", "data", "preset", "seeds", "data_seed", "variants", "train",
+             "sizes", "image", "setup"}
+IMAGE_KEYS = {"classifier", "fid_samples", "cfg_scale"}
+TRAIN_KEYS = ({f for f in TrainConfig.__dataclass_fields__ if f not in ("optim", "seed", "data_seed")}
+              | set(OptimConfig.__dataclass_fields__) | {"label_dropout"})
+MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"value_memory", "memory_density"}
+
+
+@dataclass
+class RunSpec:
+    size: str
+    variant: str  # e.g. "move:4"
+    name: str  # e.g. "move_x4"
+    seed: int
+    fields: dict  # model-config overrides (size + variant)
+
+    @property
+    def key(self) -> str:
+        return f"{self.size}/{self.name}/seed{self.seed}"
+
+
+@dataclass
+class Experiment:
+    name: str
+    data: str
+    preset: str
+    seeds: list[int]
+    variants: list[str]
+    sizes: dict[str, dict]
+    train: dict = field(default_factory=dict)
+    data_seed: int = 0
+    description: str = ""
+    expected_minutes: float = 0
+    image: dict = field(default_factory=dict)
+    setup: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path) -> "Experiment":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the experiment file ({e.strerror})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "experiment") -> "Experiment":
+        def refuse_unknown(keys, allowed, where):
+            unknown = sorted(set(keys) - set(allowed))
+            if unknown:
+                raise ConfigError(f"{source}: unknown key(s) in {where}: {', '.join(unknown)}")
+
+        refuse_unknown(raw, TOP_LEVEL, "the top level")
+        for key in ("name", "data", "seeds", "variants"):
+            if key not in raw:
+                raise ConfigError(f"{source}: missing {key!r}")
+        if not raw["seeds"] or not all(isinstance(s, int) for s in raw["seeds"]) or len(set(raw["seeds"])) != len(raw["seeds"]):
+            raise ConfigError(f"{source}: seeds must be a non-empty list of distinct integers")
+        refuse_unknown(raw.get("train", {}), TRAIN_KEYS, "[train]")
+        refuse_unknown(raw.get("image", {}), IMAGE_KEYS, "[image]")
+        sizes = raw.get("sizes") or {"base": {}}
+        for size, overrides in sizes.items():
+            refuse_unknown(overrides, MODEL_KEYS | {"variants"}, f"[sizes.{size}]")
+        for step in raw.get("setup", []):
+            refuse_unknown(step, {"creates", "command"}, "[[setup]]")
+            if not isinstance(step.get("command"), list) or "creates" not in step:
+                raise ConfigError(f"{source}: each [[setup]] needs `command` (a list) and `creates`")
+        experiment = cls(name=raw["name"], data=raw["data"], preset=raw.get("preset", "small"), seeds=raw["seeds"],
+                         variants=raw["variants"], sizes=sizes, train=raw.get("train", {}),
+                         data_seed=raw.get("data_seed", 0), description=raw.get("description", ""),
+                         expected_minutes=raw.get("expected_minutes", 0), image=raw.get("image", {}),
+                         setup=raw.get("setup", []))
+        experiment.runs()  # validates every variant name
+        return experiment
+
+    def runs(self) -> list[RunSpec]:
+        specs = []
+        for seed in self.seeds:
+            for size, overrides in self.sizes.items():
+                model_fields = {k: v for k, v in overrides.items() if k != "variants"}
+                for variant in overrides.get("variants", self.variants):
+                    name, fields = parse_variant(variant)
+                    specs.append(RunSpec(size, variant, name, seed, {**model_fields, **fields}))
+        return specs
+
+    def run_args(self, spec: RunSpec, run_dir: Path) -> argparse.Namespace:
+        """The flags `move train` would get for this run."""
+        return argparse.Namespace(data=self.data, preset=self.preset, **self.train, **spec.fields,
+                                  seed=spec.seed, data_seed=self.data_seed, out=str(run_dir))
+
+
+def run_setup(experiment: Experiment) -> None:
+    from move.cli import main
+
+    for step in experiment.setup:
+        if Path(step["creates"]).exists():
+            continue
+        command = [str(c) for c in step["command"]]
+        if "--out" in command:  # a training command that was interrupted: resume it
+            out = Path(command[command.index("--out") + 1])
+            if (out / "run.json").exists():
+                command.append("--resume")
+        print(f"setup: move {' '.join(command)}")
+        if main(command) != 0:
+            raise ConfigError(f"setup step failed: move {' '.join(command)}")
+
+
+def run_experiment(path, out=None, force: bool = False) -> Path:
+    """Run every missing run of the grid, then write the report."""
+    from move.experiments.report import write_experiment_report
+    from move.training.runs import build_run
+    from move.training.trainer import Trainer
+
+    experiment = Experiment.load(path)
+    out = Path(out or Path("results") / experiment.name)
+    out.mkdir(parents=True, exist_ok=True)
+    copy = out / "experiment.toml"
+    if copy.exists() and copy.read_text() != Path(path).read_text() and not force:
+        raise ConfigError(f"{out} holds results of a different experiment file; use another --out or --force")
+    shutil.copyfile(path, copy)
+    run_setup(experiment)
+    specs = experiment.runs()
+    for i, spec in enumerate(specs, 1):
+        run_dir = out / "runs" / spec.key
+        args = experiment.run_args(spec, run_dir)
+        if not (run_dir / "summary.json").exists() or force:
+            resume = (run_dir / "run.json").exists() and not force
+            print(f"[{i}/{len(specs)}] {spec.key}: {'resuming' if resume else 'training'}", flush=True)
+            model, task, train_config = build_run(args)
+            summary = Trainer(model, task, train_config, run_dir, resume=resume, force=force, quiet=True).run()
+            if "stopped_at" in summary:
+                print(f"stopped during {spec.key}; rerun the same command to continue")
+                return out
+        if experiment.image:
+            image_args = argparse.Namespace(data=experiment.data, force=False, classifier=experiment.image.get("classifier"),
+                                            fid_samples=experiment.image.get("fid_samples", 500),
+                                            cfg_scale=experiment.image.get("cfg_scale", 1.5))
+            image_sample_metrics(run_dir, image_args)
+    write_experiment_report(out)
+    return out

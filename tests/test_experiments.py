@@ -1,0 +1,110 @@
+"""Experiment runner, statistics and report (issue: experiments)."""
+
+import math
+
+import pytest
+import torch
+
+from move.checkpoint import load_state_dict
+from move.errors import ConfigError
+from move.experiments.runner import Experiment, run_experiment
+from move.experiments.stats import paired_difference, summarize_values
+from move.training.trainer import checkpoint_dirs
+
+T_975_DF2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (tables)
+
+
+def test_summary_statistics_by_hand():
+    s = summarize_values([1.0, 2.0, 3.0])
+    assert (s.mean, s.std, s.n) == (2.0, 1.0, 3)
+    assert summarize_values([5.0]).std == 0.0
+
+
+def test_paired_difference_interval_by_hand():
+    d = paired_difference({0: 3.0, 1: 5.0, 2: 4.0, 7: 9.0}, {0: 1.0, 1: 2.0, 2: 3.0})  # seed 7 unpaired
+    half = T_975_DF2 * 1.0 / math.sqrt(3)  # differences 2, 3, 1: mean 2, std 1
+    assert d.n == 3 and d.mean == pytest.approx(2.0)
+    assert (d.low, d.high) == (pytest.approx(2 - half), pytest.approx(2 + half))
+    assert not d.significant
+    tight = paired_difference({0: 1.0, 1: 1.1, 2: 0.9}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert tight.significant and tight.low == pytest.approx(1 - T_975_DF2 * 0.1 / math.sqrt(3))
+
+
+def write_experiment(tmp_path, data):
+    path = tmp_path / "tiny.toml"
+    path.write_text(f"""
+name = "tiny-grid"
+data = "{data}"
+preset = "tiny"
+seeds = [0, 1]
+variants = ["standard", "move:1", "move-nog0:1"]
+[train]
+steps = 4
+batch_size = 2
+eval_every = 2
+eval_tokens = 512
+checkpoint_every = 2
+keep_checkpoints = 3
+[sizes.tiny]
+[sizes.tiny-deeper]
+n_layer = 3
+variants = ["standard"]
+""")
+    return path
+
+
+def test_grid_runs_skips_resumes_and_reports(tmp_path, prepared_dir, capsys):
+    path = write_experiment(tmp_path, prepared_dir)
+    out = tmp_path / "results"
+    run_experiment(path, out)
+    keys = ["tiny/standard", "tiny/move_x1", "tiny/move-nog0_x1", "tiny-deeper/standard"]
+    for key in keys:
+        for seed in (0, 1):
+            assert (out / "runs" / key / f"seed{seed}" / "summary.json").exists()
+    first = capsys.readouterr().out
+    assert first.count("training") == 8
+
+    run_experiment(path, out)  # everything is done: nothing retrains
+    assert "training" not in capsys.readouterr().out
+
+    # an interruption: one run lost its last checkpoint and its summary
+    victim = out / "runs" / "tiny" / "move_x1" / "seed1"
+    final_weights, _ = load_state_dict(checkpoint_dirs(victim)[-1])
+    (victim / "summary.json").unlink()
+    import shutil
+    shutil.rmtree(checkpoint_dirs(victim)[-1])
+    run_experiment(path, out)
+    assert "tiny/move_x1/seed1: resuming" in capsys.readouterr().out
+    resumed, _ = load_state_dict(checkpoint_dirs(victim)[-1])
+    assert all(torch.equal(resumed[k], final_weights[k]) for k in final_weights)
+
+    report = (out / "report.md").read_text()
+    for name in ("| tiny |", "| tiny-deeper |", "MoVE x1", "MoVE no-g0 x1", "Δ vs standard [95% CI]",
+                 "MoVE without g0", "(n=2)"):
+        assert name in report, name
+    for png in ("curves_tiny.png", "curves_tiny-deeper.png", "scaling_val_bpb.png"):
+        assert (out / png).stat().st_size > 1000
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<table>" in page
+
+
+def test_experiment_files_are_validated(tmp_path, prepared_dir):
+    path = write_experiment(tmp_path, prepared_dir)
+    text = path.read_text()
+    path.write_text(text.replace("[train]", "[train]\nstepz = 3"))
+    with pytest.raises(ConfigError, match="unknown key.*stepz"):
+        Experiment.load(path)
+    path.write_text(text.replace('"move:1"', '"moe:1"'))
+    with pytest.raises(ConfigError, match="unknown variant 'moe'"):
+        Experiment.load(path)
+    path.write_text(text.replace("seeds = [0, 1]", "seeds = []"))
+    with pytest.raises(ConfigError, match="seeds"):
+        Experiment.load(path)
+
+
+@pytest.mark.parametrize("name", ["shakespeare-cpu", "news-cpu", "mnist-cpu", "fashion-mnist-cpu", "paper-d12"])
+def test_shipped_experiment_files_parse(name):
+    from pathlib import Path
+
+    experiment = Experiment.load(Path(__file__).parent.parent / "experiments" / f"{name}.toml")
+    assert len(experiment.seeds) >= 3 and experiment.expected_minutes > 0 and experiment.runs()
