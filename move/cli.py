@@ -224,6 +224,26 @@ def cmd_compare(args) -> None:
     run_comparison(args)
 
 
+# ---------------------------------------------------------------------------- knowledge probe
+def cmd_knowledge_prepare(args) -> None:
+    from move.knowledge.corpus import KnowledgeConfig, prepare_knowledge
+
+    config = KnowledgeConfig(args.individuals, args.name_tokens, args.seed)
+    manifest = prepare_knowledge(config, args.out, force=args.force)
+    print(f"prepared {args.out}: {args.individuals} individuals, names of {args.name_tokens} token(s), vocab "
+          f"{manifest['vocab_size']}, train {manifest['splits']['train']['tokens']:,} tokens")
+
+
+def cmd_knowledge_eval(args) -> None:
+    from move.knowledge.recall import load_knowledge, recall
+    from move.text.prepare import load_prepared
+
+    model, header = load_model(resolve_checkpoint(args.checkpoint), pick_device(args.device))
+    data_dir = args.data or header.get("meta", {}).get("task", {}).get("data")
+    data = load_prepared(data_dir)
+    print(json.dumps(recall(model, data.tokenizer, load_knowledge(data_dir))))
+
+
 # ---------------------------------------------------------------------------- experiments
 def cmd_experiment(args) -> None:
     from move.experiments.runner import run_experiment
@@ -390,6 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="also write a sample grid PNG here")
     p.add_argument("--out", help="write the metrics JSON here")
     p.set_defaults(func=cmd_image_eval)
+
+    p = sub.add_parser("knowledge-prepare", help="a synthetic knowledge corpus for the capacity probe")
+    p.add_argument("--individuals", type=int, default=1000)
+    p.add_argument("--name-tokens", type=int, default=1, help="tokens per name (1: each name its own token)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_knowledge_prepare)
+
+    p = sub.add_parser("knowledge-eval", help="recall accuracy and stored bits of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("--data", help="knowledge data (default: the one the model was trained on)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_knowledge_eval)
 
     p = sub.add_parser("experiment", help="run a declarative experiment (TOML grid over variants, sizes, seeds)")
     p.add_argument("file", help="experiment TOML (see experiments/)")

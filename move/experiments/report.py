@@ -25,6 +25,9 @@ from move.training.trainer import read_metrics
 TEXT_METRICS = {"val_bpb": ("validation bits per byte", True)}
 IMAGE_METRICS = {"fid": ("FID", True), "class_accuracy": ("class accuracy", False),
                  "val_nll_bits": ("validation NLL (bits per image token)", True)}
+KNOWLEDGE_METRICS = {"knowledge_bits": ("stored knowledge (bits, cross-entropy estimate)", False),
+                     "recall_accuracy": ("recall accuracy under the held-out phrasing", False),
+                     "val_bpb": ("validation bits per byte", True)}
 ABLATIONS = [("move-nog0", "move", "MoVE without g0"), ("lave-full", "lave", "LaVE with full gates + g0")]
 
 
@@ -68,8 +71,10 @@ def table(head: list[str], rows: list[list[str]]) -> dict:
 
 def build_sections(out: Path, experiment: Experiment, results: dict) -> list:
     """The report as a list of ("h", text) / ("p", text) / ("table", table) / ("img", path)."""
-    image = next(iter(next(iter(results.values())).values()))["task"]["modality"] == "image"
-    metrics = {k: v for k, v in (IMAGE_METRICS if image else TEXT_METRICS).items()
+    modality = next(iter(next(iter(results.values())).values()))["task"]["modality"]
+    image = modality == "image"
+    all_metrics = {"image": IMAGE_METRICS, "knowledge": KNOWLEDGE_METRICS}.get(modality, TEXT_METRICS)
+    metrics = {k: v for k, v in all_metrics.items()
                if all(k in r for runs in results.values() for r in runs.values())}
     sizes = list(dict.fromkeys(size for size, _ in results))
     variants = sorted({name for _, name in results}, key=variant_order)
@@ -120,6 +125,8 @@ def build_sections(out: Path, experiment: Experiment, results: dict) -> list:
                         ablation_rows.append([size, f"{label_} ({display(v)} − {display(ref)})", d.format(), str(d.n)])
         if ablation_rows:
             s += [("p", f"Ablations ({label}):"), ("table", table(["size", "ablation", "Δ [95% CI]", "pairs"], ablation_rows))]
+    if modality == "knowledge":
+        s += knowledge_sections(out, results, sizes, variants)
     s.append(("h2", "Cost (measured)"))
     cost_rows = []
     for (size, v), runs in sorted(results.items(), key=lambda kv: (sizes.index(kv[0][0]), variant_order(kv[0][1]))):
@@ -161,6 +168,30 @@ def build_sections(out: Path, experiment: Experiment, results: dict) -> list:
                 if runs and (grid := runs[min(runs)]["run_dir"] / "samples.png").exists():
                     s += [("p", f"{size} {display(v)}"), ("img", grid)]
     return s
+
+
+def knowledge_sections(out: Path, results: dict, sizes: list, variants: list) -> list:
+    """Bits per parameter group, and stored bits against the number of people."""
+    from move.training.curves import plot_knowledge
+
+    rows, lines = [], {}
+    for (size, v), runs in sorted(results.items(), key=lambda kv: (sizes.index(kv[0][0]), variant_order(kv[0][1]))):
+        r0 = next(iter(runs.values()))
+        params = r0["accounting"]["params"]
+        bits = summarize_values(r["knowledge_bits"] for r in runs.values())
+        memory = params["value_memory"]
+        rows.append([size, display(v), bits.format(0), f"{params['total']:,}", f"{bits.mean / params['total']:.4f}",
+                     f"{memory:,}", f"{bits.mean / memory:.4f}" if memory else "n/a"])
+        k = r0["task"]["knowledge"]
+        lines.setdefault(f"{display(v)}{' (deeper)' if 'deeper' in size else ''}, names of {k['name_tokens']} token(s)",
+                         []).append((k["individuals"], bits.mean, bits.std))
+    path = out / "knowledge_bits_vs_people.png"
+    plot_knowledge(lines, path)
+    return [("h2", "Stored knowledge per parameter"),
+            ("table", table(["size", "variant", "stored bits", "total params", "bits / param",
+                             "value-memory params", "bits / value-memory param"], rows)),
+            ("p", "Stored bits (cross-entropy estimate) against the number of people in the corpus, "
+                  "by variant and name length:"), ("img", path)]
 
 
 def render_markdown(sections: list, out: Path) -> str:

@@ -14,6 +14,7 @@
     batch_size = 16
 
     [sizes.small]                  # rows of the main table; keys override the preset
+                                   # (and `data = ...` gives a size its own data)
     [sizes.small-deeper]           # a compute-matched dense baseline: more layers,
     n_layer = 6                    # standard only
     variants = ["standard"]
@@ -62,6 +63,7 @@ class RunSpec:
     name: str  # e.g. "move_x4"
     seed: int
     fields: dict  # model-config overrides (size + variant)
+    data: str  # prepared data (a size may bring its own: e.g. knowledge corpora of several sizes)
 
     @property
     def key(self) -> str:
@@ -111,7 +113,7 @@ class Experiment:
         refuse_unknown(raw.get("image", {}), IMAGE_KEYS, "[image]")
         sizes = raw.get("sizes") or {"base": {}}
         for size, overrides in sizes.items():
-            refuse_unknown(overrides, MODEL_KEYS | {"variants"}, f"[sizes.{size}]")
+            refuse_unknown(overrides, MODEL_KEYS | {"variants", "data"}, f"[sizes.{size}]")
         for step in raw.get("setup", []):
             refuse_unknown(step, {"creates", "command"}, "[[setup]]")
             if not isinstance(step.get("command"), list) or "creates" not in step:
@@ -128,15 +130,16 @@ class Experiment:
         specs = []
         for seed in self.seeds:
             for size, overrides in self.sizes.items():
-                model_fields = {k: v for k, v in overrides.items() if k != "variants"}
+                model_fields = {k: v for k, v in overrides.items() if k not in ("variants", "data")}
                 for variant in overrides.get("variants", self.variants):
                     name, fields = parse_variant(variant)
-                    specs.append(RunSpec(size, variant, name, seed, {**model_fields, **fields}))
+                    specs.append(RunSpec(size, variant, name, seed, {**model_fields, **fields},
+                                         overrides.get("data", self.data)))
         return specs
 
     def run_args(self, spec: RunSpec, run_dir: Path) -> argparse.Namespace:
         """The flags `move train` would get for this run."""
-        return argparse.Namespace(data=self.data, preset=self.preset, **self.train, **spec.fields,
+        return argparse.Namespace(data=spec.data, preset=self.preset, **self.train, **spec.fields,
                                   seed=spec.seed, data_seed=self.data_seed, out=str(run_dir))
 
 
@@ -183,7 +186,7 @@ def run_experiment(path, out=None, force: bool = False) -> Path:
                 print(f"stopped during {spec.key}; rerun the same command to continue")
                 return out
         if experiment.image:
-            image_args = argparse.Namespace(data=experiment.data, force=False, classifier=experiment.image.get("classifier"),
+            image_args = argparse.Namespace(data=spec.data, force=False, classifier=experiment.image.get("classifier"),
                                             fid_samples=experiment.image.get("fid_samples", 500),
                                             cfg_scale=experiment.image.get("cfg_scale", 1.5))
             image_sample_metrics(run_dir, image_args)

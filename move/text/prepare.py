@@ -127,17 +127,39 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
                     yield text
         tokenizer = Tokenizer.train(training_text(), o.vocab_size)
 
+    split_of = lambda doc_id: "val" if doc_id in val_ids else "train"  # noqa: E731
+    return write_prepared(docs, split_of, tokenizer, o.passage_tokens, out_dir,
+                          {"options": o.__dict__, "split_rule": "sha256(document id) < val_fraction, at least one "
+                           "document per side", "val_documents": sorted(val_ids)})
+
+
+def write_prepared(docs, split_of, tokenizer: Tokenizer, passage_tokens: int, out_dir: Path, record: dict) -> dict:
+    """Tokenise documents (a re-readable stream of (id, text)) into a prepared
+    directory, built in a temporary sibling and renamed into place. `split_of`
+    maps a document id to "train" or "val"; `record` is merged into the manifest."""
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        manifest = _write_into(tmp, docs, split_of, tokenizer, passage_tokens, record)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return manifest
+
+
+def _write_into(tmp: Path, docs, split_of, tokenizer: Tokenizer, passage_tokens: int, record: dict) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     stats = {s: dict(file=f"{s}.bin", tokens=0, documents=0, text_bytes=0) for s in SPLITS}
     hashes = {s: hashlib.sha256() for s in SPLITS}
     files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
     try:
         for doc_id, text in docs():
-            split = "val" if doc_id in val_ids else "train"
-            data = np.asarray(encode_document(tokenizer, text, o.passage_tokens), dtype=dtype).tobytes()
+            split = split_of(doc_id)
+            data = np.asarray(encode_document(tokenizer, text, passage_tokens), dtype=dtype).tobytes()
             files[split].write(data)
             hashes[split].update(data)
             stats[split]["tokens"] += len(data) // np.dtype(dtype).itemsize
@@ -155,19 +177,14 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
     manifest = {
         "format": FORMAT,
         "version": 1,
-        "options": o.__dict__,
         "tokenizer_sha256": tokenizer.fingerprint(),
         "vocab_size": tokenizer.vocab_size,
         "bos_id": tokenizer.bos_id,
         "dtype": np.dtype(dtype).name,
-        "split_rule": "sha256(document id) < val_fraction, at least one document per side",
-        "val_documents": sorted(val_ids),
         "splits": stats,
+        **record,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
     return manifest
 
 

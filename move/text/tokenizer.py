@@ -22,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from move.errors import ConfigError, DataError
 
 BOS = "<|bos|>"
+UNK = "<|unk|>"  # word-level tokenizers only
 GPT2_BOS = "<|endoftext|>"  # GPT-2 has one special token; it doubles as BOS
 FILENAME = "tokenizer.json"
 
@@ -56,6 +57,18 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=alphabet,
                                       show_progress=False)
         hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def word_level(cls, words: Iterable[str]) -> "Tokenizer":
+        """One token per whitespace-separated word of a closed vocabulary: for
+        synthetic corpora (the knowledge probe), where a name must be exactly the
+        number of tokens it was built from. Unknown words are an error at encode."""
+        vocab = {BOS: 0, UNK: 1}
+        for w in dict.fromkeys(words):
+            vocab.setdefault(w, len(vocab))
+        hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+        hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         return cls(hf)
 
     @classmethod
@@ -104,9 +117,13 @@ class Tokenizer:
         """UTF-8 bytes each token id stands for (0 for special tokens).
 
         In the byte-level alphabet every byte is one printable character, so a
-        token's byte count is the length of its string form."""
+        token's byte count is the length of its string form; a word-level token
+        stands for its word and the space before it."""
+        byte_level = isinstance(self.hf.pre_tokenizer, pre_tokenizers.ByteLevel)
         counts = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in self.hf.get_vocab().items():
-            counts[i] = len(token)
+            counts[i] = len(token) if byte_level else len(token.encode()) + 1
         counts[self.bos_id] = 0
+        if (unk := self.hf.token_to_id(UNK)) is not None:
+            counts[unk] = 0
         return counts

@@ -78,3 +78,17 @@ def plot_scaling(points: list[dict], key: str, path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_knowledge(lines: dict[str, list[tuple]], path) -> None:
+    """Stored bits against the number of people: lines maps a label to (N, mean, std) points."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, points in lines.items():
+        points = sorted(points)
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    capsize=3, label=label, linestyle="--" if "2 token" in label else "-")
+    ax.set(xlabel="people in the corpus (N)", ylabel="stored knowledge (bits)", xscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -32,7 +32,7 @@ def build_run(args):
     from move.image.tasks import GenerationTask
     from move.model.gpt import GPT
     from move.text.prepare import load_prepared
-    from move.text.task import TextTask
+    from move.text.task import KnowledgeTask, TextTask
 
     train_config = train_config_from(args)
     overrides = config_overrides(args, ModelConfig)
@@ -51,8 +51,9 @@ def build_run(args):
         task = GenerationTask(data, train_config.batch_size, train_config.loader_seed, eval_images,
                               getattr(args, "label_dropout", 0.1))
     else:
-        task = TextTask(data, model_config.seq_len, train_config.batch_size, train_config.loader_seed,
-                        train_config.eval_tokens)
+        task_class = KnowledgeTask if (Path(args.data) / "knowledge.json").exists() else TextTask
+        task = task_class(data, model_config.seq_len, train_config.batch_size, train_config.loader_seed,
+                          train_config.eval_tokens)
     task.check_model(model)
     return model, task, train_config
 

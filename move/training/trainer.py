@@ -300,6 +300,7 @@ class Trainer:
             "tok_per_s": self.step * self.tokens_per_step / self.train_time,
             "peak_memory_mb": peak_memory_mb(self.device),
             "device": str(self.device),
+            "cpu_threads": torch.get_num_threads(),
             "task": self.task.describe(),
             "accounting": summarize(self.model),
             "checkpoint": str(checkpoint_dirs(self.run_dir)[-1]),

@@ -1,0 +1,1 @@
+"""The knowledge-capacity probe: a synthetic corpus of facts and a recall evaluation."""
