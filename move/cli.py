@@ -244,6 +244,14 @@ def cmd_knowledge_eval(args) -> None:
     print(json.dumps(recall(model, data.tokenizer, load_knowledge(data_dir))))
 
 
+# ---------------------------------------------------------------------------- export
+def cmd_export_hf(args) -> None:
+    from move.export.hf import export_hf
+
+    out = export_hf(resolve_checkpoint(args.checkpoint), args.out, args.tokenizer, force=args.force)
+    print(f"exported {out}: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")
+
+
 # ---------------------------------------------------------------------------- experiments
 def cmd_experiment(args) -> None:
     from move.experiments.runner import run_experiment
@@ -424,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="knowledge data (default: the one the model was trained on)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_knowledge_eval)
+
+    p = sub.add_parser("export-hf", help="a Hugging Face transformers folder (trust_remote_code)")
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's data)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("experiment", help="run a declarative experiment (TOML grid over variants, sizes, seeds)")
     p.add_argument("file", help="experiment TOML (see experiments/)")

@@ -1,0 +1,89 @@
+"""`move export-hf <checkpoint> <dir>`: a Hugging Face model folder.
+
+The folder holds config.json (with auto_map to the modelling code), the weights
+as model.safetensors (the GPT's tensors under `gpt.`), the tokenizer files, and
+the modelling code: modeling_move.py plus copies of the project's model files
+with their imports made relative, so
+    AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(dir)
+work with only torch and transformers installed. Generation through
+`model.generate()` recomputes the full context each step (no HF cache); greedy
+decoding gives the tokens of the project's own KV-cache sampler (tested for every
+variant, MHA and MLA).
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from move.checkpoint import load_model, read_header
+from move.errors import UserError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `move` package
+
+# project module -> file name in the export; imports between them are rewritten
+MODEL_FILES = {
+    "move.errors": "move_errors.py",
+    "move.config": "move_config.py",
+    "move.model.layers": "move_layers.py",
+    "move.model.value_memory": "move_value_memory.py",
+    "move.model.attention": "move_attention.py",
+    "move.model.gpt": "move_gpt.py",
+}
+
+
+def _relative_source(module: str) -> str:
+    path = PACKAGE_ROOT.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    source = path.read_text()
+    for name, file in MODEL_FILES.items():
+        source = re.sub(rf"^from {re.escape(name)} import", f"from .{file[:-3]} import", source, flags=re.M)
+    leftover = re.search(r"^(from|import) move\b.*$", source, flags=re.M)
+    if leftover:
+        raise RuntimeError(f"{path}: import not covered by the export: {leftover.group(0)}")
+    return source
+
+
+def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> Path:
+    from move.text.tokenizer import Tokenizer
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"{out_dir} already exists; pass --force to replace it")
+    model, header = load_model(checkpoint, "cpu")
+    tokenizer_dir = tokenizer_dir or header.get("meta", {}).get("task", {}).get("data")
+    if not tokenizer_dir:
+        raise UserError(f"{checkpoint}: no data directory recorded; pass --tokenizer")
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for module, file in MODEL_FILES.items():
+        (tmp / file).write_text(_relative_source(module))
+    shutil.copyfile(Path(__file__).parent / "hf_modeling_template.py", tmp / "modeling_move.py")
+    save_file({f"gpt.{k}": v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    bos = tokenizer.hf.id_to_token(tokenizer.bos_id)
+    config = {
+        "architectures": ["MoveForCausalLM"], "model_type": "move",
+        "auto_map": {"AutoConfig": "modeling_move.MoveConfig", "AutoModelForCausalLM": "modeling_move.MoveForCausalLM"},
+        "move_config": model.config.to_dict(), "vocab_size": model.config.vocab_size,
+        "bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.bos_id, "eos_token_id": None,
+        "use_cache": False, "torch_dtype": "float32", "source_checkpoint": str(Path(checkpoint).resolve()),
+        "source_sha256": read_header(checkpoint)["sha256"],
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save(tmp)
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "pad_token": bos,
+        "add_bos_token": False, "model_max_length": model.config.seq_len}, indent=2))
+    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": tokenizer.bos_id,
+                                                            "pad_token_id": tokenizer.bos_id, "use_cache": False}))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
