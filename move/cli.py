@@ -244,6 +244,28 @@ def cmd_knowledge_eval(args) -> None:
     print(json.dumps(recall(model, data.tokenizer, load_knowledge(data_dir))))
 
 
+# ---------------------------------------------------------------------------- gates
+def cmd_gates(args) -> None:
+    from move.evaluation.gates import gate_summary, plot_gate_summary
+    from move.files import atomic_write_json
+
+    model, _ = load_model(resolve_checkpoint(args.checkpoint), pick_device(args.device))
+    if not model.value_tables():
+        raise UserError(f"{args.checkpoint}: a standard model has no value memory to analyse")
+    tokenizer = tokenizer_for(resolve_checkpoint(args.checkpoint), args.tokenizer)
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{args.text}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
+    ids = ([tokenizer.bos_id] + tokenizer.encode(text))[: model.config.seq_len]
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    summary = gate_summary(model, idx)
+    tokens = [tokenizer.decode([i]) or "<bos>" for i in ids]
+    plot_gate_summary(summary, tokens, args.out)
+    atomic_write_json(Path(args.out).with_suffix(".json"), {"tokens": tokens, **summary})
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+
+
 # ---------------------------------------------------------------------------- export
 def cmd_export_hf(args) -> None:
     from move.export.hf import export_hf
@@ -432,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="knowledge data (default: the one the model was trained on)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_knowledge_eval)
+
+    p = sub.add_parser("gates", help="plot how much each layer and head relies on g0 versus the memory slots")
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("--text", required=True, help="a UTF-8 text to run the model on")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's data)")
+    p.add_argument("--out", default="gates.png")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_gates)
 
     p = sub.add_parser("export-hf", help="a Hugging Face transformers folder (trust_remote_code)")
     p.add_argument("checkpoint", help="checkpoint or run directory")

@@ -29,10 +29,8 @@ def train_config_from(args) -> TrainConfig:
 def build_run(args):
     """-> (model, task, train_config) for `args.data`, text or image tokens."""
     from move.image.prepare import is_prepared_images, load_prepared_images
-    from move.image.tasks import GenerationTask
     from move.model.gpt import GPT
     from move.text.prepare import load_prepared
-    from move.text.task import KnowledgeTask, TextTask
 
     train_config = train_config_from(args)
     overrides = config_overrides(args, ModelConfig)
@@ -41,21 +39,31 @@ def build_run(args):
         overrides.setdefault("vocab_size", data.layout.vocab_size)
         overrides.setdefault("seq_len", data.tokens_per_image)
     else:
-        data = load_prepared(args.data)
-        overrides.setdefault("vocab_size", data.tokenizer.vocab_size)
+        overrides.setdefault("vocab_size", load_prepared(args.data, verify=False).tokenizer.vocab_size)
     model_config = model_config_from_preset(args.preset, **overrides)
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(pick_device(train_config.device))
-    if is_prepared_images(args.data):
-        eval_images = max(1, train_config.eval_tokens // data.tokens_per_image)
-        task = GenerationTask(data, train_config.batch_size, train_config.loader_seed, eval_images,
-                              getattr(args, "label_dropout", 0.1))
+    return model, build_task(args.data, model, train_config, getattr(args, "label_dropout", 0.1)), train_config
+
+
+def build_task(data_dir, model, train_config: TrainConfig, label_dropout: float = 0.1):
+    """The task for prepared data: text, knowledge corpus, or image tokens; checked
+    against the model."""
+    from move.image.prepare import is_prepared_images, load_prepared_images
+    from move.image.tasks import GenerationTask
+    from move.text.prepare import load_prepared
+    from move.text.task import KnowledgeTask, TextTask
+
+    c = train_config
+    if is_prepared_images(data_dir):
+        data = load_prepared_images(data_dir)
+        eval_images = max(1, c.eval_tokens // data.tokens_per_image)
+        task = GenerationTask(data, c.batch_size, c.loader_seed, eval_images, label_dropout)
     else:
-        task_class = KnowledgeTask if (Path(args.data) / "knowledge.json").exists() else TextTask
-        task = task_class(data, model_config.seq_len, train_config.batch_size, train_config.loader_seed,
-                          train_config.eval_tokens)
+        task_class = KnowledgeTask if (Path(data_dir) / "knowledge.json").exists() else TextTask
+        task = task_class(load_prepared(data_dir), model.config.seq_len, c.batch_size, c.loader_seed, c.eval_tokens)
     task.check_model(model)
-    return model, task, train_config
+    return task
 
 
 def resolve_checkpoint(path) -> Path:

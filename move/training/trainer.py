@@ -38,9 +38,11 @@ from move.checkpoint import check_compatible, config_mismatch, load_state_dict, 
 from move.device import autocast, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
 from move.files import atomic_write_json, atomic_write_text
+from move.model.diagnostics import value_memory_diagnostics
 from move.model.accounting import summarize
 from move.model.gpt import GPT
 from move.training.curves import plot_loss_curve
+from move.training.logging import Trackers, parse_loggers
 from move.training.optim import (OptimConfig, build_optimizers, clip_grad_norm, lr_multiplier, set_lr,
                                  value_memory_grad_mode)
 
@@ -63,6 +65,7 @@ class TrainConfig:
     device: str = "auto"
     value_memory_path: str = "fast"  # "fast" (default) or "reference" (the direct implementation)
     value_memory_dtype: str = "float32"  # or "bfloat16": half the bank memory, fp32 optimiser state
+    loggers: str = ""  # "tensorboard", "wandb" or both, comma-separated (metrics.jsonl is always written)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> "TrainConfig":
@@ -71,6 +74,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.value_memory_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
+        parse_loggers(self.loggers)
         self.optim.validate()
         return self
 
@@ -134,7 +138,9 @@ class Trainer:
         self.train_time = 0.0  # seconds spent in training steps (not evaluation)
         self.tokens_per_step = config.batch_size * config.grad_accum * task.tokens_per_example
         self.stop_requested = False
+        self.last_inputs = None
         self._prepare_run_dir(resume, force)
+        self.trackers = Trackers(config.loggers, self.run_dir, self._run_record())
 
     # ------------------------------------------------------------------ run directory
     def _run_record(self) -> dict:
@@ -227,6 +233,7 @@ class Trainer:
         for _ in range(c.grad_accum):
             x, y = self.task.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self.last_inputs = x
             with autocast(self.device):
                 loss = self.model(x, targets=y)
             (loss / c.grad_accum).backward()
@@ -257,8 +264,11 @@ class Trainer:
             **metrics,
             "tok_per_s": self.step * self.tokens_per_step / self.train_time if self.train_time else 0.0,
         }
+        if isinstance(self.model, GPT) and self.last_inputs is not None:  # on the last training batch
+            record.update(value_memory_diagnostics(self.model, self.last_inputs))
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.trackers.log(record, self.step)
         return record
 
     def run(self) -> dict:
@@ -277,11 +287,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.step * self.tokens_per_step / self.train_time:.0f}")
                 if self.step % c.eval_every == 0 or self.step == c.steps:
                     record = self._log_eval()
-                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                    if not self.quiet:  # (diagnostics go to metrics.jsonl and the trackers only)
+                        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in record.items() if not k.startswith("vm/")))
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps or self.stop_requested:
                     self.save()
         finally:
             bar.close()
+            self.trackers.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if self.stop_requested and self.step < c.steps:

@@ -1,0 +1,79 @@
+"""Trackers and value-memory diagnostics (issue: ecosystem)."""
+
+import json
+
+import pytest
+import torch
+
+from move.config import model_config_from_preset
+from move.model.diagnostics import collect_gates, value_memory_diagnostics
+from move.model.gpt import GPT
+
+
+def test_diagnostics_at_init_gates_are_one():
+    torch.manual_seed(0)
+    model = GPT(model_config_from_preset("tiny", value_memory="move", memory_density=2))
+    idx = torch.randint(0, 512, (2, 16))
+    gates = collect_gates(model, idx)
+    assert set(gates) == set(model.config.memory_layers())
+    assert all(torch.equal(g, torch.ones_like(g)) for g in gates.values())  # zero-init routers: 2*sigmoid(0)
+    d = value_memory_diagnostics(model, idx)
+    assert d["vm/layer0/g0_mean"] == 1.0 and d["vm/layer0/slot_gate_std"] == 0.0
+    assert d["vm/rows_touched_frac"] == pytest.approx(torch.unique(idx).numel() / 512)
+    rows = model.bank.weight[torch.unique(idx)].flatten(1).norm(dim=1)
+    assert d["vm/row_norm_max"] == pytest.approx(rows.max().item())
+    assert value_memory_diagnostics(GPT(model_config_from_preset("tiny")), idx) == {}
+
+
+def test_tensorboard_events_are_written_and_readable(tmp_path, prepared_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from move.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(prepared_dir), "--out", str(run), "--preset", "tiny", "--variant", "move",
+                 "--steps", "4", "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "512",
+                 "--checkpoint-every", "4", "--loggers", "tensorboard"]) == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "val_bpb" in tags and "vm/layer1/g0_mean" in tags and "vm/rows_touched_frac" in tags
+    logged = [e.value for e in events.Scalars("val_bpb")]
+    expected = [json.loads(line)["val_bpb"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(expected)
+
+
+def test_wandb_offline_run_is_written(tmp_path, prepared_dir, monkeypatch):
+    pytest.importorskip("wandb")
+    from move.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(prepared_dir), "--out", str(run), "--preset", "tiny", "--steps", "2",
+                 "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "512", "--loggers", "wandb"]) == 0
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_gates_command_plots_and_reports_per_layer_and_head(tmp_path, prepared_dir):
+    from move.cli import main
+    from move.evaluation.gates import gate_summary
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(prepared_dir), "--out", str(run), "--preset", "tiny", "--variant", "move",
+                 "--density", "3", "--steps", "6", "--batch-size", "2", "--eval-every", "6", "--eval-tokens", "512"]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text("Fair is foul, and foul is fair: hover through the fog and filthy air.\n")
+    assert main(["gates", str(run), "--text", str(text), "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 5000
+    report = json.loads((tmp_path / "g.json").read_text())
+    from move.api import load
+
+    model, tokenizer = load(run)
+    heads, slots = model.config.kv_heads, model.config.n_slots
+    assert len(report["g0"]) == len(model.config.memory_layers()) and len(report["g0"][0]) == heads
+    assert len(report["slots"][0]) == slots and report["tokens"][0] == "<bos>"
+    idx = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(text.read_text())])
+    gates = collect_gates(model, idx)[report["layers"][0]][0]  # recomputed independently
+    assert report["memory"][0] == pytest.approx(gates[..., 1:].sum(-1).mean(0).tolist(), rel=1e-5)
+    assert gate_summary(model, idx)["g0"] == report["g0"]
