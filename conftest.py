@@ -1,7 +1,6 @@
 """Fixtures shared by the tests and the API doctests: a small real-text corpus,
 its prepared data, and the digits images, built once per session."""
 
-import shutil
 
 import pytest
 

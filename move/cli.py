@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from move.checkpoint import load_model, read_header
-from move.config import MODEL_PRESETS, ModelConfig, model_config_from_preset
+from move.config import MODEL_PRESETS, ModelConfig
 from move.device import pick_device
 from move.errors import UserError
 from move.training.runs import build_run, config_overrides, resolve_checkpoint, train_config_from

@@ -14,6 +14,13 @@ ATTENTION_KINDS = ("mha", "mla")
 LAVE_GATE_CHANNELS = 32
 
 
+def require_positive(config, names) -> None:
+    """ConfigError naming the first of `names` that is not > 0."""
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+
+
 class SerialConfig:
     """to_dict / from_dict for config dataclasses: unknown fields are refused and
     the result is validated, so a config read from a file is as safe as one built in code."""
@@ -115,10 +122,7 @@ class ModelConfig(SerialConfig):
         return []
 
     def validate(self) -> "ModelConfig":
-        positive = ["vocab_size", "seq_len", "n_layer", "n_embd", "n_head", "memory_density"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, ["vocab_size", "seq_len", "n_layer", "n_embd", "n_head", "memory_density"])
         for name in ["n_kv_head", "kv_latent_dim", "rope_head_dim", "memory_slots"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = default), got {getattr(self, name)}")

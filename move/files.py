@@ -4,6 +4,8 @@ import json
 import os
 from pathlib import Path
 
+from move.errors import DataError
+
 
 def atomic_write_text(path, text: str) -> None:
     """Write to a temporary sibling, fsync, rename over `path` (atomic on POSIX)."""
@@ -21,3 +23,17 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_write_json(path, record) -> None:
     atomic_write_text(path, json.dumps(record, indent=2))
+
+
+def read_manifest(directory, name: str, fmt: str, missing_hint: str) -> dict:
+    """The JSON manifest `name` of a data directory, which must declare format `fmt`."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise DataError(f"{directory}: {missing_hint} ({name} missing)")
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") == fmt:
+            return manifest
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        pass
+    raise DataError(f"{path}: not a {fmt} manifest")

@@ -119,7 +119,6 @@ def image_folder(kind):
 
 def bigger_tokenizer(w, tmp):
     """A tokenizer with more entries than the model has: its ids overflow the model."""
-    text = Path(w["data"]).parent
     folder = tmp / "corpus"
     folder.mkdir()
     sample = "".join(f"word{i} token{i * 7} " for i in range(3000))

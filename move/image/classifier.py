@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from move.config import SerialConfig
-from move.errors import ConfigError
+from move.config import SerialConfig, require_positive
 
 
 @dataclass
@@ -20,9 +19,7 @@ class ClassifierConfig(SerialConfig):
     hidden: int = 32
 
     def validate(self) -> "ClassifierConfig":
-        for name in ("image_size", "channels", "num_classes", "hidden"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, ("image_size", "channels", "num_classes", "hidden"))
         return self
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from move.errors import DataError
+from move.files import read_manifest
 from move.image.datasets import ImageDataset, load_image_dataset
 from move.image.tokenizers import tokenizer_from_spec
 
@@ -125,21 +126,15 @@ class PreparedImages:
 
 def is_prepared_images(directory) -> bool:
     try:
-        return json.loads((Path(directory) / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        read_manifest(directory, MANIFEST, FORMAT, "")
+        return True
+    except DataError:
         return False
 
 
 def load_prepared_images(directory) -> PreparedImages:
     directory = Path(directory)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise DataError(f"{directory}: no prepared image data ({MANIFEST} missing); run `move image-encode` first")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        assert manifest.get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, AttributeError):
-        raise DataError(f"{manifest_path}: not a {FORMAT} manifest") from None
+    manifest = read_manifest(directory, MANIFEST, FORMAT, "no prepared image data; run `move image-encode` first")
     arrays = {}
     for split in SPLITS:
         for name, digest in manifest["splits"][split]["sha256"].items():

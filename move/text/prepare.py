@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from move.errors import ConfigError, DataError
+from move.files import read_manifest
 from move.text.corpora import iter_documents
 from move.text.tokenizer import Tokenizer
 
@@ -203,14 +204,7 @@ def load_prepared(directory, verify: bool = True) -> PreparedData:
     """Open a prepared directory, checking manifest, shard sizes and checksums,
     and that the tokenizer on disk is the one the tokens were made with."""
     directory = Path(directory)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise DataError(f"{directory}: no prepared data ({MANIFEST} missing); run `move prepare` first")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        assert manifest.get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, AttributeError):
-        raise DataError(f"{manifest_path}: not a {FORMAT} manifest") from None
+    manifest = read_manifest(directory, MANIFEST, FORMAT, "no prepared data; run `move prepare` first")
     tokenizer = Tokenizer.load(directory)
     if tokenizer.fingerprint() != manifest["tokenizer_sha256"]:
         raise DataError(f"{directory}: tokenizer.json does not match the tokenizer the data was prepared with")

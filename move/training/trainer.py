@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from move.config import require_positive
 from move.checkpoint import check_compatible, config_mismatch, load_state_dict, load_train_state, save_checkpoint
 from move.device import autocast, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
@@ -69,9 +70,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> "TrainConfig":
-        for name in ["steps", "batch_size", "grad_accum", "eval_every", "eval_tokens", "checkpoint_every", "keep_checkpoints"]:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, ["steps", "batch_size", "grad_accum", "eval_every", "eval_tokens", "checkpoint_every",
+                                "keep_checkpoints"])
         if self.value_memory_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
         parse_loggers(self.loggers)
