@@ -28,7 +28,8 @@ from move.files import atomic_write_json
 from move.text.tokenizer import Tokenizer
 
 SYLLABLES = ["ka", "lo", "ri", "ta", "mi", "no", "su", "ve", "da", "ro", "pe", "zu", "fa", "ni", "go", "le", "ba",
-             "xo", "wi", "ju", "ke", "so", "ma", "te", "vi", "ha", "du", "ly", "qo", "ne"]
+             "xo", "wi", "ju", "ke", "so", "ma", "te", "vi", "ha", "du", "ly", "qo", "ne", "bi", "co", "fe", "gu",
+             "hi", "jo", "ku", "lu", "mo", "pa"]
 ATTRIBUTES = {  # attribute -> (relation cue, value set)
     "city": ("was born in", [f"city{i}" for i in range(32)]),
     "year": ("was born in the year", [str(1900 + i) for i in range(64)]),
