@@ -28,6 +28,7 @@ IMAGE_METRICS = {"fid": ("FID", True), "class_accuracy": ("class accuracy", Fals
 KNOWLEDGE_METRICS = {"knowledge_bits": ("stored knowledge (bits, cross-entropy estimate)", False),
                      "recall_accuracy": ("recall accuracy under the held-out phrasing", False),
                      "val_bpb": ("validation bits per byte", True)}
+DIGITS = {"knowledge_bits": 0, "fid": 2}  # decimals shown per metric (default 4)
 ABLATIONS = [("move-nog0", "move", "MoVE without g0"), ("lave-full", "lave", "LaVE with full gates + g0")]
 
 
@@ -94,13 +95,14 @@ def build_sections(out: Path, experiment: Experiment, results: dict) -> list:
                        f"this report. Class accuracy by the project's classifier (its test accuracy "
                        f"{any_run['classifier_test_accuracy']:.4f})."))
     for key, (label, lower) in metrics.items():
+        digits = DIGITS.get(key, 4)
         s.append(("h2", f"{label} ({'lower' if lower else 'higher'} is better)"))
         rows = []
         for size in sizes:
             row = [size]
             for v in variants:
                 runs = results.get((size, v))
-                row.append(f"{summarize_values(r[key] for r in runs.values()).format()} (n={len(runs)})" if runs else "")
+                row.append(f"{summarize_values(r[key] for r in runs.values()).format(digits)} (n={len(runs)})" if runs else "")
             rows.append(row)
         s.append(("table", table(["size"] + [display(v) for v in variants], rows)))
         diff_rows = []
@@ -111,7 +113,7 @@ def build_sections(out: Path, experiment: Experiment, results: dict) -> list:
                     continue
                 d = paired_difference({k: r[key] for k, r in results[(size, v)].items()},
                                       {k: r[key] for k, r in base.items()})
-                diff_rows.append([size, display(v), d.format(), str(d.n)])
+                diff_rows.append([size, display(v), d.format(digits), str(d.n)])
         if diff_rows:
             s.append(("table", table(["size", "variant", "Δ vs standard [95% CI]", "pairs"], diff_rows)))
         ablation_rows = []
@@ -122,7 +124,7 @@ def build_sections(out: Path, experiment: Experiment, results: dict) -> list:
                         ref = v.replace(ablated, full, 1)
                         d = paired_difference({k: r[key] for k, r in results[(size, v)].items()},
                                               {k: r[key] for k, r in results[(size, ref)].items()})
-                        ablation_rows.append([size, f"{label_} ({display(v)} − {display(ref)})", d.format(), str(d.n)])
+                        ablation_rows.append([size, f"{label_} ({display(v)} − {display(ref)})", d.format(digits), str(d.n)])
         if ablation_rows:
             s += [("p", f"Ablations ({label}):"), ("table", table(["size", "ablation", "Δ [95% CI]", "pairs"], ablation_rows))]
     if modality == "knowledge":
