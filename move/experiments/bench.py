@@ -264,18 +264,17 @@ def run_profile(shape: BenchShape, vocab: int, names: list[str], steps: int, out
            f"Model as in the benchmark ({shape.n_layer} layers, width {shape.n_embd}, batch {shape.batch_size} x "
            f"{shape.seq_len}); torch.profiler self time per step (decode: per 32-token batch-1 decode), "
            f"mean of {steps} steps. Ops whose time differs most from standard first.", ""]
+    def profiled(name: str, what: str) -> dict:
+        subject = Subject(shape, vocab, device, *CONFIGS[name])
+        return dict(profile_ops(subject, what, steps))
+
     for what in ("train", "decode_b1"):
-        profiles = {}
-        for name in names:
-            subject = Subject(shape, vocab, device, *CONFIGS[name])
-            profiles[name] = dict(profile_ops(subject, what, steps))
-            del subject
-        base = profiles["standard"]
         for name in names[1:]:
-            ops = profiles[name]
+            base = profiled("standard", what)  # profiled right before each configuration: same machine state
+            ops = profiled(name, what)
             total, base_total = sum(ops.values()), sum(base.values())
             out += [f"## {what}: {name} vs standard ({total:.1f} ms vs {base_total:.1f} ms, "
-                    f"+{total - base_total:.1f} ms)", "", "| op | standard ms | " + name + " ms | difference ms |",
+                    f"{total - base_total:+.1f} ms)", "", "| op | standard ms | " + name + " ms | difference ms |",
                     "|---|---|---|---|"]
             keys = sorted(set(ops) | set(base), key=lambda k: -abs(ops.get(k, 0) - base.get(k, 0)))[:12]
             out += [f"| `{k}` | {base.get(k, 0):.2f} | {ops.get(k, 0):.2f} | {ops.get(k, 0) - base.get(k, 0):+.2f} |"
