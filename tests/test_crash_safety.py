@@ -36,11 +36,16 @@ def final_state(run):
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(prepared_dir, tmp_path):
     reference = tmp_path / "reference"
-    subprocess.run(train_command(prepared_dir, reference), check=True, capture_output=True)
+    proc = subprocess.Popen(train_command(prepared_dir, reference), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (reference / "run.json").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    started = time.time()
+    assert proc.wait() == 0
+    training_seconds = time.time() - started  # how long a run exists before it finishes, on this machine now
     run = tmp_path / "killed"
     rng = random.Random(1234)
     kills_mid_run = 0
-    for attempt in range(8):
+    for attempt in range(12):
         started = (run / "run.json").exists()
         proc = subprocess.Popen(train_command(prepared_dir, run, resume=started), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
@@ -50,7 +55,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(prepared_dir, tm
             deadline = time.time() + 120
             while not (run / "run.json").exists() and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 2.5))
+            time.sleep(rng.uniform(0.0, 0.5 * training_seconds))
         if proc.poll() is None:
             kills_mid_run += (run / "run.json").exists() and not (run / "summary.json").exists()
             proc.send_signal(signal.SIGKILL)
