@@ -90,3 +90,25 @@ def test_optimizer_steps_match_reference_adamw(optimizer_mode):
     else:
         assert torch.equal(fast[5], after_first)  # frozen once untouched
         assert not torch.allclose(ref[5], after_first)  # AdamW's momentum kept moving it
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping active, and inactive
+def test_clipping_over_touched_rows_equals_clipping_the_whole_buffer(max_norm):
+    from move.training.optim import touched_rows
+
+    model = randomized(GPT(make_config("mha", "move")))
+    model.set_value_memory_grad_mode("dense")
+    idx = torch.randint(0, VOCAB, (2, 6))
+    model(idx, targets=idx).backward()
+    rows = touched_rows(model)
+    assert rows[id(model.bank.weight)].tolist() == sorted(set(idx.flatten().tolist()))
+    params = list(model.parameters())
+    whole = [p.grad.clone() for p in params]
+    norm_rows = clip_grad_norm(params, max_norm, rows)
+    clipped_rows = [p.grad.clone() for p in params]
+    for p, g in zip(params, whole):
+        p.grad.copy_(g)
+    norm_whole = clip_grad_norm(params, max_norm)
+    assert torch.allclose(norm_rows, norm_whole, rtol=1e-6)
+    for a, p in zip(clipped_rows, params):
+        assert torch.allclose(a, p.grad, rtol=1e-6, atol=0)

@@ -24,7 +24,7 @@ import torch
 from move.config import ModelConfig
 from move.device import autocast, peak_memory_mb, pick_device, reset_peak_memory, resident_memory_mb
 from move.model.gpt import GPT
-from move.training.optim import OptimConfig, build_optimizers, clip_grad_norm, value_memory_grad_mode
+from move.training.optim import OptimConfig, build_optimizers, clip_grad_norm, touched_rows, value_memory_grad_mode
 
 # name -> (model fields, value-memory path, value-memory optimiser, bank storage dtype)
 CONFIGS = {
@@ -98,7 +98,7 @@ class Subject:
         with autocast(self.device):
             loss = self.model(x, targets=y, check_ids=False)
         loss.backward()
-        clip_grad_norm(list(self.model.parameters()), 1.0)
+        clip_grad_norm(list(self.model.parameters()), 1.0, touched_rows(self.model))
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad()

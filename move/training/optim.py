@@ -110,16 +110,37 @@ def value_memory_grad_mode(path: str, optimizer_mode: str) -> str:
     return "sparse" if optimizer_mode == "lazy" else "dense"
 
 
+def touched_rows(model) -> dict[int, torch.Tensor]:
+    """{id(table weight): rows} for fast-path tables whose dense gradient buffer is
+    zero outside the rows this step touched."""
+    if not isinstance(model, GPT):
+        return {}
+    return {id(t.weight): torch.cat(t.touched).unique() for t in model.value_tables()
+            if t.grad_mode == "dense" and t.touched and t.weight.grad is not None}
+
+
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Global-norm clipping that also handles sparse gradients (lazy mode), which
-    torch.nn.utils.clip_grad_norm_ does not. Returns the norm before clipping."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    squares = [(g.coalesce().values() if g.is_sparse else g).float().square().sum() for g in grads]
-    norm = torch.stack(squares).sum().sqrt()
+    torch.nn.utils.clip_grad_norm_ does not. `rows` (see touched_rows) lets a
+    fast-path table's norm and rescaling read only its touched rows instead of the
+    whole bank-sized buffer (the result is the same: the other rows are zero).
+    Returns the norm before clipping."""
+    rows = rows or {}
+    grads = [(id(p), p.grad) for p in parameters if p.grad is not None]
+
+    def nonzero_part(key, g):
+        if g.is_sparse:
+            return g.coalesce().values()
+        return g.index_select(0, rows[key]) if key in rows else g
+
+    norm = torch.stack([nonzero_part(k, g).float().square().sum() for k, g in grads]).sum().sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.to(g.dtype))
+    for key, g in grads:
+        if key in rows and not g.is_sparse:
+            g.index_copy_(0, rows[key], g.index_select(0, rows[key]) * scale.to(g.dtype))
+        else:
+            g.mul_(scale.to(g.dtype))
     return norm
 
 

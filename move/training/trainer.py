@@ -45,7 +45,7 @@ from move.model.gpt import GPT
 from move.training.curves import plot_loss_curve
 from move.training.logging import Trackers, parse_loggers
 from move.training.optim import (OptimConfig, build_optimizers, clip_grad_norm, lr_multiplier, set_lr,
-                                 value_memory_grad_mode)
+                                 touched_rows, value_memory_grad_mode)
 
 
 class NonFiniteLossError(UserError):
@@ -239,7 +239,8 @@ class Trainer:
             (loss / c.grad_accum).backward()
             total += loss.detach()
         loss = (total / c.grad_accum).item()
-        grad_norm = clip_grad_norm(list(self.model.parameters()), c.optim.grad_clip or float("inf"))
+        grad_norm = clip_grad_norm(list(self.model.parameters()), c.optim.grad_clip or float("inf"),
+                                   touched_rows(self.model))
         if not (np.isfinite(loss) and torch.isfinite(grad_norm)):
             raise NonFiniteLossError(f"non-finite loss or gradient at step {self.step + 1} (loss {loss}); "
                                      f"the newest checkpoint is the last good state")
