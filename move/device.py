@@ -26,6 +26,18 @@ def autocast(device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode inside the block; the model's previous mode is restored after it,
+    also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _proc_status_kib(field: str) -> int | None:
     try:
         for line in open("/proc/self/status"):

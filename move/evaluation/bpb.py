@@ -9,26 +9,24 @@ import math
 
 import torch
 
-from move.device import autocast
+from move.device import autocast, evaluating
 
 
 @torch.no_grad()
 def bits_per_byte(model, batches, token_bytes: torch.Tensor) -> float:
     """batches: iterable of (inputs, targets) (B, T); token_bytes: (vocab,) int64."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    token_bytes = token_bytes.to(device)
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast(device):
-            nats = model(x, targets=y, reduction="none")
-        nbytes = token_bytes[y]
-        total_nats += (nats.double() * (nbytes > 0)).sum()
-        total_bytes += nbytes.sum()
-    model.train(was_training)
+    with evaluating(model):
+        device = next(model.parameters()).device
+        token_bytes = token_bytes.to(device)
+        total_nats = torch.zeros((), dtype=torch.float64, device=device)
+        total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast(device):
+                nats = model(x, targets=y, reduction="none")
+            nbytes = token_bytes[y]
+            total_nats += (nats.double() * (nbytes > 0)).sum()
+            total_bytes += nbytes.sum()
     if total_bytes.item() == 0:
         return float("nan")
     return total_nats.item() / (math.log(2) * total_bytes.item())

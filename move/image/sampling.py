@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from move.device import evaluating
 from move.errors import ConfigError
 from move.image.prepare import ClassTokens
 from move.model.sampling import check_sampling_args, pick_next
@@ -33,26 +34,24 @@ def sample_image_tokens(model, labels: torch.Tensor, layout: ClassTokens, n_toke
         raise ConfigError(f"class labels must lie in [0, {layout.num_classes}] ({layout.num_classes} = null)")
     if n_tokens > model.config.seq_len:
         raise ConfigError(f"{n_tokens} image tokens do not fit the model's seq_len {model.config.seq_len}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    B, codes = labels.numel(), layout.codebook_size
-    prefix = layout.class_token(labels.to(device).view(B, 1))
-    guided = cfg_scale is not None
-    if guided:
-        prefix = torch.cat([prefix, torch.full_like(prefix, layout.null_token)])
-    generator = torch.Generator(device=device).manual_seed(seed)
-    cache = model.new_cache(prefix.size(0), n_tokens)
-    logits = model(prefix, cache=cache)[:, -1, :codes]
-    out = []
-    for i in range(n_tokens):
+    with evaluating(model):
+        device = next(model.parameters()).device
+        B, codes = labels.numel(), layout.codebook_size
+        prefix = layout.class_token(labels.to(device).view(B, 1))
+        guided = cfg_scale is not None
         if guided:
-            logits = guided_logits(logits[:B], logits[B:], cfg_scale)
-        nxt = pick_next(logits, temperature, top_k, 1.0, generator)
-        out.append(nxt)
-        if i + 1 < n_tokens:
-            logits = model(torch.cat([nxt, nxt]) if guided else nxt, cache=cache, check_ids=False)[:, -1, :codes]
-    model.train(was_training)
+            prefix = torch.cat([prefix, torch.full_like(prefix, layout.null_token)])
+        generator = torch.Generator(device=device).manual_seed(seed)
+        cache = model.new_cache(prefix.size(0), n_tokens)
+        logits = model(prefix, cache=cache)[:, -1, :codes]
+        out = []
+        for i in range(n_tokens):
+            if guided:
+                logits = guided_logits(logits[:B], logits[B:], cfg_scale)
+            nxt = pick_next(logits, temperature, top_k, 1.0, generator)
+            out.append(nxt)
+            if i + 1 < n_tokens:
+                logits = model(torch.cat([nxt, nxt]) if guided else nxt, cache=cache, check_ids=False)[:, -1, :codes]
     return torch.cat(out, dim=1)
 
 

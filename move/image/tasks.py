@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from move.device import evaluating
 from move.errors import DataError
 from move.image.datasets import ImageDataset
 from move.image.prepare import PreparedImages
@@ -69,17 +70,15 @@ class ReconstructionTask:
     @torch.no_grad()
     def evaluate(self, model) -> dict:
         """Reconstruction error and codebook usage on the test split."""
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        images = self.dataset.test_images[: self.eval_images]
-        squared_error, counts = 0.0, torch.zeros(model.config.codebook_size)
-        for i in range(0, len(images), EVAL_BATCH):
-            x = as_float(images[i:i + EVAL_BATCH]).to(device)
-            ids = model.encode(x)
-            squared_error += F.mse_loss(model.decode(ids), x, reduction="sum").item()
-            counts += torch.bincount(ids.flatten().cpu(), minlength=model.config.codebook_size).float()
-        model.train(was_training)
+        with evaluating(model):
+            device = next(model.parameters()).device
+            images = self.dataset.test_images[: self.eval_images]
+            squared_error, counts = 0.0, torch.zeros(model.config.codebook_size)
+            for i in range(0, len(images), EVAL_BATCH):
+                x = as_float(images[i:i + EVAL_BATCH]).to(device)
+                ids = model.encode(x)
+                squared_error += F.mse_loss(model.decode(ids), x, reduction="sum").item()
+                counts += torch.bincount(ids.flatten().cpu(), minlength=model.config.codebook_size).float()
         mse = squared_error / images.size
         p = counts / counts.sum()
         entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
@@ -109,13 +108,11 @@ class ClassificationTask:
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        images = as_float(self.dataset.test_images[: self.eval_images]).to(device)
-        labels = torch.from_numpy(self.dataset.test_labels[: self.eval_images]).to(device)
-        accuracy = (model.predict(images) == labels).float().mean().item()
-        model.train(was_training)
+        with evaluating(model):
+            device = next(model.parameters()).device
+            images = as_float(self.dataset.test_images[: self.eval_images]).to(device)
+            labels = torch.from_numpy(self.dataset.test_labels[: self.eval_images]).to(device)
+            accuracy = (model.predict(images) == labels).float().mean().item()
         return {"test_accuracy": accuracy}
 
     def describe(self) -> dict:
@@ -177,15 +174,13 @@ def image_nll_bits(model, data: PreparedImages, split: str, max_images: int, bat
     """Mean negative log-likelihood of the image tokens given the true class, in
     bits per token. The softmax is taken over the image codes only: class tokens
     can never follow position 0, so they are not candidates."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    tokens, labels = data.tokens(split)[:max_images], data.labels(split)[:max_images]
-    total, count = 0.0, 0
-    for i in range(0, len(labels), batch_size):
-        x, y = conditional_sequences(tokens[i:i + batch_size], labels[i:i + batch_size], data.layout)
-        logits = model(x.to(device))[..., : data.layout.codebook_size].float()
-        total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
-        count += y.numel()
-    model.train(was_training)
+    with evaluating(model):
+        device = next(model.parameters()).device
+        tokens, labels = data.tokens(split)[:max_images], data.labels(split)[:max_images]
+        total, count = 0.0, 0
+        for i in range(0, len(labels), batch_size):
+            x, y = conditional_sequences(tokens[i:i + batch_size], labels[i:i + batch_size], data.layout)
+            logits = model(x.to(device))[..., : data.layout.codebook_size].float()
+            total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+            count += y.numel()
     return total / count / math.log(2)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from move.device import evaluating
 from move.errors import DataError
 from move.knowledge.corpus import ATTRIBUTES, KNOWLEDGE_FILE, sentence
 
@@ -35,36 +36,34 @@ def load_knowledge(data_dir) -> dict:
 
 @torch.no_grad()
 def recall(model, tokenizer, knowledge: dict) -> dict:
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    names, opener = knowledge["names"], knowledge["held_out_opener"]
-    totals = {"facts": 0, "correct": 0, "probability": 0.0, "bits": 0.0, "bits_exact": 0.0, "chance": 0.0}
-    per_attribute = {}
-    for attribute, (_, values) in ATTRIBUTES.items():
-        facts = [(p, v) for p, a, v in knowledge["facts"] if a == attribute]
-        value_ids = torch.tensor([tokenizer.encode(v)[0] for v in values], device=device)
-        index = {v: i for i, v in enumerate(values)}
-        prompts = [[tokenizer.bos_id] + tokenizer.encode(sentence(opener, names[p], attribute)) for p, _ in facts]
-        target = torch.tensor([index[v] for _, v in facts], device=device)
-        log_p = []
-        for i in range(0, len(prompts), PROMPT_BATCH):
-            x = torch.tensor(prompts[i:i + PROMPT_BATCH], device=device)  # equal lengths within an attribute
-            log_p.append(torch.log_softmax(model(x)[:, -1, value_ids].float(), dim=-1))
-        log_p = torch.cat(log_p)
-        p_correct = log_p.gather(1, target[:, None]).squeeze(1)
-        correct = (log_p.argmax(dim=1) == target)
-        prior = math.log2(len(values))
-        bits = (prior + p_correct / math.log(2)).clamp(min=0)
-        per_attribute[attribute] = {"accuracy": correct.float().mean().item(), "chance": 1 / len(values),
-                                    "bits": bits.sum().item()}
-        totals["facts"] += len(facts)
-        totals["correct"] += int(correct.sum())
-        totals["probability"] += p_correct.exp().sum().item()
-        totals["bits"] += bits.sum().item()
-        totals["bits_exact"] += prior * int(correct.sum())
-        totals["chance"] += len(facts) / len(values)
-    model.train(was_training)
+    with evaluating(model):
+        device = next(model.parameters()).device
+        names, opener = knowledge["names"], knowledge["held_out_opener"]
+        totals = {"facts": 0, "correct": 0, "probability": 0.0, "bits": 0.0, "bits_exact": 0.0, "chance": 0.0}
+        per_attribute = {}
+        for attribute, (_, values) in ATTRIBUTES.items():
+            facts = [(p, v) for p, a, v in knowledge["facts"] if a == attribute]
+            value_ids = torch.tensor([tokenizer.encode(v)[0] for v in values], device=device)
+            index = {v: i for i, v in enumerate(values)}
+            prompts = [[tokenizer.bos_id] + tokenizer.encode(sentence(opener, names[p], attribute)) for p, _ in facts]
+            target = torch.tensor([index[v] for _, v in facts], device=device)
+            log_p = []
+            for i in range(0, len(prompts), PROMPT_BATCH):
+                x = torch.tensor(prompts[i:i + PROMPT_BATCH], device=device)  # equal lengths within an attribute
+                log_p.append(torch.log_softmax(model(x)[:, -1, value_ids].float(), dim=-1))
+            log_p = torch.cat(log_p)
+            p_correct = log_p.gather(1, target[:, None]).squeeze(1)
+            correct = (log_p.argmax(dim=1) == target)
+            prior = math.log2(len(values))
+            bits = (prior + p_correct / math.log(2)).clamp(min=0)
+            per_attribute[attribute] = {"accuracy": correct.float().mean().item(), "chance": 1 / len(values),
+                                        "bits": bits.sum().item()}
+            totals["facts"] += len(facts)
+            totals["correct"] += int(correct.sum())
+            totals["probability"] += p_correct.exp().sum().item()
+            totals["bits"] += bits.sum().item()
+            totals["bits_exact"] += prior * int(correct.sum())
+            totals["chance"] += len(facts) / len(values)
     n = totals["facts"]
     return {"recall_accuracy": totals["correct"] / n, "recall_probability": totals["probability"] / n,
             "chance_accuracy": totals["chance"] / n, "knowledge_bits": totals["bits"],

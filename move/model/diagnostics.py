@@ -4,6 +4,7 @@ diagnostics (logged next to the metrics) and by `move gates`."""
 
 import torch
 
+from move.device import evaluating
 from move.model.value_memory import LayerValueMemory
 
 
@@ -17,14 +18,12 @@ def collect_gates(model, idx: torch.Tensor) -> dict[int, torch.Tensor]:
             if isinstance(module, LayerValueMemory):
                 hooks.append(module.register_forward_hook(
                     lambda m, args, out, layer=layer: gates.__setitem__(layer, m.gates(args[0]).float().cpu())))
-    was_training = model.training
-    model.eval()
     try:
-        model(idx, check_ids=False)
+        with evaluating(model):
+            model(idx, check_ids=False)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return gates
 
 

@@ -2,6 +2,7 @@
 
 import torch
 
+from move.device import evaluating
 from move.errors import ConfigError
 
 
@@ -49,16 +50,14 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     model.check_token_ids(prompt)
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    cache = model.new_cache(prompt.size(0), prompt.size(1) + max_new_tokens)
-    out = prompt
-    logits = model(prompt, cache=cache, check_ids=False)[:, -1]
-    for i in range(max_new_tokens):
-        nxt = pick_next(logits, temperature, top_k, top_p, generator)
-        out = torch.cat([out, nxt], dim=1)
-        if i + 1 < max_new_tokens:
-            logits = model(nxt, cache=cache, check_ids=False)[:, -1]
-    model.train(was_training)
+    with evaluating(model):
+        generator = torch.Generator(device=prompt.device).manual_seed(seed)
+        cache = model.new_cache(prompt.size(0), prompt.size(1) + max_new_tokens)
+        out = prompt
+        logits = model(prompt, cache=cache, check_ids=False)[:, -1]
+        for i in range(max_new_tokens):
+            nxt = pick_next(logits, temperature, top_k, top_p, generator)
+            out = torch.cat([out, nxt], dim=1)
+            if i + 1 < max_new_tokens:
+                logits = model(nxt, cache=cache, check_ids=False)[:, -1]
     return out
