@@ -52,11 +52,11 @@ def parameter_counts(model) -> dict:
 def train(model, data, out, quiet: bool = False, **train_fields) -> dict:
     """Train `model` on prepared text or image-token data (`move prepare` /
     `move image-encode`) with the shared Trainer; returns the run summary."""
-    from move.training.runs import build_task
+    from move.training.runs import build_task, load_data
     from move.training.trainer import Trainer, TrainConfig
 
     config = TrainConfig(**train_fields).validate()
-    task = build_task(data, model, config)
+    task = build_task(load_data(data), model, config)
     return Trainer(model, task, config, out, quiet=quiet).run()
 
 

@@ -26,42 +26,48 @@ def train_config_from(args) -> TrainConfig:
     return TrainConfig(**config_overrides(args, TrainConfig), optim=OptimConfig(**config_overrides(args, OptimConfig))).validate()
 
 
+def load_data(data_dir):
+    """Prepared text (move prepare, knowledge-prepare) or image-token data
+    (image-encode), loaded and verified once."""
+    from move.image.prepare import is_prepared_images, load_prepared_images
+    from move.text.prepare import load_prepared
+
+    return load_prepared_images(data_dir) if is_prepared_images(data_dir) else load_prepared(data_dir)
+
+
 def build_run(args):
     """-> (model, task, train_config) for `args.data`, text or image tokens."""
-    from move.image.prepare import is_prepared_images, load_prepared_images
+    from move.image.prepare import PreparedImages
     from move.model.gpt import GPT
-    from move.text.prepare import load_prepared
 
     train_config = train_config_from(args)
     overrides = config_overrides(args, ModelConfig)
-    if is_prepared_images(args.data):
-        data = load_prepared_images(args.data)
+    data = load_data(args.data)
+    if isinstance(data, PreparedImages):
         overrides.setdefault("vocab_size", data.layout.vocab_size)
         overrides.setdefault("seq_len", data.tokens_per_image)
     else:
-        overrides.setdefault("vocab_size", load_prepared(args.data, verify=False).tokenizer.vocab_size)
+        overrides.setdefault("vocab_size", data.tokenizer.vocab_size)
     model_config = model_config_from_preset(args.preset, **overrides)
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(pick_device(train_config.device))
-    return model, build_task(args.data, model, train_config, getattr(args, "label_dropout", 0.1)), train_config
+    return model, build_task(data, model, train_config, getattr(args, "label_dropout", 0.1)), train_config
 
 
-def build_task(data_dir, model, train_config: TrainConfig, label_dropout: float = 0.1):
-    """The task for prepared data: text, knowledge corpus, or image tokens; checked
-    against the model."""
-    from move.image.prepare import is_prepared_images, load_prepared_images
+def build_task(data, model, train_config: TrainConfig, label_dropout: float = 0.1):
+    """The task for loaded data (see load_data): text, knowledge corpus, or image
+    tokens; checked against the model."""
+    from move.image.prepare import PreparedImages
     from move.image.tasks import GenerationTask
-    from move.text.prepare import load_prepared
     from move.text.task import KnowledgeTask, TextTask
 
     c = train_config
-    if is_prepared_images(data_dir):
-        data = load_prepared_images(data_dir)
+    if isinstance(data, PreparedImages):
         eval_images = max(1, c.eval_tokens // data.tokens_per_image)
         task = GenerationTask(data, c.batch_size, c.loader_seed, eval_images, label_dropout)
     else:
-        task_class = KnowledgeTask if (Path(data_dir) / "knowledge.json").exists() else TextTask
-        task = task_class(load_prepared(data_dir), model.config.seq_len, c.batch_size, c.loader_seed, c.eval_tokens)
+        task_class = KnowledgeTask if (Path(data.directory) / "knowledge.json").exists() else TextTask
+        task = task_class(data, model.config.seq_len, c.batch_size, c.loader_seed, c.eval_tokens)
     task.check_model(model)
     return task
 

@@ -139,8 +139,9 @@ class Trainer:
         self.tokens_per_step = config.batch_size * config.grad_accum * task.tokens_per_example
         self.stop_requested = False
         self.last_inputs = None
+        self.record = self._run_record()  # run.json, and the config the trackers show
         self._prepare_run_dir(resume, force)
-        self.trackers = Trackers(config.loggers, self.run_dir, self._run_record())
+        self.trackers = Trackers(config.loggers, self.run_dir, self.record)
 
     # ------------------------------------------------------------------ run directory
     def _run_record(self) -> dict:
@@ -160,7 +161,7 @@ class Trainer:
                 raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it or --force to replace it")
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(record_path, self._run_record())
+        atomic_write_json(record_path, self.record)
 
     def _check_same_run(self, record: dict) -> None:
         saved = type(self.model.config).from_dict(record["model_config"])
