@@ -63,12 +63,12 @@ def train(model, data, out, quiet: bool = False, **train_fields) -> dict:
 def load(checkpoint, device: str = "auto"):
     """(model, tokenizer) from a checkpoint or run directory; the tokenizer is that
     of the data the model was trained on (None for image models)."""
-    from move.checkpoint import load_model
+    from move.checkpoint import load_model, training_data
     from move.text.tokenizer import Tokenizer
     from move.training.runs import resolve_checkpoint
 
     model, header = load_model(resolve_checkpoint(checkpoint), pick_device(device))
-    data = header.get("meta", {}).get("task", {}).get("data")
+    data = training_data(header)
     tokenizer = Tokenizer.load(data) if data and (Path(data) / "tokenizer.json").exists() else None
     return model, tokenizer
 

@@ -107,6 +107,11 @@ def read_header(path) -> dict:
     return header
 
 
+def training_data(header: dict) -> str | None:
+    """The data directory the checkpoint's run was trained on, if recorded."""
+    return header.get("meta", {}).get("task", {}).get("data")
+
+
 def _read_verified(path: Path, name: str, header: dict) -> bytes:
     file = path / name
     if not file.is_file():

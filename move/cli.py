@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from move.checkpoint import load_model, read_header
+from move.checkpoint import load_model, read_header, training_data
 from move.config import MODEL_PRESETS, ModelConfig
 from move.device import pick_device
 from move.errors import UserError
@@ -72,7 +72,7 @@ def tokenizer_for(checkpoint, explicit):
 
     if explicit:
         return Tokenizer.load(explicit)
-    data = read_header(checkpoint).get("meta", {}).get("task", {}).get("data")
+    data = training_data(read_header(checkpoint))
     if not data:
         raise UserError(f"{checkpoint}: no data directory recorded; pass --tokenizer")
     return Tokenizer.load(data)
@@ -182,7 +182,7 @@ def image_model_and_data(checkpoint, data_dir, device):
 
     checkpoint = resolve_checkpoint(checkpoint)
     model, header = load_model(checkpoint, device)
-    data_dir = data_dir or header.get("meta", {}).get("task", {}).get("data")
+    data_dir = data_dir or training_data(header)
     if not data_dir:
         raise UserError(f"{checkpoint}: no image data directory recorded; pass --data")
     data = load_prepared_images(data_dir)
@@ -239,7 +239,7 @@ def cmd_knowledge_eval(args) -> None:
     from move.text.prepare import load_prepared
 
     model, header = load_model(resolve_checkpoint(args.checkpoint), pick_device(args.device))
-    data_dir = args.data or header.get("meta", {}).get("task", {}).get("data")
+    data_dir = args.data or training_data(header)
     data = load_prepared(data_dir)
     print(json.dumps(recall(model, data.tokenizer, load_knowledge(data_dir))))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from move.checkpoint import load_model, read_header
+from move.checkpoint import load_model, read_header, training_data
 from move.errors import UserError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `move` package
@@ -53,7 +53,7 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
     model, header = load_model(checkpoint, "cpu")
-    tokenizer_dir = tokenizer_dir or header.get("meta", {}).get("task", {}).get("data")
+    tokenizer_dir = tokenizer_dir or training_data(header)
     if not tokenizer_dir:
         raise UserError(f"{checkpoint}: no data directory recorded; pass --tokenizer")
     tokenizer = Tokenizer.load(tokenizer_dir)

@@ -17,13 +17,13 @@ from move.image.tokenizers import as_float
 SAMPLE_BATCH = 250
 
 
-def reference_features(data: PreparedImages, n: int, inception: InceptionFeatures) -> np.ndarray:
+def reference_features(data: PreparedImages, test_images: np.ndarray, n: int,
+                       inception: InceptionFeatures) -> np.ndarray:
     """Inception features of the first n test images, cached in the data directory."""
     path = data.directory / f"fid_reference_test_{n}.npy"
     if path.is_file():
         return np.load(path)
-    images = data.dataset().test_images[:n]
-    features = inception(images)
+    features = inception(test_images[:n])
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, features)
@@ -53,12 +53,13 @@ def evaluate_generator(model, data: PreparedImages, classifier_checkpoint, num_s
     grid with one row per class."""
     classifier, _ = load_model(classifier_checkpoint, "cpu", kind="classifier")  # fail before the slow part
     classifier.eval()
+    tokenizer, dataset = data.tokenizer(), data.dataset()  # once: samples and grid share them
     C = data.layout.num_classes
     labels = torch.arange(num_samples) % C
-    samples = generate_images(model, data, labels, cfg_scale, temperature, top_k, seed)
+    samples = generate_images(model, data, labels, cfg_scale, temperature, top_k, seed, tokenizer)
     inception = InceptionFeatures()
-    fid = fid_from_features(inception(samples.numpy()), reference_features(data, num_samples, inception))
-    dataset = data.dataset()
+    fid = fid_from_features(inception(samples.numpy()),
+                            reference_features(data, dataset.test_images, num_samples, inception))
     sample_accuracy = (classifier.predict(as_float(samples)) == labels).float().mean().item()
     test_accuracy = (classifier.predict(as_float(dataset.test_images)) == torch.from_numpy(dataset.test_labels)
                      ).float().mean().item()
@@ -68,7 +69,7 @@ def evaluate_generator(model, data: PreparedImages, classifier_checkpoint, num_s
               "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "seed": seed}
     if grid_path:
         grid_labels = class_grid_labels(C, grid_per_class)
-        grid = generate_images(model, data, grid_labels, cfg_scale, temperature, top_k, seed + 10**6)
+        grid = generate_images(model, data, grid_labels, cfg_scale, temperature, top_k, seed + 10**6, tokenizer)
         save_grid(grid, grid_per_class, grid_path)
         result["grid"] = str(grid_path)
     return result
