@@ -50,8 +50,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | None = None) -> Path:
-    """Atomically write checkpoint directory `path` (replacing an older one of that name)."""
+def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | None = None,
+                    state_dict: dict | None = None) -> Path:
+    """Atomically write checkpoint directory `path` (replacing an older one of that
+    name). state_dict: the weights to write instead of model.state_dict() (a
+    distributed job passes its gathered, unsharded one)."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -59,7 +63,7 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        files = {WEIGHTS: save_safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})}
+        files = {WEIGHTS: save_safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})}
         if train_state is not None:
             buffer = io.BytesIO()
             torch.save(train_state, buffer)

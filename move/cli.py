@@ -7,16 +7,19 @@ Every error a user can cause prints one line `error: ...` and exits with status 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from move.checkpoint import load_model, read_header, training_data
 from move.config import MODEL_PRESETS, ModelConfig
 from move.device import pick_device
 from move.errors import UserError
+from move.training.distributed import current, distributed_job, launched_by_torchrun, per_rank_batch
 from move.training.runs import build_run, config_overrides, resolve_checkpoint, train_config_from
 
 
@@ -61,9 +64,15 @@ def cmd_train(args) -> None:
     from move.training.trainer import Trainer
 
     torch.set_flush_denormal(True)  # AdamW slows ~20x on denormals on CPU
-    model, task, train_config = build_run(args)
-    summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
-    print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
+    with distributed_job(args.device or "auto"):  # under torchrun: one process per rank
+        model, task, train_config = build_run(args)
+        summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
+        print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+    if current().is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
 
 
 # ---------------------------------------------------------------------------- eval / sample
@@ -138,12 +147,14 @@ def train_image_helper(args, model_class, config_class, task_class, shape_fields
     dataset = dataset_from(args)
     train_config = train_config_from(args)
     config = config_class(**{**config_overrides(args, config_class), **shape_fields(dataset)})
-    torch.manual_seed(train_config.seed)
-    model = model_class(config).to(pick_device(train_config.device))
-    task = task_class(dataset, train_config.batch_size, train_config.loader_seed, args.eval_images)
-    task.check_model(model)
-    summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
-    print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
+    with distributed_job(train_config.device):
+        torch.manual_seed(train_config.seed)
+        model = model_class(config).to(pick_device(train_config.device))
+        task = task_class(dataset, per_rank_batch(train_config.batch_size), train_config.loader_seed,
+                          args.eval_images, current().rank, current().world_size)
+        task.check_model(model)
+        summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
+        print_summary(summary)
 
 
 def cmd_image_tokenizer(args) -> None:
@@ -494,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@record  # under torchrun: the failing rank's error goes into torchrun's failure report
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -504,6 +516,7 @@ def main(argv=None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        rank = f"rank {os.environ['RANK']}: " if launched_by_torchrun() else ""
+        print(f"error: {rank}{e}", file=sys.stderr)
         return 2
     return 0

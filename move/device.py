@@ -75,3 +75,24 @@ def peak_memory_mb(device) -> float | None:
 def resident_memory_mb() -> float | None:
     rss = _proc_status_kib("VmRSS")
     return None if rss is None else rss / 1024
+
+
+# Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, in
+# FLOP/s, matched against torch.cuda.get_device_name. PCIe parts clock lower.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
+    ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+)
+
+
+def peak_flops(device, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device for MFU: the override if given, else the data-sheet
+    bf16 peak of a known GPU; None when unknown (CPUs: no meaningful single figure)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)

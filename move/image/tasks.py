@@ -27,7 +27,11 @@ EVAL_BATCH = 256
 
 
 class ExampleLoader:
-    """next_batch() = make_batch(indices, rng) over a seeded EpochSampler."""
+    """next_batch() = make_batch(indices, uniforms) over a seeded EpochSampler.
+
+    uniforms holds one U[0, 1) number per example of this rank's slice, drawn for
+    the whole global batch from (seed, epoch, cursor) and then sliced, so an
+    example gets the same number whatever the number of processes."""
 
     def __init__(self, n: int, make_batch, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.sampler = EpochSampler(n, batch_size, seed, rank, world_size)
@@ -35,8 +39,8 @@ class ExampleLoader:
 
     def next_batch(self):
         s = self.sampler
-        rng = np.random.default_rng([s.seed, s.epoch, s.cursor])
-        return self.make_batch(s.next_indices(), rng)
+        uniforms = np.random.default_rng([s.seed, s.epoch, s.cursor]).random(s.batch_size * s.world_size)
+        return self.make_batch(s.next_indices(), uniforms[s.rank * s.batch_size:(s.rank + 1) * s.batch_size])
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -56,7 +60,7 @@ class ReconstructionTask:
         self.tokens_per_example = int(np.prod(dataset.shape[1:]))  # pixels
         images = dataset.train_images
 
-        def make_batch(indices, rng):
+        def make_batch(indices, uniforms):
             x = as_float(images[indices])
             return x, x
 
@@ -95,7 +99,7 @@ class ClassificationTask:
         self.tokens_per_example = int(np.prod(dataset.shape[1:]))
         images, labels = dataset.train_images, dataset.train_labels
 
-        def make_batch(indices, rng):
+        def make_batch(indices, uniforms):
             return as_float(images[indices]), torch.from_numpy(labels[indices])
 
         self.loader = ExampleLoader(len(labels), make_batch, batch_size, seed, rank, world_size)
@@ -141,9 +145,9 @@ class GenerationTask:
         tokens, labels = data.tokens("train"), data.labels("train")
         null = self.layout.null_token - self.layout.codebook_size  # the null "label"
 
-        def make_batch(indices, rng):
+        def make_batch(indices, uniforms):
             batch_labels = labels[indices].copy()
-            batch_labels[rng.random(len(indices)) < label_dropout] = null
+            batch_labels[uniforms < label_dropout] = null
             return conditional_sequences(tokens[indices], batch_labels, self.layout)
 
         self.loader = ExampleLoader(len(labels), make_batch, batch_size, seed, rank, world_size)

@@ -43,7 +43,7 @@ def value_memory_diagnostics(model, idx: torch.Tensor) -> dict[str, float]:
         out[f"vm/layer{layer}/slot_gate_std"] = slots.std().item()
     touched = torch.unique(idx)
     out["vm/rows_touched_frac"] = touched.numel() / model.config.vocab_size
-    norms = torch.cat([t.weight[touched.to(t.weight.device)].float().flatten(1).norm(dim=1).cpu()
+    norms = torch.cat([t.gather(touched.to(t.weight.device)).float().flatten(1).norm(dim=1).cpu()
                        for t in model.value_tables()])
     out["vm/row_norm_mean"] = norms.mean().item()
     out["vm/row_norm_max"] = norms.max().item()

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 
 from move.config import LAVE_GATE_CHANNELS, ModelConfig
+from move.errors import ConfigError
+from move.model.row_shard import RowShard
 
 
 GRAD_MODES = ("autograd", "dense", "sparse")
@@ -62,7 +64,7 @@ class _GatherRows(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.table, ctx.record = table, record
         ctx.save_for_backward(idx)
-        rows = weight[idx]
+        rows = table.gather(idx)
         ctx.mark_non_differentiable(rows)
         return rows, weight.new_zeros(())
 
@@ -80,13 +82,12 @@ class _GatherRows(torch.autograd.Function):
         grad_rows = grad_slots.new_zeros((len(rows), *weight.shape[1:]))
         grad_rows.index_add_(0, position, grad_slots.flatten(0, 1))
         grad_rows = grad_rows.to(weight.dtype)
+        if table.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
+            table.pending.append((rows, grad_rows))
+            return None, None, None, None
         if table.grad_mode == "sparse":
-            sparse = torch.sparse_coo_tensor(rows[None], grad_rows, weight.shape, is_coalesced=True, check_invariants=False)
-            return sparse, None, None, None
-        if weight.grad is None:  # allocated once, then reused: only touched rows are ever zeroed
-            weight.grad = torch.zeros_like(weight)
-        weight.grad.index_add_(0, rows, grad_rows)
-        table.touched.append(rows)
+            return table.sparse_grad(rows, grad_rows), None, None, None
+        table.add_dense_grad(rows, grad_rows)
         return None, None, None, None
 
 
@@ -131,16 +132,60 @@ class ValueTable(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, heads, slots, width_per_head))
         self.grad_mode = "dense"
         self.touched: list[torch.Tensor] = []
+        self.shard: RowShard | None = None  # set by shard(): weight then holds this rank's rows only
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # sharded: (ids, grads) not yet sent
+
+    def shard_rows(self, rank: int, world_size: int, group=None) -> None:
+        """Keep only this rank's rows (see move/model/row_shard.py). Every rank must
+        hold the same full table when this is called (same seed or checkpoint)."""
+        if self.grad_mode == "autograd":
+            raise ConfigError("a sharded value-memory table needs the fast path (value_memory_path fast)")
+        self.shard = RowShard(self.weight.shape[0], rank, world_size, group)
+        self.weight = nn.Parameter(self.weight.data[self.shard.start:self.shard.stop].clone())
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of the full table for token ids idx (any shape)."""
+        if self.shard is None:
+            return self.weight[idx]
+        ids, inverse = torch.unique(idx, return_inverse=True)
+        return self.shard.fetch(self.weight.detach(), ids)[inverse]
 
     def forward(self, idx: torch.Tensor) -> Slots:
         """idx (B, T) -> slots (B, T, heads, slots, width_per_head)."""
         if self.grad_mode == "autograd":
             return Slots(self.weight[idx], reference=True)
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return Slots(self.weight[idx])
+            return Slots(self.gather(idx))
         record = MixRecord()
         rows, carrier = _GatherRows.apply(self.weight, idx, self, record)
         return Slots(rows, carrier, record)
+
+    def sparse_grad(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_coo_tensor(rows[None], grad_rows, self.weight.shape, is_coalesced=True,
+                                       check_invariants=False)
+
+    def add_dense_grad(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        if self.weight.grad is None:  # allocated once, then reused: only touched rows are ever zeroed
+            self.weight.grad = torch.zeros_like(self.weight)
+        self.weight.grad.index_add_(0, rows, grad_rows)
+        self.touched.append(rows)
+
+    def reduce_shard_grads(self) -> None:
+        """Sharded tables, after the step's backward(s): send the row gradients to
+        their owners and set this rank's .grad. Every rank calls it every step -
+        also with nothing to send - so that the collectives match and every shard
+        is stepped like the unsharded table (whose gradient is never None)."""
+        heads, slots, width = self.weight.shape[1:]
+        ids = torch.cat([self.weight.new_zeros(0, dtype=torch.long)] + [r for r, _ in self.pending])
+        grads = torch.cat([self.weight.new_zeros(0, heads, slots, width)] + [g for _, g in self.pending])
+        self.pending.clear()
+        ids, position = torch.unique(ids, return_inverse=True)  # micro-batches may share rows
+        grads = grads.new_zeros((len(ids), heads, slots, width)).index_add_(0, position, grads)
+        rows, grad_rows = self.shard.reduce_grads(ids, grads)
+        if self.grad_mode == "sparse":
+            self.weight.grad = self.sparse_grad(rows, grad_rows)
+        else:
+            self.add_dense_grad(rows, grad_rows)
 
     def zero_touched_grad(self) -> None:
         """Zero the rows written since the last call, keeping the buffer."""

@@ -26,6 +26,7 @@ import torch
 from move.errors import ConfigError
 from move.model.accounting import param_group
 from move.model.gpt import GPT
+from move.training.distributed import all_reduce_
 from move.training.table_adamw import TableAdamW
 
 
@@ -120,12 +121,15 @@ def touched_rows(model) -> dict[int, torch.Tensor]:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | None = None,
+                   sharded: frozenset[int] = frozenset()) -> torch.Tensor:
     """Global-norm clipping that also handles sparse gradients (lazy mode), which
     torch.nn.utils.clip_grad_norm_ does not. `rows` (see touched_rows) lets a
     fast-path table's norm and rescaling read only its touched rows instead of the
     whole bank-sized buffer (the result is the same: the other rows are zero).
-    Returns the norm before clipping."""
+    `sharded` holds the ids of parameters split across the ranks of a distributed
+    job (row-sharded tables): their squares are summed over ranks, the rest are
+    replicated. Returns the norm before clipping."""
     rows = rows or {}
     grads = [(id(p), p.grad) for p in parameters if p.grad is not None]
 
@@ -134,7 +138,11 @@ def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | 
             return g.coalesce().values()
         return g.index_select(0, rows[key]) if key in rows else g
 
-    norm = torch.stack([nonzero_part(k, g).float().square().sum() for k, g in grads]).sum().sqrt()
+    squares = [(k, nonzero_part(k, g).float().square().sum()) for k, g in grads]
+    square = torch.stack([s for k, s in squares if k not in sharded] or [torch.zeros(())]).sum()
+    if sharded:
+        square = square + all_reduce_(torch.stack([s for k, s in squares if k in sharded] or [square.new_zeros(())]).sum())
+    norm = square.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for key, g in grads:
         if key in rows and not g.is_sparse:

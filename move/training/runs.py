@@ -12,6 +12,7 @@ import torch
 from move.config import ModelConfig, model_config_from_preset
 from move.device import pick_device
 from move.errors import UserError
+from move.training.distributed import current, per_rank_batch
 from move.training.optim import OptimConfig
 from move.training.trainer import TrainConfig, checkpoint_dirs
 
@@ -50,7 +51,7 @@ def build_run(args):
         overrides.setdefault("vocab_size", data.tokenizer.vocab_size)
     model_config = model_config_from_preset(args.preset, **overrides)
     torch.manual_seed(train_config.seed)
-    model = GPT(model_config).to(pick_device(train_config.device))
+    model = GPT(model_config).to(pick_device(train_config.device))  # (under torchrun: this rank's GPU)
     return model, build_task(data, model, train_config, getattr(args, "label_dropout", 0.1)), train_config
 
 
@@ -62,12 +63,13 @@ def build_task(data, model, train_config: TrainConfig, label_dropout: float = 0.
     from move.text.task import KnowledgeTask, TextTask
 
     c = train_config
+    batch, rank, world = per_rank_batch(c.batch_size), current().rank, current().world_size
     if isinstance(data, PreparedImages):
         eval_images = max(1, c.eval_tokens // data.tokens_per_image)
-        task = GenerationTask(data, c.batch_size, c.loader_seed, eval_images, label_dropout)
+        task = GenerationTask(data, batch, c.loader_seed, eval_images, label_dropout, rank, world)
     else:
         task_class = KnowledgeTask if (Path(data.directory) / "knowledge.json").exists() else TextTask
-        task = task_class(data, model.config.seq_len, c.batch_size, c.loader_seed, c.eval_tokens)
+        task = task_class(data, model.config.seq_len, batch, c.loader_seed, c.eval_tokens, rank, world)
     task.check_model(model)
     return task
 

@@ -11,7 +11,9 @@ tokenizer and classifier (move/image), which are trained by this same loop.
 Everything else is here: optimisers and schedule, gradient accumulation and
 clipping, periodic evaluation, metrics.jsonl / summary.json / a loss-curve PNG,
 rotating crash-safe checkpoints, exact resume, graceful stop on SIGINT/SIGTERM,
-and a guard against non-finite losses.
+a guard against non-finite losses, and multi-process training under torchrun
+(move/training/distributed.py: DDP for dense weights, row-sharded value memory,
+gather-on-save checkpoints that any number of processes resumes).
 
 Run directory:
     run.json          model config, train config, task, accounting
@@ -27,6 +29,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,12 +39,13 @@ from tqdm import tqdm
 
 from move.config import require_positive
 from move.checkpoint import check_compatible, config_mismatch, load_state_dict, load_train_state, save_checkpoint
-from move.device import autocast, peak_memory_mb, reset_peak_memory
+from move.device import autocast, peak_flops, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
 from move.files import atomic_write_json, atomic_write_text
 from move.model.diagnostics import value_memory_diagnostics
 from move.model.accounting import summarize
 from move.model.gpt import GPT
+from move.training import distributed
 from move.training.curves import plot_loss_curve
 from move.training.logging import Trackers, parse_loggers
 from move.training.optim import (OptimConfig, build_optimizers, clip_grad_norm, lr_multiplier, set_lr,
@@ -67,11 +71,15 @@ class TrainConfig:
     value_memory_path: str = "fast"  # "fast" (default) or "reference" (the direct implementation)
     value_memory_dtype: str = "float32"  # or "bfloat16": half the bank memory, fp32 optimiser state
     loggers: str = ""  # "tensorboard", "wandb" or both, comma-separated (metrics.jsonl is always written)
+    compile: bool = False  # torch.compile the training forward (worth it on GPUs; slow to start on CPU)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: the data-sheet bf16 peak of a known GPU, else no MFU
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> "TrainConfig":
         require_positive(self, ["steps", "batch_size", "grad_accum", "eval_every", "eval_tokens", "checkpoint_every",
                                 "keep_checkpoints"])
+        if self.peak_tflops < 0:
+            raise ConfigError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
         if self.value_memory_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
         parse_loggers(self.loggers)
@@ -127,26 +135,39 @@ class Trainer:
         self.model, self.task, self.config = model, task, config.validate()
         self.run_dir = Path(run_dir)
         self.device = next(model.parameters()).device
-        self.quiet = quiet
+        self.dist = distributed.current()
+        self.quiet = quiet or not self.dist.is_main  # only rank 0 prints
+        self.record = self._run_record()  # run.json, and the config the trackers show (before sharding)
         if isinstance(model, GPT):  # where and how value memory is stored and differentiated
             model.set_value_memory_dtype(getattr(torch, config.value_memory_dtype))
             model.set_value_memory_grad_mode(value_memory_grad_mode(config.value_memory_path,
                                                                     config.optim.value_memory_optimizer))
+            if self.dist.active:
+                distributed.shard_value_memory(model)
+        self.sharded_tables = list(distributed.sharded_tables(model).values())
         self.optimizers = build_optimizers(model, config.optim)
+        self.forward_model = distributed.wrap_ddp(model, self.device) if self.dist.active else model
+        if config.compile:
+            self.forward_model = torch.compile(self.forward_model)
         self.step = 0
         self.train_losses: list[float] = []
         self.train_time = 0.0  # seconds spent in training steps (not evaluation)
         self.tokens_per_step = config.batch_size * config.grad_accum * task.tokens_per_example
-        self.stop_requested = False
+        self.peak_flops = peak_flops(self.device, config.peak_tflops)
+        self.signal_received = False  # this process got SIGINT/SIGTERM
+        self.stop_agreed = False  # some rank got one (agreed on at the end of each step)
         self.last_inputs = None
-        self.record = self._run_record()  # run.json, and the config the trackers show
         self._prepare_run_dir(resume, force)
-        self.trackers = Trackers(config.loggers, self.run_dir, self.record)
+        self.trackers = Trackers(config.loggers if self.dist.is_main else "", self.run_dir, self.record)
 
     # ------------------------------------------------------------------ run directory
     def _run_record(self) -> dict:
         return {"model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
                 "task": self.task.describe(), "accounting": summarize(self.model)}
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_agreed if self.dist.active else self.signal_received
 
     def _prepare_run_dir(self, resume: bool, force: bool) -> None:
         record_path = self.run_dir / "run.json"
@@ -155,7 +176,12 @@ class Trainer:
                 raise UserError(f"{self.run_dir}: nothing to resume (no run.json)")
             self._check_same_run(json.loads(record_path.read_text()))
             self._resume_latest()
-            return
+        elif self.dist.is_main:
+            self._start_run_dir(force)
+        distributed.barrier()  # the others start once rank 0 has set the directory up
+
+    def _start_run_dir(self, force: bool) -> None:
+        record_path = self.run_dir / "run.json"
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not force:
                 raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it or --force to replace it")
@@ -168,31 +194,37 @@ class Trainer:
         mismatch = config_mismatch(saved, self.model.config)
         if mismatch:
             raise UserError(f"{self.run_dir}: the run was started with another model config ({mismatch})")
-        # through the dataclass, so fields added since the run started take their defaults
-        saved_train = {k: v for k, v in TrainConfig.from_dict(record["train_config"]).to_dict().items() if k != "steps"}
-        ours = {k: v for k, v in self.config.to_dict().items() if k != "steps"}
+        # through the dataclass, so fields added since the run started take their defaults;
+        # the length and the execution details may change on resume
+        free = ("steps", "compile", "peak_tflops", "loggers")
+        saved_train = {k: v for k, v in TrainConfig.from_dict(record["train_config"]).to_dict().items() if k not in free}
+        ours = {k: v for k, v in self.config.to_dict().items() if k not in free}
         for key in ours:
             if saved_train.get(key) != ours[key]:
                 raise UserError(f"{self.run_dir}: the run was started with {key}={saved_train.get(key)!r}, not {ours[key]!r}")
 
     def _resume_latest(self) -> None:
-        for stale in (self.run_dir / "checkpoints").glob(".step_*"):  # left by a kill mid-save
-            shutil.rmtree(stale, ignore_errors=True)
+        if self.dist.is_main:
+            for stale in (self.run_dir / "checkpoints").glob(".step_*"):  # left by a kill mid-save
+                shutil.rmtree(stale, ignore_errors=True)
         if not checkpoint_dirs(self.run_dir):  # stopped before its first checkpoint: start over
             self._truncate_metrics(0)
             if not self.quiet:
                 print(f"{self.run_dir}: no checkpoint yet, starting from step 0")
             return
         for ckpt in reversed(checkpoint_dirs(self.run_dir)):
-            try:
+            try:  # checkpoints are unsharded: each rank keeps its rows of the tables
                 state_dict, header = load_state_dict(ckpt)
+                state_dict = distributed.local_state_dict(self.model, state_dict)
                 check_compatible(self.model, state_dict, ckpt)
                 train_state = load_train_state(ckpt)
+                optimizer_states = [distributed.local_optimizer_state(opt, self.model, s)
+                                    for opt, s in zip(self.optimizers, train_state["optimizers"])]
             except CheckpointError as e:
                 print(f"warning: skipping checkpoint {ckpt.name}: {e}", file=sys.stderr)
                 continue
             self.model.load_state_dict(state_dict)
-            for opt, s in zip(self.optimizers, train_state["optimizers"]):
+            for opt, s in zip(self.optimizers, optimizer_states):
                 opt.load_state_dict(s)
             self.task.loader.load_state_dict(train_state["loader"])
             set_rng_state(train_state["rng"])
@@ -207,21 +239,29 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint: they will be logged again."""
+        if not self.dist.is_main:
+            return
         keep = [m for m in read_metrics(self.run_dir) if m["step"] <= step]
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in keep))
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0; the others send their table shards)."""
+        model_state = distributed.full_state_dict(self.model)
+        optimizer_states = [distributed.full_optimizer_state(opt, self.model) for opt in self.optimizers]
+        if not self.dist.is_main:
+            return None
         train_state = {
             "step": self.step,
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "optimizers": optimizer_states,
             "loader": self.task.loader.state_dict(),
             "rng": rng_state(),
             "train_losses": self.train_losses,
             "train_time": self.train_time,
         }
         path = save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}", self.model,
-                               meta={"step": self.step, "task": self.task.describe()}, train_state=train_state)
+                               meta={"step": self.step, "task": self.task.describe()}, train_state=train_state,
+                               state_dict=model_state)
         for old in checkpoint_dirs(self.run_dir)[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
         return path
@@ -231,17 +271,27 @@ class Trainer:
         c = self.config
         set_lr(self.optimizers, lr_multiplier(self.step, c.steps, c.optim))
         total = torch.zeros((), device=self.device)
-        for _ in range(c.grad_accum):
+        for micro in range(c.grad_accum):
             x, y = self.task.loader.next_batch()
+            if self.device.type == "cuda":  # page-locked, so the copy below runs asynchronously
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.last_inputs = x
-            with autocast(self.device):
-                loss = self.model(x, targets=y)
-            (loss / c.grad_accum).backward()
+            last = micro == c.grad_accum - 1  # DDP all-reduces on the last micro-batch only
+            with (nullcontext() if last or not self.dist.active else self.forward_model.no_sync()):
+                with autocast(self.device):
+                    loss = self.forward_model(x, targets=y)
+                (loss / c.grad_accum).backward()
             total += loss.detach()
+        distributed.maybe_inject_fault(self.step + 1)
+        for table in self.sharded_tables:
+            table.reduce_shard_grads()
         loss = (total / c.grad_accum).item()
+        if self.dist.active:  # the global mean loss, and whether any rank was asked to stop
+            loss_sum, signals = distributed.all_reduce_sum([loss, float(self.signal_received)], self.device)
+            loss, self.stop_agreed = loss_sum / self.dist.world_size, signals > 0
         grad_norm = clip_grad_norm(list(self.model.parameters()), c.optim.grad_clip or float("inf"),
-                                   touched_rows(self.model))
+                                   touched_rows(self.model), frozenset(id(t.weight) for t in self.sharded_tables))
         if not (np.isfinite(loss) and torch.isfinite(grad_norm)):
             raise NonFiniteLossError(f"non-finite loss or gradient at step {self.step + 1} (loss {loss}); "
                                      f"the newest checkpoint is the last good state")
@@ -251,10 +301,18 @@ class Trainer:
         return loss
 
     def _request_stop(self, signum, frame) -> None:
-        self.stop_requested = True
+        self.signal_received = True
+
+    def _throughput(self) -> dict:
+        tok_per_s = self.step * self.tokens_per_step / self.train_time if self.train_time else 0.0
+        out = {"tok_per_s": tok_per_s}
+        if self.peak_flops and "training_flops_per_token" in self.record["accounting"]:
+            flops = self.record["accounting"]["training_flops_per_token"] * tok_per_s
+            out["mfu"] = flops / (self.peak_flops * self.dist.world_size)
+        return out
 
     def _log_eval(self) -> dict:
-        metrics = self.task.evaluate(self.model)
+        metrics = self.task.evaluate(self.model)  # on every rank: a sharded table's forward is collective
         # the steps since the previous evaluation: a function of the step alone, so a
         # resumed run logs exactly what an uninterrupted one does
         since = (self.step - 1) // self.config.eval_every * self.config.eval_every
@@ -264,10 +322,12 @@ class Trainer:
             "tokens": self.step * self.tokens_per_step,
             "train_loss": float(np.mean(recent)) if recent else float("nan"),
             **metrics,
-            "tok_per_s": self.step * self.tokens_per_step / self.train_time if self.train_time else 0.0,
+            **self._throughput(),
         }
-        if isinstance(self.model, GPT) and self.last_inputs is not None:  # on the last training batch
+        if isinstance(self.model, GPT) and self.last_inputs is not None:  # on (rank 0's slice of) the last batch
             record.update(value_memory_diagnostics(self.model, self.last_inputs))
+        if not self.dist.is_main:
+            return record
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.trackers.log(record, self.step)
@@ -300,9 +360,10 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if self.stop_requested and self.step < c.steps:
-            print(f"stopped at step {self.step}; checkpoint written, continue with --resume", file=sys.stderr)
+            if self.dist.is_main:
+                print(f"stopped at step {self.step}; checkpoint written, continue with --resume", file=sys.stderr)
             return {"stopped_at": self.step}
-        return self._finish()
+        return self._finish() if self.dist.is_main else {}
 
     def _finish(self) -> dict:
         metrics = read_metrics(self.run_dir)
@@ -312,12 +373,13 @@ class Trainer:
             "steps": self.step,
             "tokens_seen": self.step * self.tokens_per_step,
             "train_time_s": self.train_time,
-            "tok_per_s": self.step * self.tokens_per_step / self.train_time,
-            "peak_memory_mb": peak_memory_mb(self.device),
+            **self._throughput(),
+            "peak_memory_mb": peak_memory_mb(self.device),  # of rank 0
             "device": str(self.device),
+            "world_size": self.dist.world_size,
             "cpu_threads": torch.get_num_threads(),
             "task": self.task.describe(),
-            "accounting": summarize(self.model),
+            "accounting": self.record["accounting"],
             "checkpoint": str(checkpoint_dirs(self.run_dir)[-1]),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)

@@ -1,0 +1,223 @@
+"""Multi-process training on PyTorch's own stack: torchrun + torch.distributed.
+
+    torchrun --nproc_per_node=N -m move train ...
+
+What lives where, with N processes:
+- Data: each rank reads its contiguous slice of every global batch (the
+  EpochSampler); --batch-size is the global batch, so N processes see exactly
+  what one process sees, and the loader state is the same on every rank.
+- Dense weights (embedding, transformer matrices, routers, lm_head) are
+  replicated; DDP averages their gradients, overlapping the all-reduce with the
+  backward. Every rank runs the same optimiser step on the same averaged
+  gradients, so replicas stay equal.
+- Value-memory tables (the MoVE bank, LaVE's tables) are sharded by rows and
+  left out of DDP (move/model/row_shard.py): each rank stores and optimises
+  1/N of the rows.
+- Gradient clipping uses the global norm: the replicated part is the same on
+  every rank, the sharded part is summed across ranks.
+- Checkpoints are gathered on save: rank 0 receives the table shards and the
+  optimiser moments of their rows and writes the ordinary unsharded checkpoint
+  (atomically, as in one process), so any number of processes - one included -
+  resumes it, and a crash never leaves a partial checkpoint.
+- Only rank 0 writes files, logs and prints. Every rank evaluates (the same
+  batches), because a sharded table's forward is collective; rank 0 records.
+- Process groups: gloo on CPU, NCCL on CUDA (one GPU per process, by LOCAL_RANK).
+  The tables' traffic has its own group so that it never interleaves with DDP's.
+"""
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from move.device import pick_device
+from move.errors import ConfigError
+
+FAULT_ENV = "MOVE_INJECT_FAULT"  # "rank:step": that rank raises at that step (tests of failure handling)
+
+
+@dataclass(frozen=True)
+class DistState:
+    rank: int = 0
+    world_size: int = 1
+    memory_group: object = None  # process group for value-memory traffic
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def current() -> DistState:
+    """The job's distributed state (one process: rank 0 of 1)."""
+    return _state
+
+
+_state = DistState()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def distributed_job(requested_device: str = "auto"):
+    """Set up the process group when launched by torchrun (a no-op for one
+    process) and tear it down on the way out. Yields the device this rank uses."""
+    global _state
+    device = pick_device(requested_device)
+    if not launched_by_torchrun():
+        yield device
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=float(os.environ.get("MOVE_DIST_TIMEOUT_S", "600")))
+    dist.init_process_group(backend, timeout=timeout)
+    _state = DistState(rank, world_size, dist.new_group(backend=backend))
+    try:
+        yield device
+    finally:
+        _state = DistState()
+        dist.destroy_process_group()
+
+
+def per_rank_batch(batch_size: int) -> int:
+    world = current().world_size
+    if batch_size % world:
+        raise ConfigError(f"batch_size {batch_size} is the global batch and must divide evenly over {world} processes")
+    return batch_size // world
+
+
+def shard_value_memory(model) -> None:
+    """Row-shard every value-memory table of a GPT across the job's ranks."""
+    s = current()
+    for table in model.value_tables():
+        if table.weight.shape[0] < s.world_size:
+            raise ConfigError(f"a table of {table.weight.shape[0]} rows cannot be sharded over {s.world_size} ranks")
+        table.shard_rows(s.rank, s.world_size, s.memory_group)
+
+
+def sharded_tables(model) -> dict[str, object]:
+    """{state-dict key of the weight: table} for the model's sharded tables."""
+    tables = model.value_tables() if hasattr(model, "value_tables") else []
+    by_module = {id(t): t for t in tables if t.shard is not None}
+    return {f"{name}.weight": by_module[id(m)] for name, m in model.named_modules() if id(m) in by_module}
+
+
+def wrap_ddp(model, device: torch.device) -> nn.Module:
+    """DDP over the dense weights; sharded tables are left out (they sync their rows
+    themselves). No buffer syncing per forward: the only buffers are rotary tables
+    that every rank computes the same way."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(sharded_tables(model)))
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if current().active:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    if current().active:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def barrier() -> None:
+    if current().active:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------- gather on save / shard on load
+def _gather_rows(table, local: torch.Tensor) -> torch.Tensor | None:
+    """The full (num_rows, ...) tensor on rank 0 (None elsewhere) from each rank's
+    rows of a table-shaped tensor (the weight, or an optimiser moment)."""
+    shard = table.shard
+    padded = local.new_zeros((shard.per_rank, *local.shape[1:]))
+    padded[: len(local)] = local
+    chunks = [torch.empty_like(padded) for _ in range(shard.world_size)] if shard.rank == 0 else None
+    dist.gather(padded, chunks, dst=0, group=shard.group)
+    return torch.cat(chunks)[: shard.num_rows].cpu() if shard.rank == 0 else None
+
+
+def _slice_rows(table, full: torch.Tensor, what: str) -> torch.Tensor:
+    from move.errors import CheckpointError
+
+    if full.shape[0] != table.shard.num_rows:
+        raise CheckpointError(f"{what}: the checkpoint has {full.shape[0]} rows, the model {table.shard.num_rows}")
+    return full[table.shard.start:table.shard.stop].clone()
+
+
+def full_state_dict(model) -> dict | None:
+    """The unsharded state dict on rank 0 (None on the others)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    for key, table in sharded_tables(model).items():
+        state[key] = _gather_rows(table, state[key])
+    return state if current().is_main else None
+
+
+def local_state_dict(model, full: dict) -> dict:
+    """This rank's part of an unsharded state dict."""
+    local = dict(full)
+    for key, table in sharded_tables(model).items():
+        if key in local:
+            local[key] = _slice_rows(table, local[key], key)
+    return local
+
+
+def _table_states(optimizer, model):
+    """(index in the optimizer's state dict, table) of the sharded tables it holds."""
+    tables = {id(t.weight): t for t in sharded_tables(model).values()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [(i, tables[id(p)]) for i, p in enumerate(params) if id(p) in tables]
+
+
+def full_optimizer_state(optimizer, model) -> dict | None:
+    """The optimizer state dict as one process would hold it, on rank 0: the
+    per-row moments of sharded tables are gathered (scalars such as the step
+    count are the same on every rank)."""
+    state = optimizer.state_dict()
+    for index, table in _table_states(optimizer, model):
+        entry = dict(state["state"].get(index, {}))
+        for name, value in entry.items():
+            if torch.is_tensor(value) and value.dim() == table.weight.dim():
+                entry[name] = _gather_rows(table, value)
+        state["state"][index] = entry
+    return state if current().is_main else None
+
+
+def local_optimizer_state(optimizer, model, full: dict) -> dict:
+    """This rank's part of an unsharded optimizer state dict."""
+    state = {"state": dict(full["state"]), "param_groups": full["param_groups"]}
+    for index, table in _table_states(optimizer, model):
+        entry = dict(state["state"].get(index, {}))
+        for name, value in entry.items():
+            if torch.is_tensor(value) and value.dim() == table.weight.dim():
+                entry[name] = _slice_rows(table, value, f"optimizer state {name}")
+        state["state"][index] = entry
+    return state
+
+
+def maybe_inject_fault(step: int) -> None:
+    """Raise on the rank and step named by MOVE_INJECT_FAULT="rank:step" (only
+    for testing how a job handles a failing process)."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec:
+        rank, at = (int(x) for x in spec.split(":"))
+        if rank == current().rank and step == at:
+            raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_ENV}={spec})")

@@ -1,0 +1,151 @@
+"""Multi-process training under torchrun on CPU (2 processes, gloo): the same
+result as one process, sharded-bank checkpoints that resume with another number
+of processes, and a failing rank that stops the job without harming checkpoints.
+
+Comparisons use AdamW for the matrices and modest learning rates: Muon
+orthogonalises in bf16, which turns the ~1e-7 differences of a different fp32
+summation order into bf16 rounding flips, and Adam's first steps move every
+element by about the learning rate whatever its gradient's size, so noise-level
+gradients would differ by a full step. With these settings a correct job agrees
+to ~1e-5; a wrong one (rows sent to the wrong owner, gradients not averaged,
+the wrong batch slice) differs by about a learning rate.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from move.checkpoint import load_state_dict, load_train_state
+from move.cli import main
+
+COMMON = ["--preset", "tiny", "--batch-size", "8", "--eval-tokens", "2048", "--optimizer", "adamw",
+          "--lr-value-memory", "0.02", "--lr-embedding", "0.02", "--seed", "3"]
+VARIANTS = {
+    "standard": ["--variant", "standard"],
+    "lave-exact": ["--variant", "lave", "--value-memory-optimizer", "exact"],
+    "lave-lazy": ["--variant", "lave", "--value-memory-optimizer", "lazy"],
+    "move-exact": ["--variant", "move", "--density", "4", "--value-memory-optimizer", "exact"],
+    "move-lazy": ["--variant", "move", "--density", "4", "--value-memory-optimizer", "lazy"],
+}
+
+
+def torchrun(args, nproc=2, fault=None):
+    """`torchrun --nproc_per_node=nproc -m move train ARGS` (1 thread per process: two
+    processes with 2 threads each on 2 cores slow each other down 10x or more)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MOVE_INJECT_FAULT", None)
+    if fault:
+        env["MOVE_INJECT_FAULT"] = fault
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--max-restarts=0",
+               "-m", "move", "train", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def run_both(tmp_path, data, extra, steps=6):
+    """(one-process run dir, two-process run dir) of the same training."""
+    args = ["--data", data, *COMMON, *extra, "--steps", steps, "--eval-every", 3, "--checkpoint-every", 3]
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *map(str, args), "--out", str(single)]) == 0
+    result = torchrun([*args, "--out", double])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return single, double
+
+
+def assert_same_state(ckpt_a, ckpt_b, atol=2e-4):
+    a, _ = load_state_dict(ckpt_a)
+    b, _ = load_state_dict(ckpt_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+    # the optimisers' moments too (gathered from the shards): a gradient not
+    # averaged over ranks would leave the weights of a scale-free Adam close but
+    # its first moment twice as large
+    sa, sb = load_train_state(ckpt_a), load_train_state(ckpt_b)
+    assert sa["step"] == sb["step"] and sa["loader"] == sb["loader"]
+    for opt_a, opt_b in zip(sa["optimizers"], sb["optimizers"]):
+        for index, state in opt_a["state"].items():
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.dim():
+                    other = opt_b["state"][index][name]
+                    scale = value.abs().max().item() or 1.0
+                    torch.testing.assert_close(value, other, atol=1e-3 * scale, rtol=0, msg=f"{index} {name}")
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(run_a, run_b, keys):
+    ma, mb = metrics(run_a), metrics(run_b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for a, b in zip(ma, mb):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_processes_equal_one(tmp_path, prepared_dir, variant):
+    """Per-rank batch B/2 on 2 processes == batch B on one: weights, optimiser
+    state and the logged losses; MoVE and LaVE tables are row-sharded."""
+    single, double = run_both(tmp_path, prepared_dir, VARIANTS[variant])
+    assert_same_state(single / "checkpoints" / "step_000006", double / "checkpoints" / "step_000006")
+    assert_same_metrics(single, double, ["train_loss", "val_bpb"])
+    summary = json.loads((double / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["tokens_seen"] == 6 * 8 * 64
+    # the accounting is of the whole model, not of rank 0's shard
+    one = json.loads((single / "summary.json").read_text())
+    assert summary["accounting"] == one["accounting"]
+
+
+def test_two_processes_equal_one_on_images(tmp_path, digits_tokens):
+    """The class-conditional image GPT (label dropout included) under torchrun."""
+    single, double = run_both(tmp_path, digits_tokens, VARIANTS["move-exact"])
+    assert_same_state(single / "checkpoints" / "step_000006", double / "checkpoints" / "step_000006")
+    assert_same_metrics(single, double, ["train_loss", "val_nll_bits"])
+
+
+@pytest.fixture(scope="module")
+def failed_job(tmp_path_factory, prepared_dir):
+    """A sharded MoVE job on 2 processes whose rank 1 fails in the middle of step 6,
+    after checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("failing") / "run"
+    args = ["--data", prepared_dir, *COMMON, *VARIANTS["move-lazy"], "--steps", 8, "--eval-every", 2,
+            "--checkpoint-every", 2, "--keep-checkpoints", 3, "--out", run]
+    result = torchrun(args, fault="1:6")
+    return run, args, result
+
+
+def test_failing_rank_fails_the_job_and_keeps_checkpoints(failed_job):
+    run, _, result = failed_job
+    assert result.returncode != 0
+    assert "injected fault on rank 1 at step 6" in result.stderr
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_000002", "step_000004"]  # nothing partial, nothing from the failed step
+    for name in names:
+        load_state_dict(run / "checkpoints" / name)  # checksums verify
+    assert [m["step"] for m in metrics(run)] == [2, 4]
+
+
+def test_two_process_checkpoint_resumes_with_one(tmp_path, failed_job, prepared_dir):
+    """Saved by 2 processes (sharded bank), resumed by 1: the run continues exactly
+    as an uninterrupted one-process run."""
+    run, args, _ = failed_job
+    args = [str(a) for a in args]
+    assert main(["train", *args, "--resume"]) == 0
+    reference = tmp_path / "reference"
+    out = args.index("--out")
+    assert main(["train", *args[:out], "--out", str(reference)]) == 0
+    assert_same_state(run / "checkpoints" / "step_000008", reference / "checkpoints" / "step_000008")
+    assert_same_metrics(run, reference, ["train_loss", "val_bpb"])
+
+
+def test_batch_must_split_evenly(tmp_path, prepared_dir):
+    result = torchrun(["--data", prepared_dir, *COMMON, "--batch-size", 7, "--steps", 1, "--out", tmp_path / "r"])
+    assert result.returncode != 0
+    assert "batch_size 7 is the global batch and must divide evenly over 2 processes" in result.stderr
+    assert not (tmp_path / "r").exists()
