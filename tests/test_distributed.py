@@ -149,3 +149,28 @@ def test_batch_must_split_evenly(tmp_path, prepared_dir):
     assert result.returncode != 0
     assert "batch_size 7 is the global batch and must divide evenly over 2 processes" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_gpu_smoke_script_on_cpu(tmp_path, prepared_dir):
+    """The GPU smoke runner, on the CPU with the tiny preset (one variant under
+    torchrun): it trains, collects and tabulates; MFU is n/a without a known peak."""
+    from move.experiments.smoke import main as smoke
+
+    out = tmp_path / "smoke"
+    args = ["--allow-cpu", "--preset", "tiny", "--vocab-size", "512", "--steps", "2", "--batch-size", "4",
+            "--data", str(prepared_dir), "--out", str(out)]
+    assert smoke([*args, "--variants", "standard", "move_x1"]) == 0
+    assert smoke([*args, "--variants", "move_x4", "--nproc", "2", "--out", str(out / "two")]) == 0
+    text = (out / "smoke.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| standard") or line.startswith("| move_x1")]
+    assert len(rows) == 2 and all("| n/a |" in row for row in rows)
+    assert json.loads((out / "two" / "move_x4" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_gpu_smoke_refuses_without_cuda(capsys):
+    from move.experiments.smoke import main as smoke
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert smoke(["--out", "unused"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
