@@ -13,8 +13,10 @@ the wrong batch slice) differs by about a learning rate.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -174,3 +176,56 @@ def test_gpu_smoke_refuses_without_cuda(capsys):
         pytest.skip("a CUDA device is present")
     assert smoke(["--out", "unused"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_sigterm_stops_every_rank_at_the_same_step(tmp_path, prepared_dir):
+    """SIGTERM to torchrun reaches both ranks; they agree on the step to stop at,
+    write one checkpoint and exit; the run resumes from it."""
+    run = tmp_path / "run"
+    args = ["--data", prepared_dir, *COMMON, *VARIANTS["move-exact"], "--steps", 100000, "--eval-every", 2,
+            "--checkpoint-every", 1000, "--out", run]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MOVE_INJECT_FAULT", None)
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "move",
+                            "train", *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert job.poll() is None and time.time() < deadline, "the job never reached its first evaluation"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert "stopped at step" in stderr, stderr[-2000:]
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    _, header = load_state_dict(checkpoint)
+    assert header["meta"]["step"] >= 2
+    assert main(["train", *map(str, args[:-2]), "--steps", str(header["meta"]["step"] + 1), "--out", str(run),
+                 "--resume"]) == 0
+
+
+def test_mfu_is_training_flops_over_peak(tmp_path, prepared_dir):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(prepared_dir), *COMMON, "--steps", "2", "--eval-every", "2",
+                 "--peak-tflops", "0.5", "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    expected = summary["accounting"]["training_flops_per_token"] * summary["tok_per_s"] / 0.5e12
+    assert summary["mfu"] == pytest.approx(expected, rel=1e-9)
+    assert 0 < summary["mfu"] < 1
+    assert "mfu" in metrics(run)[-1]
+
+
+def test_distributed_benchmark_runs(tmp_path):
+    """benchmarks' sharded / FSDP2 / replicated comparison, at toy size: all three
+    modes train the same model (equal losses), sharding moves and holds less."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "dist"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "-m", "move.experiments.dist_bench", "--vocab", "4096", "--n-layer", "1", "--n-embd", "64",
+                             "--n-head", "2", "--seq-len", "16", "--batch-size", "2", "--steps", "3", "--rounds", "1",
+                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    modes = json.loads(out.with_suffix(".json").read_text())["modes"]
+    assert set(modes) == {"sharded", "fsdp2", "replicated"}
+    assert all(m["max_loss_diff_to_sharded"] < 1e-4 for m in modes.values())
+    assert modes["sharded"]["value_memory_comm_mb_per_step"] < modes["replicated"]["value_memory_comm_mb_per_step"]
+    assert modes["sharded"]["value_memory_held_mb"] == pytest.approx(modes["replicated"]["value_memory_held_mb"] / 2)
