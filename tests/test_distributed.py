@@ -278,3 +278,22 @@ def test_sharded_table_rows_and_gradients(tmp_path, grad_mode):
         out = torch.load(tmp_path / f"{rank}.pt")
         start = out["start"]
         torch.testing.assert_close(out["grad"], expected_grad[start:start + len(out["grad"])])
+
+
+def test_compiled_training_equals_eager(tmp_path, prepared_dir):
+    """--compile true (torch.compile of the training forward; the value-memory
+    gather and fast mix stay eager) trains the same model as eager mode."""
+    args = ["train", "--data", str(prepared_dir), *COMMON, *VARIANTS["move-exact"], "--steps", "3",
+            "--eval-every", "3"]
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*args, "--compile", "true", "--out", str(tmp_path / "compiled")]) == 0
+    assert_same_state(tmp_path / "eager" / "checkpoints" / "step_000003",
+                      tmp_path / "compiled" / "checkpoints" / "step_000003")
+    assert_same_metrics(tmp_path / "eager", tmp_path / "compiled", ["train_loss", "val_bpb"])
+
+
+@pytest.mark.slow
+def test_compiled_training_under_torchrun(tmp_path, prepared_dir):
+    """torch.compile over DDP with a sharded bank (about a minute on 2 cores)."""
+    single, double = run_both(tmp_path, prepared_dir, [*VARIANTS["move-exact"], "--compile", "true"], steps=3)
+    assert_same_state(single / "checkpoints" / "step_000003", double / "checkpoints" / "step_000003")

@@ -150,6 +150,10 @@ class ValueTable(nn.Module):
         ids, inverse = torch.unique(idx, return_inverse=True)
         return self.shard.fetch(self.weight.detach(), ids)[inverse]
 
+    # Not traced by torch.compile: the fast path's backward talks to the layers' mixes
+    # through a side channel (MixRecord) and a sharded table runs collectives, neither of
+    # which dynamo can trace; compiled models run the rest of each block compiled.
+    @torch.compiler.disable
     def forward(self, idx: torch.Tensor) -> Slots:
         """idx (B, T) -> slots (B, T, heads, slots, width_per_head)."""
         if self.grad_mode == "autograd":
@@ -214,13 +218,18 @@ def _mix_direct(v, slot_values, gates, gate_g0):
     return base + torch.einsum("bths,bthsd->bthd", slot_gates.to(slot_values.dtype), slot_values).to(v.dtype)
 
 
+@torch.compiler.disable  # see ValueTable.forward
+def _fast_mix(v, gates, slots: Slots, gate_g0: bool) -> torch.Tensor:
+    return _FastMix.apply(v, gates, slots.values, slots.carrier, slots.record, gate_g0)
+
+
 def mix_values(v: torch.Tensor, slots: Slots, gates: torch.Tensor, gate_g0: bool) -> torch.Tensor:
     """v (B,T,H,D), slots (B,T,H,S,D), gates (B,T,H,S+g0) -> mixed v (B,T,H,D).
 
     Inference and the "dense"/"sparse" fast paths share one forward (_mix); the
     reference path ("autograd" tables) is the direct einsum with autograd."""
     if slots.record is not None:
-        return _FastMix.apply(v, gates, slots.values, slots.carrier, slots.record, gate_g0)
+        return _fast_mix(v, gates, slots, gate_g0)
     if slots.reference:
         return _mix_direct(v, slots.values, gates, gate_g0)
     return _mix(v, slots.values, gates, gate_g0)
