@@ -297,3 +297,16 @@ def test_compiled_training_under_torchrun(tmp_path, prepared_dir):
     """torch.compile over DDP with a sharded bank (about a minute on 2 cores)."""
     single, double = run_both(tmp_path, prepared_dir, [*VARIANTS["move-exact"], "--compile", "true"], steps=3)
     assert_same_state(single / "checkpoints" / "step_000003", double / "checkpoints" / "step_000003")
+
+
+@pytest.mark.parametrize("command,extra", [("image-classifier", []), ("image-tokenizer", ["--hidden", "16"])])
+def test_image_helpers_under_torchrun(tmp_path, command, extra):
+    """The VQ-VAE tokenizer and the classifier: DDP over conv nets, same result."""
+    args = ["--dataset", "digits", "--steps", "4", "--batch-size", "8", "--eval-every", "4", "--seed", "1", *extra]
+    assert main([command, *args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "move",
+                             command, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_state(tmp_path / "one" / "checkpoints" / "step_000004", tmp_path / "two" / "checkpoints" / "step_000004")
