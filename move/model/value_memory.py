@@ -191,10 +191,18 @@ class ValueTable(nn.Module):
         else:
             self.add_dense_grad(rows, grad_rows)
 
+    def touched_rows(self) -> torch.Tensor | None:
+        """The distinct rows of the dense gradient written since the last zeroing.
+        Each backward appends its (already distinct) rows; several micro-batches are
+        merged once, here, and the merged list is kept for the next caller."""
+        if len(self.touched) > 1:
+            self.touched[:] = [torch.cat(self.touched).unique()]
+        return self.touched[0] if self.touched else None
+
     def zero_touched_grad(self) -> None:
         """Zero the rows written since the last call, keeping the buffer."""
         if self.touched and self.weight.grad is not None and not self.weight.grad.is_sparse:
-            self.weight.grad.index_fill_(0, torch.cat(self.touched).unique(), 0)
+            self.weight.grad.index_fill_(0, self.touched_rows(), 0)
         self.touched.clear()
 
 

@@ -200,7 +200,7 @@ class PreparedData:
         return np.memmap(self.directory / info["file"], dtype=self.manifest["dtype"], mode="r")
 
 
-def load_prepared(directory, verify: bool = True) -> PreparedData:
+def load_prepared(directory) -> PreparedData:
     """Open a prepared directory, checking manifest, shard sizes and checksums,
     and that the tokenizer on disk is the one the tokens were made with."""
     directory = Path(directory)
@@ -216,6 +216,6 @@ def load_prepared(directory, verify: bool = True) -> PreparedData:
             raise DataError(f"{file}: missing shard")
         if file.stat().st_size != info["tokens"] * itemsize:
             raise DataError(f"{file}: size {file.stat().st_size} bytes, manifest says {info['tokens']} tokens x {itemsize}")
-        if verify and hashlib.sha256(file.read_bytes()).hexdigest() != info["sha256"]:
+        if hashlib.sha256(file.read_bytes()).hexdigest() != info["sha256"]:
             raise DataError(f"{file}: checksum does not match the manifest (corrupted shard)")
     return PreparedData(directory, manifest, tokenizer)

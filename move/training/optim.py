@@ -116,7 +116,7 @@ def touched_rows(model) -> dict[int, torch.Tensor]:
     zero outside the rows this step touched."""
     if not isinstance(model, GPT):
         return {}
-    return {id(t.weight): torch.cat(t.touched).unique() for t in model.value_tables()
+    return {id(t.weight): t.touched_rows() for t in model.value_tables()
             if t.grad_mode == "dense" and t.touched and t.weight.grad is not None}
 
 
