@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from move.device import pick_device
-from move.errors import ConfigError
+from move.errors import CheckpointError, ConfigError
 
 FAULT_ENV = "MOVE_INJECT_FAULT"  # "rank:step": that rank raises at that step (tests of failure handling)
 
@@ -156,8 +156,6 @@ def _gather_rows(table, local: torch.Tensor) -> torch.Tensor | None:
 
 
 def _slice_rows(table, full: torch.Tensor, what: str) -> torch.Tensor:
-    from move.errors import CheckpointError
-
     if full.shape[0] != table.shard.num_rows:
         raise CheckpointError(f"{what}: the checkpoint has {full.shape[0]} rows, the model {table.shard.num_rows}")
     return full[table.shard.start:table.shard.stop].clone()
@@ -187,30 +185,31 @@ def _table_states(optimizer, model):
     return [(i, tables[id(p)]) for i, p in enumerate(params) if id(p) in tables]
 
 
-def full_optimizer_state(optimizer, model) -> dict | None:
-    """The optimizer state dict as one process would hold it, on rank 0: the
-    per-row moments of sharded tables are gathered (scalars such as the step
-    count are the same on every rank)."""
-    state = optimizer.state_dict()
+def _map_row_states(optimizer, model, state: dict, fn) -> dict:
+    """state with fn(table, tensor) applied to the per-row tensors (those shaped like
+    the weight: Adam moments) of the sharded tables' optimiser state; scalars such
+    as the step count are the same on every rank and stay as they are."""
+    state = {"state": dict(state["state"]), "param_groups": state["param_groups"]}
     for index, table in _table_states(optimizer, model):
         entry = dict(state["state"].get(index, {}))
         for name, value in entry.items():
             if torch.is_tensor(value) and value.dim() == table.weight.dim():
-                entry[name] = _gather_rows(table, value)
+                entry[name] = fn(table, value)
         state["state"][index] = entry
+    return state
+
+
+def full_optimizer_state(optimizer, model) -> dict | None:
+    """The optimizer state dict as one process would hold it, on rank 0 (None on
+    the others): the sharded tables' per-row moments are gathered."""
+    state = _map_row_states(optimizer, model, optimizer.state_dict(), _gather_rows)
     return state if current().is_main else None
 
 
 def local_optimizer_state(optimizer, model, full: dict) -> dict:
     """This rank's part of an unsharded optimizer state dict."""
-    state = {"state": dict(full["state"]), "param_groups": full["param_groups"]}
-    for index, table in _table_states(optimizer, model):
-        entry = dict(state["state"].get(index, {}))
-        for name, value in entry.items():
-            if torch.is_tensor(value) and value.dim() == table.weight.dim():
-                entry[name] = _slice_rows(table, value, f"optimizer state {name}")
-        state["state"][index] = entry
-    return state
+    return _map_row_states(optimizer, model, full,
+                           lambda table, value: _slice_rows(table, value, "optimizer state"))
 
 
 def maybe_inject_fault(step: int) -> None:
