@@ -145,14 +145,22 @@ def barrier() -> None:
 
 # ---------------------------------------------------------------------------- gather on save / shard on load
 def _gather_rows(table, local: torch.Tensor) -> torch.Tensor | None:
-    """The full (num_rows, ...) tensor on rank 0 (None elsewhere) from each rank's
-    rows of a table-shaped tensor (the weight, or an optimiser moment)."""
+    """The full (num_rows, ...) tensor on rank 0's CPU (None elsewhere) from each
+    rank's rows of a table-shaped tensor (the weight, or an optimiser moment).
+    Shards arrive one at a time, so rank 0's device never holds more than its own
+    shard and one received shard (a whole bank might not fit there)."""
     shard = table.shard
     padded = local.new_zeros((shard.per_rank, *local.shape[1:]))
     padded[: len(local)] = local
-    chunks = [torch.empty_like(padded) for _ in range(shard.world_size)] if shard.rank == 0 else None
-    dist.gather(padded, chunks, dst=0, group=shard.group)
-    return torch.cat(chunks)[: shard.num_rows].cpu() if shard.rank == 0 else None
+    if shard.rank != 0:
+        dist.send(padded, dst=0, group=shard.group)
+        return None
+    full = torch.empty((shard.per_rank * shard.world_size, *local.shape[1:]), dtype=local.dtype)
+    full[: shard.per_rank] = padded.cpu()
+    for source in range(1, shard.world_size):
+        dist.recv(padded, src=source, group=shard.group)
+        full[source * shard.per_rank:(source + 1) * shard.per_rank] = padded.cpu()
+    return full[: shard.num_rows]
 
 
 def _slice_rows(table, full: torch.Tensor, what: str) -> torch.Tensor:
