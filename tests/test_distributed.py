@@ -24,7 +24,9 @@ import torch
 from move.checkpoint import load_state_dict, load_train_state
 from move.cli import main
 
-COMMON = ["--preset", "tiny", "--batch-size", "8", "--eval-tokens", "2048", "--optimizer", "adamw",
+# --eval-tokens 2304: 36 windows of 64 in 9 batches of 4 (per rank), an odd number,
+# so the two-process evaluation splits unevenly and pads one rank
+COMMON = ["--preset", "tiny", "--batch-size", "8", "--eval-tokens", "2304", "--optimizer", "adamw",
           "--lr-value-memory", "0.02", "--lr-embedding", "0.02", "--seed", "3"]
 VARIANTS = {
     "standard": ["--variant", "standard"],
@@ -144,6 +146,17 @@ def test_two_process_checkpoint_resumes_with_one(tmp_path, failed_job, prepared_
     assert main(["train", *args[:out], "--out", str(reference)]) == 0
     assert_same_state(run / "checkpoints" / "step_000008", reference / "checkpoints" / "step_000008")
     assert_same_metrics(run, reference, ["train_loss", "val_bpb"])
+
+
+def test_evaluation_batches_split_over_ranks(monkeypatch):
+    from move.training import distributed
+
+    assert distributed.split_for_ranks(list("abcde")) == [(c, True) for c in "abcde"]
+    monkeypatch.setattr(distributed, "_state", distributed.DistState(rank=1, world_size=2))
+    assert distributed.split_for_ranks(list("abcde")) == [("b", True), ("d", True), ("a", False)]
+    monkeypatch.setattr(distributed, "_state", distributed.DistState(rank=0, world_size=2))
+    assert distributed.split_for_ranks(list("abcde")) == [("a", True), ("c", True), ("e", True)]
+    assert distributed.split_for_ranks([]) == []
 
 
 def test_batch_must_split_evenly(tmp_path, prepared_dir):

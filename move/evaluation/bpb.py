@@ -10,23 +10,28 @@ import math
 import torch
 
 from move.device import autocast, evaluating
+from move.training.distributed import all_reduce_sum, split_for_ranks
 
 
 @torch.no_grad()
 def bits_per_byte(model, batches, token_bytes: torch.Tensor) -> float:
-    """batches: iterable of (inputs, targets) (B, T); token_bytes: (vocab,) int64."""
+    """batches: iterable of (inputs, targets) (B, T); token_bytes: (vocab,) int64.
+    Under torchrun each rank scores its share of the batches and the sums are added
+    over ranks, so every rank returns the same value."""
     with evaluating(model):
         device = next(model.parameters()).device
         token_bytes = token_bytes.to(device)
         total_nats = torch.zeros((), dtype=torch.float64, device=device)
         total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-        for x, y in batches:
+        for (x, y), counts in split_for_ranks(list(batches)):
             x, y = x.to(device), y.to(device)
             with autocast(device):
                 nats = model(x, targets=y, reduction="none")
-            nbytes = token_bytes[y]
-            total_nats += (nats.double() * (nbytes > 0)).sum()
-            total_bytes += nbytes.sum()
-    if total_bytes.item() == 0:
+            if counts:
+                nbytes = token_bytes[y]
+                total_nats += (nats.double() * (nbytes > 0)).sum()
+                total_bytes += nbytes.sum()
+    total_nats, total_bytes = all_reduce_sum([total_nats.item(), total_bytes.item()], device)
+    if total_bytes == 0:
         return float("nan")
-    return total_nats.item() / (math.log(2) * total_bytes.item())
+    return total_nats / (math.log(2) * total_bytes)

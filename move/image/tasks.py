@@ -21,6 +21,7 @@ from move.errors import DataError
 from move.image.datasets import ImageDataset
 from move.image.prepare import PreparedImages
 from move.image.tokenizers import as_float
+from move.training.distributed import all_reduce_sum, split_for_ranks
 from move.training.sampler import EpochSampler
 
 EVAL_BATCH = 256
@@ -182,9 +183,11 @@ def image_nll_bits(model, data: PreparedImages, split: str, max_images: int, bat
         device = next(model.parameters()).device
         tokens, labels = data.tokens(split)[:max_images], data.labels(split)[:max_images]
         total, count = 0.0, 0
-        for i in range(0, len(labels), batch_size):
+        for i, counts in split_for_ranks(range(0, len(labels), batch_size)):  # this rank's share
             x, y = conditional_sequences(tokens[i:i + batch_size], labels[i:i + batch_size], data.layout)
             logits = model(x.to(device))[..., : data.layout.codebook_size].float()
-            total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
-            count += y.numel()
+            if counts:
+                total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+                count += y.numel()
+    total, count = all_reduce_sum([total, count], device)
     return total / count / math.log(2)

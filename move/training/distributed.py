@@ -19,8 +19,10 @@ What lives where, with N processes:
   optimiser moments of their rows and writes the ordinary unsharded checkpoint
   (atomically, as in one process), so any number of processes - one included -
   resumes it, and a crash never leaves a partial checkpoint.
-- Only rank 0 writes files, logs and prints. Every rank evaluates (the same
-  batches), because a sharded table's forward is collective; rank 0 records.
+- Only rank 0 writes files, logs and prints. Every rank takes part in evaluation,
+  because a sharded table's forward is collective: bits per byte and image NLL are
+  split over the ranks and summed (split_for_ranks); the other evaluations (recall,
+  the conv nets' metrics) run the same batches on every rank. Rank 0 records.
 - Process groups: gloo on CPU, NCCL on CUDA (one GPU per process, by LOCAL_RANK).
   The tables' traffic has its own group so that it never interleaves with DDP's.
 """
@@ -123,6 +125,20 @@ def wrap_ddp(model, device: torch.device) -> nn.Module:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(sharded_tables(model)))
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    forward_sync_buffers=False)
+
+
+def split_for_ranks(items: list) -> list[tuple[object, bool]]:
+    """This rank's share of a list of evaluation batches, as (item, counts) pairs:
+    every world_size-th item from this rank's index on, padded with (items[0], False)
+    so that every rank runs the same number of forwards (a sharded table's forward is
+    collective); the caller drops what a padding item computes and sums the rest
+    over ranks (all_reduce_sum). One process gets every item."""
+    s = current()
+    if not items:
+        return []
+    rounds = -(-len(items) // s.world_size)
+    return [(items[i], True) if i < len(items) else (items[0], False)
+            for i in range(s.rank, rounds * s.world_size, s.world_size)]
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
