@@ -19,7 +19,7 @@ from move.checkpoint import load_model, read_header, training_data
 from move.config import MODEL_PRESETS, ModelConfig
 from move.device import pick_device
 from move.errors import UserError
-from move.training.distributed import current, distributed_job, launched_by_torchrun, per_rank_batch
+from move.training.distributed import current, distributed_job, job_device, launched_by_torchrun, per_rank_batch
 from move.training.runs import build_run, config_overrides, resolve_checkpoint, train_config_from
 
 
@@ -149,7 +149,7 @@ def train_image_helper(args, model_class, config_class, task_class, shape_fields
     config = config_class(**{**config_overrides(args, config_class), **shape_fields(dataset)})
     with distributed_job(train_config.device):
         torch.manual_seed(train_config.seed)
-        model = model_class(config).to(pick_device(train_config.device))
+        model = model_class(config).to(job_device(train_config.device))
         task = task_class(dataset, per_rank_batch(train_config.batch_size), train_config.loader_seed,
                           args.eval_images, current().rank, current().world_size)
         task.check_model(model)

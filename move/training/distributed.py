@@ -47,6 +47,7 @@ class DistState:
     rank: int = 0
     world_size: int = 1
     memory_group: object = None  # process group for value-memory traffic
+    device: torch.device | None = None  # this rank's device (None: one process, pick_device decides)
 
     @property
     def is_main(self) -> bool:
@@ -85,12 +86,18 @@ def distributed_job(requested_device: str = "auto"):
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=float(os.environ.get("MOVE_DIST_TIMEOUT_S", "600")))
     dist.init_process_group(backend, timeout=timeout)
-    _state = DistState(rank, world_size, dist.new_group(backend=backend))
+    _state = DistState(rank, world_size, dist.new_group(backend=backend), device)
     try:
         yield device
     finally:
         _state = DistState()
         dist.destroy_process_group()
+
+
+def job_device(requested: str = "auto") -> torch.device:
+    """Where this process trains: under torchrun the rank's own device (so that
+    --device cuda:0 cannot put every rank on one GPU), else pick_device(requested)."""
+    return current().device or pick_device(requested)
 
 
 def per_rank_batch(batch_size: int) -> int:

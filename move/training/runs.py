@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 
 from move.config import ModelConfig, model_config_from_preset
-from move.device import pick_device
 from move.errors import UserError
-from move.training.distributed import current, per_rank_batch
+from move.training.distributed import current, job_device, per_rank_batch
 from move.training.optim import OptimConfig
 from move.training.trainer import TrainConfig, checkpoint_dirs
 
@@ -51,7 +50,7 @@ def build_run(args):
         overrides.setdefault("vocab_size", data.tokenizer.vocab_size)
     model_config = model_config_from_preset(args.preset, **overrides)
     torch.manual_seed(train_config.seed)
-    model = GPT(model_config).to(pick_device(train_config.device))  # (under torchrun: this rank's GPU)
+    model = GPT(model_config).to(job_device(train_config.device))
     return model, build_task(data, model, train_config, getattr(args, "label_dropout", 0.1)), train_config
 
 
