@@ -146,7 +146,8 @@ class Trainer:
                 distributed.shard_value_memory(model)
         self.sharded_tables = list(distributed.sharded_tables(model).values())
         self.optimizers = build_optimizers(model, config.optim)
-        self.forward_model = distributed.wrap_ddp(model, self.device) if self.dist.active else model
+        self.ddp = distributed.wrap_ddp(model, self.device) if self.dist.active else None
+        self.forward_model = self.ddp or model
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
@@ -278,7 +279,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.last_inputs = x
             last = micro == c.grad_accum - 1  # DDP all-reduces on the last micro-batch only
-            with (nullcontext() if last or not self.dist.active else self.forward_model.no_sync()):
+            with (self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()):
                 with autocast(self.device):
                     loss = self.forward_model(x, targets=y)
                 (loss / c.grad_accum).backward()
