@@ -81,10 +81,10 @@ class _GatherRows(torch.autograd.Function):
         rows, position = torch.unique(idx.flatten(), return_inverse=True)
         grad_rows = grad_slots.new_zeros((len(rows), *weight.shape[1:]))
         grad_rows.index_add_(0, position, grad_slots.flatten(0, 1))
-        grad_rows = grad_rows.to(weight.dtype)
         if table.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
-            table.pending.append((rows, grad_rows))
+            table.pending.append((rows, grad_rows))  # fp32: partial sums are rounded once, at the owner
             return None, None, None, None
+        grad_rows = grad_rows.to(weight.dtype)
         if table.grad_mode == "sparse":
             return table.sparse_grad(rows, grad_rows), None, None, None
         table.add_dense_grad(rows, grad_rows)
@@ -181,11 +181,13 @@ class ValueTable(nn.Module):
         is stepped like the unsharded table (whose gradient is never None)."""
         heads, slots, width = self.weight.shape[1:]
         ids = torch.cat([self.weight.new_zeros(0, dtype=torch.long)] + [r for r, _ in self.pending])
-        grads = torch.cat([self.weight.new_zeros(0, heads, slots, width)] + [g for _, g in self.pending])
+        grads = torch.cat([self.weight.new_zeros(0, heads, slots, width, dtype=torch.float32)]
+                          + [g for _, g in self.pending])
         self.pending.clear()
         ids, position = torch.unique(ids, return_inverse=True)  # micro-batches may share rows
         grads = grads.new_zeros((len(ids), heads, slots, width)).index_add_(0, position, grads)
         rows, grad_rows = self.shard.reduce_grads(ids, grads)
+        grad_rows = grad_rows.to(self.weight.dtype)
         if self.grad_mode == "sparse":
             self.weight.grad = self.sparse_grad(rows, grad_rows)
         else:
