@@ -39,16 +39,24 @@ VARIANTS = {
 }
 
 
-def torchrun(args, nproc=2, fault=None):
-    """`torchrun --nproc_per_node=nproc -m move train ARGS` (1 thread per process: two
-    processes with 2 threads each on 2 cores slow each other down 10x or more)."""
+def torchrun_launch(args, module="move", fault=None, wait=True):
+    """`torchrun --nproc_per_node=2 -m MODULE ARGS`, run to the end (or started, with
+    wait=False). 1 thread per process: two processes with 2 threads each on 2 cores
+    slow each other down 10x or more. fault: MOVE_INJECT_FAULT for the job."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MOVE_INJECT_FAULT", None)
     if fault:
         env["MOVE_INJECT_FAULT"] = fault
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--max-restarts=0",
-               "-m", "move", "train", *map(str, args)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=0",
+               "-m", module, *map(str, args)]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def torchrun(args, fault=None):
+    """`torchrun --nproc_per_node=2 -m move train ARGS`."""
+    return torchrun_launch(["train", *args], fault=fault)
 
 
 def run_both(tmp_path, data, extra, steps=6):
@@ -217,11 +225,7 @@ def test_sigterm_stops_every_rank_at_the_same_step(tmp_path, prepared_dir):
     run = tmp_path / "run"
     args = ["--data", prepared_dir, *COMMON, *VARIANTS["move-exact"], "--steps", 100000, "--eval-every", 2,
             "--checkpoint-every", 1000, "--out", run]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("MOVE_INJECT_FAULT", None)
-    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "move",
-                            "train", *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+    job = torchrun_launch(["train", *args], wait=False)
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
         assert job.poll() is None and time.time() < deadline, "the job never reached its first evaluation"
@@ -250,12 +254,10 @@ def test_mfu_is_training_flops_over_peak(tmp_path, prepared_dir):
 def test_distributed_benchmark_runs(tmp_path):
     """benchmarks' sharded / FSDP2 / replicated comparison, at toy size: all three
     modes train the same model (equal losses), sharding moves and holds less."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "dist"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "-m", "move.experiments.dist_bench", "--vocab", "4096", "--n-layer", "1", "--n-embd", "64",
-                             "--n-head", "2", "--seq-len", "16", "--batch-size", "2", "--steps", "3", "--rounds", "1",
-                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun_launch(["--vocab", 4096, "--n-layer", 1, "--n-embd", 64, "--n-head", 2, "--seq-len", 16,
+                              "--batch-size", 2, "--steps", 3, "--rounds", 1, "--out", out],
+                             module="move.experiments.dist_bench")
     assert result.returncode == 0, result.stderr[-3000:]
     modes = json.loads(out.with_suffix(".json").read_text())["modes"]
     assert set(modes) == {"sharded", "fsdp2", "replicated"}
@@ -338,9 +340,6 @@ def test_image_helpers_under_torchrun(tmp_path, command, extra):
     """The VQ-VAE tokenizer and the classifier: DDP over conv nets, same result."""
     args = ["--dataset", "digits", "--steps", "4", "--batch-size", "8", "--eval-every", "4", "--seed", "1", *extra]
     assert main([command, *args, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "move",
-                             command, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = torchrun_launch([command, *args, "--out", tmp_path / "two"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_state(tmp_path / "one" / "checkpoints" / "step_000004", tmp_path / "two" / "checkpoints" / "step_000004")
