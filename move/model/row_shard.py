@@ -28,6 +28,14 @@ import torch
 import torch.distributed as dist
 
 
+def sum_rows(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted distinct ids, the sum of the values of each id's occurrences) for
+    ids (n,) and values (n, ...): how row gradients are combined, wherever the same
+    row shows up more than once."""
+    rows, position = torch.unique(ids, return_inverse=True)
+    return rows, values.new_zeros((len(rows), *values.shape[1:])).index_add_(0, position, values)
+
+
 class RowShard:
     def __init__(self, num_rows: int, rank: int, world_size: int, group=None):
         self.num_rows, self.rank, self.world_size, self.group = num_rows, rank, world_size, group
@@ -63,7 +71,5 @@ class RowShard:
         """Send the gradients of sorted unique global `ids` to their owners.
         Returns (local row indices, their gradients summed over ranks / world)."""
         send_counts, recv_counts, asked = self._route(ids)
-        received = self._all_to_all(grads, send_counts, recv_counts)
-        rows, position = torch.unique(asked - self.start, return_inverse=True)
-        summed = received.new_zeros((len(rows), *received.shape[1:])).index_add_(0, position, received)
+        rows, summed = sum_rows(asked - self.start, self._all_to_all(grads, send_counts, recv_counts))
         return rows, summed / self.world_size

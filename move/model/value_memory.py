@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from move.config import LAVE_GATE_CHANNELS, ModelConfig
 from move.errors import ConfigError
-from move.model.row_shard import RowShard
+from move.model.row_shard import RowShard, sum_rows
 
 
 GRAD_MODES = ("autograd", "dense", "sparse")
@@ -78,9 +78,7 @@ class _GatherRows(torch.autograd.Function):
         record.gates.clear()
         record.grads.clear()
         grad_slots = gates.transpose(-1, -2) @ grads  # (B,T,H,S,D)
-        rows, position = torch.unique(idx.flatten(), return_inverse=True)
-        grad_rows = grad_slots.new_zeros((len(rows), *weight.shape[1:]))
-        grad_rows.index_add_(0, position, grad_slots.flatten(0, 1))
+        rows, grad_rows = sum_rows(idx.flatten(), grad_slots.flatten(0, 1))
         if table.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
             table.pending.append((rows, grad_rows))  # fp32: partial sums are rounded once, at the owner
             return None, None, None, None
@@ -132,7 +130,7 @@ class ValueTable(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, heads, slots, width_per_head))
         self.grad_mode = "dense"
         self.touched: list[torch.Tensor] = []
-        self.shard: RowShard | None = None  # set by shard(): weight then holds this rank's rows only
+        self.shard: RowShard | None = None  # set by shard_rows(): weight then holds this rank's rows only
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # sharded: (ids, grads) not yet sent
 
     def shard_rows(self, rank: int, world_size: int, group=None) -> None:
@@ -184,9 +182,7 @@ class ValueTable(nn.Module):
         grads = torch.cat([self.weight.new_zeros(0, heads, slots, width, dtype=torch.float32)]
                           + [g for _, g in self.pending])
         self.pending.clear()
-        ids, position = torch.unique(ids, return_inverse=True)  # micro-batches may share rows
-        grads = grads.new_zeros((len(ids), heads, slots, width)).index_add_(0, position, grads)
-        rows, grad_rows = self.shard.reduce_grads(ids, grads)
+        rows, grad_rows = self.shard.reduce_grads(*sum_rows(ids, grads))  # micro-batches may share rows
         grad_rows = grad_rows.to(self.weight.dtype)
         if self.grad_mode == "sparse":
             self.weight.grad = self.sparse_grad(rows, grad_rows)
