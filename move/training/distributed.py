@@ -148,17 +148,16 @@ def split_for_ranks(items: list) -> list[tuple[object, bool]]:
             for i in range(s.rank, rounds * s.world_size, s.world_size)]
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if current().active:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the job's ranks, in place (nothing to do in one process)."""
     if current().active:
         dist.all_reduce(tensor)
     return tensor
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Python numbers summed over the ranks (in float64)."""
+    return all_reduce_(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def barrier() -> None:

@@ -304,11 +304,14 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         self.signal_received = True
 
+    @property
+    def tok_per_s(self) -> float:
+        return self.step * self.tokens_per_step / self.train_time if self.train_time else 0.0
+
     def _throughput(self) -> dict:
-        tok_per_s = self.step * self.tokens_per_step / self.train_time if self.train_time else 0.0
-        out = {"tok_per_s": tok_per_s}
+        out = {"tok_per_s": self.tok_per_s}
         if self.peak_flops and "training_flops_per_token" in self.record["accounting"]:
-            flops = self.record["accounting"]["training_flops_per_token"] * tok_per_s
+            flops = self.record["accounting"]["training_flops_per_token"] * self.tok_per_s
             out["mfu"] = flops / (self.peak_flops * self.dist.world_size)
         return out
 
@@ -347,7 +350,7 @@ class Trainer:
                 self.step += 1
                 self.train_losses.append(loss)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.step * self.tokens_per_step / self.train_time:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tok_per_s:.0f}")
                 if self.step % c.eval_every == 0 or self.step == c.steps:
                     record = self._log_eval()
                     if not self.quiet:  # (diagnostics go to metrics.jsonl and the trackers only)
