@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from move.errors import CheckpointError, ConfigError
+from move.errors import CheckpointError, ConfigError, UserError
 from move.model.gpt import GPT
 
 FORMAT = "move-checkpoint"
@@ -114,6 +114,15 @@ def read_header(path) -> dict:
 def training_data(header: dict) -> str | None:
     """The data directory the checkpoint's run was trained on, if recorded."""
     return header.get("meta", {}).get("task", {}).get("data")
+
+
+def data_dir_for(checkpoint, header: dict, explicit: str | None, flag: str) -> str:
+    """`explicit` if given, else the checkpoint's training data; an error naming the
+    command-line `flag` that supplies it when neither exists."""
+    data = explicit or training_data(header)
+    if not data:
+        raise UserError(f"{checkpoint}: no data directory recorded; pass {flag}")
+    return data
 
 
 def _read_verified(path: Path, name: str, header: dict) -> bytes:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from move.checkpoint import load_model, read_header, training_data
+from move.checkpoint import data_dir_for, load_model, read_header
 from move.config import MODEL_PRESETS, ModelConfig
 from move.device import pick_device
 from move.errors import UserError
@@ -79,12 +79,7 @@ def print_summary(summary: dict) -> None:
 def tokenizer_for(checkpoint, explicit):
     from move.text.tokenizer import Tokenizer
 
-    if explicit:
-        return Tokenizer.load(explicit)
-    data = training_data(read_header(checkpoint))
-    if not data:
-        raise UserError(f"{checkpoint}: no data directory recorded; pass --tokenizer")
-    return Tokenizer.load(data)
+    return Tokenizer.load(explicit or data_dir_for(checkpoint, read_header(checkpoint), None, "--tokenizer"))
 
 
 def cmd_eval(args) -> None:
@@ -193,9 +188,7 @@ def image_model_and_data(checkpoint, data_dir, device):
 
     checkpoint = resolve_checkpoint(checkpoint)
     model, header = load_model(checkpoint, device)
-    data_dir = data_dir or training_data(header)
-    if not data_dir:
-        raise UserError(f"{checkpoint}: no image data directory recorded; pass --data")
+    data_dir = data_dir_for(checkpoint, header, data_dir, "--data")
     data = load_prepared_images(data_dir)
     if model.config.vocab_size != data.layout.vocab_size:
         raise UserError(f"{checkpoint}: vocabulary {model.config.vocab_size} does not fit the image data "
@@ -249,8 +242,9 @@ def cmd_knowledge_eval(args) -> None:
     from move.knowledge.recall import load_knowledge, recall
     from move.text.prepare import load_prepared
 
-    model, header = load_model(resolve_checkpoint(args.checkpoint), pick_device(args.device))
-    data_dir = args.data or training_data(header)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model, header = load_model(checkpoint, pick_device(args.device))
+    data_dir = data_dir_for(checkpoint, header, args.data, "--data")
     data = load_prepared(data_dir)
     print(json.dumps(recall(model, data.tokenizer, load_knowledge(data_dir))))
 
@@ -260,10 +254,11 @@ def cmd_gates(args) -> None:
     from move.evaluation.gates import gate_summary, plot_gate_summary
     from move.files import atomic_write_json
 
-    model, _ = load_model(resolve_checkpoint(args.checkpoint), pick_device(args.device))
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model, _ = load_model(checkpoint, pick_device(args.device))
     if not model.value_tables():
         raise UserError(f"{args.checkpoint}: a standard model has no value memory to analyse")
-    tokenizer = tokenizer_for(resolve_checkpoint(args.checkpoint), args.tokenizer)
+    tokenizer = tokenizer_for(checkpoint, args.tokenizer)
     try:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -224,3 +224,16 @@ def test_a_non_utf8_file_is_skipped_with_a_warning(tmp_path, capsys):
     code, err = cli(["prepare", "--corpus", "txt", "--path", folder, "--vocab-size", "300", "--out", tmp_path / "p"], capsys)
     assert code == 0
     assert "warning: skipping" in err and "bad.txt" in err
+
+
+def test_data_dir_for_a_checkpoint_without_recorded_data():
+    """eval, sample, image-*, knowledge-eval and export-hf find the training data in
+    the checkpoint's header; without it the error names the flag that supplies it."""
+    from move.checkpoint import data_dir_for
+    from move.errors import UserError
+
+    recorded = {"meta": {"task": {"data": "data/recorded"}}}
+    assert data_dir_for("ckpt", recorded, None, "--data") == "data/recorded"
+    assert data_dir_for("ckpt", recorded, "data/given", "--data") == "data/given"
+    with pytest.raises(UserError, match=r"^ckpt: no data directory recorded; pass --tokenizer$"):
+        data_dir_for("ckpt", {"meta": {}}, None, "--tokenizer")

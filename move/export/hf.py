@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from move.checkpoint import load_model, read_header, training_data
+from move.checkpoint import data_dir_for, load_model, read_header
 from move.errors import UserError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `move` package
@@ -54,10 +54,7 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
     model, header = load_model(checkpoint, "cpu")
-    tokenizer_dir = tokenizer_dir or training_data(header)
-    if not tokenizer_dir:
-        raise UserError(f"{checkpoint}: no data directory recorded; pass --tokenizer")
-    tokenizer = Tokenizer.load(tokenizer_dir)
+    tokenizer = Tokenizer.load(data_dir_for(checkpoint, header, tokenizer_dir, "--tokenizer"))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
