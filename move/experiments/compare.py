@@ -1,7 +1,8 @@
 """The main job: train several value-memory variants on identical data and report.
 
 Every run uses the same seed, so it sees the same batches in the same order and
-starts from the same shared weights (value memory is initialised last). Complete
+starts from the same shared weights (each tensor is drawn from a generator keyed by
+the seed and its name: GPT.init_weights). Complete
 runs are skipped, interrupted ones resume from their newest checkpoint. The
 report is a markdown table (validation bpb, parameters by group, FLOPs per token,
 measured tokens/s and peak memory) plus the validation curves in one PNG.

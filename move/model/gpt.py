@@ -5,6 +5,7 @@ untied lm_head -> optional tanh soft-cap. No biases, RoPE, QK-norm, relu^2.
 MoVE's global bank is looked up once here and handed to every layer.
 """
 
+import hashlib
 import math
 
 import torch
@@ -16,6 +17,21 @@ from move.errors import ConfigError, TokenRangeError
 from move.model.attention import CausalSelfAttention, MultiHeadLatentAttention
 from move.model.layers import MLP, KVCache, rms_norm, rotary_tables
 from move.model.value_memory import GRAD_MODES, ValueTable
+
+
+def _init_named(weight: torch.Tensor, init_seed: int, name: str, law: str, scale: float) -> None:
+    """Fill `weight` with U(-scale, scale) or N(0, scale^2) drawn from a CPU generator
+    seeded by a hash of (init_seed, module name): the same values on any device."""
+    if weight.is_meta:
+        return
+    digest = hashlib.sha256(f"{init_seed}/{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    values = torch.empty(weight.shape, dtype=weight.dtype)
+    if law == "uniform":
+        values.uniform_(-scale, scale, generator=generator)
+    else:
+        values.normal_(0.0, scale, generator=generator)
+    weight.copy_(values)
 
 
 class Block(nn.Module):
@@ -34,9 +50,14 @@ class GPT(nn.Module):
     kind = "gpt"  # recorded in checkpoints (move.checkpoint.model_classes)
     config_class = ModelConfig
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init_seed: int | None = None):
         super().__init__()
         self.config = config.validate()
+        # Drawn before any submodule is built: module constructors consume the global
+        # generator differently per variant (a router's Linear draws, a bank does not),
+        # so nothing drawn after this point may depend on it. See init_weights.
+        if init_seed is None:
+            init_seed = int(torch.randint(0, 2**62, ()))
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.bank = None
@@ -46,10 +67,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.rotary_dim = config.rope_width if config.attention == "mla" else config.head_dim
         self._rotary_len = 0
-        self.init_weights()
+        self.init_weights(init_seed)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, init_seed: int) -> None:
         """Every initialisation of the model, in one place (nanochat's scheme).
 
         - wte: N(0, 1); the embedding is RMS-normed right after, so only direction matters.
@@ -61,27 +82,25 @@ class GPT(nn.Module):
         - value memory tables (MoVE bank, LaVE tables): U(-s, s) with the value
           projection's s = sqrt(3)/sqrt(d_model), so memory and v start on one scale.
         - routers / gates: zero, so every gate 2*sigmoid(0) is exactly 1.0.
+
+        Pairing: every tensor draws from its own generator, seeded by (init_seed, the
+        parameter's name), never from a shared stream. A tensor's initial value thus
+        depends only on the seed, its name and its shape, so with one seed standard,
+        LaVE and MoVE (and a deeper baseline, for its first layers) start from
+        bit-identical shared weights whatever else each variant adds or leaves out.
         """
         s_model = math.sqrt(3) / math.sqrt(self.config.n_embd)
-        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
-        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        memory_tables = []
-        for block in self.blocks:
-            for name, module in block.named_modules():
-                if isinstance(module, ValueTable):
-                    memory_tables.append(module)
-                elif isinstance(module, nn.Linear):
-                    if name.endswith("c_proj") or name.endswith("router"):
-                        nn.init.zeros_(module.weight)
-                    else:
-                        s = math.sqrt(3) / math.sqrt(module.in_features)
-                        nn.init.uniform_(module.weight, -s, s)
-        # Memory last: with the same seed, every variant draws identical shared
-        # weights, so paired comparisons differ only by the value memory.
-        if self.bank is not None:
-            memory_tables.append(self.bank)
-        for table in memory_tables:
-            nn.init.uniform_(table.weight, -s_model, s_model)
+        for name, module in self.named_modules():
+            if isinstance(module, ValueTable):
+                _init_named(module.weight, init_seed, name, "uniform", s_model)
+            elif isinstance(module, nn.Linear):
+                if name.endswith("c_proj") or name.endswith("router"):
+                    nn.init.zeros_(module.weight)
+                elif name == "lm_head":
+                    _init_named(module.weight, init_seed, name, "normal", 0.001)
+                else:
+                    _init_named(module.weight, init_seed, name, "uniform", math.sqrt(3) / math.sqrt(module.in_features))
+        _init_named(self.wte.weight, init_seed, "wte", "normal", 1.0)
 
     def _rotary(self, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         # Tables grow on demand so generation may run past seq_len.
