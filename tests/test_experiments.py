@@ -108,3 +108,57 @@ def test_shipped_experiment_files_parse(name):
 
     experiment = Experiment.load(Path(__file__).parent.parent / "experiments" / f"{name}.toml")
     assert len(experiment.seeds) >= 3 and experiment.expected_minutes > 0 and experiment.runs()
+
+
+def test_decay_budget_branch_equals_a_run_of_that_length_from_scratch(tmp_path, prepared_dir, capsys):
+    """A warmup-stable-decay run branched in its stable phase and decayed to budget b
+    is exactly the run that was planned for b steps from the start: same weights,
+    same logged losses (the learning rate is constant until the branch point)."""
+    def grid(steps, budgets):
+        path = tmp_path / f"wsd{steps}.toml"
+        path.write_text(f"""
+name = "wsd"
+data = "{prepared_dir}"
+preset = "tiny"
+seeds = [0]
+variants = ["move:2"]
+{"decay_budgets = " + str(budgets) if budgets else ""}
+[train]
+steps = {steps}
+batch_size = 2
+eval_every = 2
+eval_tokens = 512
+checkpoint_every = 4
+warmdown_frac = 0.25
+""")
+        return path
+
+    long_out, short_out = tmp_path / "long", tmp_path / "short"
+    run_experiment(grid(12, [4, 8]), long_out)
+    assert "decay to 4 steps from step 3" in capsys.readouterr().out
+    run_experiment(grid(8, None), short_out)
+    branch = long_out / "runs" / "base" / "move_x2" / "seed0" / "decay" / "steps_000008"
+    scratch = short_out / "runs" / "base" / "move_x2" / "seed0"
+    ours, _ = load_state_dict(checkpoint_dirs(branch)[-1])
+    theirs, _ = load_state_dict(checkpoint_dirs(scratch)[-1])
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    from move.training.trainer import read_metrics
+    assert [m["train_loss"] for m in read_metrics(branch)] == [m["train_loss"] for m in read_metrics(scratch)]
+    assert [m["step"] for m in read_metrics(branch)] == [2, 4, 6, 8]  # the shared stable phase is carried over
+
+    run_experiment(grid(12, [4, 8]), long_out)  # all done: nothing runs again
+    assert "decay to" not in capsys.readouterr().out
+    report = (long_out / "report.md").read_text()
+    assert "Budgets" in report
+
+
+def test_decay_budgets_are_validated(tmp_path, prepared_dir):
+    path = write_experiment(tmp_path, prepared_dir)
+    text = path.read_text().replace('variants = ["standard"', 'decay_budgets = BUDGETS\nvariants = ["standard"', 1)
+    for budgets, message in [("[2, 4]", "below steps"), ("[3, 2]", "increasing"), ("[1]", None)]:
+        path.write_text(text.replace("BUDGETS", budgets))
+        if message is None:
+            assert Experiment.load(path).decay_budgets == [1]
+        else:
+            with pytest.raises(ConfigError, match=message):
+                Experiment.load(path)

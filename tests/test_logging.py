@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from move.config import model_config_from_preset
-from move.model.diagnostics import collect_gates, value_memory_diagnostics
+from move.model.diagnostics import collect_gates, slot_cosine, value_memory_diagnostics
 from move.model.gpt import GPT
 
 
@@ -23,6 +23,37 @@ def test_diagnostics_at_init_gates_are_one():
     rows = model.bank.weight[torch.unique(idx)].flatten(1).norm(dim=1)
     assert d["vm/row_norm_max"] == pytest.approx(rows.max().item())
     assert value_memory_diagnostics(GPT(model_config_from_preset("tiny")), idx) == {}
+
+
+def test_slot_cosine_known_values():
+    base = torch.randn(5, 2, 1, 8)
+    assert slot_cosine(base.expand(5, 2, 4, 8)) == pytest.approx(1.0)  # every slot the same direction
+    assert slot_cosine(torch.cat([base, -base], dim=2)) == pytest.approx(-1.0)
+    eye = torch.eye(4).expand(3, 1, 4, 4)  # orthogonal slots
+    assert slot_cosine(eye) == pytest.approx(0.0)
+    g = torch.Generator().manual_seed(0)
+    assert abs(slot_cosine(torch.randn(400, 2, 6, 256, generator=g))) < 0.01  # independent random slots
+
+
+def test_memory_share_and_gate_spread_against_a_hand_computation():
+    torch.manual_seed(0)
+    model = GPT(model_config_from_preset("tiny", value_memory="move", memory_density=2))
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "router"):
+                m.router.weight.normal_(0, 0.5)
+    idx = torch.randint(0, 512, (2, 16))
+    d = value_memory_diagnostics(model, idx)
+    x = torch.nn.functional.rms_norm(model.wte(idx), (model.config.n_embd,))
+    attn = model.blocks[0].attn
+    v = attn.c_v(x).view(2, 16, attn.n_kv_head, attn.head_dim)
+    g = attn.value_memory.gates(x)
+    slots = model.bank.weight[idx]  # (B, T, H, S, D)
+    mixed = g[..., :1] * v + (g[..., 1:, None] * slots).sum(-2)
+    assert d["vm/layer0/memory_share"] == pytest.approx(((mixed - v).norm() / v.norm()).item(), rel=1e-4)
+    assert d["vm/layer0/gate_spread_across_slots"] == pytest.approx(g[..., 1:].std(-1).mean().item(), rel=1e-4)
+    assert d["vm/slot_cosine"] == pytest.approx(slot_cosine(model.bank.weight[torch.unique(idx)]))
+    assert abs(d["vm/slot_cosine"]) < 0.1  # independently drawn slots at init
 
 
 def test_tensorboard_events_are_written_and_readable(tmp_path, prepared_dir):

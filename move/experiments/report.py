@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from move.errors import UserError
+from move.experiments.budgets import budget_sections
 from move.experiments.runner import Experiment
 from move.experiments.stats import paired_difference, summarize_values
 from move.training.curves import plot_curve_bands, plot_scaling
@@ -129,6 +130,9 @@ def build_sections(out: Path, experiment: Experiment, results: dict) -> list:
             s += [("p", f"Ablations ({label}):"), ("table", table(["size", "ablation", "Δ [95% CI]", "pairs"], ablation_rows))]
     if modality == "knowledge":
         s += knowledge_sections(out, results, sizes, variants)
+    if experiment.decay_budgets:
+        key, (label, _) = next(iter(metrics.items()))
+        s += budget_sections(out, experiment, results, variants, display, key, label)
     s.append(("h2", "Cost (measured)"))
     cost_rows = []
     for (size, v), runs in sorted(results.items(), key=lambda kv: (sizes.index(kv[0][0]), variant_order(kv[0][1]))):

@@ -24,6 +24,12 @@
     fid_samples = 200
     cfg_scale = 1.5
 
+    decay_budgets = [250, 500]     # optional: shorter budgets (steps) branched from each run
+                                   # (warmup-stable-decay: the run's checkpoint at step
+                                   # b - round(warmdown_frac * b), still in the stable phase,
+                                   # decays for the rest of b steps); one run gives a curve
+                                   # of final losses over budgets for little extra compute
+
     [[setup]]                      # `move` commands that create what the grid needs;
     creates = "data/shakespeare/manifest.json"   # skipped when `creates` exists
     command = ["prepare", "--corpus", "shakespeare", "--out", "data/shakespeare"]
@@ -33,7 +39,8 @@ first), so an interrupted experiment already has complete pairs. Every run sees
 the same batches in the same order (data_seed) and the same number of tokens;
 finished runs are skipped, interrupted ones resume from their checkpoint.
 Results: <out>/runs/<size>/<variant>/seed<k>/ (run.json, metrics.jsonl,
-summary.json, checkpoints), then `move report <out>`.
+summary.json, checkpoints), budget branches in <run>/decay/steps_<b>/, then
+`move report <out>`.
 """
 
 import argparse
@@ -46,10 +53,11 @@ from move.config import ModelConfig
 from move.errors import ConfigError
 from move.experiments.compare import image_sample_metrics, parse_variant
 from move.training.optim import OptimConfig
-from move.training.trainer import TrainConfig
+from move.training.runs import build_run
+from move.training.trainer import TrainConfig, Trainer, checkpoint_dirs
 
 TOP_LEVEL = {"name", "description", "expected_minutes", "data", "preset", "seeds", "data_seed", "variants", "train",
-             "sizes", "image", "setup"}
+             "sizes", "image", "setup", "decay_budgets"}
 IMAGE_KEYS = {"classifier", "fid_samples", "cfg_scale"}
 TRAIN_KEYS = ({f for f in TrainConfig.__dataclass_fields__ if f not in ("optim", "seed", "data_seed")}
               | set(OptimConfig.__dataclass_fields__) | {"label_dropout"})
@@ -70,6 +78,11 @@ class RunSpec:
         return f"{self.size}/{self.name}/seed{self.seed}"
 
 
+def budget_dir(run_dir: Path, budget: int) -> Path:
+    """Where the branch of a run that decays to `budget` steps lives."""
+    return Path(run_dir) / "decay" / f"steps_{budget:06d}"
+
+
 @dataclass
 class Experiment:
     name: str
@@ -84,6 +97,17 @@ class Experiment:
     expected_minutes: float = 0
     image: dict = field(default_factory=dict)
     setup: list[dict] = field(default_factory=list)
+    decay_budgets: list[int] = field(default_factory=list)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        fields = {k: v for k, v in self.train.items() if k in TrainConfig.__dataclass_fields__}
+        optim = {k: v for k, v in self.train.items() if k in OptimConfig.__dataclass_fields__}
+        return TrainConfig(**fields, optim=OptimConfig(**optim)).validate()
+
+    def branch_step(self, budget: int) -> int:
+        """The step of the full run from which the branch for `budget` decays."""
+        return budget - round(self.train_config.optim.warmdown_frac * budget)
 
     @classmethod
     def load(cls, path) -> "Experiment":
@@ -122,9 +146,26 @@ class Experiment:
                          variants=raw["variants"], sizes=sizes, train=raw.get("train", {}),
                          data_seed=raw.get("data_seed", 0), description=raw.get("description", ""),
                          expected_minutes=raw.get("expected_minutes", 0), image=raw.get("image", {}),
-                         setup=raw.get("setup", []))
+                         setup=raw.get("setup", []), decay_budgets=raw.get("decay_budgets", []))
         experiment.runs()  # validates every variant name
+        experiment.check_budgets(source)
         return experiment
+
+    def check_budgets(self, source: str) -> None:
+        budgets = self.decay_budgets
+        if not budgets:
+            return
+        if not all(isinstance(b, int) for b in budgets) or sorted(set(budgets)) != budgets:
+            raise ConfigError(f"{source}: decay_budgets must be increasing integers (steps)")
+        config = self.train_config
+        stable_until = config.steps - round(config.optim.warmdown_frac * config.steps)
+        if config.optim.warmdown_frac == 0 or budgets[-1] >= config.steps:
+            raise ConfigError(f"{source}: decay_budgets need warmdown_frac > 0 and budgets below steps={config.steps}")
+        for budget in budgets:
+            if not config.optim.warmup_steps <= self.branch_step(budget) <= stable_until:
+                raise ConfigError(f"{source}: budget {budget} branches at step {self.branch_step(budget)}, "
+                                  f"outside the stable phase [{config.optim.warmup_steps}, {stable_until}] "
+                                  f"of the {config.steps}-step run")
 
     def runs(self) -> list[RunSpec]:
         specs = []
@@ -159,11 +200,31 @@ def run_setup(experiment: Experiment) -> None:
             raise ConfigError(f"setup step failed: move {' '.join(command)}")
 
 
+def resume_possible(run_dir: Path) -> bool:
+    return (run_dir / "run.json").exists() and bool(checkpoint_dirs(run_dir))
+
+
+def run_budget_branch(experiment: Experiment, spec: RunSpec, run_dir: Path, budget: int, args) -> bool:
+    """Train (or resume, or skip) the branch of a finished run that decays to
+    `budget` steps; False if it was stopped by a signal."""
+    branch = budget_dir(run_dir, budget)
+    if (branch / "summary.json").exists():
+        return True
+    source = run_dir / "checkpoints" / f"step_{experiment.branch_step(budget):06d}"
+    if not resume_possible(branch) and not source.is_dir():
+        raise ConfigError(f"{run_dir} has no checkpoint at step {experiment.branch_step(budget)} to branch the "
+                          f"{budget}-step budget from (was it trained without decay_budgets?); rerun with --force")
+    resume = resume_possible(branch)  # a branch killed before its first checkpoint restarts from source
+    print(f"    {spec.key}: decay to {budget} steps from step {experiment.branch_step(budget)}", flush=True)
+    model, task, train_config = build_run(argparse.Namespace(**{**vars(args), "steps": budget, "out": str(branch)}))
+    trainer = Trainer(model, task, train_config, branch, resume=resume, force=not resume, quiet=True,
+                      branch_from=None if resume else source)
+    return "stopped_at" not in trainer.run()
+
+
 def run_experiment(path, out=None, force: bool = False) -> Path:
     """Run every missing run of the grid, then write the report."""
     from move.experiments.report import write_experiment_report
-    from move.training.runs import build_run
-    from move.training.trainer import Trainer
 
     experiment = Experiment.load(path)
     out = Path(out or Path("results") / experiment.name)
@@ -181,9 +242,15 @@ def run_experiment(path, out=None, force: bool = False) -> Path:
             resume = (run_dir / "run.json").exists() and not force
             print(f"[{i}/{len(specs)}] {spec.key}: {'resuming' if resume else 'training'}", flush=True)
             model, task, train_config = build_run(args)
-            summary = Trainer(model, task, train_config, run_dir, resume=resume, force=force, quiet=True).run()
+            keep = frozenset(experiment.branch_step(b) for b in experiment.decay_budgets)
+            summary = Trainer(model, task, train_config, run_dir, resume=resume, force=force, quiet=True,
+                              keep_steps=keep).run()
             if "stopped_at" in summary:
                 print(f"stopped during {spec.key}; rerun the same command to continue")
+                return out
+        for budget in experiment.decay_budgets:
+            if not run_budget_branch(experiment, spec, run_dir, budget, args):
+                print(f"stopped during {spec.key} (budget {budget}); rerun the same command to continue")
                 return out
         if experiment.image:
             image_args = argparse.Namespace(data=spec.data, force=False, classifier=experiment.image.get("classifier"),

@@ -57,7 +57,7 @@ class GPT(nn.Module):
         # generator differently per variant (a router's Linear draws, a bank does not),
         # so nothing drawn after this point may depend on it. See init_weights.
         if init_seed is None:
-            init_seed = int(torch.randint(0, 2**62, ()))
+            init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.bank = None

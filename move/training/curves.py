@@ -92,3 +92,41 @@ def plot_knowledge(lines: dict[str, list[tuple]], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_budget_bands(lines: dict[str, dict[int, list[tuple[float, float]]]], path, ylabel: str, title: str = "") -> None:
+    """Final metric against training tokens: lines maps a variant to {budget: [(tokens,
+    value) per seed]}; the line is the mean, the band the lowest to the highest seed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.get_cmap("tab10")
+    for i, (name, budgets) in enumerate(lines.items()):
+        points = sorted((runs[0][0], [v for _, v in runs]) for runs in budgets.values())
+        x = [t for t, _ in points]
+        ax.plot(x, [sum(v) / len(v) for _, v in points], marker="o", color=colors(i % 10), label=name)
+        ax.fill_between(x, [min(v) for _, v in points], [max(v) for _, v in points], color=colors(i % 10), alpha=0.15)
+    ax.set(xlabel="training tokens", ylabel=ylabel, title=title, xscale="log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_diagnostics(curves: dict[str, list[list[dict]]], keys: dict[str, str], value, path, title: str = "") -> None:
+    """One panel per diagnostic over training steps: curves maps a variant to its
+    seeds' metrics lists, value(record, key) reads a diagnostic (None: absent)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, (key, label) in zip(axes[0], keys.items()):
+        for i, (name, runs) in enumerate(curves.items()):
+            steps = sorted({m["step"] for m in runs[0]})
+            means = []
+            for step in steps:
+                values = [value(m, key) for run in runs for m in run if m["step"] == step]
+                values = [v for v in values if v is not None]
+                means.append(sum(values) / len(values) if values else float("nan"))
+            ax.plot(steps, means, marker="o", markersize=3, color=colors(i % 10), label=name)
+        ax.set(xlabel="step", ylabel=label, title=f"{title}: {label}")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,6 +1,7 @@
 """Optimisers and the learning-rate schedule (nanochat's recipe).
 
-- Muon (torch.optim.Muon) for every 2-D transformer matrix, routers included;
+- Muon (torch.optim.Muon; on CPU its Newton-Schulz runs in fp32: move/training/muon.py)
+  for every 2-D transformer matrix, routers included;
   or AdamW for them with --optimizer adamw.
 - AdamW for the token embedding, the lm_head and value memory (MoVE bank, LaVE
   tables), each with its own learning rate. Value memory is optimised like an
@@ -27,6 +28,7 @@ from move.errors import ConfigError
 from move.model.accounting import param_group
 from move.model.gpt import GPT
 from move.training.distributed import all_reduce_
+from move.training.muon import Muon
 from move.training.table_adamw import TableAdamW
 
 
@@ -87,8 +89,7 @@ def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
     else:
         adam_groups.append(memory)
     if oc.optimizer == "muon":
-        optimizers.append(torch.optim.Muon(matrices, lr=oc.lr_matrix, momentum=0.95, nesterov=True,
-                                           weight_decay=oc.weight_decay))
+        optimizers.append(Muon(matrices, lr=oc.lr_matrix, momentum=0.95, nesterov=True, weight_decay=oc.weight_decay))
     else:
         adam_groups.append(dict(params=matrices, lr=oc.lr_adamw_matrix))
     adam_groups = [g for g in adam_groups if g["params"]]

@@ -25,6 +25,7 @@ Run directory:
 
 import json
 import random
+import re
 import shutil
 import signal
 import sys
@@ -115,8 +116,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories start with '.')."""
-    return sorted((run_dir / "checkpoints").glob("step_*"))
+    """Complete checkpoints, oldest first: exactly the names save() writes, step_NNNNNN
+    (temporary directories start with '.'; a user's step_000020_backup is not ours)."""
+    return sorted(d for d in (Path(run_dir) / "checkpoints").glob("step_*") if re.fullmatch(r"step_\d{6,}", d.name))
 
 
 def rng_state() -> dict:
@@ -131,8 +133,14 @@ def set_rng_state(state: dict) -> None:
 
 class Trainer:
     def __init__(self, model, task, config: TrainConfig, run_dir, resume: bool = False, force: bool = False,
-                 quiet: bool = False):
+                 quiet: bool = False, branch_from: Path | None = None, keep_steps: frozenset = frozenset()):
+        """branch_from: start a new run from this checkpoint of another run (weights,
+        optimiser moments, data position, RNG, metrics so far) with this config's
+        length: a warmup-stable-decay run branched in its stable phase decays to a
+        shorter budget. keep_steps: checkpoints at these steps are written and never
+        rotated away (the branch points of other budgets)."""
         self.model, self.task, self.config = model, task, config.validate()
+        self.keep_steps = frozenset(keep_steps)
         self.run_dir = Path(run_dir)
         self.device = next(model.parameters()).device
         self.dist = distributed.current()
@@ -158,7 +166,7 @@ class Trainer:
         self.signal_received = False  # this process got SIGINT/SIGTERM
         self.stop_agreed = False  # some rank got one (agreed on at the end of each step)
         self.last_inputs = None
-        self._prepare_run_dir(resume, force)
+        self._prepare_run_dir(resume, force, branch_from)
         self.trackers = Trackers(config.loggers if self.dist.is_main else "", self.run_dir, self.record)
 
     # ------------------------------------------------------------------ run directory
@@ -170,7 +178,7 @@ class Trainer:
     def stop_requested(self) -> bool:
         return self.stop_agreed if self.dist.active else self.signal_received
 
-    def _prepare_run_dir(self, resume: bool, force: bool) -> None:
+    def _prepare_run_dir(self, resume: bool, force: bool, branch_from: Path | None) -> None:
         record_path = self.run_dir / "run.json"
         if resume:
             if not record_path.is_file():
@@ -180,6 +188,18 @@ class Trainer:
         elif self.dist.is_main:
             self._start_run_dir(force)
         distributed.barrier()  # the others start once rank 0 has set the directory up
+        if branch_from is not None and not resume:
+            self._branch_from(Path(branch_from))
+
+    def _branch_from(self, ckpt: Path) -> None:
+        source = ckpt.parent.parent
+        self._check_same_run(json.loads((source / "run.json").read_text()))
+        self._load_checkpoint(ckpt)
+        if self.dist.is_main:
+            kept = [m for m in read_metrics(source) if m["step"] <= self.step]
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+        if self.step >= self.config.steps - round(self.config.optim.warmdown_frac * self.config.steps) + 1:
+            raise ConfigError(f"branch point step {self.step} lies inside the decay of a {self.config.steps}-step run")
 
     def _start_run_dir(self, force: bool) -> None:
         record_path = self.run_dir / "run.json"
@@ -214,29 +234,34 @@ class Trainer:
                 print(f"{self.run_dir}: no checkpoint yet, starting from step 0")
             return
         for ckpt in reversed(checkpoint_dirs(self.run_dir)):
-            try:  # checkpoints are unsharded: each rank keeps its rows of the tables
-                state_dict, header = load_state_dict(ckpt)
-                state_dict = distributed.local_state_dict(self.model, state_dict)
-                check_compatible(self.model, state_dict, ckpt)
-                train_state = load_train_state(ckpt)
-                optimizer_states = [distributed.local_optimizer_state(opt, self.model, s)
-                                    for opt, s in zip(self.optimizers, train_state["optimizers"])]
+            try:
+                self._load_checkpoint(ckpt)
             except CheckpointError as e:
                 print(f"warning: skipping checkpoint {ckpt.name}: {e}", file=sys.stderr)
                 continue
-            self.model.load_state_dict(state_dict)
-            for opt, s in zip(self.optimizers, optimizer_states):
-                opt.load_state_dict(s)
-            self.task.loader.load_state_dict(train_state["loader"])
-            set_rng_state(train_state["rng"])
-            self.step = train_state["step"]
-            self.train_losses = train_state["train_losses"]
-            self.train_time = train_state["train_time"]
             self._truncate_metrics(self.step)
             if not self.quiet:
                 print(f"resuming from {ckpt} (step {self.step})")
             return
         raise UserError(f"{self.run_dir}: no valid checkpoint to resume from")
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        """The whole training state of a checkpoint (CheckpointError, nothing changed,
+        if it does not verify). Checkpoints are unsharded: each rank keeps its rows."""
+        state_dict, header = load_state_dict(ckpt)
+        state_dict = distributed.local_state_dict(self.model, state_dict)
+        check_compatible(self.model, state_dict, ckpt)
+        train_state = load_train_state(ckpt)
+        optimizer_states = [distributed.local_optimizer_state(opt, self.model, s)
+                            for opt, s in zip(self.optimizers, train_state["optimizers"])]
+        self.model.load_state_dict(state_dict)
+        for opt, s in zip(self.optimizers, optimizer_states):
+            opt.load_state_dict(s)
+        self.task.loader.load_state_dict(train_state["loader"])
+        set_rng_state(train_state["rng"])
+        self.step = train_state["step"]
+        self.train_losses = train_state["train_losses"]
+        self.train_time = train_state["train_time"]
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint: they will be logged again."""
@@ -263,7 +288,8 @@ class Trainer:
         path = save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}", self.model,
                                meta={"step": self.step, "task": self.task.describe()}, train_state=train_state,
                                state_dict=model_state)
-        for old in checkpoint_dirs(self.run_dir)[: -self.config.keep_checkpoints]:
+        rotating = [d for d in checkpoint_dirs(self.run_dir) if int(d.name[len("step_"):]) not in self.keep_steps]
+        for old in rotating[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
         return path
 
@@ -356,7 +382,8 @@ class Trainer:
                     if not self.quiet:  # (diagnostics go to metrics.jsonl and the trackers only)
                         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in record.items() if not k.startswith("vm/")))
-                if self.step % c.checkpoint_every == 0 or self.step == c.steps or self.stop_requested:
+                if (self.step % c.checkpoint_every == 0 or self.step == c.steps or self.stop_requested
+                        or self.step in self.keep_steps):
                     self.save()
         finally:
             bar.close()
