@@ -33,8 +33,19 @@ import torch
 
 from move.config import model_config_from_preset
 from move.device import pick_device
+from move.evaluation.bpb import bits_per_byte as bpb
+from move.evaluation.fid import InceptionFeatures, fid_from_features
+from move.image.evaluate import generate_images
+from move.image.prepare import load_prepared_images
 from move.model.accounting import count_params
 from move.model.gpt import GPT
+from move.model.sampling import generate
+from move.recipes import RunSpec, build_run, build_task, load_data, resolve_checkpoint
+from move.text.loader import eval_windows
+from move.text.prepare import load_prepared
+from move.text.tokenizer import Tokenizer
+from move.training.checkpoint import load_model, training_data
+from move.training.trainer import Trainer, TrainConfig
 
 
 def build_model(preset: str = "small", seed: int = 0, **fields) -> GPT:
@@ -52,21 +63,21 @@ def parameter_counts(model) -> dict:
 def train(model, data, out, quiet: bool = False, **train_fields) -> dict:
     """Train `model` on prepared text or image-token data (`move prepare` /
     `move image-encode`) with the shared Trainer; returns the run summary."""
-    from move.training.runs import build_task, load_data
-    from move.training.trainer import Trainer, TrainConfig
-
     config = TrainConfig(**train_fields).validate()
     task = build_task(load_data(data), model, config)
     return Trainer(model, task, config, out, quiet=quiet).run()
 
 
+def run(spec: RunSpec, out, resume: bool = False, quiet: bool = False) -> dict:
+    """Build and train the run a RunSpec describes (what `move train` does); returns
+    the run summary."""
+    model, task, config = build_run(spec)
+    return Trainer(model, task, config, out, resume=resume, quiet=quiet).run()
+
+
 def load(checkpoint, device: str = "auto"):
     """(model, tokenizer) from a checkpoint or run directory; the tokenizer is that
     of the data the model was trained on (None for image models)."""
-    from move.checkpoint import load_model, training_data
-    from move.text.tokenizer import Tokenizer
-    from move.training.runs import resolve_checkpoint
-
     model, header = load_model(resolve_checkpoint(checkpoint), pick_device(device))
     data = training_data(header)
     tokenizer = Tokenizer.load(data) if data and (Path(data) / "tokenizer.json").exists() else None
@@ -76,8 +87,6 @@ def load(checkpoint, device: str = "auto"):
 def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, temperature: float = 0.8, top_k: int = 50,
                   top_p: float = 1.0, seed: int = 0) -> str:
     """Continue `prompt` with the KV-cache sampler."""
-    from move.model.sampling import generate
-
     ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(prompt)], device=next(model.parameters()).device)
     out = generate(model, ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     return tokenizer.decode(out[0].tolist())
@@ -85,10 +94,6 @@ def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, temperat
 
 def bits_per_byte(model, data, split: str = "val", max_tokens: int = 10**9, batch_size: int = 8) -> float:
     """Bits per byte of `model` on a prepared text split."""
-    from move.evaluation.bpb import bits_per_byte as bpb
-    from move.text.loader import eval_windows
-    from move.text.prepare import load_prepared
-
     prepared = load_prepared(data)
     windows = eval_windows(prepared.tokens(split), model.config.seq_len, max_tokens, batch_size)
     return bpb(model, windows, torch.from_numpy(prepared.tokenizer.token_bytes()))
@@ -97,9 +102,6 @@ def bits_per_byte(model, data, split: str = "val", max_tokens: int = 10**9, batc
 def sample_images(model, data, labels, cfg_scale: float | None = 1.5, temperature: float = 1.0, top_k: int = 0,
                   seed: int = 0) -> torch.Tensor:
     """uint8 images (N, C, H, W) of the given classes, with classifier-free guidance."""
-    from move.image.evaluate import generate_images
-    from move.image.prepare import load_prepared_images
-
     return generate_images(model, load_prepared_images(data), torch.as_tensor(labels), cfg_scale, temperature,
                            top_k, seed)
 
@@ -107,7 +109,5 @@ def sample_images(model, data, labels, cfg_scale: float | None = 1.5, temperatur
 def fid(images, reference_images) -> float:
     """FID between two sets of uint8 images (N, C, H, W) with the Inception-v3 FID
     network (biased upwards at small N: compare at equal sample counts)."""
-    from move.evaluation.fid import InceptionFeatures, fid_from_features
-
     inception = InceptionFeatures()
     return fid_from_features(inception(images), inception(reference_images))

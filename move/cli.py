@@ -15,12 +15,15 @@ import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from move.checkpoint import data_dir_for, load_model, read_header
+from move.training.checkpoint import data_dir_for, load_model, read_header
+from move import __version__
 from move.config import MODEL_PRESETS, ModelConfig
 from move.device import pick_device
 from move.errors import UserError
 from move.training.distributed import current, distributed_job, job_device, launched_by_torchrun, per_rank_batch
-from move.training.runs import build_run, config_overrides, resolve_checkpoint, train_config_from
+from move.recipes import RunSpec, build_run, resolve_checkpoint
+from move.training.optim import OptimConfig
+from move.training.trainer import TrainConfig
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -48,6 +51,23 @@ def add_dataclass_flags(parser, cls, skip=()) -> None:
                             type=parse_bool if kind is bool else kind, help=f"(default {f.default})")
 
 
+def config_overrides(args, cls) -> dict:
+    """The flags of `args` that set fields of dataclass `cls` (None = not given)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def train_config_from(args) -> TrainConfig:
+    optim = OptimConfig(**config_overrides(args, OptimConfig))
+    return TrainConfig(**config_overrides(args, TrainConfig), optim=optim).validate()
+
+
+def run_spec_from(args) -> RunSpec:
+    """The RunSpec that the training flags of `train` / `compare` describe."""
+    return RunSpec(data=args.data, preset=args.preset, model=config_overrides(args, ModelConfig),
+                   train=train_config_from(args), label_dropout=args.label_dropout)
+
+
 # ---------------------------------------------------------------------------- prepare
 def cmd_prepare(args) -> None:
     from move.text.prepare import PrepareOptions, prepare
@@ -65,7 +85,7 @@ def cmd_train(args) -> None:
 
     torch.set_flush_denormal(True)  # AdamW slows ~20x on denormals on CPU
     with distributed_job(args.device or "auto"):  # under torchrun: one process per rank
-        model, task, train_config = build_run(args)
+        model, task, train_config = build_run(run_spec_from(args))
         summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
         print_summary(summary)
 
@@ -154,14 +174,14 @@ def train_image_helper(args, model_class, config_class, task_class, shape_fields
 
 def cmd_image_tokenizer(args) -> None:
     from move.image.tasks import ReconstructionTask
-    from move.image.vqvae import VQVAE, VQConfig
+    from move.model.vqvae import VQVAE, VQConfig
 
     train_image_helper(args, VQVAE, VQConfig, ReconstructionTask,
                        lambda d: {"channels": d.shape[0], "image_size": d.shape[1]})
 
 
 def cmd_image_classifier(args) -> None:
-    from move.image.classifier import ClassifierConfig, ImageClassifier
+    from move.model.classifier import ClassifierConfig, ImageClassifier
     from move.image.tasks import ClassificationTask
 
     train_image_helper(args, ImageClassifier, ClassifierConfig, ClassificationTask,
@@ -222,10 +242,11 @@ def cmd_image_eval(args) -> None:
 
 # ---------------------------------------------------------------------------- compare
 def cmd_compare(args) -> None:
-    from move.experiments.compare import run_comparison
+    from move.experiments.compare import ImageEvalSpec, run_comparison
 
     torch.set_flush_denormal(True)
-    run_comparison(args)
+    image_eval = ImageEvalSpec(args.classifier, args.fid_samples, args.cfg_scale)
+    run_comparison(run_spec_from(args), args.variants, args.out, force=args.force, image_eval=image_eval)
 
 
 # ---------------------------------------------------------------------------- knowledge probe
@@ -282,10 +303,13 @@ def cmd_export_hf(args) -> None:
 
 # ---------------------------------------------------------------------------- experiments
 def cmd_experiment(args) -> None:
+    from move.experiments.report import write_experiment_report
     from move.experiments.runner import run_experiment
 
     torch.set_flush_denormal(True)
-    run_experiment(args.file, args.out, force=args.force)
+    out = run_experiment(args.file, args.out, force=args.force)
+    if out is not None:
+        write_experiment_report(out)
 
 
 def cmd_report(args) -> None:
@@ -316,11 +340,10 @@ def cmd_bench(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from move.text.corpora import SOURCES
     from move.text.prepare import PrepareOptions
-    from move.training.optim import OptimConfig
-    from move.training.trainer import TrainConfig
 
     parser = OneLineParser(prog="move", description="MoVE: mixture of value embeddings")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"move {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("prepare", help="split, tokenise and store a text corpus")
@@ -404,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true")
         p.set_defaults(steps=1500, batch_size=64, eval_every=500, checkpoint_every=500, lr_adamw_matrix=2e-3)
 
-    from move.image.classifier import ClassifierConfig
-    from move.image.vqvae import VQConfig
+    from move.model.classifier import ClassifierConfig
+    from move.model.vqvae import VQConfig
 
     p = sub.add_parser("image-tokenizer", help="train a VQ-VAE image tokenizer (shared training loop)")
     add_conv_training_flags(p, VQConfig, skip=("image_size", "channels"))

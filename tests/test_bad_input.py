@@ -229,7 +229,7 @@ def test_a_non_utf8_file_is_skipped_with_a_warning(tmp_path, capsys):
 def test_data_dir_for_a_checkpoint_without_recorded_data():
     """eval, sample, image-*, knowledge-eval and export-hf find the training data in
     the checkpoint's header; without it the error names the flag that supplies it."""
-    from move.checkpoint import data_dir_for
+    from move.training.checkpoint import data_dir_for
     from move.errors import UserError
 
     recorded = {"meta": {"task": {"data": "data/recorded"}}}

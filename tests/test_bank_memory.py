@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from move.checkpoint import load_model, save_checkpoint
+from move.training.checkpoint import load_model, save_checkpoint
 from move.config import ModelConfig
 from move.errors import CheckpointError
 from move.model.gpt import GPT
@@ -15,7 +15,7 @@ from move.model.sampling import generate
 
 MMAP_PROBE = """
 import json, sys, torch
-from move.checkpoint import load_model
+from move.training.checkpoint import load_model
 from move.device import resident_memory_mb
 from move.model.sampling import generate
 before = resident_memory_mb()

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-import move.checkpoint
-from move.checkpoint import load_state_dict
+import move.training.checkpoint
+from move.training.checkpoint import load_state_dict
 from move.cli import main
 from move.training.trainer import checkpoint_dirs
 
@@ -77,14 +77,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(prepared_dir, tm
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(prepared_dir, tmp_path, monkeypatch, capsys):
-    real_write = move.checkpoint._write_synced
+    real_write = move.training.checkpoint._write_synced
 
     def write_fails_at_step_6(path, data):
         if "step_000006" in str(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(path, data)
 
-    monkeypatch.setattr(move.checkpoint, "_write_synced", write_fails_at_step_6)
+    monkeypatch.setattr(move.training.checkpoint, "_write_synced", write_fails_at_step_6)
     run = tmp_path / "run"
     flags = [f if f != "30" else "9" for f in RUN_FLAGS]
     assert main(["train", "--data", str(prepared_dir), "--out", str(run), *flags]) == 2
@@ -93,7 +93,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(prepared_di
     assert [c.name for c in checkpoint_dirs(run)] == ["step_000003"]
     load_state_dict(checkpoint_dirs(run)[-1])  # intact: checksums verify
     assert not list((run / "checkpoints").glob(".*"))
-    monkeypatch.setattr(move.checkpoint, "_write_synced", real_write)  # space freed: the run resumes
+    monkeypatch.setattr(move.training.checkpoint, "_write_synced", real_write)  # space freed: the run resumes
     assert main(["train", "--data", str(prepared_dir), "--out", str(run), *flags, "--resume"]) == 0
     assert "resuming from" in capsys.readouterr().out
 

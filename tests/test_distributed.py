@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from move.checkpoint import load_state_dict, load_train_state
+from move.training.checkpoint import load_state_dict, load_train_state
 from move.cli import main
 
 # --eval-tokens 2304: 36 windows of 64 in 9 batches of 4 (per rank), an odd number,

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from move.checkpoint import load_state_dict
+from move.training.checkpoint import load_state_dict
 from move.errors import ConfigError
+from move.experiments.report import write_experiment_report
 from move.experiments.runner import Experiment, run_experiment
 from move.experiments.stats import paired_difference, summarize_values
 from move.training.trainer import checkpoint_dirs
@@ -78,6 +79,7 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, prepared_dir, capsys):
     resumed, _ = load_state_dict(checkpoint_dirs(victim)[-1])
     assert all(torch.equal(resumed[k], final_weights[k]) for k in final_weights)
 
+    write_experiment_report(out)
     report = (out / "report.md").read_text()
     for name in ("| tiny |", "| tiny-deeper |", "MoVE x1", "MoVE no-g0 x1", "Δ vs standard [95% CI]",
                  "MoVE without g0", "(n=2)"):
@@ -148,7 +150,7 @@ warmdown_frac = 0.25
 
     run_experiment(grid(12, [4, 8]), long_out)  # all done: nothing runs again
     assert "decay to" not in capsys.readouterr().out
-    report = (long_out / "report.md").read_text()
+    report = write_experiment_report(long_out).read_text()
     assert "Budgets" in report
 
 

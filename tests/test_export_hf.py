@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from move.checkpoint import save_checkpoint  # noqa: E402
+from move.training.checkpoint import save_checkpoint  # noqa: E402
 from move.config import model_config_from_preset  # noqa: E402
 from move.export.hf import export_hf  # noqa: E402
 from move.model.gpt import GPT  # noqa: E402

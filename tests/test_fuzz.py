@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from move.checkpoint import read_header
+from move.training.checkpoint import read_header
 from move.cli import build_parser
 from move.config import ModelConfig, model_config_from_preset
 from move.errors import UserError
@@ -23,7 +23,7 @@ from move.image.prepare import load_prepared_images
 from move.model.gpt import GPT
 from move.text.corpora import iter_documents
 from move.text.prepare import load_prepared
-from move.training.runs import config_overrides, train_config_from
+from move.cli import config_overrides, train_config_from
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 small_ints = st.integers(min_value=-3, max_value=12)

@@ -14,7 +14,7 @@ from move.image.prepare import load_prepared_images
 from move.image.sampling import class_grid_labels, guided_logits, sample_image_tokens, save_grid
 from move.image.tasks import GenerationTask, ReconstructionTask, conditional_sequences, image_nll_bits
 from move.image.tokenizers import PixelQuantizer, as_float
-from move.image.vqvae import VQVAE, VQConfig
+from move.model.vqvae import VQVAE, VQConfig
 from move.model.gpt import GPT
 from move.training.optim import OptimConfig
 from move.training.trainer import Trainer, TrainConfig

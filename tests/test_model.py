@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from move.checkpoint import load_model, save_checkpoint
+from move.training.checkpoint import load_model, save_checkpoint
 from move.config import ModelConfig
 from move.errors import CheckpointError, ConfigError, TokenRangeError
 from move.model.accounting import count_params, forward_flops_per_token

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from move import api
-from move.cli import build_parser
+from move.cli import build_parser, run_spec_from
 from move.experiments.runner import Experiment
-from move.training.runs import build_run
+from move.recipes import build_run
 
 SHAPES = {
     "mha": {},
@@ -86,7 +86,7 @@ def test_move_train_path_pairs_variants(request, tmp_path, data_fixture):
     for name, flags in {"standard": [], "lave": ["--variant", "lave"], "move": ["--variant", "move", "--density", "2"],
                         "mla-standard": ["--attention", "mla", "--kv-latent-dim", "64"],
                         "mla-move": ["--attention", "mla", "--kv-latent-dim", "64", "--variant", "move"]}.items():
-        model, _, _ = build_run(parsed_train_args(*common, *flags, "--out", str(tmp_path / name)))
+        model, _, _ = build_run(run_spec_from(parsed_train_args(*common, *flags, "--out", str(tmp_path / name))))
         models[name] = model
     assert_shares_every_standard_tensor(models["standard"], models["lave"])
     assert_shares_every_standard_tensor(models["standard"], models["move"])
@@ -109,7 +109,7 @@ def test_experiment_runs_pair_variants_within_a_seed(tmp_path, prepared_dir):
     experiment = Experiment.load(toml)
     by_seed: dict[int, dict] = {}
     for spec in experiment.runs():
-        model, _, _ = build_run(experiment.run_args(spec, tmp_path / spec.key))
+        model, _, _ = build_run(experiment.run_spec(spec))
         by_seed.setdefault(spec.seed, {})[spec.variant] = model
     for models in by_seed.values():
         for variant, model in models.items():

@@ -8,89 +8,72 @@ report is a markdown table (validation bpb, parameters by group, FLOPs per token
 measured tokens/s and peak memory) plus the validation curves in one PNG.
 """
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from move.errors import ConfigError
-
-# name -> model-config fields; the ablations isolate g0 and global sharing
-VARIANT_FIELDS = {
-    "standard": dict(value_memory="standard"),
-    "lave": dict(value_memory="lave"),
-    "move": dict(value_memory="move"),
-    "move-nog0": dict(value_memory="move", move_gate_g0=False),
-    "lave-full": dict(value_memory="lave", lave_full_gates=True),
-}
+from move.files import atomic_write_json
+from move.image.evaluate import evaluate_generator
+from move.image.prepare import load_prepared_images
+from move.recipes import RunSpec, build_run, parse_variant, resolve_checkpoint
+from move.training.checkpoint import load_model
+from move.training.curves import plot_runs
+from move.training.trainer import Trainer, read_metrics
 
 
-def parse_variant(spec: str) -> tuple[str, dict]:
-    """'move:4' -> ('move_x4', {value_memory: move, memory_density: 4})."""
-    name, _, density = spec.partition(":")
-    if name not in VARIANT_FIELDS:
-        raise ConfigError(f"unknown variant {name!r} in {spec!r}; choose from {', '.join(VARIANT_FIELDS)}")
-    fields = dict(VARIANT_FIELDS[name])
-    if name == "standard":
-        return "standard", fields
-    try:
-        k = int(density or 1)
-    except ValueError:
-        raise ConfigError(f"memory density in {spec!r} must be an integer") from None
-    if k < 1:
-        raise ConfigError(f"memory density in {spec!r} must be >= 1")
-    return f"{name}_x{k}", {**fields, "memory_density": k}
+@dataclass
+class ImageEvalSpec:
+    """Sample-based metrics of an image run: FID and class accuracy."""
+
+    classifier: str | None = None  # a run of `move image-classifier`
+    fid_samples: int = 500
+    cfg_scale: float = 1.5
 
 
-def run_comparison(args) -> dict:
-    from move.training.runs import build_run
-    from move.training.trainer import Trainer
 
-    out = Path(args.out)
-    variants = [parse_variant(s) for s in args.variants]  # validate all before training any
+def run_comparison(base: RunSpec, variants: list[str], out, force: bool = False,
+                   image_eval: ImageEvalSpec | None = None) -> dict:
+    """Train `base` once per variant ("move:4", ...) into out/<variant>, then report."""
+    out = Path(out)
+    parsed = [parse_variant(s) for s in variants]  # validate all before training any
     summaries = {}
-    for name, fields in variants:
+    for name, fields in parsed:
         run_dir = out / name
         summary_path = run_dir / "summary.json"
-        if summary_path.exists() and not args.force:
+        if summary_path.exists() and not force:
             print(f"{name}: complete, skipped ({summary_path})")
             summaries[name] = json.loads(summary_path.read_text())
             continue
-        run_args = argparse.Namespace(**{**vars(args), **fields})
-        model, task, train_config = build_run(run_args)
-        resume = (run_dir / "run.json").exists() and not args.force
-        trainer = Trainer(model, task, train_config, run_dir, resume=resume, force=args.force)
+        model, task, train_config = build_run(base.with_model(**fields))
+        resume = (run_dir / "run.json").exists() and not force
+        trainer = Trainer(model, task, train_config, run_dir, resume=resume, force=force)
         summaries[name] = trainer.run()
         if "stopped_at" in summaries[name]:
             print(f"{name}: stopped early; rerun the same command to resume")
             return summaries
     for name, summary in summaries.items():
         if summary["task"]["modality"] == "image":
-            summary.update(image_sample_metrics(out / name, args))
+            summary.update(image_sample_metrics(out / name, base.data, image_eval or ImageEvalSpec(None), force))
     write_report(out, summaries)
     return summaries
 
 
-def image_sample_metrics(run_dir: Path, args) -> dict:
+def image_sample_metrics(run_dir: Path, data_dir, spec: ImageEvalSpec, force: bool = False) -> dict:
     """FID, class accuracy and a sample grid of a finished image run (cached in
     sample_metrics.json: a rerun with the same settings costs nothing)."""
-    from move.checkpoint import load_model
-    from move.files import atomic_write_json
-    from move.image.evaluate import evaluate_generator
-    from move.image.prepare import load_prepared_images
-    from move.training.runs import resolve_checkpoint
-
     path = run_dir / "sample_metrics.json"
-    settings = {"fid_samples": args.fid_samples, "cfg_scale": args.cfg_scale}
-    if path.exists() and not args.force:
+    settings = {"fid_samples": spec.fid_samples, "cfg_scale": spec.cfg_scale}
+    if path.exists() and not force:
         cached = json.loads(path.read_text())
         if all(cached.get(k) == v for k, v in settings.items()):
             return cached
-    if not args.classifier:
+    if not spec.classifier:
         raise ConfigError("image comparisons need --classifier (a run of `move image-classifier`)")
     model, _ = load_model(resolve_checkpoint(run_dir), "cpu")
-    data = load_prepared_images(args.data)
-    print(f"{run_dir.name}: sampling {args.fid_samples} images for FID and class accuracy")
-    metrics = evaluate_generator(model, data, resolve_checkpoint(args.classifier), args.fid_samples, args.cfg_scale,
+    data = load_prepared_images(data_dir)
+    print(f"{run_dir.name}: sampling {spec.fid_samples} images for FID and class accuracy")
+    metrics = evaluate_generator(model, data, resolve_checkpoint(spec.classifier), spec.fid_samples, spec.cfg_scale,
                                  grid_path=run_dir / "samples.png")
     atomic_write_json(path, metrics)
     return metrics
@@ -129,9 +112,6 @@ def format_table(summaries: dict[str, dict]) -> str:
 
 
 def write_report(out: Path, summaries: dict[str, dict]) -> None:
-    from move.training.curves import plot_runs
-    from move.training.trainer import read_metrics
-
     any_summary = next(iter(summaries.values()))
     image = any_summary["task"]["modality"] == "image"
     metric, title = ("val_nll_bits", "validation NLL (bits per image token)") if image else ("val_bpb", "validation bits per byte")

@@ -19,7 +19,7 @@ from move.errors import UserError
 from move.experiments.budgets import budget_sections
 from move.experiments.runner import Experiment
 from move.experiments.stats import paired_difference, summarize_values
-from move.training.curves import plot_curve_bands, plot_scaling
+from move.training.curves import plot_curve_bands, plot_knowledge, plot_scaling
 from move.training.trainer import read_metrics
 
 # metric key -> (label, lower is better)
@@ -178,7 +178,6 @@ def build_sections(out: Path, experiment: Experiment, results: dict) -> list:
 
 def knowledge_sections(out: Path, results: dict, sizes: list, variants: list) -> list:
     """Bits per parameter group, and stored bits against the number of people."""
-    from move.training.curves import plot_knowledge
 
     rows, lines = [], {}
     for (size, v), runs in sorted(results.items(), key=lambda kv: (sizes.index(kv[0][0]), variant_order(kv[0][1]))):

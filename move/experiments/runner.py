@@ -43,17 +43,20 @@ summary.json, checkpoints), budget branches in <run>/decay/steps_<b>/, then
 `move report <out>`.
 """
 
-import argparse
+import dataclasses
 import shutil
+import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from move.config import ModelConfig
 from move.errors import ConfigError
-from move.experiments.compare import image_sample_metrics, parse_variant
+from move.experiments.compare import ImageEvalSpec, image_sample_metrics
+from move.recipes import RunSpec
+from move.recipes import build_run, parse_variant
 from move.training.optim import OptimConfig
-from move.training.runs import build_run
 from move.training.trainer import TrainConfig, Trainer, checkpoint_dirs
 
 TOP_LEVEL = {"name", "description", "expected_minutes", "data", "preset", "seeds", "data_seed", "variants", "train",
@@ -65,7 +68,9 @@ MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"value_memory", "memory_de
 
 
 @dataclass
-class RunSpec:
+class GridRun:
+    """One cell of the grid: a size, a variant and a seed."""
+
     size: str
     variant: str  # e.g. "move:4"
     name: str  # e.g. "move_x4"
@@ -98,12 +103,6 @@ class Experiment:
     image: dict = field(default_factory=dict)
     setup: list[dict] = field(default_factory=list)
     decay_budgets: list[int] = field(default_factory=list)
-
-    @property
-    def train_config(self) -> TrainConfig:
-        fields = {k: v for k, v in self.train.items() if k in TrainConfig.__dataclass_fields__}
-        optim = {k: v for k, v in self.train.items() if k in OptimConfig.__dataclass_fields__}
-        return TrainConfig(**fields, optim=OptimConfig(**optim)).validate()
 
     def branch_step(self, budget: int) -> int:
         """The step of the full run from which the branch for `budget` decays."""
@@ -167,26 +166,35 @@ class Experiment:
                                   f"outside the stable phase [{config.optim.warmup_steps}, {stable_until}] "
                                   f"of the {config.steps}-step run")
 
-    def runs(self) -> list[RunSpec]:
+    def runs(self) -> list[GridRun]:
         specs = []
         for seed in self.seeds:
             for size, overrides in self.sizes.items():
                 model_fields = {k: v for k, v in overrides.items() if k not in ("variants", "data")}
                 for variant in overrides.get("variants", self.variants):
                     name, fields = parse_variant(variant)
-                    specs.append(RunSpec(size, variant, name, seed, {**model_fields, **fields},
+                    specs.append(GridRun(size, variant, name, seed, {**model_fields, **fields},
                                          overrides.get("data", self.data)))
         return specs
 
-    def run_args(self, spec: RunSpec, run_dir: Path) -> argparse.Namespace:
-        """The flags `move train` would get for this run."""
-        return argparse.Namespace(data=spec.data, preset=self.preset, **self.train, **spec.fields,
-                                  seed=spec.seed, data_seed=self.data_seed, out=str(run_dir))
+    @property
+    def train_config(self) -> TrainConfig:
+        """The [train] table as a TrainConfig (seed 0, the grid's data seed)."""
+        fields = {k: v for k, v in self.train.items() if k in TrainConfig.__dataclass_fields__}
+        optim = {k: v for k, v in self.train.items() if k in OptimConfig.__dataclass_fields__}
+        return TrainConfig(**fields, data_seed=self.data_seed, optim=OptimConfig(**optim)).validate()
+
+    def run_spec(self, run: GridRun) -> RunSpec:
+        """What `build_run` needs for one cell of the grid."""
+        return RunSpec(data=run.data, preset=self.preset, model=run.fields,
+                       train=dataclasses.replace(self.train_config, seed=run.seed),
+                       label_dropout=self.train.get("label_dropout", 0.1))
 
 
 def run_setup(experiment: Experiment) -> None:
-    from move.cli import main
-
+    """Each [[setup]] step runs as its own `python -m move ...` process: the runner
+    needs no knowledge of the command line, and a step's failure cannot leave this
+    process in a half-changed state."""
     for step in experiment.setup:
         if Path(step["creates"]).exists():
             continue
@@ -195,8 +203,8 @@ def run_setup(experiment: Experiment) -> None:
             out = Path(command[command.index("--out") + 1])
             if (out / "run.json").exists():
                 command.append("--resume")
-        print(f"setup: move {' '.join(command)}")
-        if main(command) != 0:
+        print(f"setup: move {' '.join(command)}", flush=True)
+        if subprocess.run([sys.executable, "-m", "move", *command]).returncode != 0:
             raise ConfigError(f"setup step failed: move {' '.join(command)}")
 
 
@@ -204,7 +212,7 @@ def resume_possible(run_dir: Path) -> bool:
     return (run_dir / "run.json").exists() and bool(checkpoint_dirs(run_dir))
 
 
-def run_budget_branch(experiment: Experiment, spec: RunSpec, run_dir: Path, budget: int, args) -> bool:
+def run_budget_branch(experiment: Experiment, spec: GridRun, run_dir: Path, budget: int) -> bool:
     """Train (or resume, or skip) the branch of a finished run that decays to
     `budget` steps; False if it was stopped by a signal."""
     branch = budget_dir(run_dir, budget)
@@ -216,16 +224,15 @@ def run_budget_branch(experiment: Experiment, spec: RunSpec, run_dir: Path, budg
                           f"{budget}-step budget from (was it trained without decay_budgets?); rerun with --force")
     resume = resume_possible(branch)  # a branch killed before its first checkpoint restarts from source
     print(f"    {spec.key}: decay to {budget} steps from step {experiment.branch_step(budget)}", flush=True)
-    model, task, train_config = build_run(argparse.Namespace(**{**vars(args), "steps": budget, "out": str(branch)}))
+    model, task, train_config = build_run(experiment.run_spec(spec).with_train(steps=budget))
     trainer = Trainer(model, task, train_config, branch, resume=resume, force=not resume, quiet=True,
                       branch_from=None if resume else source)
     return "stopped_at" not in trainer.run()
 
 
-def run_experiment(path, out=None, force: bool = False) -> Path:
-    """Run every missing run of the grid, then write the report."""
-    from move.experiments.report import write_experiment_report
-
+def run_experiment(path, out=None, force: bool = False) -> Path | None:
+    """Run every missing run of the grid (and its budget branches and image metrics);
+    -> the results directory, or None if a signal stopped it (rerun to continue)."""
     experiment = Experiment.load(path)
     out = Path(out or Path("results") / experiment.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,25 +244,20 @@ def run_experiment(path, out=None, force: bool = False) -> Path:
     specs = experiment.runs()
     for i, spec in enumerate(specs, 1):
         run_dir = out / "runs" / spec.key
-        args = experiment.run_args(spec, run_dir)
         if not (run_dir / "summary.json").exists() or force:
             resume = (run_dir / "run.json").exists() and not force
             print(f"[{i}/{len(specs)}] {spec.key}: {'resuming' if resume else 'training'}", flush=True)
-            model, task, train_config = build_run(args)
+            model, task, train_config = build_run(experiment.run_spec(spec))
             keep = frozenset(experiment.branch_step(b) for b in experiment.decay_budgets)
             summary = Trainer(model, task, train_config, run_dir, resume=resume, force=force, quiet=True,
                               keep_steps=keep).run()
             if "stopped_at" in summary:
                 print(f"stopped during {spec.key}; rerun the same command to continue")
-                return out
+                return None
         for budget in experiment.decay_budgets:
-            if not run_budget_branch(experiment, spec, run_dir, budget, args):
+            if not run_budget_branch(experiment, spec, run_dir, budget):
                 print(f"stopped during {spec.key} (budget {budget}); rerun the same command to continue")
-                return out
+                return None
         if experiment.image:
-            image_args = argparse.Namespace(data=spec.data, force=False, classifier=experiment.image.get("classifier"),
-                                            fid_samples=experiment.image.get("fid_samples", 500),
-                                            cfg_scale=experiment.image.get("cfg_scale", 1.5))
-            image_sample_metrics(run_dir, image_args)
-    write_experiment_report(out)
+            image_sample_metrics(run_dir, spec.data, ImageEvalSpec(**experiment.image))
     return out

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from move.checkpoint import data_dir_for, load_model, read_header
 from move.errors import UserError
+from move.text.tokenizer import Tokenizer
+from move.training.checkpoint import data_dir_for, load_model, read_header
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `move` package
 
@@ -48,8 +49,6 @@ def _relative_source(module: str) -> str:
 
 
 def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> Path:
-    from move.text.tokenizer import Tokenizer
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")

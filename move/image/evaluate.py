@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from move.checkpoint import load_model
+from move.training.checkpoint import load_model
 from move.evaluation.fid import InceptionFeatures, fid_from_features
 from move.image.prepare import PreparedImages
 from move.image.sampling import class_grid_labels, sample_image_tokens, save_grid

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from move.errors import ConfigError, DataError
+from move.training.checkpoint import load_model
 
 ENCODE_BATCH = 512
 
@@ -52,8 +53,6 @@ class PixelQuantizer:
 
 class VQTokenizer:
     def __init__(self, checkpoint, device="cpu"):
-        from move.checkpoint import load_model
-
         self.checkpoint = Path(checkpoint)
         self.model, header = load_model(self.checkpoint, device, kind="vqvae")
         self.model.eval()

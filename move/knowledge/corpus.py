@@ -25,6 +25,7 @@ import numpy as np
 from move.config import SerialConfig
 from move.errors import ConfigError, DataError
 from move.files import atomic_write_json
+from move.text.prepare import write_prepared
 from move.text.tokenizer import Tokenizer
 
 SYLLABLES = ["ka", "lo", "ri", "ta", "mi", "no", "su", "ve", "da", "ro", "pe", "zu", "fa", "ni", "go", "le", "ba",
@@ -118,7 +119,6 @@ def vocabulary(config: KnowledgeConfig) -> list[str]:
 def prepare_knowledge(config: KnowledgeConfig, out_dir, force: bool = False) -> dict:
     """A prepared text directory (train: training openers; val: the held-out
     opener) plus knowledge.json, the facts and names the recall probe asks about."""
-    from move.text.prepare import write_prepared
 
     config.validate()
     out_dir = Path(out_dir)

@@ -47,7 +47,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    kind = "gpt"  # recorded in checkpoints (move.checkpoint.model_classes)
+    kind = "gpt"  # recorded in checkpoints (move.training.checkpoint.model_classes)
     config_class = ModelConfig
 
     def __init__(self, config: ModelConfig, init_seed: int | None = None):

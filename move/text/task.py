@@ -34,22 +34,3 @@ class TextTask:
                 "tokenizer_sha256": m["tokenizer_sha256"], "train_tokens": m["splits"]["train"]["tokens"],
                 "eval_tokens": min(self.eval_tokens, m["splits"]["val"]["tokens"] - 1)}
 
-
-class KnowledgeTask(TextTask):
-    """Text training on a knowledge corpus (move/knowledge), evaluated also by
-    recall of the stored facts under the held-out phrasing."""
-
-    def __init__(self, data: PreparedData, *args, **kwargs):
-        from move.knowledge.recall import load_knowledge
-
-        super().__init__(data, *args, **kwargs)
-        self.knowledge = load_knowledge(data.directory)
-
-    def evaluate(self, model) -> dict:
-        from move.knowledge.recall import recall
-
-        result = recall(model, self.data.tokenizer, self.knowledge)
-        return {**super().evaluate(model), **{k: v for k, v in result.items() if k != "per_attribute"}}
-
-    def describe(self) -> dict:
-        return {**super().describe(), "modality": "knowledge", "knowledge": self.knowledge["config"]}

@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from move.config import require_positive
-from move.checkpoint import check_compatible, config_mismatch, load_state_dict, load_train_state, save_checkpoint
+from move.training.checkpoint import check_compatible, config_mismatch, load_state_dict, load_train_state, save_checkpoint
 from move.device import autocast, peak_flops, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
 from move.files import atomic_write_json, atomic_write_text

@@ -24,7 +24,7 @@ class ClassifierConfig(SerialConfig):
 
 
 class ImageClassifier(nn.Module):
-    kind = "classifier"  # recorded in checkpoints (move.checkpoint.model_classes)
+    kind = "classifier"  # recorded in checkpoints (move.training.checkpoint.model_classes)
     config_class = ClassifierConfig
 
     def __init__(self, config: ClassifierConfig):

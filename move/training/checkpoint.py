@@ -22,7 +22,9 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from move.errors import CheckpointError, ConfigError, UserError
+from move.model.classifier import ImageClassifier
 from move.model.gpt import GPT
+from move.model.vqvae import VQVAE
 
 FORMAT = "move-checkpoint"
 VERSION = 1
@@ -210,9 +212,6 @@ def mapped_tensor(file: Path, name: str) -> torch.Tensor:
 
 def model_classes() -> dict:
     """Every model a checkpoint can hold, by the kind its header records."""
-    from move.image.classifier import ImageClassifier
-    from move.image.vqvae import VQVAE
-
     return {cls.kind: cls for cls in (GPT, VQVAE, ImageClassifier)}
 
 

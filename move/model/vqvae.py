@@ -52,7 +52,7 @@ class ResBlock(nn.Module):
 
 
 class VQVAE(nn.Module):
-    kind = "vqvae"  # recorded in checkpoints (move.checkpoint.model_classes)
+    kind = "vqvae"  # recorded in checkpoints (move.training.checkpoint.model_classes)
     config_class = VQConfig
 
     def __init__(self, config: VQConfig):

@@ -1,0 +1,1 @@
+"""Class-conditional images: datasets, tokenizers, prepared token grids, tasks, guided sampling, evaluation."""
