@@ -45,7 +45,7 @@ from move.text.loader import eval_windows
 from move.text.prepare import load_prepared
 from move.text.tokenizer import Tokenizer
 from move.training.checkpoint import load_model, training_data
-from move.training.trainer import Trainer, TrainConfig
+from move.training.trainer import Trainer, TrainConfig, prepare_model
 
 
 def build_model(preset: str = "small", seed: int = 0, **fields) -> GPT:
@@ -65,6 +65,7 @@ def train(model, data, out, quiet: bool = False, **train_fields) -> dict:
     `move image-encode`) with the shared Trainer; returns the run summary."""
     config = TrainConfig(**train_fields).validate()
     task = build_task(load_data(data), model, config)
+    prepare_model(model, config)
     return Trainer(model, task, config, out, quiet=quiet).run()
 
 

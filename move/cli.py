@@ -156,7 +156,7 @@ def dataset_source(args) -> dict:
 
 def train_image_helper(args, model_class, config_class, task_class, shape_fields) -> None:
     """image-tokenizer / image-classifier: a conv net trained by the shared Trainer."""
-    from move.training.trainer import Trainer
+    from move.training.trainer import Trainer, prepare_model
 
     torch.set_flush_denormal(True)
     dataset = dataset_from(args)
@@ -168,6 +168,7 @@ def train_image_helper(args, model_class, config_class, task_class, shape_fields
         task = task_class(dataset, per_rank_batch(train_config.batch_size), train_config.loader_seed,
                           args.eval_images, current().rank, current().world_size)
         task.check_model(model)
+        prepare_model(model, train_config)
         summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
         print_summary(summary)
 

@@ -27,7 +27,7 @@ from move.model.gpt import GPT
 from move.text.prepare import load_prepared
 from move.text.task import TextTask
 from move.training.distributed import current, job_device, per_rank_batch
-from move.training.trainer import TrainConfig, checkpoint_dirs
+from move.training.trainer import TrainConfig, checkpoint_dirs, prepare_model
 
 # name -> model-config fields; the ablations isolate g0 and global sharing
 VARIANT_FIELDS = {
@@ -80,7 +80,7 @@ def load_data(data_dir):
 
 
 def build_run(spec: RunSpec):
-    """-> (model, task, train_config) for the spec's data, text or image tokens."""
+    """-> (model prepared for training, task, train_config) for the spec's data."""
     train_config = spec.train.validate()
     fields = dict(spec.model)
     data = load_data(spec.data)
@@ -92,7 +92,9 @@ def build_run(spec: RunSpec):
     model_config = model_config_from_preset(spec.preset, **fields)
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(job_device(train_config.device))
-    return model, build_task(data, model, train_config, spec.label_dropout), train_config
+    task = build_task(data, model, train_config, spec.label_dropout)
+    prepare_model(model, train_config)
+    return model, task, train_config
 
 
 def build_task(data, model, train_config: TrainConfig, label_dropout: float = 0.1):

@@ -95,7 +95,7 @@ def test_bf16_bank_trains_with_half_the_bank_memory(prepared_dir, tmp_path, mode
     from move.text.prepare import load_prepared
     from move.text.task import TextTask
     from move.training.optim import OptimConfig
-    from move.training.trainer import TrainConfig, Trainer
+    from move.training.trainer import TrainConfig, Trainer, prepare_model
 
     data = load_prepared(prepared_dir)
     sizes, bpb = {}, {}
@@ -105,6 +105,7 @@ def test_bf16_bank_trains_with_half_the_bank_memory(prepared_dir, tmp_path, mode
         config = TrainConfig(steps=8, batch_size=4, eval_every=8, eval_tokens=1024, value_memory_dtype=dtype,
                              optim=OptimConfig(value_memory_optimizer=mode))
         task = TextTask(data, model.config.seq_len, 4, 0, 1024)
+        prepare_model(model, config)
         summary = Trainer(model, task, config, tmp_path / f"{dtype}-{mode}", quiet=True).run()
         bank = model.bank.weight
         sizes[dtype] = bank.numel() * bank.element_size()

@@ -7,8 +7,10 @@ orthogonalises in bf16, which turns the ~1e-7 differences of a different fp32
 summation order into bf16 rounding flips, and Adam's first steps move every
 element by about the learning rate whatever its gradient's size, so noise-level
 gradients would differ by a full step. With these settings a correct job agrees
-to ~1e-5; a wrong one (rows sent to the wrong owner, gradients not averaged,
-the wrong batch slice) differs by about a learning rate.
+to ~1e-5 almost everywhere, with the odd bank element whose second moment is tiny
+off by a few 1e-4 (Adam divides a summation-order difference by sqrt(v)); a wrong
+one (rows sent to the wrong owner, gradients not averaged, the wrong batch slice)
+differs by about a learning rate, 0.07 here.
 """
 
 import json
@@ -69,7 +71,7 @@ def run_both(tmp_path, data, extra, steps=6):
     return single, double
 
 
-def assert_same_state(ckpt_a, ckpt_b, atol=2e-4):
+def assert_same_state(ckpt_a, ckpt_b, atol=1e-3):
     a, _ = load_state_dict(ckpt_a)
     b, _ = load_state_dict(ckpt_b)
     assert a.keys() == b.keys()
@@ -269,7 +271,8 @@ def test_distributed_benchmark_runs(tmp_path):
 def _sharded_table_worker(rank, world, init_file, grad_mode, ids_per_rank, out_dir):
     import torch.distributed as dist
 
-    from move.model.value_memory import MixRecord, ValueTable, mix_values
+    from move.model.value_memory import mix_values
+    from move.model.value_tables import MixRecord, ValueTable
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -13,7 +13,7 @@ from move.model.gpt import GPT
 from move.text.prepare import load_prepared
 from move.text.task import TextTask
 from move.training.optim import OptimConfig, lr_multiplier
-from move.training.trainer import NonFiniteLossError, TrainConfig, Trainer, checkpoint_dirs
+from move.training.trainer import NonFiniteLossError, TrainConfig, Trainer, checkpoint_dirs, prepare_model
 
 
 def make_trainer(prepared_dir, run_dir, variant="move", steps=12, resume=False, force=False, **train_kw):
@@ -23,6 +23,7 @@ def make_trainer(prepared_dir, run_dir, variant="move", steps=12, resume=False, 
     config = TrainConfig(steps=steps, batch_size=4, eval_every=4, eval_tokens=2048, checkpoint_every=4,
                          keep_checkpoints=2, **train_kw)
     task = TextTask(data, model.config.seq_len, config.batch_size, config.seed, config.eval_tokens)
+    prepare_model(model, config)
     return Trainer(model, task, config, run_dir, resume=resume, force=force, quiet=True)
 
 

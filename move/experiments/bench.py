@@ -24,7 +24,7 @@ import torch
 from move.config import ModelConfig
 from move.device import autocast, peak_memory_mb, pick_device, reset_peak_memory, resident_memory_mb
 from move.model.gpt import GPT
-from move.training.optim import OptimConfig, build_optimizers, clip_grad_norm, touched_rows, value_memory_grad_mode
+from move.training.optim import OptimConfig, Optimizers, prepare_for_training
 
 # name -> (model fields, value-memory path, value-memory optimiser, bank storage dtype)
 CONFIGS = {
@@ -86,9 +86,8 @@ class Subject:
         config = ModelConfig(vocab_size=vocab, seq_len=shape.seq_len, n_layer=shape.n_layer, n_embd=shape.n_embd,
                              n_head=shape.n_head, **fields)
         self.model = GPT(config).to(device)
-        self.model.set_value_memory_dtype(getattr(torch, bank_dtype))
-        self.model.set_value_memory_grad_mode(value_memory_grad_mode(path, optimizer_mode))
-        self.optimizers = build_optimizers(self.model, OptimConfig(value_memory_optimizer=optimizer_mode))
+        prepare_for_training(self.model, path, optimizer_mode, bank_dtype)
+        self.optimizers = Optimizers(self.model, OptimConfig(value_memory_optimizer=optimizer_mode))
         g = torch.Generator().manual_seed(1)
         self.idx = torch.randint(0, vocab, (shape.batch_size, shape.seq_len + 1), generator=g).to(device)
         self.shape = shape
@@ -98,10 +97,9 @@ class Subject:
         with autocast(self.device):
             loss = self.model(x, targets=y, check_ids=False)
         loss.backward()
-        clip_grad_norm(list(self.model.parameters()), 1.0, touched_rows(self.model))
-        for opt in self.optimizers:
-            opt.step()
-        self.model.zero_grad()
+        self.optimizers.reduce_shard_grads()
+        self.optimizers.clip()
+        self.optimizers.step()
 
     @torch.no_grad()
     def decode_per_token(self, batch: int) -> float:
@@ -122,9 +120,7 @@ class Subject:
     def persistent_mb(self) -> float:
         tensors = list(self.model.parameters())
         tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
-        for opt in self.optimizers:
-            for state in opt.state.values():
-                tensors += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+        tensors += self.optimizers.state_tensors()
         return sum(t.numel() * t.element_size() for t in tensors if not t.is_sparse) / 2**20
 
 

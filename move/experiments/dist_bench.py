@@ -39,7 +39,7 @@ from move.errors import UserError
 from move.files import atomic_write_json, atomic_write_text
 from move.model.gpt import GPT
 from move.training import distributed
-from move.training.optim import OptimConfig, build_optimizers
+from move.training.optim import OptimConfig, Optimizers
 
 MODES = ("sharded", "fsdp2", "replicated")
 
@@ -62,8 +62,8 @@ class Mode:
         # AdamW for the matrices and modest rates: Muon's bf16 orthogonalisation and large
         # Adam steps would amplify the modes' different fp32 summation orders into
         # visibly different losses, hiding the check that they train the same model
-        self.optimizers = build_optimizers(self.model, OptimConfig(optimizer="adamw", lr_value_memory=0.02,
-                                                                   lr_embedding=0.02))
+        self.optimizers = Optimizers(self.model, OptimConfig(optimizer="adamw", lr_value_memory=0.02,
+                                                             lr_embedding=0.02))
         s = distributed.current()
         g = torch.Generator().manual_seed(1 + s.rank)  # each rank its own batch
         self.batches = [torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=g)
@@ -82,9 +82,9 @@ class Mode:
             loss = self.ddp(batch[:, :-1], targets=batch[:, 1:], check_ids=False)
         loss.backward()
         self.losses.append(loss.item())
+        self.optimizers.reduce_shard_grads()  # the sharded mode's row exchange; nothing for the others
         if self.name == "sharded":
             unique = int(torch.unique(batch[:, :-1]).numel())
-            self.bank.reduce_shard_grads()
             self.comm_bytes.append(2 * 2 * unique * self.row_bytes)  # rows out + grads back, sent + received
         elif self.name == "replicated":
             dist.all_reduce(self.bank.weight.grad)
@@ -92,9 +92,7 @@ class Mode:
             self.comm_bytes.append(self.whole_bank_bytes)
         else:  # FSDP2 all-gathered before the forward and reduce-scattered in the backward
             self.comm_bytes.append(self.whole_bank_bytes)
-        for opt in self.optimizers:
-            opt.step()
-        self.model.zero_grad()
+        self.optimizers.step()
         if self.name == "replicated":  # rows other ranks touched are non-zero too
             self.bank.weight.grad.zero_()
         if self.device.type == "cuda":
@@ -104,7 +102,7 @@ class Mode:
     def held_bytes(self) -> int:
         w = self.bank.weight
         tensors = [w] + ([w.grad] if w.grad is not None else [])
-        for opt in self.optimizers:
+        for opt in self.optimizers.optimizers:
             tensors += [v for v in opt.state.get(w, {}).values() if torch.is_tensor(v) and v.dim()]
         local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2: DTensors
         return sum(t.numel() * t.element_size() for t in local)

@@ -31,6 +31,7 @@ MODEL_FILES = {
     "move.config": "move_config.py",
     "move.model.layers": "move_layers.py",
     "move.model.row_shard": "move_row_shard.py",
+    "move.model.value_tables": "move_value_tables.py",
     "move.model.value_memory": "move_value_memory.py",
     "move.model.attention": "move_attention.py",
     "move.model.gpt": "move_gpt.py",

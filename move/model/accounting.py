@@ -26,9 +26,13 @@ def param_group(name: str) -> str:
 
 
 def count_params(model) -> dict[str, int]:
+    """Parameters by group, of the whole model: a table row-sharded across processes
+    counts all its rows, not only this rank's."""
     counts = dict.fromkeys(PARAM_GROUPS, 0)
+    tables = model.value_tables() if hasattr(model, "value_tables") else []
+    full_rows = {id(t.weight): t.shard.num_rows for t in tables if t.shard is not None}
     for name, p in model.named_parameters():
-        counts[param_group(name)] += p.numel()
+        counts[param_group(name)] += full_rows[id(p)] * p[0].numel() if id(p) in full_rows else p.numel()
     counts["total"] = sum(counts[g] for g in PARAM_GROUPS)
     return counts
 

@@ -16,7 +16,7 @@ from move.config import ModelConfig
 from move.errors import ConfigError, TokenRangeError
 from move.model.attention import CausalSelfAttention, MultiHeadLatentAttention
 from move.model.layers import MLP, KVCache, rms_norm, rotary_tables
-from move.model.value_memory import GRAD_MODES, ValueTable
+from move.model.value_tables import GRAD_MODES, ValueTable
 
 
 def _init_named(weight: torch.Tensor, init_seed: int, name: str, law: str, scale: float) -> None:

@@ -15,230 +15,34 @@ live and what the router sees:
   Linear(32 -> H*k) reads only the first 32 channels and there is no g0, so
   v' = v + sum_i g_i * ve_i. The "full gates" ablation gives LaVE MoVE's router.
 
-The bank is stored head-major, (vocab, H, S, width_per_head), so a gathered row is
-already in the layout of the batched matmul that mixes it: no permute, no copy.
+This file is the mechanism, top to bottom: the formula (mix) and how each layer
+gets its gates and slots (LayerValueMemory). Storage, lookup and the fast path's
+gradients live in move/model/value_tables.py.
 """
-
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from move.config import LAVE_GATE_CHANNELS, ModelConfig
-from move.errors import ConfigError
-from move.model.row_shard import RowShard, sum_rows
+from move.model.value_tables import Slots, ValueTable, fast_mix
 
 
-GRAD_MODES = ("autograd", "dense", "sparse")
-
-
-class Slots(NamedTuple):
-    """Gathered memory rows plus, on the fast path, what ties the layers' mixes to
-    one bank-gradient computation (None on the reference path)."""
-
-    values: torch.Tensor  # (B, T, heads, slots, width)
-    carrier: torch.Tensor | None = None  # scalar whose gradient triggers the bank backward
-    record: "MixRecord | None" = None
-    reference: bool = False  # the reference path: direct einsum, autograd
-
-
-class MixRecord:
-    """What each layer's backward leaves for the bank's: its slot gates and the
-    gradient of its mixed values."""
-
-    def __init__(self):
-        self.gates: list[torch.Tensor] = []  # (B, T, H, S) per consuming layer
-        self.grads: list[torch.Tensor] = []  # (B, T, H, D) per consuming layer
-
-
-class _GatherRows(torch.autograd.Function):
-    """Forward: rows = weight[idx]. Backward: the gradient of every row, for all
-    consuming layers at once: grad_slots = G^T @ D with G the layers' slot gates
-    stacked (B,T,H,L,S) and D their output gradients (B,T,H,L,D) - one small batched
-    matmul instead of L full-size slot gradients summed - then summed per distinct
-    token id. The result goes into a persistent dense .grad (touched rows only: exact
-    AdamW) or out as a sparse COO gradient (for lazy row-wise Adam)."""
-
-    @staticmethod
-    def forward(ctx, weight, idx, table, record):
-        ctx.set_materialize_grads(False)
-        ctx.table, ctx.record = table, record
-        ctx.save_for_backward(idx)
-        rows = table.gather(idx)
-        ctx.mark_non_differentiable(rows)
-        return rows, weight.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _grad_rows, _grad_carrier):
-        (idx,) = ctx.saved_tensors
-        table, record = ctx.table, ctx.record
-        weight = table.weight
-        gates = torch.stack(record.gates, dim=-2).float()  # (B,T,H,L,S)
-        grads = torch.stack(record.grads, dim=-2).float()  # (B,T,H,L,D)
-        record.gates.clear()
-        record.grads.clear()
-        grad_slots = gates.transpose(-1, -2) @ grads  # (B,T,H,S,D)
-        rows, grad_rows = sum_rows(idx.flatten(), grad_slots.flatten(0, 1))
-        if table.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
-            table.pending.append((rows, grad_rows))  # fp32: partial sums are rounded once, at the owner
-            return None, None, None, None
-        grad_rows = grad_rows.to(weight.dtype)
-        if table.grad_mode == "sparse":
-            return table.sparse_grad(rows, grad_rows), None, None, None
-        table.add_dense_grad(rows, grad_rows)
-        return None, None, None, None
-
-
-class _FastMix(torch.autograd.Function):
-    """mix_values with a backward that hands the slot gradient to _GatherRows."""
-
-    @staticmethod
-    def forward(ctx, v, gates, slot_values, carrier, record, gate_g0):
-        ctx.record, ctx.gate_g0 = record, gate_g0
-        ctx.save_for_backward(v, gates, slot_values)
-        return _mix(v, slot_values, gates, gate_g0)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        v, gates, slot_values = ctx.saved_tensors
-        _, slot_gates = split_gates(v, gates, ctx.gate_g0)
-        # d out / d g_i = m_i . grad_out  for every slot i: (B,T,H,S,D) @ (B,T,H,D,1)
-        grad_slot_gates = (slot_values.to(grad_out.dtype) @ grad_out.unsqueeze(-1)).squeeze(-1)
-        if ctx.gate_g0:
-            grad_v = gates[..., :1].to(grad_out.dtype) * grad_out
-            grad_g0 = (grad_out * v).sum(-1, keepdim=True)
-            grad_gates = torch.cat([grad_g0, grad_slot_gates], dim=-1)
-        else:
-            grad_v, grad_gates = grad_out, grad_slot_gates
-        ctx.record.gates.append(slot_gates.detach())
-        ctx.record.grads.append(grad_out)
-        return grad_v.to(v.dtype), grad_gates.to(gates.dtype), None, torch.zeros((), device=v.device), None, None
-
-
-class ValueTable(nn.Module):
-    """Token-indexed slots: weight (vocab, heads, slots, width_per_head).
-
-    grad_mode picks how its gradient is built (the maths is the same):
-      "autograd": the reference path - plain indexing, a dense gradient per step;
-      "dense":    fast path, a persistent dense .grad of which only the rows touched
-                  in the step are written and zeroed (exact AdamW over the table);
-      "sparse":   fast path, a sparse gradient of the touched rows (lazy Adam).
-    """
-
-    def __init__(self, vocab_size: int, heads: int, slots: int, width_per_head: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, heads, slots, width_per_head))
-        self.grad_mode = "dense"
-        self.touched: list[torch.Tensor] = []
-        self.shard: RowShard | None = None  # set by shard_rows(): weight then holds this rank's rows only
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # sharded: (ids, grads) not yet sent
-
-    def shard_rows(self, rank: int, world_size: int, group=None) -> None:
-        """Keep only this rank's rows (see move/model/row_shard.py). Every rank must
-        hold the same full table when this is called (same seed or checkpoint)."""
-        if self.grad_mode == "autograd":
-            raise ConfigError("a sharded value-memory table needs the fast path (value_memory_path fast)")
-        self.shard = RowShard(self.weight.shape[0], rank, world_size, group)
-        self.weight = nn.Parameter(self.weight.data[self.shard.start:self.shard.stop].clone())
-
-    def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows of the full table for token ids idx (any shape)."""
-        if self.shard is None:
-            return self.weight[idx]
-        ids, inverse = torch.unique(idx, return_inverse=True)
-        return self.shard.fetch(self.weight.detach(), ids)[inverse]
-
-    # Not traced by torch.compile: the fast path's backward talks to the layers' mixes
-    # through a side channel (MixRecord) and a sharded table runs collectives, neither of
-    # which dynamo can trace; compiled models run the rest of each block compiled.
-    @torch.compiler.disable
-    def forward(self, idx: torch.Tensor) -> Slots:
-        """idx (B, T) -> slots (B, T, heads, slots, width_per_head)."""
-        if self.grad_mode == "autograd":
-            return Slots(self.weight[idx], reference=True)
-        if not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return Slots(self.gather(idx))
-        record = MixRecord()
-        rows, carrier = _GatherRows.apply(self.weight, idx, self, record)
-        return Slots(rows, carrier, record)
-
-    def sparse_grad(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_coo_tensor(rows[None], grad_rows, self.weight.shape, is_coalesced=True,
-                                       check_invariants=False)
-
-    def add_dense_grad(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
-        if self.weight.grad is None:  # allocated once, then reused: only touched rows are ever zeroed
-            self.weight.grad = torch.zeros_like(self.weight)
-        self.weight.grad.index_add_(0, rows, grad_rows)
-        self.touched.append(rows)
-
-    def reduce_shard_grads(self) -> None:
-        """Sharded tables, after the step's backward(s): send the row gradients to
-        their owners and set this rank's .grad. Every rank calls it every step -
-        also with nothing to send - so that the collectives match and every shard
-        is stepped like the unsharded table (whose gradient is never None)."""
-        heads, slots, width = self.weight.shape[1:]
-        ids = torch.cat([self.weight.new_zeros(0, dtype=torch.long)] + [r for r, _ in self.pending])
-        grads = torch.cat([self.weight.new_zeros(0, heads, slots, width, dtype=torch.float32)]
-                          + [g for _, g in self.pending])
-        self.pending.clear()
-        rows, grad_rows = self.shard.reduce_grads(*sum_rows(ids, grads))  # micro-batches may share rows
-        grad_rows = grad_rows.to(self.weight.dtype)
-        if self.grad_mode == "sparse":
-            self.weight.grad = self.sparse_grad(rows, grad_rows)
-        else:
-            self.add_dense_grad(rows, grad_rows)
-
-    def touched_rows(self) -> torch.Tensor | None:
-        """The distinct rows of the dense gradient written since the last zeroing.
-        Each backward appends its (already distinct) rows; several micro-batches are
-        merged once, here, and the merged list is kept for the next caller."""
-        if len(self.touched) > 1:
-            self.touched[:] = [torch.cat(self.touched).unique()]
-        return self.touched[0] if self.touched else None
-
-    def zero_touched_grad(self) -> None:
-        """Zero the rows written since the last call, keeping the buffer."""
-        if self.touched and self.weight.grad is not None and not self.weight.grad.is_sparse:
-            self.weight.grad.index_fill_(0, self.touched_rows(), 0)
-        self.touched.clear()
-
-
-def split_gates(v, gates, gate_g0):
-    """(g0 * v, slot gates) with a gate g0 on the standard value, else (v, gates)."""
-    if gate_g0:
-        return gates[..., :1] * v, gates[..., 1:]
-    return v, gates
-
-
-def _mix(v, slot_values, gates, gate_g0):
-    base, slot_gates = split_gates(v, gates, gate_g0)
+def mix(v, slot_values, gates, gate_g0: bool):
+    """The formula: v (B,T,H,D), slot_values (B,T,H,S,D), gates (B,T,H,S+g0) in (0, 2)
+    -> g0 * v + sum_i g_i * m_i (or v + sum_i g_i * m_i without a gate g0)."""
+    base, slot_gates = (gates[..., :1] * v, gates[..., 1:]) if gate_g0 else (v, gates)
     # (B,T,H,1,S) @ (B,T,H,S,D): the weighted sum over slots as one batched matmul.
     mixed = torch.matmul(slot_gates.unsqueeze(-2).to(slot_values.dtype), slot_values).squeeze(-2)
     return base + mixed.to(v.dtype)
 
 
-def _mix_direct(v, slot_values, gates, gate_g0):
-    """The reference path: the formula as a plain einsum, autograd for everything."""
-    base, slot_gates = split_gates(v, gates, gate_g0)
-    return base + torch.einsum("bths,bthsd->bthd", slot_gates.to(slot_values.dtype), slot_values).to(v.dtype)
-
-
-@torch.compiler.disable  # see ValueTable.forward
-def _fast_mix(v, gates, slots: Slots, gate_g0: bool) -> torch.Tensor:
-    return _FastMix.apply(v, gates, slots.values, slots.carrier, slots.record, gate_g0)
-
-
 def mix_values(v: torch.Tensor, slots: Slots, gates: torch.Tensor, gate_g0: bool) -> torch.Tensor:
-    """v (B,T,H,D), slots (B,T,H,S,D), gates (B,T,H,S+g0) -> mixed v (B,T,H,D).
-
-    Inference and the "dense"/"sparse" fast paths share one forward (_mix); the
-    reference path ("autograd" tables) is the direct einsum with autograd."""
+    """The formula applied to looked-up slots. On the fast path (slots carry a
+    MixRecord) the same forward runs under a custom backward that feeds the table's
+    gradient; otherwise autograd differentiates it directly (the reference path)."""
     if slots.record is not None:
-        return _fast_mix(v, gates, slots, gate_g0)
-    if slots.reference:
-        return _mix_direct(v, slots.values, gates, gate_g0)
-    return _mix(v, slots.values, gates, gate_g0)
+        return fast_mix(mix, v, gates, slots, gate_g0)
+    return mix(v, slots.values, gates, gate_g0)
 
 
 class LayerValueMemory(nn.Module):

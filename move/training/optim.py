@@ -27,7 +27,8 @@ import torch
 from move.errors import ConfigError
 from move.model.accounting import param_group
 from move.model.gpt import GPT
-from move.training.distributed import all_reduce_
+from move.training.distributed import (all_reduce_, current, full_optimizer_state, local_optimizer_state,
+                                       shard_value_memory, sharded_tables)
 from move.training.muon import Muon
 from move.training.table_adamw import TableAdamW
 
@@ -166,3 +167,67 @@ def set_lr(optimizers, multiplier: float) -> None:
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * multiplier
+
+
+def prepare_for_training(model, value_memory_path: str = "fast", value_memory_optimizer: str = "exact",
+                         value_memory_dtype: str = "float32") -> None:
+    """Set how a GPT's value memory is stored and differentiated, and, under torchrun,
+    keep only this rank's rows of every table. Call once, before building Optimizers;
+    models without value memory (the image conv nets) need nothing."""
+    if not isinstance(model, GPT):
+        return
+    model.set_value_memory_dtype(getattr(torch, value_memory_dtype))
+    model.set_value_memory_grad_mode(value_memory_grad_mode(value_memory_path, value_memory_optimizer))
+    if current().active:
+        shard_value_memory(model)
+
+
+class Optimizers:
+    """Every optimiser of a model behind one object, and the one order in which a
+    step must run with the fast value-memory path:
+
+        backward(s) -> reduce_shard_grads (sharded tables: row gradients to their owners)
+                    -> clip (global norm; dense tables read only their touched rows)
+                    -> step (every optimiser) and zero_grad (touched rows only)
+
+    The Trainer and both benchmarks step through this class, so the protocol exists
+    once. state_dicts / load_state_dicts hold every optimiser's state in the
+    unsharded layout that checkpoints use (sharded rows are gathered / sliced)."""
+
+    def __init__(self, model, config: OptimConfig):
+        self.model, self.config = model, config
+        self.optimizers = build_optimizers(model, config)
+        self.sharded_tables = list(sharded_tables(model).values())
+
+    def set_lr(self, multiplier: float) -> None:
+        set_lr(self.optimizers, multiplier)
+
+    def reduce_shard_grads(self) -> None:
+        for table in self.sharded_tables:
+            table.reduce_shard_grads()
+
+    def clip(self, max_norm: float | None = None) -> torch.Tensor:
+        """Clip to max_norm (default: the config's grad_clip; 0 = only measure);
+        -> the global gradient norm before clipping."""
+        max_norm = self.config.grad_clip if max_norm is None else max_norm
+        return clip_grad_norm(list(self.model.parameters()), max_norm or float("inf"), touched_rows(self.model),
+                              frozenset(id(t.weight) for t in self.sharded_tables))
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+
+    def state_dicts(self) -> list:
+        """Each optimiser's state, unsharded (None on ranks other than 0 under torchrun)."""
+        return [full_optimizer_state(opt, self.model) for opt in self.optimizers]
+
+    def load_state_dicts(self, states: list) -> None:
+        local = [local_optimizer_state(opt, self.model, s) for opt, s in zip(self.optimizers, states)]
+        for opt, state in zip(self.optimizers, local):
+            opt.load_state_dict(state)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The optimisers' persistent tensors (moments, momentum buffers)."""
+        return [v for opt in self.optimizers for state in opt.state.values() for v in state.values()
+                if torch.is_tensor(v) and v.dim() > 0]

@@ -49,8 +49,8 @@ from move.model.gpt import GPT
 from move.training import distributed
 from move.training.curves import plot_loss_curve
 from move.training.logging import Trackers, parse_loggers
-from move.training.optim import (OptimConfig, build_optimizers, clip_grad_norm, lr_multiplier, set_lr,
-                                 touched_rows, value_memory_grad_mode)
+from move.training.optim import (OptimConfig, Optimizers, lr_multiplier, prepare_for_training,
+                                 value_memory_grad_mode)
 
 
 class NonFiniteLossError(UserError):
@@ -121,6 +121,26 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(d for d in (Path(run_dir) / "checkpoints").glob("step_*") if re.fullmatch(r"step_\d{6,}", d.name))
 
 
+def prepare_model(model, config: TrainConfig) -> None:
+    """prepare_for_training with the value-memory settings of a TrainConfig."""
+    prepare_for_training(model, config.value_memory_path, config.optim.value_memory_optimizer,
+                         config.value_memory_dtype)
+
+
+def check_prepared(model, config: TrainConfig) -> None:
+    """The Trainer does not change the model: it checks that prepare_model ran with
+    this config (storage dtype, gradient mode, sharding under torchrun)."""
+    if not isinstance(model, GPT):
+        return
+    mode = value_memory_grad_mode(config.value_memory_path, config.optim.value_memory_optimizer)
+    sharded = distributed.current().active
+    for table in model.value_tables():
+        if (table.grad_mode != mode or table.weight.dtype != getattr(torch, config.value_memory_dtype)
+                or (table.shard is not None) != sharded):
+            raise ConfigError("the model's value memory is not set up for this training config: call "
+                              "move.training.trainer.prepare_model(model, config) before the Trainer")
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -145,15 +165,9 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.dist = distributed.current()
         self.quiet = quiet or not self.dist.is_main  # only rank 0 prints
-        self.record = self._run_record()  # run.json, and the config the trackers show (before sharding)
-        if isinstance(model, GPT):  # where and how value memory is stored and differentiated
-            model.set_value_memory_dtype(getattr(torch, config.value_memory_dtype))
-            model.set_value_memory_grad_mode(value_memory_grad_mode(config.value_memory_path,
-                                                                    config.optim.value_memory_optimizer))
-            if self.dist.active:
-                distributed.shard_value_memory(model)
-        self.sharded_tables = list(distributed.sharded_tables(model).values())
-        self.optimizers = build_optimizers(model, config.optim)
+        check_prepared(model, config)
+        self.record = self._run_record()  # run.json, and the config the trackers show
+        self.optimizers = Optimizers(model, config.optim)
         self.ddp = distributed.wrap_ddp(model, self.device) if self.dist.active else None
         self.forward_model = self.ddp or model
         if config.compile:
@@ -252,11 +266,8 @@ class Trainer:
         state_dict = distributed.local_state_dict(self.model, state_dict)
         check_compatible(self.model, state_dict, ckpt)
         train_state = load_train_state(ckpt)
-        optimizer_states = [distributed.local_optimizer_state(opt, self.model, s)
-                            for opt, s in zip(self.optimizers, train_state["optimizers"])]
         self.model.load_state_dict(state_dict)
-        for opt, s in zip(self.optimizers, optimizer_states):
-            opt.load_state_dict(s)
+        self.optimizers.load_state_dicts(train_state["optimizers"])
         self.task.loader.load_state_dict(train_state["loader"])
         set_rng_state(train_state["rng"])
         self.step = train_state["step"]
@@ -274,7 +285,7 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0; the others send their table shards)."""
         model_state = distributed.full_state_dict(self.model)
-        optimizer_states = [distributed.full_optimizer_state(opt, self.model) for opt in self.optimizers]
+        optimizer_states = self.optimizers.state_dicts()
         if not self.dist.is_main:
             return None
         train_state = {
@@ -296,7 +307,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _train_step(self) -> float:
         c = self.config
-        set_lr(self.optimizers, lr_multiplier(self.step, c.steps, c.optim))
+        self.optimizers.set_lr(lr_multiplier(self.step, c.steps, c.optim))
         total = torch.zeros((), device=self.device)
         for micro in range(c.grad_accum):
             x, y = self.task.loader.next_batch()
@@ -311,20 +322,16 @@ class Trainer:
                 (loss / c.grad_accum).backward()
             total += loss.detach()
         distributed.maybe_inject_fault(self.step + 1)
-        for table in self.sharded_tables:
-            table.reduce_shard_grads()
+        self.optimizers.reduce_shard_grads()
         loss = (total / c.grad_accum).item()
         if self.dist.active:  # the global mean loss, and whether any rank was asked to stop
             loss_sum, signals = distributed.all_reduce_sum([loss, float(self.signal_received)], self.device)
             loss, self.stop_agreed = loss_sum / self.dist.world_size, signals > 0
-        grad_norm = clip_grad_norm(list(self.model.parameters()), c.optim.grad_clip or float("inf"),
-                                   touched_rows(self.model), frozenset(id(t.weight) for t in self.sharded_tables))
+        grad_norm = self.optimizers.clip()
         if not (np.isfinite(loss) and torch.isfinite(grad_norm)):
             raise NonFiniteLossError(f"non-finite loss or gradient at step {self.step + 1} (loss {loss}); "
                                      f"the newest checkpoint is the last good state")
-        for opt in self.optimizers:
-            opt.step()
-        self.model.zero_grad(set_to_none=True)
+        self.optimizers.step()
         return loss
 
     def _request_stop(self, signum, frame) -> None:
