@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -150,10 +151,17 @@ def load_state_dict(path) -> tuple[dict, dict]:
 
 
 def load_train_state(path) -> dict:
+    """The optimiser, data and RNG state of a checkpoint. Read with
+    weights_only=True: tensors and plain containers only, so a crafted file cannot
+    run code (its checksum sits beside it and proves nothing against tampering)."""
     path = Path(path)
     header = read_header(path)
     data = _read_verified(path, TRAIN_STATE, header)
-    return torch.load(io.BytesIO(data), weights_only=False)
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}/{TRAIN_STATE}: refused, it holds more than tensors and plain data "
+                              f"({str(e).splitlines()[0][:200]})") from None
 
 
 def check_compatible(model, state_dict: dict, source) -> None:
