@@ -1,10 +1,18 @@
-"""Small files written so that a crash never leaves a half-written one behind."""
+"""Files and directories written so that a crash never leaves a half-written one
+behind, and so that move never replaces what it did not create."""
 
+import ctypes
 import json
 import os
+import shutil
 from pathlib import Path
 
-from move.errors import DataError
+from move.errors import DataError, UserError
+
+# Marker files: a directory holding one of these was written by move.
+RUN_MARKERS = ("run.json",)  # a training run
+DATA_MARKERS = ("manifest.json",)  # prepared text, knowledge or image-token data
+EXPORT_MARKERS = ("modeling_move.py",)  # a Hugging Face export
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -37,3 +45,55 @@ def read_manifest(directory, name: str, fmt: str, missing_hint: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         pass
     raise DataError(f"{path}: not a {fmt} manifest")
+
+
+def check_replaceable(path, markers: tuple[str, ...], what: str) -> None:
+    """--force may replace only move's own output: an existing non-empty directory
+    without one of `markers` (or a file in the way) is refused with a one-line error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not {what}; choose another output path")
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in markers):
+        raise UserError(f"{path} exists and is not {what} written by move (no {' or '.join(markers)}); move replaces "
+                        f"only its own output: choose another path or remove it yourself")
+
+
+def temporary_sibling(target) -> Path:
+    """An empty directory next to `target` to build its replacement in."""
+    target = Path(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+def replace_directory(built: Path, target: Path) -> None:
+    """Put the finished directory `built` at `target`. An existing target is swapped
+    out in one atomic step (renameat2 RENAME_EXCHANGE), then deleted: a kill at any
+    moment leaves either the old or the new directory at `target`, never neither.
+    Where the exchange is unsupported, the old one is renamed aside first (a kill
+    between the two renames leaves it beside the target as .NAME.old-PID)."""
+    built, target = Path(built), Path(target)
+    if not target.exists():
+        os.replace(built, target)
+        return
+    if _exchange(built, target):
+        shutil.rmtree(built)  # now the old directory
+        return
+    aside = target.parent / f".{target.name}.old-{os.getpid()}"
+    os.replace(target, aside)
+    os.replace(built, target)
+    shutil.rmtree(aside)

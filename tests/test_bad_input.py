@@ -129,7 +129,27 @@ def bigger_tokenizer(w, tmp):
     return {"bad": tmp / "big" / "tokenizer.json", "text": folder / "a.txt"}
 
 
+def users_folder(w, tmp):
+    """A directory move did not create: --force must never delete it."""
+    mine = tmp / "thesis"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("\\documentclass{article} years of work")
+    (tmp / "notes.txt").write_text("a file where a directory would go")
+    return {"mine": mine, "file": tmp / "notes.txt"}
+
+
 CASES = [
+    # --force replaces only what move created
+    ("force-train-over-a-users-folder", users_folder, ["train", "--data", "{data}", "--out", "{mine}", *TINY, "--force"], "not a training run written by move"),
+    ("force-prepare-over-a-users-folder", users_folder, ["prepare", "--corpus", "shakespeare", "--out", "{mine}", "--force"], "not prepared data written by move"),
+    ("force-knowledge-over-a-users-folder", users_folder, ["knowledge-prepare", "--individuals", "10", "--out", "{mine}", "--force"], "not prepared data written by move"),
+    ("force-encode-over-a-users-folder", users_folder, ["image-encode", "--dataset", "digits", "--tokenizer", "pixel", "--out", "{mine}", "--force"], "not prepared image data written by move"),
+    ("force-export-over-a-users-folder", users_folder, ["export-hf", "{ckpt}", "{mine}", "--force"], "not a Hugging Face export written by move"),
+    ("force-export-over-prepared-data", no_setup, ["export-hf", "{ckpt}", "{data}", "--force"], "not a Hugging Face export written by move"),
+    ("force-train-over-prepared-data", no_setup, ["train", "--data", "{data}", "--out", "{data}", *TINY, "--force"], "not a training run written by move"),
+    ("force-prepare-over-a-run", no_setup, ["prepare", "--corpus", "shakespeare", "--out", "{run}", "--force"], "not prepared data written by move"),
+    ("train-out-is-a-file", users_folder, ["train", "--data", "{data}", "--out", "{file}", *TINY, "--force"], "is a file"),
+    ("prepare-out-is-a-file", users_folder, ["prepare", "--corpus", "shakespeare", "--out", "{file}", "--force"], "is a file"),
     # impossible configs
     ("heads-not-dividing-width", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--n-head", "3"], "does not divide n_embd"),
     ("mla-move-latent-not-divisible", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--attention", "mla",
@@ -202,7 +222,7 @@ CASES = [
 def test_bad_input(case, world, tmp_path, capsys):
     name, setup, argv, message = case
     places = {k: str(v) for k, v in {**world, "tmp": tmp_path, **setup(world, tmp_path)}.items()}
-    guarded = {k: tree_digest(Path(places[k])) for k in ("data", "run", "img")}
+    guarded = {k: tree_digest(Path(places[k])) for k in ("data", "run", "img", "mine") if k in places}
     code, err = cli([a.format(**places) for a in argv], capsys)
     assert code == 2, err
     lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
@@ -210,6 +230,8 @@ def test_bad_input(case, world, tmp_path, capsys):
     assert message in lines[0], lines[0]
     for k, digest in guarded.items():  # nothing already written was touched
         assert tree_digest(Path(places[k])) == digest, f"{k} changed"
+    if "file" in places:
+        assert Path(places["file"]).read_text() == "a file where a directory would go"
 
 
 def test_there_are_at_least_thirty_distinct_cases():
@@ -237,3 +259,38 @@ def test_data_dir_for_a_checkpoint_without_recorded_data():
     assert data_dir_for("ckpt", recorded, "data/given", "--data") == "data/given"
     with pytest.raises(UserError, match=r"^ckpt: no data directory recorded; pass --tokenizer$"):
         data_dir_for("ckpt", {"meta": {}}, None, "--tokenizer")
+
+
+def test_force_replaces_moves_own_output_atomically(world, text_folder, tmp_path, capsys):
+    """What move made, --force does replace: prepared data and an export."""
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    (data / "train.bin").write_bytes(b"stale")  # proves the directory was rebuilt
+    assert cli(["prepare", "--corpus", "txt", "--path", text_folder, "--vocab-size", "300", "--out", data,
+                "--force"], capsys)[0] == 0
+    assert (data / "train.bin").read_bytes() != b"stale" and (data / "manifest.json").is_file()
+    export = tmp_path / "hf"
+    assert cli(["export-hf", world["ckpt"], export], capsys)[0] == 0
+    (export / "stale.txt").write_text("old")
+    assert cli(["export-hf", world["ckpt"], export, "--force"], capsys)[0] == 0
+    assert not (export / "stale.txt").exists() and (export / "modeling_move.py").is_file()
+    assert not list(tmp_path.glob(".hf.*"))  # no temporary or old directory left behind
+
+
+def test_replace_directory_swaps_in_one_step_or_falls_back(tmp_path, monkeypatch):
+    from move import files
+
+    def fresh(name, content):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "f").write_text(content)
+        return d
+
+    target, built = fresh("target", "old"), fresh(".built", "new")
+    assert files._exchange(built, target)  # renameat2 works here: one atomic swap
+    assert (target / "f").read_text() == "new" and (built / "f").read_text() == "old"
+    files.replace_directory(fresh(".built2", "newer"), target)
+    assert (target / "f").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == [".built", "target"]
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)  # a system without renameat2
+    files.replace_directory(fresh(".built3", "newest"), target)
+    assert (target / "f").read_text() == "newest" and sorted(p.name for p in tmp_path.iterdir()) == [".built", "target"]

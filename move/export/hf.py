@@ -20,6 +20,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from move.errors import UserError
+from move.files import EXPORT_MARKERS, check_replaceable, replace_directory, temporary_sibling
 from move.text.tokenizer import Tokenizer
 from move.training.checkpoint import data_dir_for, load_model, read_header
 
@@ -53,13 +54,12 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
+    check_replaceable(out_dir, EXPORT_MARKERS, "a Hugging Face export")
     model, header = load_model(checkpoint, "cpu")
     tokenizer = Tokenizer.load(data_dir_for(checkpoint, header, tokenizer_dir, "--tokenizer"))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temporary_sibling(out_dir)
     for module, file in MODEL_FILES.items():
         (tmp / file).write_text(_relative_source(module))
     shutil.copyfile(Path(__file__).parent / "hf_modeling_template.py", tmp / "modeling_move.py")
@@ -81,7 +81,5 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
         "add_bos_token": False, "model_max_length": model.config.seq_len}, indent=2))
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": tokenizer.bos_id,
                                                             "pad_token_id": tokenizer.bos_id, "use_cache": False}))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    replace_directory(tmp, out_dir)
     return out_dir

@@ -14,7 +14,6 @@ Vocabulary of the class-conditional model (LlamaGen layout), see ClassTokens:
 import hashlib
 import io
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from move.errors import DataError
-from move.files import read_manifest
+from move.files import DATA_MARKERS, check_replaceable, read_manifest, replace_directory, temporary_sibling
 from move.image.datasets import ImageDataset, load_image_dataset
 from move.image.tokenizers import tokenizer_from_spec
 
@@ -61,11 +60,10 @@ def encode_dataset(dataset: ImageDataset, tokenizer, source: dict, out_dir, forc
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise DataError(f"{out_dir} already exists; pass --force to replace it")
+    check_replaceable(out_dir, DATA_MARKERS, "prepared image data")
     if tuple(dataset.shape) != tuple(getattr(tokenizer, "image_shape", dataset.shape)):
         raise DataError(f"the tokenizer expects images of shape {tokenizer.image_shape}, the dataset has {dataset.shape}")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temporary_sibling(out_dir)
     splits = {}
     try:
         for split in SPLITS:
@@ -86,9 +84,7 @@ def encode_dataset(dataset: ImageDataset, tokenizer, source: dict, out_dir, forc
             "splits": splits,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,15 +17,15 @@ same people, facts and text.
 """
 
 import itertools
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from move.config import SerialConfig
-from move.errors import ConfigError, DataError
-from move.files import atomic_write_json
-from move.text.prepare import write_prepared
+from move.errors import ConfigError
+from move.text.prepare import check_output, write_prepared
 from move.text.tokenizer import Tokenizer
 
 SYLLABLES = ["ka", "lo", "ri", "ta", "mi", "no", "su", "ve", "da", "ro", "pe", "zu", "fa", "ni", "go", "le", "ba",
@@ -122,16 +122,14 @@ def prepare_knowledge(config: KnowledgeConfig, out_dir, force: bool = False) -> 
 
     config.validate()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise DataError(f"{out_dir} already exists; pass --force to replace it")
+    check_output(out_dir, force)
     tokenizer = Tokenizer.word_level(vocabulary(config))
     docs = lambda: training_documents(config) + held_out_documents(config)  # noqa: E731
     split_of = lambda doc_id: "val" if doc_id.startswith("test") else "train"  # noqa: E731
     record = {"options": {"source": "knowledge", **asdict(config)},
               "split_rule": "val = every fact under the held-out opener; train = the other openers"}
-    manifest = write_prepared(docs, split_of, tokenizer, 256, out_dir, record)
     facts = make_facts(config)
-    atomic_write_json(out_dir / KNOWLEDGE_FILE, {
-        "config": asdict(config), "names": make_names(config), "held_out_opener": HELD_OUT_OPENER,
-        "facts": [[f.person, f.attribute, f.value] for f in facts]})
-    return manifest
+    knowledge = {"config": asdict(config), "names": make_names(config), "held_out_opener": HELD_OUT_OPENER,
+                 "facts": [[f.person, f.attribute, f.value] for f in facts]}
+    return write_prepared(docs, split_of, tokenizer, 256, out_dir, record,
+                          extra_files={KNOWLEDGE_FILE: json.dumps(knowledge, indent=2)})

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from move.errors import ConfigError, DataError
-from move.files import read_manifest
+from move.files import DATA_MARKERS, check_replaceable, read_manifest, replace_directory, temporary_sibling
 from move.text.corpora import iter_documents
 from move.text.tokenizer import Tokenizer
 
@@ -109,8 +109,7 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
     touched unless force: the result is built in a temporary sibling and renamed."""
     o = options.validate()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise DataError(f"{out_dir} already exists; pass --force to replace it")
+    check_output(out_dir, force)
     docs = lambda: iter_documents(o.source, o.path, o.field)  # noqa: E731 - re-readable stream
     doc_ids = [d for d, _ in docs()]
     if len(set(doc_ids)) != len(doc_ids):
@@ -134,21 +133,28 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
                            "document per side", "val_documents": sorted(val_ids)})
 
 
-def write_prepared(docs, split_of, tokenizer: Tokenizer, passage_tokens: int, out_dir: Path, record: dict) -> dict:
+def check_output(out_dir: Path, force: bool) -> None:
+    """An existing output is refused, and with force replaced only if it is prepared data."""
+    if out_dir.exists() and not force:
+        raise DataError(f"{out_dir} already exists; pass --force to replace it")
+    check_replaceable(out_dir, DATA_MARKERS, "prepared data")
+
+
+def write_prepared(docs, split_of, tokenizer: Tokenizer, passage_tokens: int, out_dir: Path, record: dict,
+                   extra_files: dict[str, str] | None = None) -> dict:
     """Tokenise documents (a re-readable stream of (id, text)) into a prepared
-    directory, built in a temporary sibling and renamed into place. `split_of`
-    maps a document id to "train" or "val"; `record` is merged into the manifest."""
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    directory, built in a temporary sibling and swapped into place atomically.
+    `split_of` maps a document id to "train" or "val"; `record` is merged into the
+    manifest; extra_files {name: text} are written beside it."""
+    tmp = temporary_sibling(out_dir)
     try:
         manifest = _write_into(tmp, docs, split_of, tokenizer, passage_tokens, record)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
     return manifest
 
 

@@ -42,7 +42,7 @@ from move.config import require_positive
 from move.training.checkpoint import check_compatible, config_mismatch, load_state_dict, load_train_state, save_checkpoint
 from move.device import autocast, peak_flops, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
-from move.files import atomic_write_json, atomic_write_text
+from move.files import RUN_MARKERS, atomic_write_json, atomic_write_text, check_replaceable
 from move.model.diagnostics import value_memory_diagnostics
 from move.model.accounting import summarize
 from move.model.gpt import GPT
@@ -225,6 +225,7 @@ class Trainer:
 
     def _start_run_dir(self, force: bool) -> None:
         record_path = self.run_dir / "run.json"
+        check_replaceable(self.run_dir, RUN_MARKERS, "a training run")
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not force:
                 raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it or --force to replace it")
