@@ -4,6 +4,7 @@ Every architectural knob lives here so that a compute-matched dense baseline is
 just another `ModelConfig` (more layers or width, `value_memory="standard"`).
 """
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from move.errors import ConfigError
@@ -12,6 +13,15 @@ VALUE_MEMORY_VARIANTS = ("standard", "lave", "move")
 ATTENTION_KINDS = ("mha", "mla")
 # nanochat's LaVE gate reads only the first 32 channels of the block input.
 LAVE_GATE_CHANNELS = 32
+
+
+def require_finite(config) -> None:
+    """ConfigError naming the first float field that is NaN or infinite: a NaN slips
+    through every `x < 0` check and poisons training silently."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
 
 
 def require_positive(config, names) -> None:
@@ -122,7 +132,10 @@ class ModelConfig(SerialConfig):
         return []
 
     def validate(self) -> "ModelConfig":
+        require_finite(self)
         require_positive(self, ["vocab_size", "seq_len", "n_layer", "n_embd", "n_head", "memory_density"])
+        if self.rope_base <= 1:
+            raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
         for name in ["n_kv_head", "kv_latent_dim", "rope_head_dim", "memory_slots"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = default), got {getattr(self, name)}")

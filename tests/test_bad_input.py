@@ -89,6 +89,22 @@ def damaged_checkpoint(damage):
     return setup
 
 
+def nan_weights(checkpoint: Path) -> None:
+    """A NaN in the weights with a matching checksum (as a diverged run could once write)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["lm_head.weight"][0, 0] = float("nan")
+    save_file(weights, checkpoint / "model.safetensors")
+    header = json.loads((checkpoint / "config.json").read_text())
+    header["sha256"]["model.safetensors"] = hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    (checkpoint / "config.json").write_text(json.dumps(header))
+    assert torch.isnan(load_file(checkpoint / "model.safetensors")["lm_head.weight"]).any()
+
+
 def text_folder_with(files: dict):
     def setup(w, tmp):
         folder = tmp / "corpus"
@@ -150,6 +166,17 @@ CASES = [
     ("force-prepare-over-a-run", no_setup, ["prepare", "--corpus", "shakespeare", "--out", "{run}", "--force"], "not prepared data written by move"),
     ("train-out-is-a-file", users_folder, ["train", "--data", "{data}", "--out", "{file}", *TINY, "--force"], "is a file"),
     ("prepare-out-is-a-file", users_folder, ["prepare", "--corpus", "shakespeare", "--out", "{file}", "--force"], "is a file"),
+    # non-finite and out-of-range numbers
+    ("grad-clip-nan", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--grad-clip", "nan"], "grad_clip must be a finite number"),
+    ("softcap-nan", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--logit-softcap", "nan"], "logit_softcap must be a finite number"),
+    ("rope-base-nan", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--rope-base", "nan"], "rope_base must be a finite number"),
+    ("rope-base-below-one", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--rope-base", "0.5"], "rope_base must be > 1"),
+    ("weight-decay-huge", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--weight-decay", "1e30"], "weight_decay must be in [0, 1]"),
+    ("lr-inf", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--lr-value-memory", "inf"], "lr_value_memory must be a finite number"),
+    ("peak-tflops-inf", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--peak-tflops", "inf"], "peak_tflops must be a finite number"),
+    ("warmdown-nan", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--warmdown-frac", "nan"], "warmdown_frac must be a finite number"),
+    ("vq-commitment-nan", no_setup, ["image-tokenizer", "--dataset", "digits", "--out", "{tmp}/v", "--commitment", "nan"], "commitment must be a finite number"),
+    ("export-nan-checkpoint", damaged_checkpoint(nan_weights), ["export-hf", "{bad}", "{tmp}/hf"], "lm_head.weight holds NaN or infinite values"),
     # impossible configs
     ("heads-not-dividing-width", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--n-head", "3"], "does not divide n_embd"),
     ("mla-move-latent-not-divisible", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--attention", "mla",

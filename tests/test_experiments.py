@@ -104,7 +104,8 @@ def test_experiment_files_are_validated(tmp_path, prepared_dir):
         Experiment.load(path)
 
 
-@pytest.mark.parametrize("name", ["shakespeare-cpu", "news-cpu", "mnist-cpu", "fashion-mnist-cpu", "paper-d12"])
+@pytest.mark.parametrize("name", ["shakespeare-cpu", "news-cpu", "mnist-cpu", "fashion-mnist-cpu", "paper-d12",
+                                  "shakespeare-budgets", "news-budgets"])
 def test_shipped_experiment_files_parse(name):
     from pathlib import Path
 

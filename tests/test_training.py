@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from move.config import model_config_from_preset
-from move.errors import UserError
+from move.errors import CheckpointError, UserError
 from move.model.gpt import GPT
 from move.text.prepare import load_prepared
 from move.text.task import TextTask
+from move.training.checkpoint import save_checkpoint
 from move.training.optim import OptimConfig, lr_multiplier
 from move.training.trainer import NonFiniteLossError, TrainConfig, Trainer, checkpoint_dirs, prepare_model
 
@@ -106,6 +107,27 @@ def test_non_finite_loss_stops_with_the_step_named(prepared_dir, tmp_path):
     with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step 7"):
         trainer.run()
     assert checkpoint_dirs(tmp_path / "run")[-1].name == "step_000004"
+
+
+def test_non_finite_weights_are_never_checkpointed(prepared_dir, tmp_path):
+    """Finite loss and gradient, non-finite weights after the update (what a huge
+    weight decay did): no checkpoint is written, the last good one stays newest."""
+    trainer = make_trainer(prepared_dir, tmp_path / "run")
+    step = trainer.optimizers.step
+
+    def poisoned_step():
+        step()
+        if trainer.step == 7:  # the update of step 8, right before its checkpoint
+            with torch.no_grad():
+                trainer.model.bank.weight[3, 0, 0, 0] = float("inf")
+
+    trainer.optimizers.step = poisoned_step
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights \(bank.weight\) at step 8"):
+        trainer.run()
+    assert [d.name for d in checkpoint_dirs(tmp_path / "run")] == ["step_000004"]
+    with pytest.raises(CheckpointError, match="bank.weight holds NaN or infinite values"):
+        save_checkpoint(tmp_path / "direct", trainer.model)
+    assert not (tmp_path / "direct").exists()
 
 
 def test_existing_run_is_refused_unless_resume_or_force(prepared_dir, tmp_path):

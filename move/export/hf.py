@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from move.errors import UserError
 from move.files import EXPORT_MARKERS, check_replaceable, replace_directory, temporary_sibling
 from move.text.tokenizer import Tokenizer
-from move.training.checkpoint import data_dir_for, load_model, read_header
+from move.training.checkpoint import data_dir_for, first_non_finite, load_model, read_header
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `move` package
 
@@ -56,6 +56,9 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
     check_replaceable(out_dir, EXPORT_MARKERS, "a Hugging Face export")
     model, header = load_model(checkpoint, "cpu")
+    bad = first_non_finite(model.state_dict())
+    if bad:
+        raise UserError(f"{checkpoint}: {bad} holds NaN or infinite values; refusing to export it")
     tokenizer = Tokenizer.load(data_dir_for(checkpoint, header, tokenizer_dir, "--tokenizer"))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from move.config import SerialConfig, require_positive
+from move.config import SerialConfig, require_finite, require_positive
 
 
 @dataclass
@@ -19,6 +19,7 @@ class ClassifierConfig(SerialConfig):
     hidden: int = 32
 
     def validate(self) -> "ClassifierConfig":
+        require_finite(self)
         require_positive(self, ("image_size", "channels", "num_classes", "hidden"))
         return self
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from move.config import SerialConfig, require_positive
+from move.config import SerialConfig, require_finite, require_positive
 from move.errors import ConfigError
 
 
@@ -29,6 +29,7 @@ class VQConfig(SerialConfig):
     commitment: float = 0.25  # beta: pulls encoder outputs towards their codes
 
     def validate(self) -> "VQConfig":
+        require_finite(self)
         require_positive(self, ("image_size", "channels", "hidden", "codebook_size", "code_dim"))
         if self.downsample < 0 or self.image_size % (2 ** self.downsample):
             raise ConfigError(f"image_size {self.image_size} must be divisible by 2**downsample ({2 ** self.downsample})")

@@ -95,7 +95,7 @@ class PrepareOptions:
     tokenizer_chars: int = 50_000_000  # cap on text used to train the BPE (nanochat does the same)
 
     def validate(self) -> "PrepareOptions":
-        if not 0 < self.val_fraction < 1:
+        if not 0 < self.val_fraction < 1:  # (also false for NaN)
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.passage_tokens < 1:
             raise ConfigError(f"passage_tokens must be positive, got {self.passage_tokens}")

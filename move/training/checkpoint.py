@@ -53,6 +53,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def first_non_finite(state_dict: dict) -> str | None:
+    """The name of the first floating-point tensor with a NaN or an infinity, or None."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | None = None,
                     state_dict: dict | None = None) -> Path:
     """Atomically write checkpoint directory `path` (replacing an older one of that
@@ -60,6 +68,9 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
     distributed job passes its gathered, unsharded one)."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     path = Path(path)
+    bad = first_non_finite(state_dict)
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: {bad} holds NaN or infinite values")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():

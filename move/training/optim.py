@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from move.config import require_finite
 from move.errors import ConfigError
 from move.model.accounting import param_group
 from move.model.gpt import GPT
@@ -48,6 +49,7 @@ class OptimConfig:
     value_memory_optimizer: str = "exact"  # "exact" (AdamW) or "lazy" (row-sparse Adam)
 
     def validate(self) -> "OptimConfig":
+        require_finite(self)
         if self.optimizer not in ("muon", "adamw"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose muon or adamw")
         for f in fields(self):
@@ -59,8 +61,10 @@ class OptimConfig:
             raise ConfigError(f"unknown value_memory_optimizer {self.value_memory_optimizer!r}; choose exact or lazy")
         if self.value_memory_optimizer == "lazy" and self.weight_decay:
             raise ConfigError("the lazy value-memory optimizer has no weight decay; use weight_decay 0 or exact")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("warmup_steps, grad_clip and weight_decay must be >= 0")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("warmup_steps and grad_clip must be >= 0")
+        if not 0 <= self.weight_decay <= 1:  # decoupled decay multiplies weights by 1 - lr * wd each step
+            raise ConfigError(f"weight_decay must be in [0, 1], got {self.weight_decay}")
         return self
 
 

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from move.config import require_positive
-from move.training.checkpoint import check_compatible, config_mismatch, load_state_dict, load_train_state, save_checkpoint
+from move.config import require_finite, require_positive
+from move.training.checkpoint import (check_compatible, config_mismatch, first_non_finite, load_state_dict,
+                                      load_train_state, save_checkpoint)
 from move.device import autocast, peak_flops, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
 from move.files import RUN_MARKERS, atomic_write_json, atomic_write_text, check_replaceable
@@ -77,6 +78,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> "TrainConfig":
+        require_finite(self)
         require_positive(self, ["steps", "batch_size", "grad_accum", "eval_every", "eval_tokens", "checkpoint_every",
                                 "keep_checkpoints"])
         if self.peak_tflops < 0:
@@ -297,6 +299,10 @@ class Trainer:
         optimizer_states = self.optimizers.state_dicts()
         if not self.dist.is_main:
             return None
+        bad = first_non_finite(model_state)
+        if bad:  # the loss and gradient were finite, yet the update was not (e.g. a huge weight decay)
+            raise NonFiniteLossError(f"non-finite weights ({bad}) at step {self.step}; nothing saved, the newest "
+                                     f"checkpoint is the last good state")
         train_state = {
             "step": self.step,
             "optimizers": optimizer_states,
