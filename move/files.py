@@ -2,6 +2,7 @@
 behind, and so that move never replaces what it did not create."""
 
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -97,3 +98,30 @@ def replace_directory(built: Path, target: Path) -> None:
     os.replace(target, aside)
     os.replace(built, target)
     shutil.rmtree(aside)
+
+
+class DirectoryLock:
+    """One writer per output directory: an advisory lock (flock) on the sibling file
+    .NAME.lock, holding the owner's pid for the message. The kernel drops the lock
+    when its process dies, so a killed run never leaves a stale lock behind."""
+
+    def __init__(self, directory, what: str = "directory"):
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        self.path = directory.parent / f".{directory.name}.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise UserError(f"{directory} is being written by another move process (pid {owner}); "
+                            f"wait for it to finish or choose another {what}") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None

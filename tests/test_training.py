@@ -3,6 +3,9 @@
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -152,3 +155,35 @@ def test_resume_skips_a_corrupted_newest_checkpoint(prepared_dir, tmp_path):
 def test_lr_schedule_warmup_constant_warmdown():
     oc = OptimConfig(warmup_steps=2, warmdown_frac=0.5)
     assert [lr_multiplier(s, 8, oc) for s in range(8)] == [0.5, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+
+
+def test_one_writer_per_run_directory(prepared_dir, tmp_path):
+    first = make_trainer(prepared_dir, tmp_path / "run", steps=4)
+    with pytest.raises(UserError, match=rf"being written by another move process \(pid {os.getpid()}\)"):
+        make_trainer(prepared_dir, tmp_path / "run", steps=4, force=True)
+    assert (tmp_path / "run" / "run.json").exists()  # --force did not touch the busy run
+    first.run()  # releases the directory when done
+    make_trainer(prepared_dir, tmp_path / "run", steps=6, resume=True).run()
+
+
+def test_a_second_process_is_refused_and_a_killed_writer_leaves_no_stale_lock(prepared_dir, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "move", "train", "--data", str(prepared_dir), "--out", str(run), "--preset",
+            "tiny", "--batch-size", "2", "--eval-every", "1000", "--eval-tokens", "256", "--checkpoint-every", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    writer = subprocess.Popen([*args, "--steps", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(run.glob("checkpoints/step_*")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert list(run.glob("checkpoints/step_*"))
+        for extra in (["--resume"], ["--force"]):
+            second = subprocess.run([*args, "--steps", "10", *extra], env=env, capture_output=True, text=True)
+            assert second.returncode == 2 and f"another move process (pid {writer.pid})" in second.stderr, second.stderr
+            assert len(second.stderr.strip().splitlines()) == 1
+        assert (run / "run.json").exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    resumed = subprocess.run([*args, "--steps", "10", "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr  # the kernel dropped the dead writer's lock

@@ -43,7 +43,7 @@ from move.training.checkpoint import (check_compatible, config_mismatch, first_n
                                       load_train_state, save_checkpoint)
 from move.device import autocast, peak_flops, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
-from move.files import RUN_MARKERS, atomic_write_json, atomic_write_text, check_replaceable
+from move.files import RUN_MARKERS, DirectoryLock, atomic_write_json, atomic_write_text, check_replaceable
 from move.model.diagnostics import value_memory_diagnostics
 from move.model.accounting import summarize
 from move.model.gpt import GPT
@@ -190,10 +190,21 @@ class Trainer:
         self.signal_received = False  # this process got SIGINT/SIGTERM
         self.stop_agreed = False  # some rank got one (agreed on at the end of each step)
         self.last_inputs = None
-        self._prepare_run_dir(resume, force, branch_from)
+        self.lock = DirectoryLock(self.run_dir, "--out") if self.dist.is_main else None  # one writer per run
+        try:
+            self._prepare_run_dir(resume, force, branch_from)
+        except BaseException:
+            self.release()
+            raise
         self.trackers = Trackers(config.loggers if self.dist.is_main else "", self.run_dir, self.record)
 
     # ------------------------------------------------------------------ run directory
+    def release(self) -> None:
+        """Give up the run directory (run() does at its end; a Trainer that is never
+        run should be released by its owner)."""
+        if self.lock is not None:
+            self.lock.release()
+
     def _run_record(self) -> dict:
         return {"model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
                 "task": self.task.describe(), "accounting": summarize(self.model)}
@@ -386,6 +397,12 @@ class Trainer:
         return record
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict:
         c = self.config
         reset_peak_memory(self.device)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -416,7 +433,17 @@ class Trainer:
             if self.dist.is_main:
                 print(f"stopped at step {self.step}; checkpoint written, continue with --resume", file=sys.stderr)
             return {"stopped_at": self.step}
+        if self._needs_final_eval():  # resumed at or past --steps: nothing ran, nothing was evaluated
+            self._log_eval()
         return self._finish() if self.dist.is_main else {}
+
+    def _needs_final_eval(self) -> bool:
+        """Whether metrics.jsonl lacks a record of the current step (decided on rank 0,
+        agreed by every rank, since evaluation is collective)."""
+        missing = self.dist.is_main and not any(m["step"] == self.step for m in read_metrics(self.run_dir))
+        if self.dist.active:
+            return distributed.all_reduce_sum([float(missing)], self.device)[0] > 0
+        return missing
 
     def _finish(self) -> dict:
         metrics = read_metrics(self.run_dir)
