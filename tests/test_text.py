@@ -15,7 +15,7 @@ from move.evaluation.bpb import bits_per_byte
 from move.model.gpt import GPT
 from move.text.corpora import iter_documents
 from move.text.loader import BatchLoader, eval_windows
-from move.text.prepare import load_prepared, passages, split_documents
+from move.text.prepare import PrepareOptions, load_prepared, passages, prepare, split_documents
 from move.text.tokenizer import Tokenizer
 
 
@@ -171,3 +171,50 @@ def test_bundled_corpora_are_readable(source):
     docs = iter_documents(source)
     first = [next(docs) for _ in range(3)]
     assert all(len(text) > 100 for _, text in first)
+
+
+def test_a_single_document_corpus_gets_a_validation_tail(tmp_path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    text = "".join(f"Line {i} of the only book, with some words in it.\n" for i in range(3000))
+    (folder / "book.txt").write_text(text)
+    m = prepare(PrepareOptions(source="txt", path=str(folder), vocab_size=300, val_fraction=0.1, passage_tokens=64),
+                tmp_path / "data")
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    assert train["documents"] == val["documents"] == 1 and 0.05 < val["tokens"] / (train["tokens"] + val["tokens"]) < 0.15
+    assert train["text_bytes"] + val["text_bytes"] == len(text.encode())
+    data = load_prepared(tmp_path / "data")
+    tok = data.tokenizer
+    decoded = "".join(tok.decode([int(t) for t in data.tokens(s) if t != tok.bos_id]) for s in ("train", "val"))
+    assert decoded == text  # the tail is the end of the book: nothing lost, nothing repeated
+
+
+def test_passages_of_a_huge_line_take_linear_time_and_keep_every_token():
+    """Counting operations, not seconds: the grouper touches each token a bounded
+    number of times however long the line (it used to re-slice the rest per piece)."""
+    from move.text.prepare import PassageGrouper
+
+    class CountingList(list):
+        copied = 0
+
+        def __getitem__(self, item):
+            out = super().__getitem__(item)
+            if isinstance(item, slice):
+                CountingList.copied += len(out)
+            return out
+
+    for n in (10_000, 100_000):
+        CountingList.copied = 0
+        grouper = PassageGrouper(256)
+        out = grouper.add(CountingList(range(n))) + grouper.finish()
+        assert [t for p in out for t in p] == list(range(n))
+        assert CountingList.copied <= n  # each token sliced out once
+
+
+def test_bounded_lines_cut_long_lines_at_spaces_and_lose_nothing():
+    from move.text.prepare import MAX_LINE_CHARS, bounded_lines
+
+    text = ("word " * (3 * MAX_LINE_CHARS // 5)) + "\nshort\n" + "x" * (2 * MAX_LINE_CHARS + 7)
+    pieces = list(bounded_lines(text))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= MAX_LINE_CHARS
+    assert pieces[0].endswith(" ")  # cut after a space, not inside a word

@@ -14,6 +14,7 @@ meaningful BOS position and every token of a long work is still seen.
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -49,31 +50,79 @@ def split_documents(doc_ids: list[str], val_fraction: float) -> set[str]:
     return val
 
 
-def passages(line_tokens: list[list[int]], passage_tokens: int) -> list[list[int]]:
+# A longer line is cut (at a space where one is near) before tokenisation, so that
+# one huge line costs bounded memory, and lines are tokenised in batches of about
+# this many characters: a document of any size is prepared in linear time.
+MAX_LINE_CHARS = 1 << 16
+BATCH_CHARS = 1 << 22
+
+
+def passages(line_tokens, passage_tokens: int) -> list[list[int]]:
     """Group consecutive lines' tokens into passages of at most passage_tokens
     (a single longer line is cut into passage_tokens pieces)."""
-    out, current = [], []
-    for tokens in line_tokens:
-        while len(tokens) > passage_tokens:
-            if current:
-                out.append(current)
-                current = []
-            out.append(tokens[:passage_tokens])
-            tokens = tokens[passage_tokens:]
-        if len(current) + len(tokens) > passage_tokens:
-            out.append(current)
-            current = []
-        current = current + tokens
-    if current:
-        out.append(current)
-    return out
+    grouper = PassageGrouper(passage_tokens)
+    out = [p for tokens in line_tokens for p in grouper.add(tokens)]
+    return out + grouper.finish()
+
+
+class PassageGrouper:
+    """Streaming form of `passages`: add() one line's tokens, get the passages it
+    completed; each token is copied a bounded number of times (linear time)."""
+
+    def __init__(self, passage_tokens: int):
+        self.size, self.current = passage_tokens, []
+
+    def add(self, tokens: list[int]) -> list[list[int]]:
+        out, start = [], 0
+        if len(tokens) > self.size:  # a long line: flush, then whole pieces of it
+            if self.current:
+                out.append(self.current)
+                self.current = []
+            while len(tokens) - start > self.size:
+                out.append(tokens[start:start + self.size])
+                start += self.size
+        rest = len(tokens) - start
+        if len(self.current) + rest > self.size:
+            out.append(self.current)
+            self.current = []
+        self.current.extend(tokens[start:])
+        return out
+
+    def finish(self) -> list[list[int]]:
+        out = [self.current] if self.current else []
+        self.current = []
+        return out
+
+
+def bounded_lines(text: str):
+    """The lines of text (ends kept), each cut into pieces of at most MAX_LINE_CHARS."""
+    for line in text.splitlines(keepends=True):
+        while len(line) > MAX_LINE_CHARS:
+            cut = line.rfind(" ", MAX_LINE_CHARS // 2, MAX_LINE_CHARS) + 1 or MAX_LINE_CHARS
+            yield line[:cut]
+            line = line[cut:]
+        yield line
+
+
+def document_passages(tokenizer: Tokenizer, text: str, passage_tokens: int):
+    """The passages of one document, in order, tokenised batch by batch."""
+    grouper, batch, chars = PassageGrouper(passage_tokens), [], 0
+    for line in bounded_lines(text):
+        batch.append(line)
+        chars += len(line)
+        if chars >= BATCH_CHARS:
+            for tokens in tokenizer.encode_batch(batch):
+                yield from grouper.add(tokens)
+            batch, chars = [], 0
+    for tokens in tokenizer.encode_batch(batch) if batch else []:
+        yield from grouper.add(tokens)
+    yield from grouper.finish()
 
 
 def encode_document(tokenizer: Tokenizer, text: str, passage_tokens: int) -> list[int]:
     """BOS-prefixed passages of one document, flattened."""
-    lines = text.splitlines(keepends=True)
     ids = []
-    for passage in passages(tokenizer.encode_batch(lines), passage_tokens):
+    for passage in document_passages(tokenizer, text, passage_tokens):
         ids.append(tokenizer.bos_id)
         ids.extend(passage)
     return ids
@@ -115,6 +164,7 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
     if len(set(doc_ids)) != len(doc_ids):
         raise DataError(f"corpus {o.source!r} has duplicate document ids")
     val_ids = split_documents(doc_ids, o.val_fraction)
+    single = len(doc_ids) == 1  # one big file: its last passages are the validation split
 
     if o.tokenizer == "gpt2":
         tokenizer = Tokenizer.gpt2()
@@ -127,10 +177,12 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
                     yield text
         tokenizer = Tokenizer.train(training_text(), o.vocab_size)
 
-    split_of = lambda doc_id: "val" if doc_id in val_ids else "train"  # noqa: E731
+    split_of = lambda doc_id: "tail" if single else "val" if doc_id in val_ids else "train"  # noqa: E731
+    rule = ("a single document: its last ceil(val_fraction x passages) passages are validation, the rest training"
+            if single else "sha256(document id) < val_fraction, at least one document per side")
     return write_prepared(docs, split_of, tokenizer, o.passage_tokens, out_dir,
-                          {"options": o.__dict__, "split_rule": "sha256(document id) < val_fraction, at least one "
-                           "document per side", "val_documents": sorted(val_ids)})
+                          {"options": o.__dict__, "split_rule": rule, "val_documents": sorted(val_ids),
+                           "val_fraction": o.val_fraction})
 
 
 def check_output(out_dir: Path, force: bool) -> None:
@@ -161,17 +213,36 @@ def write_prepared(docs, split_of, tokenizer: Tokenizer, passage_tokens: int, ou
 def _write_into(tmp: Path, docs, split_of, tokenizer: Tokenizer, passage_tokens: int, record: dict) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     stats = {s: dict(file=f"{s}.bin", tokens=0, documents=0, text_bytes=0) for s in SPLITS}
+    token_bytes = tokenizer.token_bytes()
     hashes = {s: hashlib.sha256() for s in SPLITS}
     files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
     try:
         for doc_id, text in docs():
             split = split_of(doc_id)
-            data = np.asarray(encode_document(tokenizer, text, passage_tokens), dtype=dtype).tobytes()
-            files[split].write(data)
-            hashes[split].update(data)
-            stats[split]["tokens"] += len(data) // np.dtype(dtype).itemsize
-            stats[split]["documents"] += 1
-            stats[split]["text_bytes"] += len(text.encode("utf-8"))
+            if split == "tail":
+                total = sum(1 for _ in document_passages(tokenizer, text, passage_tokens))
+                if total < 2:
+                    raise DataError(f"document {doc_id!r} is too short to give both a training and a validation "
+                                    f"passage; add text or documents")
+                first_val = total - max(1, math.ceil(record.get("val_fraction", 0.1) * total))
+            else:
+                first_val = None
+            val_bytes = 0
+            for i, passage in enumerate(document_passages(tokenizer, text, passage_tokens)):
+                where = split if first_val is None else ("val" if i >= first_val else "train")
+                if where == "val" and first_val is not None:
+                    val_bytes += int(token_bytes[passage].sum())
+                data = np.asarray([tokenizer.bos_id, *passage], dtype=dtype).tobytes()
+                files[where].write(data)
+                hashes[where].update(data)
+                stats[where]["tokens"] += len(data) // np.dtype(dtype).itemsize
+            for where in ((split,) if first_val is None else SPLITS):
+                stats[where]["documents"] += 1
+            if first_val is None:
+                stats[split]["text_bytes"] += len(text.encode("utf-8"))
+            else:  # the byte count of the validation passages, from the (lossless) tokens
+                stats["val"]["text_bytes"] += val_bytes
+                stats["train"]["text_bytes"] += len(text.encode("utf-8")) - val_bytes
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())

@@ -15,6 +15,11 @@ class TextTask:
     def __init__(self, data: PreparedData, seq_len: int, batch_size: int, seed: int, eval_tokens: int,
                  rank: int = 0, world_size: int = 1):
         self.data, self.seq_len, self.batch_size, self.eval_tokens = data, seq_len, batch_size, eval_tokens
+        for split in ("train", "val"):  # checked now, not minutes in at the first evaluation
+            tokens = data.manifest["splits"][split]["tokens"]
+            if tokens < seq_len + 1:
+                raise DataError(f"{data.directory}: the {split} split has {tokens} tokens, fewer than one window of "
+                                f"{seq_len + 1}; prepare more text (or a larger --val-fraction)")
         self.tokens_per_example = seq_len
         self.loader = BatchLoader(data.tokens("train"), data.tokenizer.bos_id, batch_size, seq_len, seed, rank, world_size)
         self.token_bytes = torch.from_numpy(data.tokenizer.token_bytes())
