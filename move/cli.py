@@ -41,6 +41,17 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum (a bad count is a one-line usage error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
 def add_dataclass_flags(parser, cls, skip=()) -> None:
     """One --flag per field of a config dataclass, defaulting to None (= keep)."""
     for f in dataclasses.fields(cls):
@@ -117,6 +128,8 @@ def cmd_eval(args) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{args.text}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
         tokens = np.asarray(encode_document(tokenizer, text, seq_len), dtype=np.int64)
+        if len(tokens) < 2:
+            raise UserError(f"{args.text}: no text to evaluate (bits per byte needs at least one predicted token)")
         source = args.text
     else:
         data = load_prepared(args.data)
@@ -378,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--text", help="a UTF-8 text file to evaluate instead")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's data)")
-    p.add_argument("--max-tokens", type=int, default=10**9)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=at_least(1), default=10**9)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
@@ -390,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=at_least(1), default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's data)")
     p.add_argument("--device", default="auto")
@@ -405,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for runs and the report")
     p.add_argument("--force", action="store_true", help="retrain runs that are already complete")
     p.add_argument("--classifier", help="image data: classifier run for class accuracy (move image-classifier)")
-    p.add_argument("--fid-samples", type=int, default=500, help="image data: samples per variant for FID/accuracy")
+    p.add_argument("--fid-samples", type=at_least(2), default=500, help="image data: samples per variant for FID/accuracy")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="image data: guidance scale for the samples")
     p.set_defaults(func=cmd_compare)
 
@@ -422,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_flags(p, config_class, skip=skip)
         add_dataclass_flags(p, TrainConfig)
         add_dataclass_flags(p, OptimConfig)
-        p.add_argument("--eval-images", type=int, default=2000, help="test images per evaluation")
+        p.add_argument("--eval-images", type=at_least(1), default=2000, help="test images per evaluation")
         p.add_argument("--out", required=True, help="run directory")
         p.add_argument("--resume", action="store_true")
         p.add_argument("--force", action="store_true")
@@ -459,21 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("image-sample", help="a PNG grid of guided samples, one row per class")
     add_image_sampling_flags(p)
-    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--per-class", type=at_least(1), default=10)
     p.add_argument("--out", required=True, help="PNG file")
     p.set_defaults(func=cmd_image_sample)
 
     p = sub.add_parser("image-eval", help="FID, class accuracy and NLL of a class-conditional model")
     add_image_sampling_flags(p)
     p.add_argument("--classifier", required=True, help="classifier run or checkpoint (move image-classifier)")
-    p.add_argument("--num-samples", type=int, default=500, help="samples for FID and accuracy (FID is biased at small N)")
+    p.add_argument("--num-samples", type=at_least(2), default=500, help="samples for FID and accuracy (FID is biased at small N)")
     p.add_argument("--grid", help="also write a sample grid PNG here")
     p.add_argument("--out", help="write the metrics JSON here")
     p.set_defaults(func=cmd_image_eval)
 
     p = sub.add_parser("knowledge-prepare", help="a synthetic knowledge corpus for the capacity probe")
-    p.add_argument("--individuals", type=int, default=1000)
-    p.add_argument("--name-tokens", type=int, default=1, help="tokens per name (1: each name its own token)")
+    p.add_argument("--individuals", type=at_least(2), default=1000)
+    p.add_argument("--name-tokens", type=at_least(1), default=1, help="tokens per name (1: each name its own token)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")

@@ -59,9 +59,24 @@ def check_replaceable(path, markers: tuple[str, ...], what: str) -> None:
                         f"only its own output: choose another path or remove it yourself")
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def temporary_sibling(target) -> Path:
-    """An empty directory next to `target` to build its replacement in."""
+    """An empty directory next to `target` to build its replacement in. Leftovers of
+    killed writers (.NAME.tmp-PID of a process that no longer runs) are removed."""
     target = Path(target)
+    for stale in target.parent.glob(f".{target.name}.tmp-*") if target.parent.is_dir() else []:
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -200,8 +200,22 @@ CASES = [
     ("unknown-flag", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", "--bogus"], "unrecognized arguments: --bogus"),
     ("flag-of-wrong-type", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", "--steps", "many"], "invalid int value"),
     ("eval-without-data", no_setup, ["eval", "{ckpt}"], "eval needs --data or --text"),
-    ("bad-temperature", no_setup, ["sample", "{ckpt}", "--temperature", "-1"], "temperature must be >= 0"),
+    ("bad-temperature", no_setup, ["sample", "{ckpt}", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     ("bad-top-p", no_setup, ["sample", "{ckpt}", "--top-p", "0"], "top_p must be in (0, 1]"),
+    ("temperature-nan", no_setup, ["sample", "{ckpt}", "--temperature", "nan"], "temperature must be a finite number"),
+    ("temperature-inf", no_setup, ["sample", "{ckpt}", "--temperature", "inf"], "temperature must be a finite number"),
+    ("zero-samples", no_setup, ["sample", "{ckpt}", "--num-samples", "0"], "--num-samples: must be >= 1"),
+    ("negative-max-tokens", no_setup, ["sample", "{ckpt}", "--max-tokens", "-5"], "max_new_tokens must be in"),
+    ("huge-max-tokens", no_setup, ["sample", "{ckpt}", "--max-tokens", "1000000000"], "max_new_tokens must be in"),
+    ("seed-beyond-64-bits", no_setup, ["sample", "{ckpt}", "--max-tokens", "2", "--seed", str(2**64)], "seed must be in"),
+    ("negative-seed", no_setup, ["sample", "{ckpt}", "--max-tokens", "2", "--seed", "-1"], "seed must be in"),
+    ("eval-batch-zero", no_setup, ["eval", "{ckpt}", "--data", "{data}", "--batch-size", "0"], "--batch-size: must be >= 1"),
+    ("eval-max-tokens-zero", no_setup, ["eval", "{ckpt}", "--data", "{data}", "--max-tokens", "0"], "--max-tokens: must be >= 1"),
+    ("eval-empty-text", text_folder_with({"empty.txt": b""}), ["eval", "{ckpt}", "--text", "{bad}/empty.txt"], "no text to evaluate"),
+    ("cfg-scale-nan", no_setup, ["image-sample", "{img_run}", "--cfg-scale", "nan", "--out", "{tmp}/g.png"], "cfg_scale must be a finite number"),
+    ("per-class-zero", no_setup, ["image-sample", "{img_run}", "--per-class", "0", "--out", "{tmp}/g.png"], "--per-class: must be >= 1"),
+    ("image-eval-one-sample", no_setup, ["image-eval", "{img_run}", "--classifier", "{cls}", "--num-samples", "1"], "--num-samples: must be >= 2"),
+    ("knowledge-one-person", no_setup, ["knowledge-prepare", "--individuals", "1", "--out", "{tmp}/k"], "--individuals: must be >= 2"),
     # corpora
     ("missing-corpus-path", no_setup, ["prepare", "--corpus", "txt", "--path", "{tmp}/nowhere", "--out", "{tmp}/p"], "nowhere"),
     ("corpus-path-not-given", no_setup, ["prepare", "--corpus", "txt", "--out", "{tmp}/p"], "needs --path"),
@@ -321,3 +335,17 @@ def test_replace_directory_swaps_in_one_step_or_falls_back(tmp_path, monkeypatch
     monkeypatch.setattr(files, "_exchange", lambda a, b: False)  # a system without renameat2
     files.replace_directory(fresh(".built3", "newest"), target)
     assert (target / "f").read_text() == "newest" and sorted(p.name for p in tmp_path.iterdir()) == [".built", "target"]
+
+
+def test_leftovers_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+
+    from move.files import temporary_sibling
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".data.tmp-{dead.pid}").mkdir()  # a killed prepare's half-written output
+    alive = tmp_path / ".data.tmp-1"  # pid 1 always runs
+    alive.mkdir()
+    mine = temporary_sibling(tmp_path / "data")
+    assert mine.is_dir() and not (tmp_path / f".data.tmp-{dead.pid}").exists() and alive.exists()

@@ -165,3 +165,16 @@ def test_decay_budgets_are_validated(tmp_path, prepared_dir):
         else:
             with pytest.raises(ConfigError, match=message):
                 Experiment.load(path)
+
+
+def test_a_comment_edit_keeps_finished_runs_and_a_grid_edit_is_refused(tmp_path, prepared_dir, capsys):
+    path = write_experiment(tmp_path, prepared_dir)
+    out = tmp_path / "results"
+    run_experiment(path, out)
+    capsys.readouterr()
+    path.write_text("# a comment\n" + path.read_text().replace('name = "tiny-grid"', 'name = "tiny-grid"\ndescription = "x"'))
+    run_experiment(path, out)
+    assert "training" not in capsys.readouterr().out  # nothing retrained
+    path.write_text(path.read_text().replace("steps = 4", "steps = 5"))
+    with pytest.raises(ConfigError, match="holds results of a different experiment"):
+        run_experiment(path, out)

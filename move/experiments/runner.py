@@ -191,6 +191,19 @@ class Experiment:
                        label_dropout=self.train.get("label_dropout", 0.1))
 
 
+PROSE_KEYS = ("description", "expected_minutes")
+
+
+def grid_of(path) -> dict:
+    """What decides an experiment's results: the parsed file without its prose, so
+    an edited comment or description does not make finished runs foreign."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the experiment file ({e})") from None
+    return {k: v for k, v in raw.items() if k not in PROSE_KEYS}
+
+
 def run_setup(experiment: Experiment) -> None:
     """Each [[setup]] step runs as its own `python -m move ...` process: the runner
     needs no knowledge of the command line, and a step's failure cannot leave this
@@ -237,8 +250,9 @@ def run_experiment(path, out=None, force: bool = False) -> Path | None:
     out = Path(out or Path("results") / experiment.name)
     out.mkdir(parents=True, exist_ok=True)
     copy = out / "experiment.toml"
-    if copy.exists() and copy.read_text() != Path(path).read_text() and not force:
-        raise ConfigError(f"{out} holds results of a different experiment file; use another --out or --force")
+    if copy.exists() and not force and grid_of(copy) != grid_of(path):
+        raise ConfigError(f"{out} holds results of a different experiment (its grid, data or training settings "
+                          f"differ); use another --out or --force")
     shutil.copyfile(path, copy)
     run_setup(experiment)
     specs = experiment.runs()

@@ -9,6 +9,8 @@ reduces bit for bit to plain conditional / unconditional sampling). The sampled
 token is fed to both halves. Only image codes are candidates.
 """
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image
@@ -29,7 +31,9 @@ def sample_image_tokens(model, labels: torch.Tensor, layout: ClassTokens, n_toke
     """labels (B,) class indices, or layout.num_classes for the null class ->
     image tokens (B, n_tokens). cfg_scale None: no unconditional half (plain
     conditional sampling)."""
-    check_sampling_args(temperature, top_k, 1.0, n_tokens)
+    check_sampling_args(temperature, top_k, 1.0, n_tokens, seed)
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise ConfigError(f"cfg_scale must be a finite number, got {cfg_scale}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > layout.num_classes):
         raise ConfigError(f"class labels must lie in [0, {layout.num_classes}] ({layout.num_classes} = null)")
     if n_tokens > model.config.seq_len:

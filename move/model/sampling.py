@@ -1,5 +1,7 @@
 """Autoregressive sampling with a KV cache: temperature, top-k, top-p, seeded, batched."""
 
+import math
+
 import torch
 
 from move.device import evaluating
@@ -29,15 +31,20 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
     return torch.multinomial(probs, 1, generator=generator)
 
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+MAX_NEW_TOKENS = 1 << 20  # the KV cache is allocated for the whole length up front
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_tokens: int, seed: int = 0) -> None:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k < 0:
         raise ConfigError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ConfigError(f"max_new_tokens must be in [0, {MAX_NEW_TOKENS}], got {max_new_tokens}")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
 
 
 @torch.no_grad()
@@ -48,7 +55,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     The prompt is prefilled in one forward; each new token then costs one
     single-position forward against the cache.
     """
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens, seed)
     model.check_token_ids(prompt)
     with evaluating(model):
         generator = torch.Generator(device=prompt.device).manual_seed(seed)

@@ -76,8 +76,14 @@ def _files(path: Path, suffix: str) -> list[Path]:
     raise DataError(f"{path}: no such file or directory")
 
 
+_warned: set[str] = set()
+
+
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    """A warning, once per process: preparation reads the corpus several times."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _txt(path: Path) -> Iterator[tuple[str, str]]:

@@ -12,6 +12,7 @@ BOS, and decoding drops it.
 import hashlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -57,6 +58,9 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=alphabet,
                                       show_progress=False)
         hf.train_from_iterator(texts, trainer=trainer)
+        if hf.get_vocab_size() < vocab_size:  # the corpus ran out of merges: say so, the data records the real size
+            print(f"warning: asked for a vocabulary of {vocab_size:,} tokens, the corpus gave {hf.get_vocab_size():,} "
+                  f"(no more merges to learn)", file=sys.stderr)
         return cls(hf)
 
     @classmethod
