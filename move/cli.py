@@ -119,6 +119,7 @@ def cmd_eval(args) -> None:
     from move.text.prepare import encode_document, load_prepared
 
     device = pick_device(args.device)
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # a checkpoint, or a run directory (its newest)
     model, _ = load_model(args.checkpoint, device)
     seq_len = model.config.seq_len
     if args.text:
@@ -143,6 +144,7 @@ def cmd_sample(args) -> None:
     from move.model.sampling import generate
 
     device = torch.device("cpu") if args.mmap_bank else pick_device(args.device)
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # a checkpoint, or a run directory (its newest)
     model, _ = load_model(args.checkpoint, device, mmap_bank=args.mmap_bank)
     tokenizer = tokenizer_for(args.checkpoint, args.tokenizer)
     prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
@@ -386,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="bits per byte of a checkpoint on a data split or a text file")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint or run directory (its newest checkpoint)")
     p.add_argument("--data", help="prepared data directory")
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--text", help="a UTF-8 text file to evaluate instead")
@@ -397,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint (KV cache)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint or run directory (its newest checkpoint)")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -545,10 +547,19 @@ def main(argv=None) -> int:
         parser.error("eval needs --data or --text")
     try:
         args.func(args)
-    except UserError as e:
+    except (UserError, OSError) as e:
+        # OSError: what the file system refused (a path under a file, no permission, a full
+        # disk) - the user's to fix, so one line; the writers leave earlier output intact
         if args.debug:
             raise
         rank = f"rank {os.environ['RANK']}: " if launched_by_torchrun() else ""
-        print(f"error: {rank}{e}", file=sys.stderr)
+        print(f"error: {rank}{describe_error(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def describe_error(e: Exception) -> str:
+    if isinstance(e, OSError) and not isinstance(e, UserError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e.__class__.__name__} (the file system refused; nothing already written was removed)"
+    return str(e)

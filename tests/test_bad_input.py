@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from move.cli import main
+from move.training.checkpoint import header_checksum
 from move.text.tokenizer import Tokenizer
 
 TINY = ["--preset", "tiny", "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "256",
@@ -101,8 +102,17 @@ def nan_weights(checkpoint: Path) -> None:
     save_file(weights, checkpoint / "model.safetensors")
     header = json.loads((checkpoint / "config.json").read_text())
     header["sha256"]["model.safetensors"] = hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    header["header_sha256"] = header_checksum(header)
     (checkpoint / "config.json").write_text(json.dumps(header))
     assert torch.isnan(load_file(checkpoint / "model.safetensors")["lm_head.weight"]).any()
+
+
+def damaged_run(damage):
+    def setup(w, tmp):
+        r = copy_of(w["run"], tmp)
+        damage(r)
+        return {"bad": r}
+    return setup
 
 
 def text_folder_with(files: dict):
@@ -164,6 +174,10 @@ CASES = [
     ("force-export-over-prepared-data", no_setup, ["export-hf", "{ckpt}", "{data}", "--force"], "not a Hugging Face export written by move"),
     ("force-train-over-prepared-data", no_setup, ["train", "--data", "{data}", "--out", "{data}", *TINY, "--force"], "not a training run written by move"),
     ("force-prepare-over-a-run", no_setup, ["prepare", "--corpus", "shakespeare", "--out", "{run}", "--force"], "not prepared data written by move"),
+    ("train-out-under-a-file", users_folder, ["train", "--data", "{data}", "--out", "{file}/run", *TINY], "the file system refused"),
+    ("prepare-out-under-a-file", users_folder, ["prepare", "--corpus", "shakespeare", "--out", "{file}/p"], "the file system refused"),
+    ("export-out-under-a-file", users_folder, ["export-hf", "{ckpt}", "{file}/hf"], "the file system refused"),
+    ("encode-out-under-a-file", users_folder, ["image-encode", "--dataset", "digits", "--tokenizer", "pixel", "--out", "{file}/e"], "the file system refused"),
     ("train-out-is-a-file", users_folder, ["train", "--data", "{data}", "--out", "{file}", *TINY, "--force"], "is a file"),
     ("prepare-out-is-a-file", users_folder, ["prepare", "--corpus", "shakespeare", "--out", "{file}", "--force"], "is a file"),
     # non-finite and out-of-range numbers
@@ -227,21 +241,35 @@ CASES = [
     ("no-prepared-data", no_setup, ["train", "--data", "{tmp}/nowhere", "--out", "{tmp}/r"], "no prepared data"),
     ("truncated-shard", damaged_data(lambda d: truncate(d / "train.bin")), ["train", "--data", "{bad}", "--out", "{tmp}/r", *TINY], "manifest says"),
     ("corrupted-shard", damaged_data(lambda d: flip_byte(d / "val.bin")), ["train", "--data", "{bad}", "--out", "{tmp}/r", *TINY], "checksum does not match"),
+    ("manifest-missing-keys", damaged_data(lambda d: (d / "manifest.json").write_text('{"format": "move-text-data", "splits": {}}')),
+     ["train", "--data", "{bad}", "--out", "{tmp}/r"], "damaged manifest, missing tokenizer_sha256"),
     ("manifest-not-json", damaged_data(lambda d: (d / "manifest.json").write_text("{")), ["train", "--data", "{bad}", "--out", "{tmp}/r"], "not a move-text-data manifest"),
     ("foreign-tokenizer", damaged_data(lambda d: Tokenizer.gpt2().save(d)),
      ["train", "--data", "{bad}", "--out", "{tmp}/r"], "does not match the tokenizer"),
     # token ids
     ("token-ids-beyond-the-model", bigger_tokenizer, ["eval", "{ckpt}", "--text", "{text}", "--tokenizer", "{bad}"], "token ids must lie in [0, 512)"),
     # checkpoints
-    ("not-a-checkpoint", no_setup, ["eval", "{tmp}", "--text", "x"], "not a checkpoint"),
+    ("not-a-checkpoint", no_setup, ["eval", "{tmp}", "--text", "x"], "neither a checkpoint nor a run directory"),
     ("truncated-weights", damaged_checkpoint(lambda c: truncate(c / "model.safetensors")), ["sample", "{bad}"], "checksum mismatch"),
     ("corrupted-weights", damaged_checkpoint(lambda c: flip_byte(c / "model.safetensors")), ["sample", "{bad}"], "checksum mismatch"),
+    ("corrupted-bank-under-mmap", damaged_checkpoint(lambda c: flip_byte(c / "model.safetensors")), ["sample", "{bad}", "--mmap-bank"], "checksum mismatch"),
+    ("edited-checkpoint-config", damaged_checkpoint(lambda c: (c / "config.json").write_text((c / "config.json").read_text().replace('"rope_base": 10000.0', '"rope_base": 500.0'))),
+     ["sample", "{bad}"], "config.json: checksum mismatch"),
     ("corrupt-checkpoint-config", damaged_checkpoint(lambda c: (c / "config.json").write_text("{\"format\": ")), ["sample", "{bad}"], "corrupt JSON"),
     ("checkpoint-of-another-kind", no_setup, ["sample", "{vq}/checkpoints/step_000001"], "holds a vqvae checkpoint, expected a gpt"),
     ("classifier-is-a-gpt", no_setup, ["image-eval", "{img_run}", "--classifier", "{ckpt}"], "holds a gpt checkpoint, expected a classifier"),
     ("image-eval-of-a-text-model", no_setup, ["image-eval", "{ckpt}", "--classifier", "{cls}"], "not a move-image-data manifest"),
     ("resume-with-another-variant", no_setup, ["train", "--data", "{data}", "--out", "{run}", *TINY, "--variant", "lave", "--resume"], "another model config"),
     ("resume-with-another-shape", no_setup, ["train", "--data", "{data}", "--out", "{run}", *TINY, "--variant", "move", "--n-embd", "128", "--resume"], "another model config"),
+    ("resume-with-a-damaged-run-record", damaged_run(lambda r: (r / "run.json").write_text("{\"model_config\": ")),
+     ["train", "--data", "{data}", "--out", "{bad}", *TINY, "--variant", "move", "--resume"], "damaged run record"),
+    ("resume-with-a-malformed-metrics-line", damaged_run(lambda r: (r / "metrics.jsonl").write_text("{oops\n" + (r / "metrics.jsonl").read_text())),
+     ["train", "--data", "{data}", "--out", "{bad}", *TINY, "--variant", "move", "--resume"], "line 1 is not JSON"),
+    ("gates-text-missing", no_setup, ["gates", "{run}", "--text", "{tmp}/nowhere.txt", "--out", "{tmp}/g.png"], "cannot read as UTF-8 text"),
+    ("report-of-a-non-results-dir", no_setup, ["report", "{tmp}"], "not an experiment results directory"),
+    ("experiment-file-missing", no_setup, ["experiment", "{tmp}/none.toml"], "cannot read the experiment file"),
+    ("knowledge-eval-on-text-data", no_setup, ["knowledge-eval", "{ckpt}"], "missing or unreadable knowledge file"),
+    ("sample-of-an-empty-dir", no_setup, ["sample", "{tmp}"], "neither a checkpoint nor a run directory"),
     ("resume-nothing", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/fresh", *TINY, "--resume"], "nothing to resume"),
     ("run-dir-holds-a-run", no_setup, ["train", "--data", "{data}", "--out", "{run}", *TINY, "--variant", "move"], "already holds a run"),
     ("prepare-over-existing", no_setup, ["prepare", "--corpus", "shakespeare", "--out", "{data}"], "already exists"),
@@ -275,8 +303,8 @@ def test_bad_input(case, world, tmp_path, capsys):
         assert Path(places["file"]).read_text() == "a file where a directory would go"
 
 
-def test_there_are_at_least_thirty_distinct_cases():
-    assert len({c[0] for c in CASES}) == len(CASES) >= 30
+def test_there_are_at_least_a_hundred_distinct_cases():
+    assert len({c[0] for c in CASES}) == len(CASES) >= 100
 
 
 def test_a_non_utf8_file_is_skipped_with_a_warning(tmp_path, capsys):

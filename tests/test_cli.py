@@ -57,7 +57,7 @@ def test_compare_trains_each_variant_once_and_reports(tmp_path, prepared_dir, ca
     (["train", "--data", "{data}", "--out", "x", "--preset", "tiny", "--n-head", "3"], "does not divide n_embd"),
     (["train", "--data", "{data}", "--out", "x", "--preset", "tiny", "--lr-matrix", "-1"], "lr_matrix must be in"),
     (["compare", "--data", "{data}", "--out", "x", "--variants", "moe"], "unknown variant 'moe'"),
-    (["eval", "no-such-checkpoint", "--text", "t.txt"], "not a checkpoint"),
+    (["eval", "no-such-checkpoint", "--text", "t.txt"], "neither a checkpoint nor a run directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, prepared_dir, argv, message):
     argv = [a.replace("{data}", str(prepared_dir)) for a in argv]

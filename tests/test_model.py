@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from move.training.checkpoint import load_model, save_checkpoint
+from move.training.checkpoint import header_checksum, load_model, save_checkpoint
 from move.config import ModelConfig
 from move.errors import CheckpointError, ConfigError, TokenRangeError
 from move.model.accounting import count_params, forward_flops_per_token
@@ -254,11 +254,18 @@ def test_mismatched_checkpoint_is_refused_with_the_mismatch_named(tmp_path):
     save_checkpoint(tmp_path / "ck", GPT(make_config("mha", "move")))
     header_path = tmp_path / "ck" / "config.json"
     header = json.loads(header_path.read_text())
+    header["model_config"]["rope_base"] = 500.0  # an edit by hand: refused, it would change the results silently
+    header_path.write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match="config.json: checksum mismatch"):
+        load_model(tmp_path / "ck")
+    header["model_config"]["rope_base"] = 10000.0
     header["model_config"]["memory_slots"] = 7  # on disk M=2: routers 4*(2+1) x 64
+    header["header_sha256"] = header_checksum(header)  # (as a deliberate rewrite would)
     header_path.write_text(json.dumps(header))
     with pytest.raises(CheckpointError, match=r"shape mismatch for blocks.0.attn.value_memory.router.weight: checkpoint \(12, 64\) vs model \(32, 64\)"):
         load_model(tmp_path / "ck")
     header["model_config"]["value_memory"] = "standard"
+    header["header_sha256"] = header_checksum(header)
     header_path.write_text(json.dumps(header))
     with pytest.raises(CheckpointError, match="unexpected tensor bank.weight"):
         load_model(tmp_path / "ck")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from move.errors import CheckpointError
-from move.training.checkpoint import load_train_state
+from move.training.checkpoint import header_checksum, load_train_state
 from move.training.trainer import checkpoint_dirs
 
 
@@ -37,6 +37,7 @@ def plant(checkpoint, marker) -> None:
     (checkpoint / "train_state.pt").write_bytes(data)
     header = json.loads((checkpoint / "config.json").read_text())
     header["sha256"]["train_state.pt"] = hashlib.sha256(data).hexdigest()
+    header["header_sha256"] = header_checksum(header)
     (checkpoint / "config.json").write_text(json.dumps(header))
 
 

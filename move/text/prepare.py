@@ -282,6 +282,11 @@ def load_prepared(directory) -> PreparedData:
     and that the tokenizer on disk is the one the tokens were made with."""
     directory = Path(directory)
     manifest = read_manifest(directory, MANIFEST, FORMAT, "no prepared data; run `move prepare` first")
+    missing = [k for k in ("tokenizer_sha256", "dtype", "splits") if k not in manifest]
+    missing += [f"splits.{s}.{k}" for s in SPLITS for k in ("file", "tokens", "sha256")
+                if k not in manifest.get("splits", {}).get(s, {})]
+    if missing:
+        raise DataError(f"{directory}/{MANIFEST}: damaged manifest, missing {', '.join(missing)}")
     tokenizer = Tokenizer.load(directory)
     if tokenizer.fingerprint() != manifest["tokenizer_sha256"]:
         raise DataError(f"{directory}: tokenizer.json does not match the tokenizer the data was prepared with")

@@ -28,7 +28,7 @@ from move.model.gpt import GPT
 from move.model.vqvae import VQVAE
 
 FORMAT = "move-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the header carries a checksum of itself (header_sha256)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
@@ -36,6 +36,15 @@ TRAIN_STATE = "train_state.pt"
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def streamed_sha256(file: Path, block: int = 1 << 24) -> str:
+    """SHA-256 of a file read in blocks: bounded memory for a bank larger than RAM."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -92,6 +101,7 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
             "meta": meta or {},
             "sha256": {name: sha256(data) for name, data in files.items()},
         }
+        header["header_sha256"] = header_checksum(header)
         _write_synced(tmp / CONFIG, json.dumps(header, indent=2).encode())
         _fsync_dir(tmp)
         if path.exists():  # replace: move the old one aside first, delete it after
@@ -112,6 +122,13 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
     return path
 
 
+def header_checksum(header: dict) -> str:
+    """SHA-256 of the header's canonical JSON without this field: an edited model
+    config (rope_base, say) would otherwise silently change what the weights mean."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
 def read_header(path) -> dict:
     path = Path(path)
     if not (path / CONFIG).is_file():
@@ -122,6 +139,8 @@ def read_header(path) -> dict:
         raise CheckpointError(f"{path}/{CONFIG}: corrupt JSON ({e.msg if hasattr(e, 'msg') else e})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} (format field is {header.get('format') if isinstance(header, dict) else None!r})")
+    if header.get("version", 1) >= 2 and header.get("header_sha256") != header_checksum(header):
+        raise CheckpointError(f"{path}/{CONFIG}: checksum mismatch (the file was edited or damaged)")
     return header
 
 
@@ -240,8 +259,8 @@ def load_model(path, device="cpu", mmap_bank: bool = False, kind: str = "gpt"):
     kind: which model the caller expects ("gpt", "vqvae", "classifier"); another
     kind is refused. mmap_bank: leave the MoVE bank in the file and gather its
     rows on demand (CPU inference only), so a bank larger than RAM can still
-    generate. The checksum of the weights file is not verified in this mode: that
-    would read the whole bank."""
+    generate. The weights file is still verified against its checksum, by
+    streaming it through SHA-256 in blocks (one read, no copy held in memory)."""
     path = Path(path)
     header = read_header(path)
     found = header.get("model_kind", "gpt")
@@ -257,6 +276,8 @@ def load_model(path, device="cpu", mmap_bank: bool = False, kind: str = "gpt"):
     else:
         if config.value_memory != "move":
             raise CheckpointError(f"{path}: --mmap-bank needs a MoVE checkpoint, this one is {config.value_memory}")
+        if streamed_sha256(path / WEIGHTS) != header.get("sha256", {}).get(WEIGHTS):
+            raise CheckpointError(f"{path / WEIGHTS}: checksum mismatch (truncated or corrupted)")
         with warnings.catch_warnings():  # read-only memmap: torch warns it is not writable; we never write it
             warnings.simplefilter("ignore", UserWarning)
             bank = mapped_tensor(path / WEIGHTS, "bank.weight")

@@ -117,6 +117,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
+def read_run_record(run_dir: Path) -> dict:
+    """run.json of a run directory (a one-line error if it is damaged)."""
+    path = Path(run_dir) / "run.json"
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and {"model_config", "train_config"} <= record.keys():
+            return record
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    raise UserError(f"{path}: unreadable or damaged run record; the run cannot be resumed (start it anew with --force)")
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first: exactly the names save() writes, step_NNNNNN
     (temporary directories start with '.'; a user's step_000020_backup is not ours)."""
@@ -218,7 +230,7 @@ class Trainer:
         if resume:
             if not record_path.is_file():
                 raise UserError(f"{self.run_dir}: nothing to resume (no run.json)")
-            self._check_same_run(json.loads(record_path.read_text()))
+            self._check_same_run(read_run_record(self.run_dir))
             self._resume_latest()
         elif self.dist.is_main:
             self._start_run_dir(force)
@@ -228,7 +240,7 @@ class Trainer:
 
     def _branch_from(self, ckpt: Path) -> None:
         source = ckpt.parent.parent
-        self._check_same_run(json.loads((source / "run.json").read_text()))
+        self._check_same_run(read_run_record(source))
         self._load_checkpoint(ckpt)
         if self.dist.is_main:
             kept = [m for m in read_metrics(source) if m["step"] <= self.step]
