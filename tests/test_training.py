@@ -15,7 +15,7 @@ from move.errors import CheckpointError, UserError
 from move.model.gpt import GPT
 from move.text.prepare import load_prepared
 from move.text.task import TextTask
-from move.training.checkpoint import save_checkpoint
+from move.training.checkpoint import load_state_dict, save_checkpoint
 from move.training.optim import OptimConfig, lr_multiplier
 from move.training.trainer import NonFiniteLossError, TrainConfig, Trainer, checkpoint_dirs, prepare_model
 
@@ -187,3 +187,18 @@ def test_a_second_process_is_refused_and_a_killed_writer_leaves_no_stale_lock(pr
         writer.wait()
     resumed = subprocess.run([*args, "--steps", "10", "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr  # the kernel dropped the dead writer's lock
+
+
+def test_a_stop_between_micro_batches_checkpoints_the_last_step_and_resumes_exactly(prepared_dir, tmp_path):
+    """With many micro-batches per step a stop must not wait for the step's end: it
+    drops the partial step, rewinds the data and checkpoints the last full step."""
+    reference = make_trainer(prepared_dir, tmp_path / "ref", steps=6, grad_accum=4)
+    reference.run()
+    trainer = make_trainer(prepared_dir, tmp_path / "run", steps=6, grad_accum=4)
+    crash_after(trainer, 4 * 3 + 2, action=lambda: setattr(trainer, "signal_received", True))  # inside step 4
+    assert trainer.run() == {"stopped_at": 3}
+    assert checkpoint_dirs(tmp_path / "run")[-1].name == "step_000003"
+    make_trainer(prepared_dir, tmp_path / "run", steps=6, grad_accum=4, resume=True).run()
+    ours, _ = load_state_dict(checkpoint_dirs(tmp_path / "run")[-1])
+    theirs, _ = load_state_dict(checkpoint_dirs(tmp_path / "ref")[-1])
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

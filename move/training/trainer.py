@@ -54,6 +54,10 @@ from move.training.optim import (OptimConfig, Optimizers, lr_multiplier, prepare
                                  value_memory_grad_mode)
 
 
+class StepAborted(Exception):
+    """A stop signal arrived between the micro-batches of a step (one process)."""
+
+
 class NonFiniteLossError(UserError):
     """Training diverged; the newest checkpoint is still the last good one."""
 
@@ -347,7 +351,14 @@ class Trainer:
         c = self.config
         self.optimizers.set_lr(lr_multiplier(self.step, c.steps, c.optim))
         total = torch.zeros((), device=self.device)
+        loader_state = self.task.loader.state_dict() if c.grad_accum > 1 else None
         for micro in range(c.grad_accum):
+            if micro and self.signal_received and not self.dist.active:
+                # a stop asked for in the middle of a long accumulation: drop this step's partial
+                # gradient and rewind the data, so the checkpoint is the state after the last step
+                self.task.loader.load_state_dict(loader_state)
+                self.model.zero_grad(set_to_none=True)
+                raise StepAborted()
             x, y = self.task.loader.next_batch()
             if self.device.type == "cuda":  # page-locked, so the copy below runs asynchronously
                 x, y = x.pin_memory(), y.pin_memory()
@@ -422,7 +433,11 @@ class Trainer:
         try:
             while self.step < c.steps and not self.stop_requested:
                 start = time.perf_counter()
-                loss = self._train_step()
+                try:
+                    loss = self._train_step()
+                except StepAborted:
+                    self.save()
+                    break
                 self.train_time += time.perf_counter() - start
                 self.step += 1
                 self.train_losses.append(loss)
