@@ -16,7 +16,7 @@ from move.training.trainer import read_metrics
 
 # diagnostic key (averaged over layers where per layer) -> column label
 DIAGNOSTICS = {
-    "memory_share": "memory share ||v'-v||/||v||",
+    "memory_share": "memory share ‖v'−v‖/‖v‖",
     "gate_spread_across_slots": "gate spread across slots",
     "g0_mean": "g0 mean",
     "slot_cosine": "slot-to-slot cosine",
