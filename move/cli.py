@@ -2,6 +2,11 @@
 
 Every error a user can cause prints one line `error: ...` and exits with status 2
 (add --debug for the traceback).
+
+Start-up: this module imports only the configs (plain dataclasses, no PyTorch), so
+`move --help` and `move <command> --help` answer at once; each command imports
+what it runs when it runs (tests/test_cli.py checks that importing this module
+loads no torch).
 """
 
 import argparse
@@ -10,20 +15,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from torch.distributed.elastic.multiprocessing.errors import record
-
-from move.training.checkpoint import data_dir_for, load_model, read_header
 from move import __version__
-from move.config import MODEL_PRESETS, ModelConfig
-from move.device import pick_device
+from move.config import MODEL_PRESETS, ClassifierConfig, ModelConfig, OptimConfig, TrainConfig, VQConfig
 from move.errors import UserError
-from move.training.distributed import current, distributed_job, job_device, launched_by_torchrun, per_rank_batch
-from move.recipes import RunSpec, build_run, resolve_checkpoint
-from move.training.optim import OptimConfig
-from move.training.trainer import TrainConfig
+
+if TYPE_CHECKING:
+    from move.recipes import RunSpec
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -73,8 +72,10 @@ def train_config_from(args) -> TrainConfig:
     return TrainConfig(**config_overrides(args, TrainConfig), optim=optim).validate()
 
 
-def run_spec_from(args) -> RunSpec:
+def run_spec_from(args) -> "RunSpec":
     """The RunSpec that the training flags of `train` / `compare` describe."""
+    from move.recipes import RunSpec
+
     return RunSpec(data=args.data, preset=args.preset, model=config_overrides(args, ModelConfig),
                    train=train_config_from(args), label_dropout=args.label_dropout)
 
@@ -92,6 +93,10 @@ def cmd_prepare(args) -> None:
 
 # ---------------------------------------------------------------------------- train
 def cmd_train(args) -> None:
+    import torch
+
+    from move.recipes import build_run
+    from move.training.distributed import distributed_job
     from move.training.trainer import Trainer
 
     torch.set_flush_denormal(True)  # AdamW slows ~20x on denormals on CPU
@@ -102,6 +107,8 @@ def cmd_train(args) -> None:
 
 
 def print_summary(summary: dict) -> None:
+    from move.training.distributed import current
+
     if current().is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
 
@@ -109,14 +116,21 @@ def print_summary(summary: dict) -> None:
 # ---------------------------------------------------------------------------- eval / sample
 def tokenizer_for(checkpoint, explicit):
     from move.text.tokenizer import Tokenizer
+    from move.training.checkpoint import data_dir_for, read_header
 
     return Tokenizer.load(explicit or data_dir_for(checkpoint, read_header(checkpoint), None, "--tokenizer"))
 
 
 def cmd_eval(args) -> None:
+    import numpy as np
+    import torch
+
+    from move.device import pick_device
     from move.evaluation.bpb import bits_per_byte
+    from move.recipes import resolve_checkpoint
     from move.text.loader import eval_windows
     from move.text.prepare import encode_document, load_prepared
+    from move.training.checkpoint import load_model
 
     device = pick_device(args.device)
     args.checkpoint = resolve_checkpoint(args.checkpoint)  # a checkpoint, or a run directory (its newest)
@@ -141,7 +155,12 @@ def cmd_eval(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    import torch
+
+    from move.device import pick_device
     from move.model.sampling import generate
+    from move.recipes import resolve_checkpoint
+    from move.training.checkpoint import load_model
 
     device = torch.device("cpu") if args.mmap_bank else pick_device(args.device)
     args.checkpoint = resolve_checkpoint(args.checkpoint)  # a checkpoint, or a run directory (its newest)
@@ -171,6 +190,9 @@ def dataset_source(args) -> dict:
 
 def train_image_helper(args, model_class, config_class, task_class, shape_fields) -> None:
     """image-tokenizer / image-classifier: a conv net trained by the shared Trainer."""
+    import torch
+
+    from move.training.distributed import current, distributed_job, job_device, per_rank_batch
     from move.training.trainer import Trainer, prepare_model
 
     torch.set_flush_denormal(True)
@@ -190,23 +212,25 @@ def train_image_helper(args, model_class, config_class, task_class, shape_fields
 
 def cmd_image_tokenizer(args) -> None:
     from move.image.tasks import ReconstructionTask
-    from move.model.vqvae import VQVAE, VQConfig
+    from move.model.vqvae import VQVAE
 
     train_image_helper(args, VQVAE, VQConfig, ReconstructionTask,
                        lambda d: {"channels": d.shape[0], "image_size": d.shape[1]})
 
 
 def cmd_image_classifier(args) -> None:
-    from move.model.classifier import ClassifierConfig, ImageClassifier
     from move.image.tasks import ClassificationTask
+    from move.model.classifier import ImageClassifier
 
     train_image_helper(args, ImageClassifier, ClassifierConfig, ClassificationTask,
                        lambda d: {"channels": d.shape[0], "image_size": d.shape[1], "num_classes": d.num_classes})
 
 
 def cmd_image_encode(args) -> None:
+    from move.device import pick_device
     from move.image.prepare import encode_dataset
     from move.image.tokenizers import PixelQuantizer, VQTokenizer
+    from move.recipes import resolve_checkpoint
 
     dataset = dataset_from(args)
     if args.tokenizer == "pixel":
@@ -221,6 +245,8 @@ def cmd_image_encode(args) -> None:
 
 def image_model_and_data(checkpoint, data_dir, device):
     from move.image.prepare import load_prepared_images
+    from move.recipes import resolve_checkpoint
+    from move.training.checkpoint import data_dir_for, load_model
 
     checkpoint = resolve_checkpoint(checkpoint)
     model, header = load_model(checkpoint, device)
@@ -233,6 +259,7 @@ def image_model_and_data(checkpoint, data_dir, device):
 
 
 def cmd_image_sample(args) -> None:
+    from move.device import pick_device
     from move.image.evaluate import generate_images
     from move.image.sampling import class_grid_labels, save_grid
 
@@ -245,8 +272,10 @@ def cmd_image_sample(args) -> None:
 
 
 def cmd_image_eval(args) -> None:
+    from move.device import pick_device
     from move.files import atomic_write_json
     from move.image.evaluate import evaluate_generator
+    from move.recipes import resolve_checkpoint
 
     model, data = image_model_and_data(args.checkpoint, args.data, pick_device(args.device))
     result = evaluate_generator(model, data, resolve_checkpoint(args.classifier), args.num_samples, args.cfg_scale,
@@ -258,6 +287,8 @@ def cmd_image_eval(args) -> None:
 
 # ---------------------------------------------------------------------------- compare
 def cmd_compare(args) -> None:
+    import torch
+
     from move.experiments.compare import ImageEvalSpec, run_comparison
 
     torch.set_flush_denormal(True)
@@ -276,8 +307,11 @@ def cmd_knowledge_prepare(args) -> None:
 
 
 def cmd_knowledge_eval(args) -> None:
+    from move.device import pick_device
     from move.knowledge.recall import load_knowledge, recall
+    from move.recipes import resolve_checkpoint
     from move.text.prepare import load_prepared
+    from move.training.checkpoint import data_dir_for, load_model
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     model, header = load_model(checkpoint, pick_device(args.device))
@@ -288,8 +322,13 @@ def cmd_knowledge_eval(args) -> None:
 
 # ---------------------------------------------------------------------------- gates
 def cmd_gates(args) -> None:
+    import torch
+
+    from move.device import pick_device
     from move.evaluation.gates import gate_summary, plot_gate_summary
     from move.files import atomic_write_json
+    from move.recipes import resolve_checkpoint
+    from move.training.checkpoint import load_model
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     model, _ = load_model(checkpoint, pick_device(args.device))
@@ -312,6 +351,7 @@ def cmd_gates(args) -> None:
 # ---------------------------------------------------------------------------- export
 def cmd_export_hf(args) -> None:
     from move.export.hf import export_hf
+    from move.recipes import resolve_checkpoint
 
     out = export_hf(resolve_checkpoint(args.checkpoint), args.out, args.tokenizer, force=args.force)
     print(f"exported {out}: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")
@@ -319,6 +359,8 @@ def cmd_export_hf(args) -> None:
 
 # ---------------------------------------------------------------------------- experiments
 def cmd_experiment(args) -> None:
+    import torch
+
     from move.experiments.report import write_experiment_report
     from move.experiments.runner import run_experiment
 
@@ -443,9 +485,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true")
         p.set_defaults(steps=1500, batch_size=64, eval_every=500, checkpoint_every=500, lr_adamw_matrix=2e-3)
 
-    from move.model.classifier import ClassifierConfig
-    from move.model.vqvae import VQConfig
-
     p = sub.add_parser("image-tokenizer", help="train a VQ-VAE image tokenizer (shared training loop)")
     add_conv_training_flags(p, VQConfig, skip=("image_size", "channels"))
     p.set_defaults(func=cmd_image_tokenizer)
@@ -539,23 +578,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@record  # under torchrun: the failing rank's error goes into torchrun's failure report
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "eval" and not (args.data or args.text):
         parser.error("eval needs --data or --text")
     try:
-        args.func(args)
+        run_command(args)
     except (UserError, OSError) as e:
         # OSError: what the file system refused (a path under a file, no permission, a full
         # disk) - the user's to fix, so one line; the writers leave earlier output intact
         if args.debug:
             raise
-        rank = f"rank {os.environ['RANK']}: " if launched_by_torchrun() else ""
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"error: {rank}{describe_error(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_command(args) -> None:
+    if "WORLD_SIZE" in os.environ:  # under torchrun: the failing rank's error goes into torchrun's failure report
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(args.func)(args)
+    else:
+        args.func(args)
 
 
 def describe_error(e: Exception) -> str:

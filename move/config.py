@@ -5,7 +5,7 @@ just another `ModelConfig` (more layers or width, `value_memory="standard"`).
 """
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from move.errors import ConfigError
 
@@ -177,3 +177,133 @@ def model_config_from_preset(preset: str, **overrides) -> ModelConfig:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
     values = {**MODEL_PRESETS[preset], **overrides}
     return ModelConfig.from_dict(values)
+
+
+# ---- training: the optimiser and the loop (move/training) ----
+
+LOGGERS = ("tensorboard", "wandb")
+
+
+def parse_loggers(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"unknown logger {unknown[0]!r}; choose from {', '.join(LOGGERS)} (comma-separated)")
+    return names
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "muon"  # "muon" or "adamw" (for the matrices)
+    lr_matrix: float = 0.02  # Muon
+    lr_adamw_matrix: float = 0.003  # matrices when optimizer == "adamw"
+    lr_embedding: float = 0.2
+    lr_value_memory: float = 0.2
+    lr_lm_head: float = 0.004
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    warmdown_frac: float = 0.2
+    grad_clip: float = 1.0  # 0 disables
+    value_memory_optimizer: str = "exact"  # "exact" (AdamW) or "lazy" (row-sparse Adam)
+
+    def validate(self) -> "OptimConfig":
+        require_finite(self)
+        if self.optimizer not in ("muon", "adamw"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose muon or adamw")
+        for f in fields(self):
+            if f.name.startswith("lr_") and not 0 < getattr(self, f.name) <= 10:
+                raise ConfigError(f"{f.name} must be in (0, 10], got {getattr(self, f.name)}")
+        if not 0 <= self.warmdown_frac <= 1:
+            raise ConfigError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        if self.value_memory_optimizer not in ("exact", "lazy"):
+            raise ConfigError(f"unknown value_memory_optimizer {self.value_memory_optimizer!r}; choose exact or lazy")
+        if self.value_memory_optimizer == "lazy" and self.weight_decay:
+            raise ConfigError("the lazy value-memory optimizer has no weight decay; use weight_decay 0 or exact")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("warmup_steps and grad_clip must be >= 0")
+        if not 0 <= self.weight_decay <= 1:  # decoupled decay multiplies weights by 1 - lr * wd each step
+            raise ConfigError(f"weight_decay must be in [0, 1], got {self.weight_decay}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_every: int = 50
+    eval_tokens: int = 65536
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0  # initialisation (and data order unless data_seed is set)
+    data_seed: int = -1  # data order; -1: the same as seed. Experiments fix it so every run sees the same batches
+    device: str = "auto"
+    value_memory_path: str = "fast"  # "fast" (default) or "reference" (the direct implementation)
+    value_memory_dtype: str = "float32"  # or "bfloat16": half the bank memory, fp32 optimiser state
+    loggers: str = ""  # "tensorboard", "wandb" or both, comma-separated (metrics.jsonl is always written)
+    compile: bool = False  # torch.compile the training forward (worth it on GPUs; slow to start on CPU)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: the data-sheet bf16 peak of a known GPU, else no MFU
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> "TrainConfig":
+        require_finite(self)
+        require_positive(self, ["steps", "batch_size", "grad_accum", "eval_every", "eval_tokens", "checkpoint_every",
+                                "keep_checkpoints"])
+        if self.peak_tflops < 0:
+            raise ConfigError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
+        if self.value_memory_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
+        parse_loggers(self.loggers)
+        self.optim.validate()
+        return self
+
+    @property
+    def loader_seed(self) -> int:
+        return self.seed if self.data_seed < 0 else self.data_seed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        return cls(**{**d, "optim": OptimConfig(**d.pop("optim", {}))})
+
+
+# ---- the image pipeline's conv nets (move/model/vqvae.py, classifier.py) ----
+
+@dataclass
+class VQConfig(SerialConfig):
+    image_size: int = 28
+    channels: int = 1
+    hidden: int = 64
+    downsample: int = 2  # stride-2 stages; the code grid is image_size / 2**downsample
+    codebook_size: int = 256
+    code_dim: int = 8
+    commitment: float = 0.25  # beta: pulls encoder outputs towards their codes
+
+    def validate(self) -> "VQConfig":
+        require_finite(self)
+        require_positive(self, ("image_size", "channels", "hidden", "codebook_size", "code_dim"))
+        if self.downsample < 0 or self.image_size % (2 ** self.downsample):
+            raise ConfigError(f"image_size {self.image_size} must be divisible by 2**downsample ({2 ** self.downsample})")
+        if self.codebook_size > 65535:
+            raise ConfigError("codebook_size must fit in uint16 (<= 65535)")
+        return self
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // 2 ** self.downsample
+
+
+@dataclass
+class ClassifierConfig(SerialConfig):
+    image_size: int = 28
+    channels: int = 1
+    num_classes: int = 10
+    hidden: int = 32
+
+    def validate(self) -> "ClassifierConfig":
+        require_finite(self)
+        require_positive(self, ("image_size", "channels", "num_classes", "hidden"))
+        return self

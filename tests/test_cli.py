@@ -76,3 +76,13 @@ def test_bench_quick_writes_a_table_of_ratios(tmp_path, capsys):
     results = json.loads((tmp_path / "cpu_bench.json").read_text())
     assert results["512"]["standard"]["value_memory_params"] == 0
     assert results["512"]["move_x1"]["persistent_mb"] > results["512"]["standard"]["persistent_mb"]
+
+
+def test_importing_the_cli_and_building_its_parser_loads_no_torch():
+    """`move --help` must answer at once: the parser needs only the configs."""
+    code = ("import sys, move.cli; move.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    help_text = subprocess.run([sys.executable, "-m", "move", "train", "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and "--lr-value-memory" in help_text.stdout

@@ -2,26 +2,11 @@
 the generator, that scores the class accuracy of conditional samples (its own
 test accuracy is always reported next to that score)."""
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from move.config import SerialConfig, require_finite, require_positive
-
-
-@dataclass
-class ClassifierConfig(SerialConfig):
-    image_size: int = 28
-    channels: int = 1
-    num_classes: int = 10
-    hidden: int = 32
-
-    def validate(self) -> "ClassifierConfig":
-        require_finite(self)
-        require_positive(self, ("image_size", "channels", "num_classes", "hidden"))
-        return self
+from move.config import ClassifierConfig
 
 
 class ImageClassifier(nn.Module):

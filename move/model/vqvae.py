@@ -8,38 +8,11 @@ codebook + commitment losses. It is trained by the shared Trainer: forward
 (images, targets) returns the loss, with targets = the images themselves.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from move.config import SerialConfig, require_finite, require_positive
-from move.errors import ConfigError
-
-
-@dataclass
-class VQConfig(SerialConfig):
-    image_size: int = 28
-    channels: int = 1
-    hidden: int = 64
-    downsample: int = 2  # stride-2 stages; the code grid is image_size / 2**downsample
-    codebook_size: int = 256
-    code_dim: int = 8
-    commitment: float = 0.25  # beta: pulls encoder outputs towards their codes
-
-    def validate(self) -> "VQConfig":
-        require_finite(self)
-        require_positive(self, ("image_size", "channels", "hidden", "codebook_size", "code_dim"))
-        if self.downsample < 0 or self.image_size % (2 ** self.downsample):
-            raise ConfigError(f"image_size {self.image_size} must be divisible by 2**downsample ({2 ** self.downsample})")
-        if self.codebook_size > 65535:
-            raise ConfigError("codebook_size must fit in uint16 (<= 65535)")
-        return self
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // 2 ** self.downsample
+from move.config import VQConfig
 
 
 class ResBlock(nn.Module):

@@ -7,18 +7,8 @@ Each evaluation record, value-memory diagnostics included, is mirrored to them."
 import os
 from pathlib import Path
 
+from move.config import parse_loggers
 from move.errors import ConfigError
-
-LOGGERS = ("tensorboard", "wandb")
-
-
-def parse_loggers(spec: str) -> list[str]:
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in LOGGERS]
-    if unknown:
-        raise ConfigError(f"unknown logger {unknown[0]!r}; choose from {', '.join(LOGGERS)} (comma-separated)")
-    return names
-
 
 class Trackers:
     def __init__(self, spec: str, run_dir: Path, config: dict):

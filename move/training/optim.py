@@ -20,11 +20,9 @@
   `warmdown_frac` of the steps.
 """
 
-from dataclasses import dataclass, fields
-
 import torch
 
-from move.config import require_finite
+from move.config import OptimConfig
 from move.errors import ConfigError
 from move.model.accounting import param_group
 from move.model.gpt import GPT
@@ -32,40 +30,6 @@ from move.training.distributed import (all_reduce_, current, full_optimizer_stat
                                        shard_value_memory, sharded_tables)
 from move.training.muon import Muon
 from move.training.table_adamw import TableAdamW
-
-
-@dataclass
-class OptimConfig:
-    optimizer: str = "muon"  # "muon" or "adamw" (for the matrices)
-    lr_matrix: float = 0.02  # Muon
-    lr_adamw_matrix: float = 0.003  # matrices when optimizer == "adamw"
-    lr_embedding: float = 0.2
-    lr_value_memory: float = 0.2
-    lr_lm_head: float = 0.004
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    warmdown_frac: float = 0.2
-    grad_clip: float = 1.0  # 0 disables
-    value_memory_optimizer: str = "exact"  # "exact" (AdamW) or "lazy" (row-sparse Adam)
-
-    def validate(self) -> "OptimConfig":
-        require_finite(self)
-        if self.optimizer not in ("muon", "adamw"):
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose muon or adamw")
-        for f in fields(self):
-            if f.name.startswith("lr_") and not 0 < getattr(self, f.name) <= 10:
-                raise ConfigError(f"{f.name} must be in (0, 10], got {getattr(self, f.name)}")
-        if not 0 <= self.warmdown_frac <= 1:
-            raise ConfigError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
-        if self.value_memory_optimizer not in ("exact", "lazy"):
-            raise ConfigError(f"unknown value_memory_optimizer {self.value_memory_optimizer!r}; choose exact or lazy")
-        if self.value_memory_optimizer == "lazy" and self.weight_decay:
-            raise ConfigError("the lazy value-memory optimizer has no weight decay; use weight_decay 0 or exact")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ConfigError("warmup_steps and grad_clip must be >= 0")
-        if not 0 <= self.weight_decay <= 1:  # decoupled decay multiplies weights by 1 - lr * wd each step
-            raise ConfigError(f"weight_decay must be in [0, 1], got {self.weight_decay}")
-        return self
 
 
 def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:

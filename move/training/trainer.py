@@ -31,27 +31,25 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from move.config import require_finite, require_positive
-from move.training.checkpoint import (check_compatible, config_mismatch, first_non_finite, load_state_dict,
-                                      load_train_state, save_checkpoint)
+from move.config import TrainConfig
 from move.device import autocast, peak_flops, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
 from move.files import RUN_MARKERS, DirectoryLock, atomic_write_json, atomic_write_text, check_replaceable
-from move.model.diagnostics import value_memory_diagnostics
 from move.model.accounting import summarize
+from move.model.diagnostics import value_memory_diagnostics
 from move.model.gpt import GPT
 from move.training import distributed
+from move.training.checkpoint import (check_compatible, config_mismatch, first_non_finite, load_state_dict,
+                                      load_train_state, save_checkpoint)
 from move.training.curves import plot_loss_curve
-from move.training.logging import Trackers, parse_loggers
-from move.training.optim import (OptimConfig, Optimizers, lr_multiplier, prepare_for_training,
-                                 value_memory_grad_mode)
+from move.training.logging import Trackers
+from move.training.optim import Optimizers, lr_multiplier, prepare_for_training, value_memory_grad_mode
 
 
 class StepAborted(Exception):
@@ -60,50 +58,6 @@ class StepAborted(Exception):
 
 class NonFiniteLossError(UserError):
     """Training diverged; the newest checkpoint is still the last good one."""
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 200
-    batch_size: int = 16
-    grad_accum: int = 1
-    eval_every: int = 50
-    eval_tokens: int = 65536
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0  # initialisation (and data order unless data_seed is set)
-    data_seed: int = -1  # data order; -1: the same as seed. Experiments fix it so every run sees the same batches
-    device: str = "auto"
-    value_memory_path: str = "fast"  # "fast" (default) or "reference" (the direct implementation)
-    value_memory_dtype: str = "float32"  # or "bfloat16": half the bank memory, fp32 optimiser state
-    loggers: str = ""  # "tensorboard", "wandb" or both, comma-separated (metrics.jsonl is always written)
-    compile: bool = False  # torch.compile the training forward (worth it on GPUs; slow to start on CPU)
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0: the data-sheet bf16 peak of a known GPU, else no MFU
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def validate(self) -> "TrainConfig":
-        require_finite(self)
-        require_positive(self, ["steps", "batch_size", "grad_accum", "eval_every", "eval_tokens", "checkpoint_every",
-                                "keep_checkpoints"])
-        if self.peak_tflops < 0:
-            raise ConfigError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
-        if self.value_memory_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
-        parse_loggers(self.loggers)
-        self.optim.validate()
-        return self
-
-    @property
-    def loader_seed(self) -> int:
-        return self.seed if self.data_seed < 0 else self.data_seed
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        return cls(**{**d, "optim": OptimConfig(**d.pop("optim", {}))})
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
