@@ -10,7 +10,7 @@ import torch
 from move import api
 from move.cli import build_parser, run_spec_from
 from move.experiments.runner import Experiment
-from move.recipes import build_run
+from move.recipes import RunSpec, build_run
 
 SHAPES = {
     "mha": {},
@@ -115,3 +115,21 @@ def test_experiment_runs_pair_variants_within_a_seed(tmp_path, prepared_dir):
         for variant, model in models.items():
             assert_shares_every_standard_tensor(models["standard"], model)
     assert not torch.equal(by_seed[0]["standard"].wte.weight, by_seed[1]["standard"].wte.weight)
+
+
+def test_a_run_spec_trains_through_the_api_like_move_train(tmp_path, prepared_dir):
+    """api.run(RunSpec) and `move train` with the same settings log the same losses."""
+    from move.cli import main
+    from move.config import TrainConfig
+    from move.training.trainer import read_metrics
+
+    fields = dict(steps=3, batch_size=2, eval_every=3, eval_tokens=512, checkpoint_every=3, seed=4)
+    spec = RunSpec(data=str(prepared_dir), preset="tiny", model={"value_memory": "move"}, train=TrainConfig(**fields))
+    summary = api.run(spec, out=tmp_path / "api", quiet=True)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in fields.items()]
+    assert main(["train", "--data", str(prepared_dir), "--preset", "tiny", "--variant", "move", *flags,
+                 "--out", str(tmp_path / "cli")]) == 0
+    def logged(run):  # every record but the measured speed
+        return [{k: v for k, v in m.items() if k != "tok_per_s"} for m in read_metrics(run)]
+
+    assert logged(tmp_path / "api") == logged(tmp_path / "cli") and summary["steps"] == 3
