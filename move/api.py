@@ -27,7 +27,6 @@ Class-conditional images with classifier-free guidance, and FID:
 True
 """
 
-from pathlib import Path
 
 import torch
 
@@ -44,7 +43,7 @@ from move.recipes import RunSpec, build_run, build_task, load_data, resolve_chec
 from move.text.loader import eval_windows
 from move.text.prepare import load_prepared
 from move.text.tokenizer import Tokenizer
-from move.training.checkpoint import load_model, training_data
+from move.training.checkpoint import load_model, tokenizer_source
 from move.training.trainer import Trainer, TrainConfig, prepare_model
 
 
@@ -79,10 +78,11 @@ def run(spec: RunSpec, out, resume: bool = False, quiet: bool = False) -> dict:
 def load(checkpoint, device: str = "auto"):
     """(model, tokenizer) from a checkpoint or run directory; the tokenizer is that
     of the data the model was trained on (None for image models)."""
-    model, header = load_model(resolve_checkpoint(checkpoint), pick_device(device))
-    data = training_data(header)
-    tokenizer = Tokenizer.load(data) if data and (Path(data) / "tokenizer.json").exists() else None
-    return model, tokenizer
+    checkpoint = resolve_checkpoint(checkpoint)
+    model, header = load_model(checkpoint, pick_device(device))
+    if header.get("meta", {}).get("task", {}).get("modality") == "image":
+        return model, None
+    return model, Tokenizer.load(tokenizer_source(checkpoint, header))
 
 
 def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, temperature: float = 0.8, top_k: int = 50,

@@ -116,9 +116,9 @@ def print_summary(summary: dict) -> None:
 # ---------------------------------------------------------------------------- eval / sample
 def tokenizer_for(checkpoint, explicit):
     from move.text.tokenizer import Tokenizer
-    from move.training.checkpoint import data_dir_for, read_header
+    from move.training.checkpoint import read_header, tokenizer_source
 
-    return Tokenizer.load(explicit or data_dir_for(checkpoint, read_header(checkpoint), None, "--tokenizer"))
+    return Tokenizer.load(tokenizer_source(checkpoint, read_header(checkpoint), explicit))
 
 
 def cmd_eval(args) -> None:

@@ -86,3 +86,30 @@ def test_importing_the_cli_and_building_its_parser_loads_no_torch():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
     help_text = subprocess.run([sys.executable, "-m", "move", "train", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--lr-value-memory" in help_text.stdout
+
+
+def test_a_run_directory_works_after_its_data_is_moved_away(tmp_path, prepared_dir):
+    """Checkpoints carry their tokenizer (checksummed): sample, eval --text, export and
+    api.load need nothing outside the run directory."""
+    import shutil
+
+    from move import api
+    from move.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--variant", "move",
+                 "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "256"]) == 0
+    shutil.move(str(data), str(tmp_path / "elsewhere"))
+    moved = tmp_path / "moved_run"
+    shutil.move(str(run), str(moved))
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be: that is the question.\n" * 20)
+    for argv in (["sample", str(moved), "--prompt", "KING", "--max-tokens", "4"],
+                 ["eval", str(moved), "--text", str(text)],
+                 ["export-hf", str(moved), str(tmp_path / "hf")]):
+        result = subprocess.run([sys.executable, "-m", "move", *argv], capture_output=True, text=True)
+        assert result.returncode == 0, (argv, result.stderr)
+    model, tokenizer = api.load(moved)
+    assert tokenizer is not None and tokenizer.vocab_size <= model.config.vocab_size

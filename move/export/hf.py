@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from move.errors import UserError
 from move.files import EXPORT_MARKERS, check_replaceable, replace_directory, temporary_sibling
 from move.text.tokenizer import Tokenizer
-from move.training.checkpoint import data_dir_for, first_non_finite, load_model, read_header
+from move.training.checkpoint import first_non_finite, load_model, read_header, tokenizer_source
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `move` package
 
@@ -59,7 +59,7 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
     bad = first_non_finite(model.state_dict())
     if bad:
         raise UserError(f"{checkpoint}: {bad} holds NaN or infinite values; refusing to export it")
-    tokenizer = Tokenizer.load(data_dir_for(checkpoint, header, tokenizer_dir, "--tokenizer"))
+    tokenizer = Tokenizer.load(tokenizer_source(checkpoint, header, tokenizer_dir))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
     tmp = temporary_sibling(out_dir)

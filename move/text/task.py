@@ -33,6 +33,10 @@ class TextTask:
         batches = eval_windows(self.data.tokens("val"), self.seq_len, self.eval_tokens, self.batch_size)
         return {"val_bpb": bits_per_byte(model, batches, self.token_bytes)}
 
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """The tokenizer goes into every checkpoint: a run can be moved or shared alone."""
+        return {"tokenizer.json": (Path(self.data.directory) / "tokenizer.json").read_bytes()}
+
     def describe(self) -> dict:
         m = self.data.manifest
         return {"modality": "text", "data": str(Path(self.data.directory).resolve()), "source": m["options"]["source"],

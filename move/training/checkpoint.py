@@ -32,6 +32,7 @@ VERSION = 2  # 2: the header carries a checksum of itself (header_sha256)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
+TOKENIZER = "tokenizer.json"  # a text run's tokenizer, copied into each checkpoint
 
 
 def sha256(data: bytes) -> str:
@@ -71,7 +72,7 @@ def first_non_finite(state_dict: dict) -> str | None:
 
 
 def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | None = None,
-                    state_dict: dict | None = None) -> Path:
+                    state_dict: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
     """Atomically write checkpoint directory `path` (replacing an older one of that
     name). state_dict: the weights to write instead of model.state_dict() (a
     distributed job passes its gathered, unsharded one)."""
@@ -91,6 +92,7 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
             buffer = io.BytesIO()
             torch.save(train_state, buffer)
             files[TRAIN_STATE] = buffer.getvalue()
+        files.update(extra_files or {})  # what using the checkpoint needs (the tokenizer): checksummed too
         for name, data in files.items():
             _write_synced(tmp / name, data)
         header = {
@@ -147,6 +149,17 @@ def read_header(path) -> dict:
 def training_data(header: dict) -> str | None:
     """The data directory the checkpoint's run was trained on, if recorded."""
     return header.get("meta", {}).get("task", {}).get("data")
+
+
+def tokenizer_source(checkpoint, header: dict, explicit: str | None = None) -> str:
+    """Where the tokenizer of a checkpoint is: `explicit`, else the copy inside the
+    checkpoint (so a run directory works wherever it is moved), else its training data."""
+    if explicit:
+        return explicit
+    if TOKENIZER in header.get("sha256", {}):
+        _read_verified(Path(checkpoint), TOKENIZER, header)
+        return str(Path(checkpoint) / TOKENIZER)
+    return data_dir_for(checkpoint, header, None, "--tokenizer")
 
 
 def data_dir_for(checkpoint, header: dict, explicit: str | None, flag: str) -> str:

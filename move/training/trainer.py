@@ -292,9 +292,11 @@ class Trainer:
             "train_losses": self.train_losses,
             "train_time": self.train_time,
         }
+        # tasks whose checkpoints need a file to be used (text: the tokenizer) list it
+        extra_files = self.task.checkpoint_files() if hasattr(self.task, "checkpoint_files") else {}
         path = save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}", self.model,
                                meta={"step": self.step, "task": self.task.describe()}, train_state=train_state,
-                               state_dict=model_state)
+                               state_dict=model_state, extra_files=extra_files)
         rotating = [d for d in checkpoint_dirs(self.run_dir) if int(d.name[len("step_"):]) not in self.keep_steps]
         for old in rotating[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
