@@ -241,6 +241,7 @@ class TrainConfig:
     value_memory_path: str = "fast"  # "fast" (default) or "reference" (the direct implementation)
     value_memory_dtype: str = "float32"  # or "bfloat16": half the bank memory, fp32 optimiser state
     loggers: str = ""  # "tensorboard", "wandb" or both, comma-separated (metrics.jsonl is always written)
+    log_every: int = 10  # the training loss goes to the trackers every this many steps
     compile: bool = False  # torch.compile the training forward (worth it on GPUs; slow to start on CPU)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: the data-sheet bf16 peak of a known GPU, else no MFU
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -248,7 +249,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         require_finite(self)
         require_positive(self, ["steps", "batch_size", "grad_accum", "eval_every", "eval_tokens", "checkpoint_every",
-                                "keep_checkpoints"])
+                                "keep_checkpoints", "log_every"])
         if self.peak_tflops < 0:
             raise ConfigError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
         if self.value_memory_dtype not in ("float32", "bfloat16"):

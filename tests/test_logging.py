@@ -65,11 +65,13 @@ def test_tensorboard_events_are_written_and_readable(tmp_path, prepared_dir):
     run = tmp_path / "run"
     assert main(["train", "--data", str(prepared_dir), "--out", str(run), "--preset", "tiny", "--variant", "move",
                  "--steps", "4", "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "512",
-                 "--checkpoint-every", "4", "--loggers", "tensorboard"]) == 0
+                 "--checkpoint-every", "4", "--loggers", "tensorboard", "--log-every", "1"]) == 0
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]
     assert "val_bpb" in tags and "vm/layer1/g0_mean" in tags and "vm/rows_touched_frac" in tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]  # --log-every 1: every step
+    assert [e.value for e in events.Scalars("train/lr_multiplier")][0] == 1.0
     logged = [e.value for e in events.Scalars("val_bpb")]
     expected = [json.loads(line)["val_bpb"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == pytest.approx(expected)

@@ -223,7 +223,7 @@ class Trainer:
             raise UserError(f"{self.run_dir}: the run was started with another model config ({mismatch})")
         # through the dataclass, so fields added since the run started take their defaults;
         # the length and the execution details may change on resume
-        free = ("steps", "compile", "peak_tflops", "loggers")
+        free = ("steps", "compile", "peak_tflops", "loggers", "log_every")
         saved_train = {k: v for k, v in TrainConfig.from_dict(record["train_config"]).to_dict().items() if k not in free}
         ours = {k: v for k, v in self.config.to_dict().items() if k not in free}
         for key in ours:
@@ -399,6 +399,9 @@ class Trainer:
                 self.train_losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tok_per_s:.0f}")
+                if self.trackers.writers and self.step % c.log_every == 0:
+                    self.trackers.log({"train/loss": loss, "train/lr_multiplier": lr_multiplier(self.step - 1, c.steps,
+                                                                                                c.optim)}, self.step)
                 if self.step % c.eval_every == 0 or self.step == c.steps:
                     record = self._log_eval()
                     if not self.quiet:  # (diagnostics go to metrics.jsonl and the trackers only)
