@@ -56,7 +56,7 @@ from move.errors import ConfigError
 from move.experiments.compare import ImageEvalSpec, image_sample_metrics
 from move.recipes import RunSpec
 from move.recipes import build_run, parse_variant
-from move.training.optim import OptimConfig
+from move.training.optim import OptimConfig, decay_start
 from move.training.trainer import TrainConfig, Trainer, checkpoint_dirs
 
 TOP_LEVEL = {"name", "description", "expected_minutes", "data", "preset", "seeds", "data_seed", "variants", "train",
@@ -106,7 +106,7 @@ class Experiment:
 
     def branch_step(self, budget: int) -> int:
         """The step of the full run from which the branch for `budget` decays."""
-        return budget - round(self.train_config.optim.warmdown_frac * budget)
+        return decay_start(budget, self.train_config.optim)
 
     @classmethod
     def load(cls, path) -> "Experiment":
@@ -157,7 +157,7 @@ class Experiment:
         if not all(isinstance(b, int) for b in budgets) or sorted(set(budgets)) != budgets:
             raise ConfigError(f"{source}: decay_budgets must be increasing integers (steps)")
         config = self.train_config
-        stable_until = config.steps - round(config.optim.warmdown_frac * config.steps)
+        stable_until = decay_start(config.steps, config.optim)
         if config.optim.warmdown_frac == 0 or budgets[-1] >= config.steps:
             raise ConfigError(f"{source}: decay_budgets need warmdown_frac > 0 and budgets below steps={config.steps}")
         for budget in budgets:

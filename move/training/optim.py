@@ -122,12 +122,18 @@ def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | 
     return norm
 
 
+def decay_start(total_steps: int, oc: OptimConfig) -> int:
+    """The first step of the linear warmdown (total_steps when there is none): steps
+    before it run at the full rate, which is where a shorter budget may branch off."""
+    return total_steps - round(oc.warmdown_frac * total_steps)
+
+
 def lr_multiplier(step: int, total_steps: int, oc: OptimConfig) -> float:
     if step < oc.warmup_steps:
         return (step + 1) / oc.warmup_steps
-    warmdown = round(oc.warmdown_frac * total_steps)
-    if warmdown and step >= total_steps - warmdown:
-        return (total_steps - step) / warmdown
+    start = decay_start(total_steps, oc)
+    if step >= start < total_steps:
+        return (total_steps - step) / (total_steps - start)
     return 1.0
 
 

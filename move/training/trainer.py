@@ -49,7 +49,7 @@ from move.training.checkpoint import (check_compatible, config_mismatch, first_n
                                       load_train_state, save_checkpoint)
 from move.training.curves import plot_loss_curve
 from move.training.logging import Trackers
-from move.training.optim import Optimizers, lr_multiplier, prepare_for_training, value_memory_grad_mode
+from move.training.optim import Optimizers, decay_start, lr_multiplier, prepare_for_training, value_memory_grad_mode
 
 
 class StepAborted(Exception):
@@ -200,10 +200,8 @@ class Trainer:
         source = ckpt.parent.parent
         self._check_same_run(read_run_record(source))
         self._load_checkpoint(ckpt)
-        if self.dist.is_main:
-            kept = [m for m in read_metrics(source) if m["step"] <= self.step]
-            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
-        if self.step >= self.config.steps - round(self.config.optim.warmdown_frac * self.config.steps) + 1:
+        self._truncate_metrics(self.step, source)  # the shared stable phase's records
+        if self.step > decay_start(self.config.steps, self.config.optim):
             raise ConfigError(f"branch point step {self.step} lies inside the decay of a {self.config.steps}-step run")
 
     def _start_run_dir(self, force: bool) -> None:
@@ -266,11 +264,12 @@ class Trainer:
         self.train_losses = train_state["train_losses"]
         self.train_time = train_state["train_time"]
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics logged after the checkpoint: they will be logged again."""
+    def _truncate_metrics(self, step: int, source: Path | None = None) -> None:
+        """metrics.jsonl = the records of `source` (default: this run) up to `step`:
+        on resume, those logged after the checkpoint go (they will be logged again)."""
         if not self.dist.is_main:
             return
-        keep = [m for m in read_metrics(self.run_dir) if m["step"] <= step]
+        keep = [m for m in read_metrics(source or self.run_dir) if m["step"] <= step]
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in keep))
 
     # ------------------------------------------------------------------ checkpoints
