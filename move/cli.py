@@ -68,8 +68,7 @@ def config_overrides(args, cls) -> dict:
 
 
 def train_config_from(args) -> TrainConfig:
-    optim = OptimConfig(**config_overrides(args, OptimConfig))
-    return TrainConfig(**config_overrides(args, TrainConfig), optim=optim).validate()
+    return TrainConfig.from_flat({k: v for k, v in vars(args).items() if v is not None})
 
 
 def run_spec_from(args) -> "RunSpec":

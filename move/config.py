@@ -266,6 +266,14 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
+    def from_flat(cls, values: dict) -> "TrainConfig":
+        """A validated TrainConfig with its OptimConfig from one flat mapping (command-line
+        flags, an experiment's [train] table); keys of neither are ignored."""
+        optim = {k: v for k, v in values.items() if k in OptimConfig.__dataclass_fields__}
+        own = {k: v for k, v in values.items() if k in cls.__dataclass_fields__ and k != "optim"}
+        return cls(**own, optim=OptimConfig(**optim)).validate()
+
+    @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
         return cls(**{**d, "optim": OptimConfig(**d.pop("optim", {}))})

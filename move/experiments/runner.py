@@ -180,9 +180,7 @@ class Experiment:
     @property
     def train_config(self) -> TrainConfig:
         """The [train] table as a TrainConfig (seed 0, the grid's data seed)."""
-        fields = {k: v for k, v in self.train.items() if k in TrainConfig.__dataclass_fields__}
-        optim = {k: v for k, v in self.train.items() if k in OptimConfig.__dataclass_fields__}
-        return TrainConfig(**fields, data_seed=self.data_seed, optim=OptimConfig(**optim)).validate()
+        return TrainConfig.from_flat({**self.train, "data_seed": self.data_seed})
 
     def run_spec(self, run: GridRun) -> RunSpec:
         """What `build_run` needs for one cell of the grid."""
