@@ -205,6 +205,11 @@ class OptimConfig:
     warmdown_frac: float = 0.2
     grad_clip: float = 1.0  # 0 disables
     value_memory_optimizer: str = "exact"  # "exact" (AdamW) or "lazy" (row-sparse Adam)
+    # Divide the value-memory rate by the slots a layer mixes (MoVE: M, LaVE: k). At
+    # initialisation every gate is equal, so all M slots of a row get the same gradient
+    # and Adam the same step: the memory term moves M times faster than one slot. This
+    # keeps its step size independent of M (the recipe searched in the evidence study).
+    value_memory_lr_per_slot: bool = False
 
     def validate(self) -> "OptimConfig":
         require_finite(self)

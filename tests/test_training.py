@@ -16,7 +16,8 @@ from move.model.gpt import GPT
 from move.text.prepare import load_prepared
 from move.text.task import TextTask
 from move.training.checkpoint import load_state_dict, save_checkpoint
-from move.training.optim import OptimConfig, lr_multiplier
+from move.model.accounting import param_group
+from move.training.optim import OptimConfig, build_optimizers, lr_multiplier
 from move.training.trainer import NonFiniteLossError, TrainConfig, Trainer, checkpoint_dirs, prepare_model
 
 
@@ -202,3 +203,21 @@ def test_a_stop_between_micro_batches_checkpoints_the_last_step_and_resumes_exac
     ours, _ = load_state_dict(checkpoint_dirs(tmp_path / "run")[-1])
     theirs, _ = load_state_dict(checkpoint_dirs(tmp_path / "ref")[-1])
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("variant, density, slots", [("move", 1, 2), ("move", 4, 8), ("lave", 2, 2)])
+def test_per_slot_bank_rate_divides_by_the_slots_a_layer_mixes(variant, density, slots):
+    config = model_config_from_preset("small", value_memory=variant, memory_density=density, vocab_size=64)
+    model = GPT(config)
+    bank = {id(p) for name, p in model.named_parameters() if param_group(name) == "value_memory"}
+    assert bank
+
+    def bank_rate(per_slot):
+        optimizers = build_optimizers(model, OptimConfig(lr_value_memory=0.2, value_memory_lr_per_slot=per_slot))
+        rates = {g["lr"] for opt in optimizers for g in opt.param_groups if any(id(p) in bank for p in g["params"])}
+        assert len(rates) == 1
+        return rates.pop()
+
+    width_scale = (config.n_embd / 768) ** -0.5  # the AdamW rate transfer of every embedding-like table
+    assert bank_rate(False) == pytest.approx(0.2 * width_scale)
+    assert bank_rate(True) == pytest.approx(0.2 * width_scale / slots)

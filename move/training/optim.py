@@ -44,7 +44,8 @@ def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
         groups.setdefault(param_group(name), []).append(p)
     matrices = groups.get("transformer_matrices", []) + groups.get("routers", [])
     scale = (model.config.n_embd / 768) ** -0.5
-    memory = dict(params=groups.get("value_memory", []), lr=oc.lr_value_memory * scale)
+    slots = model.config.n_slots if oc.value_memory_lr_per_slot else 1
+    memory = dict(params=groups.get("value_memory", []), lr=oc.lr_value_memory * scale / max(slots, 1))
     adam_groups = [
         dict(params=groups.get("token_embedding", []), lr=oc.lr_embedding * scale),
         dict(params=groups.get("lm_head", []), lr=oc.lr_lm_head * scale),
