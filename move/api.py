@@ -30,7 +30,7 @@ True
 
 import torch
 
-from move.config import model_config_from_preset
+from move.config import DEFAULT_PRESET, model_config_from_preset
 from move.device import pick_device
 from move.evaluation.bpb import bits_per_byte as bpb
 from move.evaluation.fid import InceptionFeatures, fid_from_features
@@ -39,7 +39,7 @@ from move.image.prepare import load_prepared_images
 from move.model.accounting import count_params
 from move.model.gpt import GPT
 from move.model.sampling import generate
-from move.recipes import RunSpec, build_run, build_task, load_data, resolve_checkpoint
+from move.recipes import RunSpec, build_task, load_data, resolve_checkpoint, start_training
 from move.text.loader import eval_windows
 from move.text.prepare import load_prepared
 from move.text.tokenizer import Tokenizer
@@ -47,7 +47,7 @@ from move.training.checkpoint import load_model, tokenizer_source
 from move.training.trainer import Trainer, TrainConfig, prepare_model
 
 
-def build_model(preset: str = "small", seed: int = 0, **fields) -> GPT:
+def build_model(preset: str = DEFAULT_PRESET, seed: int = 0, **fields) -> GPT:
     """A GPT from a preset, any ModelConfig field overridden (value_memory,
     memory_density, attention, n_layer, ...)."""
     torch.manual_seed(seed)
@@ -71,8 +71,7 @@ def train(model, data, out, quiet: bool = False, **train_fields) -> dict:
 def run(spec: RunSpec, out, resume: bool = False, quiet: bool = False) -> dict:
     """Build and train the run a RunSpec describes (what `move train` does); returns
     the run summary."""
-    model, task, config = build_run(spec)
-    return Trainer(model, task, config, out, resume=resume, quiet=quiet).run()
+    return start_training(spec, out, resume=resume, quiet=quiet).run()
 
 
 def load(checkpoint, device: str = "auto"):

@@ -18,15 +18,40 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from move import __version__
-from move.config import MODEL_PRESETS, ClassifierConfig, ModelConfig, OptimConfig, TrainConfig, VQConfig
+from move.config import (DEFAULT_PRESET, LABEL_DROPOUT, MODEL_PRESETS, ClassifierConfig, ModelConfig, OptimConfig,
+                         TrainConfig, VQConfig)
 from move.errors import UserError
 
 if TYPE_CHECKING:
     from move.recipes import RunSpec
 
 
+def format_default(value) -> str:
+    if value == "" or value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every flag's help ends with the default it really gets: argparse's own default
+    where it holds it; flags of config dataclasses state theirs (a preset's, a file's)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "(default" in text
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default {format_default(action.default)})".replace("%", "%%")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line, exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message}\n")
@@ -51,14 +76,35 @@ def at_least(minimum: int):
     return parse
 
 
-def add_dataclass_flags(parser, cls, skip=()) -> None:
-    """One --flag per field of a config dataclass, defaulting to None (= keep)."""
+METAVARS = {int: "INT", float: "FLOAT", bool: "BOOL"}
+
+
+def field_help(cls, name: str) -> str:
+    return cls.__dataclass_fields__[name].metadata["help"]
+
+
+def add_dataclass_flags(parser, cls, skip=(), shown=None) -> None:
+    """One --flag per field of a config dataclass, with the field's help and the default
+    a run really gets: `shown` gives that default's text where it is not the dataclass's
+    (a preset's, the data's, the command's own). Parsed values default to None (= not
+    given), so a config file can sit between the defaults and the flags."""
+    shown = shown or {}
     for f in dataclasses.fields(cls):
         if f.name in skip or dataclasses.is_dataclass(f.type):
             continue
         kind = str if f.default in (None, dataclasses.MISSING) else type(f.default)
+        default = shown.get(f.name, format_default(f.default))
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            type=parse_bool if kind is bool else kind, help=f"(default {f.default})")
+                            type=parse_bool if kind is bool else kind, metavar=METAVARS.get(kind, "TEXT"),
+                            help=f"{f.metadata['help']} (default {default})".replace("%", "%%"))
+
+
+def preset_defaults(preset: str = DEFAULT_PRESET) -> dict[str, str]:
+    """What a GPT run gets for the model fields when no flag or file sets them."""
+    shown = {k: f"{v}, from --preset {preset}" for k, v in MODEL_PRESETS[preset].items()}
+    shown["vocab_size"] = "the data's vocabulary"
+    shown["seq_len"] = f"{MODEL_PRESETS[preset]['seq_len']}, from --preset {preset}; image data: the tokens of an image"
+    return shown
 
 
 def config_overrides(args, cls) -> dict:
@@ -67,16 +113,25 @@ def config_overrides(args, cls) -> dict:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
-def train_config_from(args) -> TrainConfig:
-    return TrainConfig.from_flat({k: v for k, v in vars(args).items() if v is not None})
+def given_flags(args) -> dict:
+    return {k: v for k, v in vars(args).items() if v is not None}
 
 
 def run_spec_from(args) -> "RunSpec":
-    """The RunSpec that the training flags of `train` / `compare` describe."""
+    """The RunSpec of `train` / `compare`: the defaults, then the --config file, then
+    the flags given on the command line."""
+    from move.config import read_run_config
     from move.recipes import RunSpec
 
-    return RunSpec(data=args.data, preset=args.preset, model=config_overrides(args, ModelConfig),
-                   train=train_config_from(args), label_dropout=args.label_dropout)
+    file = read_run_config(args.config) if args.config else {}
+    data = args.data or file.get("data")
+    if not data:
+        raise UserError("no training data: pass --data or a --config file that names it")
+    flags = given_flags(args)
+    return RunSpec(data=data, preset=flags.get("preset", file.get("preset", DEFAULT_PRESET)),
+                   model={**file.get("model", {}), **config_overrides(args, ModelConfig)},
+                   train=TrainConfig.from_flat({**file.get("train", {}), **flags}),
+                   label_dropout=flags.get("label_dropout", file.get("label_dropout", LABEL_DROPOUT)))
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -94,14 +149,13 @@ def cmd_prepare(args) -> None:
 def cmd_train(args) -> None:
     import torch
 
-    from move.recipes import build_run
+    from move.recipes import start_training
     from move.training.distributed import distributed_job
-    from move.training.trainer import Trainer
 
     torch.set_flush_denormal(True)  # AdamW slows ~20x on denormals on CPU
-    with distributed_job(args.device or "auto"):  # under torchrun: one process per rank
-        model, task, train_config = build_run(run_spec_from(args))
-        summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
+    spec = run_spec_from(args)
+    with distributed_job(spec.train.device):  # under torchrun: one process per rank
+        summary = start_training(spec, args.out, resume=args.resume, force=args.force).run()
         print_summary(summary)
 
 
@@ -196,7 +250,7 @@ def train_image_helper(args, model_class, config_class, task_class, shape_fields
 
     torch.set_flush_denormal(True)
     dataset = dataset_from(args)
-    train_config = train_config_from(args)
+    train_config = TrainConfig.from_flat(given_flags(args))
     config = config_class(**{**config_overrides(args, config_class), **shape_fields(dataset)})
     with distributed_job(train_config.device):
         torch.manual_seed(train_config.seed)
@@ -394,6 +448,8 @@ def cmd_bench(args) -> None:
 
 
 # ---------------------------------------------------------------------------- parser
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
+TOKENIZER_HELP = "tokenizer.json or its directory (default the one stored in the checkpoint)"
 def build_parser() -> argparse.ArgumentParser:
     from move.text.corpora import SOURCES
     from move.text.prepare import PrepareOptions
@@ -405,21 +461,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="split, tokenise and store a text corpus")
     add_dataclass_flags(p, PrepareOptions, skip=("source",))
-    p.add_argument("--corpus", dest="source", default="shakespeare", choices=SOURCES)
+    p.add_argument("--corpus", dest="source", default="shakespeare", choices=SOURCES,
+                   help="bundled corpus, or a local format read from --path")
     p.add_argument("--out", required=True, help="prepared data directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=cmd_prepare)
 
     def add_training_flags(p):
-        p.add_argument("--data", required=True, help="prepared data directory (move prepare)")
-        p.add_argument("--preset", default="small", help=f"model shape: {', '.join(MODEL_PRESETS)}")
-        p.add_argument("--variant", dest="value_memory", default=None, help="standard, lave or move")
-        p.add_argument("--density", dest="memory_density", type=int, default=None, help="memory density k (xk)")
-        add_dataclass_flags(p, ModelConfig, skip=("value_memory", "memory_density"))
+        p.add_argument("--config", help="a run config TOML: data, preset, label_dropout, [model] and [train] "
+                                        "tables (an earlier run's config.toml); flags override it (default none)")
+        p.add_argument("--data", help="prepared data directory (move prepare, image-encode, knowledge-prepare); "
+                                      "(default the --config file's; one of the two is required)")
+        p.add_argument("--preset", choices=list(MODEL_PRESETS),
+                       help=f"model shape the [model] fields and flags override (default {DEFAULT_PRESET})")
+        p.add_argument("--variant", dest="value_memory", choices=("standard", "lave", "move"),
+                       help=f"{field_help(ModelConfig, 'value_memory')}: the value memory (default standard)")
+        p.add_argument("--density", dest="memory_density", type=at_least(1),
+                       help=f"{field_help(ModelConfig, 'memory_density')} (default 1)")
+        add_dataclass_flags(p, ModelConfig, skip=("value_memory", "memory_density"), shown=preset_defaults())
         add_dataclass_flags(p, TrainConfig)
         add_dataclass_flags(p, OptimConfig)
-        p.add_argument("--label-dropout", type=float, default=0.1,
-                       help="image data: probability of replacing the class by the null class (guidance)")
+        p.add_argument("--label-dropout", type=float,
+                       help=f"image data: probability of replacing the class by the null class, for guidance "
+                            f"(default {LABEL_DROPOUT})")
 
     p = sub.add_parser("train", help="train a model on prepared text or image tokens")
     add_training_flags(p)
@@ -430,26 +494,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="bits per byte of a checkpoint on a data split or a text file")
     p.add_argument("checkpoint", help="checkpoint or run directory (its newest checkpoint)")
-    p.add_argument("--data", help="prepared data directory")
-    p.add_argument("--split", default="val", choices=("train", "val"))
-    p.add_argument("--text", help="a UTF-8 text file to evaluate instead")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's data)")
-    p.add_argument("--max-tokens", type=at_least(1), default=10**9)
-    p.add_argument("--batch-size", type=at_least(1), default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data", help="prepared data directory whose --split to evaluate (default none: give --text)")
+    p.add_argument("--split", default="val", choices=("train", "val"), help="split of --data")
+    p.add_argument("--text", help="a UTF-8 text file to evaluate instead of --data (default none)")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--max-tokens", type=at_least(1), default=10**9, help="evaluate at most this many tokens")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="windows per forward")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint (KV cache)")
     p.add_argument("checkpoint", help="checkpoint or run directory (its newest checkpoint)")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-samples", type=at_least(1), default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's data)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--prompt", default="", help="text to continue (after the BOS token)")
+    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set with this mass")
+    p.add_argument("--num-samples", type=at_least(1), default=1, help="samples, generated as one batch")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--mmap-bank", action="store_true",
                    help="keep the MoVE bank in the checkpoint file, gather rows on demand (CPU)")
     p.set_defaults(func=cmd_sample)
@@ -460,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variant[:density] list")
     p.add_argument("--out", required=True, help="directory for runs and the report")
     p.add_argument("--force", action="store_true", help="retrain runs that are already complete")
-    p.add_argument("--classifier", help="image data: classifier run for class accuracy (move image-classifier)")
+    p.add_argument("--classifier", help="image data: classifier run for class accuracy (move image-classifier) "
+                                        "(default none: no accuracy)")
     p.add_argument("--fid-samples", type=at_least(2), default=500, help="image data: samples per variant for FID/accuracy")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="image data: guidance scale for the samples")
     p.set_defaults(func=cmd_compare)
@@ -469,50 +534,55 @@ def build_parser() -> argparse.ArgumentParser:
         from move.image.datasets import SOURCES as IMAGE_SOURCES
 
         p.add_argument("--dataset", required=True, choices=IMAGE_SOURCES, help="image dataset")
-        p.add_argument("--root", help="folder dataset: one sub-folder per class (or train/ and test/ of those)")
+        p.add_argument("--root", help="folder dataset: one sub-folder per class (or train/ and test/ of those) "
+                                      "(default none)")
         p.add_argument("--image-size", type=int, default=32, help="folder dataset: images are resized to this")
         p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="folder dataset: 1 gray, 3 RGB")
 
-    def add_conv_training_flags(p, config_class, skip):
+    def add_conv_training_flags(p, config_class, skip, steps):
+        # the conv nets' own defaults: shown in the help and set on the parser
+        own = dict(steps=steps, batch_size=64, eval_every=500, checkpoint_every=500, lr_adamw_matrix=2e-3)
         add_dataset_flags(p)
         add_dataclass_flags(p, config_class, skip=skip)
-        add_dataclass_flags(p, TrainConfig)
-        add_dataclass_flags(p, OptimConfig)
+        add_dataclass_flags(p, TrainConfig, shown={k: format_default(v) for k, v in own.items()})
+        add_dataclass_flags(p, OptimConfig, skip=("lr_matrix", "lr_embedding", "lr_value_memory", "lr_lm_head",
+                                                  "value_memory_optimizer", "value_memory_lr_per_slot", "optimizer"),
+                            shown={k: format_default(v) for k, v in own.items()})
         p.add_argument("--eval-images", type=at_least(1), default=2000, help="test images per evaluation")
         p.add_argument("--out", required=True, help="run directory")
-        p.add_argument("--resume", action="store_true")
-        p.add_argument("--force", action="store_true")
-        p.set_defaults(steps=1500, batch_size=64, eval_every=500, checkpoint_every=500, lr_adamw_matrix=2e-3)
+        p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+        p.add_argument("--force", action="store_true", help="replace an existing run directory")
+        p.set_defaults(**own)
 
     p = sub.add_parser("image-tokenizer", help="train a VQ-VAE image tokenizer (shared training loop)")
-    add_conv_training_flags(p, VQConfig, skip=("image_size", "channels"))
+    add_conv_training_flags(p, VQConfig, skip=("image_size", "channels"), steps=1500)
     p.set_defaults(func=cmd_image_tokenizer)
 
     p = sub.add_parser("image-classifier", help="train the classifier that scores conditional samples")
-    add_conv_training_flags(p, ClassifierConfig, skip=("image_size", "channels", "num_classes"))
-    p.set_defaults(func=cmd_image_classifier, steps=1000)
+    add_conv_training_flags(p, ClassifierConfig, skip=("image_size", "channels", "num_classes"), steps=1000)
+    p.set_defaults(func=cmd_image_classifier)
 
     p = sub.add_parser("image-encode", help="tokenise an image dataset for class-conditional training")
     add_dataset_flags(p)
     p.add_argument("--tokenizer", required=True, help="'pixel' (per-pixel quantiser) or a VQ-VAE run/checkpoint")
-    p.add_argument("--levels", type=int, default=0, help="pixel quantiser levels (default: the dataset's gray levels)")
+    p.add_argument("--levels", type=int, default=0, help="pixel quantiser levels (default 0: the dataset's gray levels)")
     p.add_argument("--out", required=True, help="prepared image-token directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_image_encode)
 
     def add_image_sampling_flags(p):
         p.add_argument("checkpoint", help="checkpoint or run directory")
-        p.add_argument("--data", help="prepared image data (default: the one the model was trained on)")
+        p.add_argument("--data", help="prepared image data (default the one the model was trained on)")
         p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale s")
-        p.add_argument("--temperature", type=float, default=1.0)
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="auto")
+        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+        p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely codes (0: all)")
+        p.add_argument("--seed", type=int, default=0, help="sampling seed")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     p = sub.add_parser("image-sample", help="a PNG grid of guided samples, one row per class")
     add_image_sampling_flags(p)
-    p.add_argument("--per-class", type=at_least(1), default=10)
+    p.add_argument("--per-class", type=at_least(1), default=10, help="samples per class (one row each)")
     p.add_argument("--out", required=True, help="PNG file")
     p.set_defaults(func=cmd_image_sample)
 
@@ -520,37 +590,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_sampling_flags(p)
     p.add_argument("--classifier", required=True, help="classifier run or checkpoint (move image-classifier)")
     p.add_argument("--num-samples", type=at_least(2), default=500, help="samples for FID and accuracy (FID is biased at small N)")
-    p.add_argument("--grid", help="also write a sample grid PNG here")
-    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--grid", help="also write a sample grid PNG here (default none)")
+    p.add_argument("--out", help="also write the metrics JSON here (default none: print only)")
     p.set_defaults(func=cmd_image_eval)
 
     p = sub.add_parser("knowledge-prepare", help="a synthetic knowledge corpus for the capacity probe")
-    p.add_argument("--individuals", type=at_least(2), default=1000)
+    p.add_argument("--individuals", type=at_least(2), default=1000, help="people in the synthetic biographies")
     p.add_argument("--name-tokens", type=at_least(1), default=1, help="tokens per name (1: each name its own token)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic facts")
+    p.add_argument("--out", required=True, help="knowledge data directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=cmd_knowledge_prepare)
 
     p = sub.add_parser("knowledge-eval", help="recall accuracy and stored bits of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint or run directory")
-    p.add_argument("--data", help="knowledge data (default: the one the model was trained on)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data", help="knowledge data (default the one the model was trained on)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_knowledge_eval)
 
     p = sub.add_parser("gates", help="plot how much each layer and head relies on g0 versus the memory slots")
     p.add_argument("checkpoint", help="checkpoint or run directory")
     p.add_argument("--text", required=True, help="a UTF-8 text to run the model on")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's data)")
-    p.add_argument("--out", default="gates.png")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--out", default="gates.png", help="PNG to write (and a .json of the numbers next to it)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_gates)
 
     p = sub.add_parser("export-hf", help="a Hugging Face transformers folder (trust_remote_code)")
     p.add_argument("checkpoint", help="checkpoint or run directory")
     p.add_argument("out", help="folder to write")
-    p.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's data)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+    p.add_argument("--force", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("experiment", help="run a declarative experiment (TOML grid over variants, sizes, seeds)")
@@ -567,12 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks", help="where to write <device>_bench.md / .json")
     p.add_argument("--quick", action="store_true", help="tiny shapes (seconds; for smoke tests)")
     p.add_argument("--no-save", action="store_true", help="print only")
-    p.add_argument("--configs", nargs="+", help="subset of configurations (standard is always the baseline)")
+    p.add_argument("--configs", nargs="+", help="subset of configurations (standard is always the baseline) "
+                                                "(default all)")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default 7)")
     p.add_argument("--profile", action="store_true", help="instead: op-level torch.profiler breakdown vs standard")
     p.add_argument("--profile-vocab", type=int, default=0, help="vocabulary for --profile (default the first)")
-    p.add_argument("--profile-steps", type=int, default=3)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per configuration")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -5,7 +5,11 @@ just another `ModelConfig` (more layers or width, `value_memory="standard"`).
 """
 
 import math
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import tomli_w
 
 from move.errors import ConfigError
 
@@ -31,6 +35,12 @@ def require_positive(config, names) -> None:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
 
 
+def option(default, help: str):
+    """A config field with its one-line help: the command line shows the help (and
+    the default a run really gets) for every field, so it is written once, here."""
+    return field(default=default, metadata={"help": help})
+
+
 class SerialConfig:
     """to_dict / from_dict for config dataclasses: unknown fields are refused and
     the result is validated, so a config read from a file is as safe as one built in code."""
@@ -49,30 +59,24 @@ class SerialConfig:
 
 @dataclass
 class ModelConfig(SerialConfig):
-    vocab_size: int = 4096
-    seq_len: int = 256
-    n_layer: int = 4
-    n_embd: int = 256
-    n_head: int = 4
-    # Key/value heads for grouped-query attention; 0 means n_head (plain MHA).
-    n_kv_head: int = 0
-    attention: str = "mha"  # "mha" (MHA/GQA) or "mla" (multi-head latent attention)
-    # MLA only: width d_c of the cached KV latent (0: 4 * head_dim).
-    kv_latent_dim: int = 0
-    # MLA only: width of the decoupled RoPE key/query part (0: head_dim // 2).
-    rope_head_dim: int = 0
-    value_memory: str = "standard"  # "standard", "lave" or "move"
-    # Memory density xk: LaVE gets k tables per participating layer; MoVE gets
-    # M = k * (number of LaVE layers) slots, i.e. the same value-memory parameters.
-    memory_density: int = 1
-    # MoVE only: set M directly (0: derive it from memory_density).
-    memory_slots: int = 0
-    # Ablation: False = MoVE without the gate g0 on the standard value path.
-    move_gate_g0: bool = True
-    # Ablation: LaVE with full-width routers (d_model -> H*(k+1)) and a gate g0.
-    lave_full_gates: bool = False
-    logit_softcap: float = 15.0  # 0 disables the tanh soft-cap
-    rope_base: float = 10000.0
+    vocab_size: int = option(4096, "vocabulary size")
+    seq_len: int = option(256, "context length in tokens")
+    n_layer: int = option(4, "transformer blocks")
+    n_embd: int = option(256, "model width d_model")
+    n_head: int = option(4, "attention heads")
+    n_kv_head: int = option(0, "key/value heads for grouped-query attention (0: n_head, plain MHA)")
+    attention: str = option("mha", "mha (MHA/GQA) or mla (multi-head latent attention)")
+    kv_latent_dim: int = option(0, "MLA: width d_c of the cached KV latent (0: 4 x head_dim)")
+    rope_head_dim: int = option(0, "MLA: width of the decoupled RoPE key/query part (0: head_dim / 2)")
+    value_memory: str = option("standard", "standard, lave or move")
+    # LaVE gets k tables per participating layer; MoVE gets M = k * (number of LaVE
+    # layers) slots, i.e. the same value-memory parameters.
+    memory_density: int = option(1, "memory density k (xk): LaVE tables per layer, MoVE slots M = k x LaVE layers")
+    memory_slots: int = option(0, "MoVE: the number of slots M directly (0: from the density)")
+    move_gate_g0: bool = option(True, "MoVE: gate g0 on the standard value path (false: the no-g0 ablation)")
+    lave_full_gates: bool = option(False, "LaVE ablation: full-width routers d_model -> H(k+1) and a gate g0")
+    logit_softcap: float = option(15.0, "tanh soft-cap of the logits (0 disables)")
+    rope_base: float = option(10000.0, "rotary embedding base")
 
     # ---- derived quantities (one place, used by model and accounting) ----
     @property
@@ -161,6 +165,9 @@ class ModelConfig(SerialConfig):
 
 
 
+DEFAULT_PRESET = "small"
+LABEL_DROPOUT = 0.1  # class-conditional images: probability of the null class in training
+
 # Presets: the shape of the model; the variant and density are set separately.
 MODEL_PRESETS: dict[str, dict] = {
     # seconds on a CPU; used by tests
@@ -194,22 +201,22 @@ def parse_loggers(spec: str) -> list[str]:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "muon"  # "muon" or "adamw" (for the matrices)
-    lr_matrix: float = 0.02  # Muon
-    lr_adamw_matrix: float = 0.003  # matrices when optimizer == "adamw"
-    lr_embedding: float = 0.2
-    lr_value_memory: float = 0.2
-    lr_lm_head: float = 0.004
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    warmdown_frac: float = 0.2
-    grad_clip: float = 1.0  # 0 disables
-    value_memory_optimizer: str = "exact"  # "exact" (AdamW) or "lazy" (row-sparse Adam)
-    # Divide the value-memory rate by the slots a layer mixes (MoVE: M, LaVE: k). At
-    # initialisation every gate is equal, so all M slots of a row get the same gradient
-    # and Adam the same step: the memory term moves M times faster than one slot. This
-    # keeps its step size independent of M (the recipe searched in the evidence study).
-    value_memory_lr_per_slot: bool = False
+    optimizer: str = option("muon", "optimiser of the transformer matrices: muon or adamw")
+    lr_matrix: float = option(0.02, "Muon learning rate of the matrices")
+    lr_adamw_matrix: float = option(0.003, "AdamW learning rate of the matrices (optimizer adamw; image conv nets)")
+    lr_embedding: float = option(0.2, "AdamW rate of the token embedding, scaled by (d_model/768)^-0.5")
+    lr_value_memory: float = option(0.2, "AdamW rate of the value memory (bank, LaVE tables), scaled like the embedding")
+    lr_lm_head: float = option(0.004, "AdamW rate of the output head, scaled like the embedding")
+    weight_decay: float = option(0.0, "decoupled weight decay")
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps")
+    warmdown_frac: float = option(0.2, "fraction of the steps over which the rate decays linearly to zero")
+    grad_clip: float = option(1.0, "global gradient-norm clip (0 disables)")
+    value_memory_optimizer: str = option("exact", "exact (AdamW over the whole table) or lazy (row-sparse Adam)")
+    # At initialisation every gate is equal, so all M slots of a row get the same
+    # gradient and Adam the same step: the memory term moves M times faster than one
+    # slot. Dividing by M keeps its step size independent of M (the recipe searched in
+    # the evidence study).
+    value_memory_lr_per_slot: bool = option(False, "divide the value-memory rate by the slots a layer mixes (MoVE: M, LaVE: k)")
 
     def validate(self) -> "OptimConfig":
         require_finite(self)
@@ -233,22 +240,23 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    batch_size: int = 16
-    grad_accum: int = 1
-    eval_every: int = 50
-    eval_tokens: int = 65536
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0  # initialisation (and data order unless data_seed is set)
-    data_seed: int = -1  # data order; -1: the same as seed. Experiments fix it so every run sees the same batches
-    device: str = "auto"
-    value_memory_path: str = "fast"  # "fast" (default) or "reference" (the direct implementation)
-    value_memory_dtype: str = "float32"  # or "bfloat16": half the bank memory, fp32 optimiser state
-    loggers: str = ""  # "tensorboard", "wandb" or both, comma-separated (metrics.jsonl is always written)
-    log_every: int = 10  # the training loss goes to the trackers every this many steps
-    compile: bool = False  # torch.compile the training forward (worth it on GPUs; slow to start on CPU)
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0: the data-sheet bf16 peak of a known GPU, else no MFU
+    steps: int = option(200, "optimiser steps")
+    batch_size: int = option(16, "sequences per step (the global batch under torchrun)")
+    grad_accum: int = option(1, "micro-batches per step (gradient accumulation)")
+    eval_every: int = option(50, "steps between evaluations")
+    eval_tokens: int = option(65536, "validation tokens per evaluation")
+    checkpoint_every: int = option(100, "steps between checkpoints")
+    keep_checkpoints: int = option(2, "newest checkpoints kept")
+    seed: int = option(0, "initialisation seed (and the data order unless --data-seed is set)")
+    # Experiments fix the data seed so that every run of a grid sees the same batches.
+    data_seed: int = option(-1, "data-order seed (-1: the same as --seed)")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+    value_memory_path: str = option("fast", "fast (row-sparse gradients) or reference (the direct implementation)")
+    value_memory_dtype: str = option("float32", "float32 or bfloat16 (half the bank memory, fp32 optimiser state)")
+    loggers: str = option("", "tensorboard, wandb or both, comma-separated (metrics.jsonl is always written)")
+    log_every: int = option(10, "steps between training-loss records sent to the trackers")
+    compile: bool = option(False, "torch.compile the training forward (worth it on GPUs; slow to start on CPU)")
+    peak_tflops: float = option(0.0, "per-device peak TFLOP/s for MFU (0: the data sheet of a known GPU, else no MFU)")
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> "TrainConfig":
@@ -270,6 +278,16 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @staticmethod
+    def flat_keys() -> set[str]:
+        """The keys of a flat training table: TrainConfig's own fields and OptimConfig's."""
+        return (set(TrainConfig.__dataclass_fields__) - {"optim"}) | set(OptimConfig.__dataclass_fields__)
+
+    def to_flat(self) -> dict:
+        """The inverse of from_flat: one mapping of every training and optimiser field."""
+        own = {k: v for k, v in asdict(self).items() if k != "optim"}
+        return {**own, **asdict(self.optim)}
+
     @classmethod
     def from_flat(cls, values: dict) -> "TrainConfig":
         """A validated TrainConfig with its OptimConfig from one flat mapping (command-line
@@ -284,17 +302,54 @@ class TrainConfig:
         return cls(**{**d, "optim": OptimConfig(**d.pop("optim", {}))})
 
 
+# ---- the run config file: `move train --config run.toml`, and <run>/config.toml ----
+
+RUN_CONFIG_NAME = "config.toml"
+RUN_CONFIG_KEYS = {"data", "preset", "label_dropout", "model", "train"}
+
+
+def read_run_config(path) -> dict:
+    """A run config file: top-level data / preset / label_dropout, a [model] table of
+    ModelConfig fields (over the preset) and a flat [train] table of TrainConfig and
+    OptimConfig fields. Unknown keys are refused; values are checked when the run is built."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    for where, keys, allowed in (("the top level", raw, RUN_CONFIG_KEYS),
+                                 ("[model]", raw.get("model", {}), set(ModelConfig.__dataclass_fields__)),
+                                 ("[train]", raw.get("train", {}), TrainConfig.flat_keys())):
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{path}: {where} must be a table")
+        unknown = sorted(set(keys) - allowed)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) in {where}: {', '.join(unknown)}")
+    return raw
+
+
+def run_config_text(data: str, preset: str, label_dropout: float, model: ModelConfig, train: TrainConfig) -> str:
+    """The effective config of a run in the format read_run_config reads, every field
+    resolved, so `move train --config <run>/config.toml --out <new>` launches it again."""
+    header = ("# The effective configuration of this run (preset, data and flags resolved), written when it started.\n"
+              "# Launch it again: move train --config <this file> --out <new run directory> (flags override it).\n")
+    return header + tomli_w.dumps({"data": str(data), "preset": preset, "label_dropout": label_dropout,
+                                   "model": model.to_dict(), "train": train.to_flat()})
+
+
 # ---- the image pipeline's conv nets (move/model/vqvae.py, classifier.py) ----
 
 @dataclass
 class VQConfig(SerialConfig):
-    image_size: int = 28
-    channels: int = 1
-    hidden: int = 64
-    downsample: int = 2  # stride-2 stages; the code grid is image_size / 2**downsample
-    codebook_size: int = 256
-    code_dim: int = 8
-    commitment: float = 0.25  # beta: pulls encoder outputs towards their codes
+    image_size: int = option(28, "image side in pixels")
+    channels: int = option(1, "image channels")
+    hidden: int = option(64, "channels of the conv stages")
+    downsample: int = option(2, "stride-2 stages: the code grid is image_size / 2^downsample")
+    codebook_size: int = option(256, "codes in the codebook")
+    code_dim: int = option(8, "width of a code vector")
+    commitment: float = option(0.25, "commitment weight beta: pulls encoder outputs towards their codes")
 
     def validate(self) -> "VQConfig":
         require_finite(self)
@@ -312,10 +367,10 @@ class VQConfig(SerialConfig):
 
 @dataclass
 class ClassifierConfig(SerialConfig):
-    image_size: int = 28
-    channels: int = 1
-    num_classes: int = 10
-    hidden: int = 32
+    image_size: int = option(28, "image side in pixels")
+    channels: int = option(1, "image channels")
+    num_classes: int = option(10, "classes")
+    hidden: int = option(32, "channels of the conv stages")
 
     def validate(self) -> "ClassifierConfig":
         require_finite(self)

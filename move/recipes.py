@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from move.config import model_config_from_preset
+from move.config import DEFAULT_PRESET, LABEL_DROPOUT, ModelConfig, model_config_from_preset, run_config_text
 from move.errors import ConfigError, UserError
 from move.image.prepare import PreparedImages, is_prepared_images, load_prepared_images
 from move.image.tasks import GenerationTask
@@ -27,7 +27,7 @@ from move.model.gpt import GPT
 from move.text.prepare import load_prepared
 from move.text.task import TextTask
 from move.training.distributed import current, job_device, per_rank_batch
-from move.training.trainer import TrainConfig, checkpoint_dirs, prepare_model
+from move.training.trainer import TrainConfig, Trainer, checkpoint_dirs, prepare_model
 
 # name -> model-config fields; the ablations isolate g0 and global sharing
 VARIANT_FIELDS = {
@@ -59,10 +59,10 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 @dataclass
 class RunSpec:
     data: str  # prepared text, knowledge corpus or image tokens
-    preset: str = "small"
+    preset: str = DEFAULT_PRESET
     model: dict = field(default_factory=dict)  # ModelConfig fields over the preset (vocab and seq_len: from the data)
     train: TrainConfig = field(default_factory=TrainConfig)
-    label_dropout: float = 0.1  # class-conditional images: probability of the null class in training
+    label_dropout: float = LABEL_DROPOUT
 
     def with_model(self, **fields) -> "RunSpec":
         """The same run with other model fields (a variant, a size)."""
@@ -79,22 +79,35 @@ def load_data(data_dir):
     return load_prepared_images(data_dir) if is_prepared_images(data_dir) else load_prepared(data_dir)
 
 
-def build_run(spec: RunSpec):
-    """-> (model prepared for training, task, train_config) for the spec's data."""
-    train_config = spec.train.validate()
+def model_config_for(spec: RunSpec, data) -> ModelConfig:
+    """The model a spec gets on loaded data: the preset, the spec's fields over it, and
+    the vocabulary (image data: also the sequence length) from the data unless given."""
     fields = dict(spec.model)
-    data = load_data(spec.data)
     if isinstance(data, PreparedImages):
         fields.setdefault("vocab_size", data.layout.vocab_size)
         fields.setdefault("seq_len", data.tokens_per_image)
     else:
         fields.setdefault("vocab_size", data.tokenizer.vocab_size)
-    model_config = model_config_from_preset(spec.preset, **fields)
+    return model_config_from_preset(spec.preset, **fields)
+
+
+def build_run(spec: RunSpec):
+    """-> (model prepared for training, task, train_config) for the spec's data."""
+    train_config = spec.train.validate()
+    data = load_data(spec.data)
     torch.manual_seed(train_config.seed)
-    model = GPT(model_config).to(job_device(train_config.device))
+    model = GPT(model_config_for(spec, data)).to(job_device(train_config.device))
     task = build_task(data, model, train_config, spec.label_dropout)
     prepare_model(model, train_config)
     return model, task, train_config
+
+
+def start_training(spec: RunSpec, run_dir, **trainer_options) -> Trainer:
+    """A Trainer for the spec's run in run_dir, which records the run's effective
+    config (config.toml) when it starts the directory."""
+    model, task, train_config = build_run(spec)
+    launch = run_config_text(spec.data, spec.preset, spec.label_dropout, model.config, train_config)
+    return Trainer(model, task, train_config, run_dir, launch_config=launch, **trainer_options)
 
 
 def build_task(data, model, train_config: TrainConfig, label_dropout: float = 0.1):

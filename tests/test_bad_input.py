@@ -143,6 +143,14 @@ def image_folder(kind):
     return setup
 
 
+def config_file(text: str):
+    def setup(w, tmp):
+        path = tmp / "run.toml"
+        path.write_text(text.replace("{data}", str(w["data"])))
+        return {"config": path}
+    return setup
+
+
 def bigger_tokenizer(w, tmp):
     """A tokenizer with more entries than the model has: its ids overflow the model."""
     folder = tmp / "corpus"
@@ -186,6 +194,13 @@ CASES = [
     ("rope-base-nan", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--rope-base", "nan"], "rope_base must be a finite number"),
     ("rope-base-below-one", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--rope-base", "0.5"], "rope_base must be > 1"),
     ("weight-decay-huge", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--weight-decay", "1e30"], "weight_decay must be in [0, 1]"),
+    ("config-missing", no_setup, ["train", "--config", "{tmp}/nowhere.toml", "--out", "{tmp}/r"], "cannot read the config file"),
+    ("config-not-toml", config_file("steps = = 3"), ["train", "--config", "{config}", "--out", "{tmp}/r"], "not valid TOML"),
+    ("config-unknown-key", config_file('data = "{data}"\n[train]\nstepz = 3'), ["train", "--config", "{config}", "--out", "{tmp}/r"], "unknown key(s) in [train]: stepz"),
+    ("config-unknown-top", config_file('data = "{data}"\nvariant = "move"'), ["train", "--config", "{config}", "--out", "{tmp}/r"], "unknown key(s) in the top level: variant"),
+    ("config-model-not-table", config_file('data = "{data}"\nmodel = 3'), ["train", "--config", "{config}", "--out", "{tmp}/r"], "[model] must be a table"),
+    ("config-without-data", config_file("[train]\nsteps = 3"), ["train", "--config", "{config}", "--out", "{tmp}/r"], "no training data"),
+    ("config-bad-value", config_file('data = "{data}"\npreset = "tiny"\n[train]\nsteps = -3'), ["train", "--config", "{config}", "--out", "{tmp}/r"], "steps must be positive"),
     ("lr-inf", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--lr-value-memory", "inf"], "lr_value_memory must be a finite number"),
     ("peak-tflops-inf", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--peak-tflops", "inf"], "peak_tflops must be a finite number"),
     ("warmdown-nan", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/r", *TINY, "--warmdown-frac", "nan"], "warmdown_frac must be a finite number"),

@@ -53,7 +53,7 @@ def test_compare_trains_each_variant_once_and_reports(tmp_path, prepared_dir, ca
     (["train", "--data", "nowhere", "--out", "x"], "no prepared data"),
     (["train", "--data", "d", "--out", "x", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["prepare", "--corpus", "txt", "--out", "x"], "needs --path"),
-    (["train", "--data", "{data}", "--out", "x", "--preset", "huge"], "unknown preset 'huge'"),
+    (["train", "--data", "{data}", "--out", "x", "--preset", "huge"], "invalid choice: 'huge'"),
     (["train", "--data", "{data}", "--out", "x", "--preset", "tiny", "--n-head", "3"], "does not divide n_embd"),
     (["train", "--data", "{data}", "--out", "x", "--preset", "tiny", "--lr-matrix", "-1"], "lr_matrix must be in"),
     (["compare", "--data", "{data}", "--out", "x", "--variants", "moe"], "unknown variant 'moe'"),
@@ -113,3 +113,111 @@ def test_a_run_directory_works_after_its_data_is_moved_away(tmp_path, prepared_d
         assert result.returncode == 0, (argv, result.stderr)
     model, tokenizer = api.load(moved)
     assert tokenizer is not None and tokenizer.vocab_size <= model.config.vocab_size
+
+
+def subcommand_parsers():
+    import argparse
+
+    from move.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, commands.choices
+
+
+def test_every_flag_of_every_command_says_what_it_does_and_its_default():
+    import argparse
+
+    parser, commands = subcommand_parsers()
+    for name, sub in [("move", parser), *commands.items()]:
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            where = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and len(action.help) > 3, f"{where}: no help text"
+            takes_value = action.option_strings and action.nargs != 0 and not action.required
+            if takes_value:
+                shown = sub._get_formatter()._get_help_string(action)
+                assert "(default " in shown, f"{where}: no default shown"
+
+
+def shown_defaults(sub) -> dict:
+    """dest -> the first word of the default a command's help shows."""
+    import re
+
+    defaults = {}
+    for action in sub._actions:
+        match = re.search(r"\(default ([^,)]+)", sub._get_formatter()._get_help_string(action) or "")
+        if match and action.option_strings:
+            defaults[action.dest] = match.group(1)
+    return defaults
+
+
+def as_shown(value) -> str:
+    from move.cli import format_default
+
+    return format_default(value)
+
+
+def test_train_help_shows_the_defaults_a_run_really_gets(prepared_dir):
+    """Parse `move train` with only --data and --out, resolve it the way a run does (the
+    preset, the data, the dataclasses) and compare with what --help promised."""
+    from move.config import TrainConfig
+    from move.recipes import load_data, model_config_for
+    from move.cli import run_spec_from
+
+    parser, commands = subcommand_parsers()
+    shown = shown_defaults(commands["train"])
+    spec = run_spec_from(parser.parse_args(["train", "--data", str(prepared_dir), "--out", "unused"]))
+    data = load_data(spec.data)
+    effective = {**model_config_for(spec, data).to_dict(), **spec.train.to_flat(), "preset": spec.preset,
+                 "label_dropout": spec.label_dropout}
+    assert shown.pop("vocab_size") == "the data's vocabulary"
+    assert effective["vocab_size"] == data.tokenizer.vocab_size
+    assert set(shown) >= set(TrainConfig.flat_keys()) | {"n_embd", "seq_len", "value_memory", "memory_density"}
+    for dest, text in shown.items():
+        if dest in effective:
+            assert text == as_shown(effective[dest]), f"--{dest}: help says {text}, a run gets {effective[dest]}"
+    assert (shown["n_embd"], shown["seq_len"]) == ("128", "128")  # the small preset, not the dataclass's 256
+
+
+@pytest.mark.parametrize("command", ["image-tokenizer", "image-classifier"])
+def test_image_net_help_shows_the_defaults_a_run_really_gets(command):
+    from move.cli import config_overrides, given_flags
+    from move.config import ClassifierConfig, TrainConfig, VQConfig
+
+    parser, commands = subcommand_parsers()
+    shown = shown_defaults(commands[command])
+    args = parser.parse_args([command, "--dataset", "digits", "--out", "unused"])
+    net = {"image-tokenizer": VQConfig, "image-classifier": ClassifierConfig}[command]
+    effective = {**given_flags(args), **net(**config_overrides(args, net)).to_dict(),
+                 **TrainConfig.from_flat(given_flags(args)).to_flat()}
+    checked = 0
+    for dest, text in shown.items():
+        if dest in effective and effective[dest] is not None:
+            assert text == as_shown(effective[dest]), f"{command} --{dest}: help says {text}, a run gets {effective[dest]}"
+            checked += 1
+    assert checked > 15 and shown["steps"] == {"image-tokenizer": "1500", "image-classifier": "1000"}[command]
+
+
+def test_a_run_writes_its_effective_config_and_relaunches_from_it(tmp_path, prepared_dir):
+    """config.toml of a run launches the same run again (identical configs and losses);
+    flags given with --config override the file."""
+    first = tmp_path / "first"
+    assert main(["train", "--data", str(prepared_dir), "--out", str(first), "--variant", "move", "--density", "2",
+                 "--lr-value-memory", "0.05", *TINY, "--steps", "3"]) == 0
+    config = first / "config.toml"
+    assert config.is_file()
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(config), "--out", str(again)]) == 0
+    record = lambda run: json.loads((run / "run.json").read_text())
+    losses = lambda run: [r.get("train_loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert record(again)["model_config"] == record(first)["model_config"]
+    assert record(again)["train_config"] == record(first)["train_config"]
+    assert losses(again) == losses(first)
+    assert (again / "config.toml").read_text() == config.read_text()
+    longer = tmp_path / "longer"
+    assert main(["train", "--config", str(config), "--out", str(longer), "--steps", "4", "--n-layer", "3"]) == 0
+    assert record(longer)["train_config"]["steps"] == 4 and record(longer)["model_config"]["n_layer"] == 3
+    assert record(longer)["model_config"]["memory_density"] == 2  # the rest from the file
+    assert record(longer)["train_config"]["optim"]["lr_value_memory"] == 0.05

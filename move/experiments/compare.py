@@ -16,10 +16,10 @@ from move.errors import ConfigError
 from move.files import atomic_write_json
 from move.image.evaluate import evaluate_generator
 from move.image.prepare import load_prepared_images
-from move.recipes import RunSpec, build_run, parse_variant, resolve_checkpoint
+from move.recipes import RunSpec, parse_variant, resolve_checkpoint, start_training
 from move.training.checkpoint import load_model
 from move.training.curves import plot_runs
-from move.training.trainer import Trainer, read_metrics
+from move.training.trainer import read_metrics
 
 
 @dataclass
@@ -45,9 +45,8 @@ def run_comparison(base: RunSpec, variants: list[str], out, force: bool = False,
             print(f"{name}: complete, skipped ({summary_path})")
             summaries[name] = json.loads(summary_path.read_text())
             continue
-        model, task, train_config = build_run(base.with_model(**fields))
         resume = (run_dir / "run.json").exists() and not force
-        trainer = Trainer(model, task, train_config, run_dir, resume=resume, force=force)
+        trainer = start_training(base.with_model(**fields), run_dir, resume=resume, force=force)
         summaries[name] = trainer.run()
         if "stopped_at" in summaries[name]:
             print(f"{name}: stopped early; rerun the same command to resume")

@@ -55,15 +55,14 @@ from move.config import ModelConfig
 from move.errors import ConfigError
 from move.experiments.compare import ImageEvalSpec, image_sample_metrics
 from move.recipes import RunSpec
-from move.recipes import build_run, parse_variant
-from move.training.optim import OptimConfig, decay_start
-from move.training.trainer import TrainConfig, Trainer, checkpoint_dirs
+from move.recipes import parse_variant, start_training
+from move.training.optim import decay_start
+from move.training.trainer import TrainConfig, checkpoint_dirs
 
 TOP_LEVEL = {"name", "description", "expected_minutes", "data", "preset", "seeds", "data_seed", "variants", "train",
              "sizes", "image", "setup", "decay_budgets"}
 IMAGE_KEYS = {"classifier", "fid_samples", "cfg_scale"}
-TRAIN_KEYS = ({f for f in TrainConfig.__dataclass_fields__ if f not in ("optim", "seed", "data_seed")}
-              | set(OptimConfig.__dataclass_fields__) | {"label_dropout"})
+TRAIN_KEYS = (TrainConfig.flat_keys() - {"seed", "data_seed"}) | {"label_dropout"}  # the grid sets the seeds
 MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"value_memory", "memory_density"}
 
 
@@ -235,9 +234,8 @@ def run_budget_branch(experiment: Experiment, spec: GridRun, run_dir: Path, budg
                           f"{budget}-step budget from (was it trained without decay_budgets?); rerun with --force")
     resume = resume_possible(branch)  # a branch killed before its first checkpoint restarts from source
     print(f"    {spec.key}: decay to {budget} steps from step {experiment.branch_step(budget)}", flush=True)
-    model, task, train_config = build_run(experiment.run_spec(spec).with_train(steps=budget))
-    trainer = Trainer(model, task, train_config, branch, resume=resume, force=not resume, quiet=True,
-                      branch_from=None if resume else source)
+    trainer = start_training(experiment.run_spec(spec).with_train(steps=budget), branch, resume=resume,
+                             force=not resume, quiet=True, branch_from=None if resume else source)
     return "stopped_at" not in trainer.run()
 
 
@@ -259,10 +257,9 @@ def run_experiment(path, out=None, force: bool = False) -> Path | None:
         if not (run_dir / "summary.json").exists() or force:
             resume = (run_dir / "run.json").exists() and not force
             print(f"[{i}/{len(specs)}] {spec.key}: {'resuming' if resume else 'training'}", flush=True)
-            model, task, train_config = build_run(experiment.run_spec(spec))
             keep = frozenset(experiment.branch_step(b) for b in experiment.decay_budgets)
-            summary = Trainer(model, task, train_config, run_dir, resume=resume, force=force, quiet=True,
-                              keep_steps=keep).run()
+            summary = start_training(experiment.run_spec(spec), run_dir, resume=resume, force=force, quiet=True,
+                                     keep_steps=keep).run()
             if "stopped_at" in summary:
                 print(f"stopped during {spec.key}; rerun the same command to continue")
                 return None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from move.config import option
 from move.errors import ConfigError, DataError
 from move.files import DATA_MARKERS, check_replaceable, read_manifest, replace_directory, temporary_sibling
 from move.text.corpora import iter_documents
@@ -134,14 +135,15 @@ def token_dtype(vocab_size: int):
 
 @dataclass
 class PrepareOptions:
-    source: str = "shakespeare"
-    path: str | None = None
-    field: str = "text"
-    vocab_size: int = 2048
-    tokenizer: str = "bpe"  # "bpe" (trained here) or "gpt2"
-    val_fraction: float = 0.1
-    passage_tokens: int = 256
-    tokenizer_chars: int = 50_000_000  # cap on text used to train the BPE (nanochat does the same)
+    source: str = option("shakespeare", "corpus")
+    path: str | None = option(None, "file or folder of the corpus (local sources: text, jsonl, parquet)")
+    field: str = option("text", "the text field of jsonl/parquet records")
+    vocab_size: int = option(2048, "tokenizer vocabulary (bpe)")
+    tokenizer: str = option("bpe", "bpe (trained here) or gpt2")
+    val_fraction: float = option(0.1, "fraction of the documents held out for validation")
+    passage_tokens: int = option(256, "documents are cut into passages of about this many tokens")
+    # nanochat caps the text its tokenizer trains on the same way
+    tokenizer_chars: int = option(50_000_000, "cap on the characters used to train the BPE")
 
     def validate(self) -> "PrepareOptions":
         if not 0 < self.val_fraction < 1:  # (also false for NaN)

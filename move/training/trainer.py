@@ -16,6 +16,8 @@ a guard against non-finite losses, and multi-process training under torchrun
 gather-on-save checkpoints that any number of processes resumes).
 
 Run directory:
+    config.toml       the effective config (runs started through recipes.start_training):
+                      `move train --config <run>/config.toml` launches the run again
     run.json          model config, train config, task, accounting
     metrics.jsonl     one JSON object per evaluation
     summary.json      final metrics and measured cost
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from move.config import TrainConfig
+from move.config import RUN_CONFIG_NAME, TrainConfig
 from move.device import autocast, peak_flops, peak_memory_mb, reset_peak_memory
 from move.errors import CheckpointError, ConfigError, UserError
 from move.files import RUN_MARKERS, DirectoryLock, atomic_write_json, atomic_write_text, check_replaceable
@@ -133,12 +135,16 @@ def set_rng_state(state: dict) -> None:
 
 class Trainer:
     def __init__(self, model, task, config: TrainConfig, run_dir, resume: bool = False, force: bool = False,
-                 quiet: bool = False, branch_from: Path | None = None, keep_steps: frozenset = frozenset()):
+                 quiet: bool = False, branch_from: Path | None = None, keep_steps: frozenset = frozenset(),
+                 launch_config: str = ""):
         """branch_from: start a new run from this checkpoint of another run (weights,
         optimiser moments, data position, RNG, metrics so far) with this config's
         length: a warmup-stable-decay run branched in its stable phase decays to a
         shorter budget. keep_steps: checkpoints at these steps are written and never
-        rotated away (the branch points of other budgets)."""
+        rotated away (the branch points of other budgets). launch_config: the run's
+        effective config file (recipes.start_training), written as config.toml when the
+        run directory is started."""
+        self.launch_config = launch_config
         self.model, self.task, self.config = model, task, config.validate()
         self.keep_steps = frozenset(keep_steps)
         self.run_dir = Path(run_dir)
@@ -212,6 +218,8 @@ class Trainer:
                 raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it or --force to replace it")
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.launch_config:
+            atomic_write_text(self.run_dir / RUN_CONFIG_NAME, self.launch_config)
         atomic_write_json(record_path, self.record)
 
     def _check_same_run(self, record: dict) -> None:
