@@ -10,6 +10,7 @@ loads no torch).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -666,13 +667,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_command(args) -> None:
-    if "WORLD_SIZE" in os.environ:  # under torchrun: the failing rank's error goes into torchrun's failure report
-        from torch.distributed.elastic.multiprocessing.errors import record
+# Commands whose work runs in library loops (evaluation, sampling, tokenising) show
+# those loops' bars; the training commands have the trainer's and the experiment's own.
+SHOWS_PROGRESS = {"prepare", "eval", "image-encode", "image-sample", "image-eval", "knowledge-prepare",
+                  "knowledge-eval", "export-hf"}
 
-        record(args.func)(args)
-    else:
-        args.func(args)
+
+def run_command(args) -> None:
+    from move.progress import shown
+
+    with shown() if args.command in SHOWS_PROGRESS else contextlib.nullcontext():
+        if "WORLD_SIZE" in os.environ:  # under torchrun: the failing rank's error goes into torchrun's failure report
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            record(args.func)(args)
+        else:
+            args.func(args)
 
 
 def describe_error(e: Exception) -> str:

@@ -1,5 +1,6 @@
 """Every command end to end on `tiny`, and one-line errors with exit status 2."""
 
+import io
 import json
 import subprocess
 import sys
@@ -221,3 +222,29 @@ def test_a_run_writes_its_effective_config_and_relaunches_from_it(tmp_path, prep
     assert record(longer)["train_config"]["steps"] == 4 and record(longer)["model_config"]["n_layer"] == 3
     assert record(longer)["model_config"]["memory_density"] == 2  # the rest from the file
     assert record(longer)["train_config"]["optim"]["lr_value_memory"] == 0.05
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_long_commands_show_progress_on_a_terminal_and_training_loops_do_not(tmp_path, prepared_dir, monkeypatch, capsys):
+    """eval shows its bits-per-byte bar on a terminal (stderr); the same function run
+    by the trainer's evaluation shows none (only the trainer's own bar)."""
+    from move import progress
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(prepared_dir), "--out", str(run), *TINY, "--steps", "2"]) == 0
+    asked = []  # (description, whether the bar was disabled when made)
+    real = progress.tqdm
+    monkeypatch.setattr(progress, "tqdm", lambda *a, **k: asked.append((k["desc"], k["disable"])) or real(*a, **k))
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["train", "--data", str(prepared_dir), "--out", str(tmp_path / "again"), *TINY, "--steps", "2"]) == 0
+    assert asked and all(disabled for _, disabled in asked)  # evaluations inside training: no bar of their own
+    assert "bits per byte" not in terminal.getvalue()
+    asked.clear()
+    assert main(["eval", str(run), "--data", str(prepared_dir), "--max-tokens", "512", "--batch-size", "2"]) == 0
+    assert asked == [("bits per byte", None)]  # None: tqdm shows it on a terminal
+    assert "bits per byte" in terminal.getvalue()

@@ -138,7 +138,10 @@ warmdown_frac = 0.25
 
     long_out, short_out = tmp_path / "long", tmp_path / "short"
     run_experiment(grid(12, [4, 8]), long_out)
-    assert "decay to 4 steps from step 3" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "decay to 4 steps from step 3" in printed.out
+    # one progress bar over the grid: 12 steps, then 4 - 3 and 8 - 6 steps of decay
+    assert "15/15" in printed.err and "16/15" not in printed.err
     run_experiment(grid(8, None), short_out)
     branch = long_out / "runs" / "base" / "move_x2" / "seed0" / "decay" / "steps_000008"
     scratch = short_out / "runs" / "base" / "move_x2" / "seed0"
@@ -150,7 +153,8 @@ warmdown_frac = 0.25
     assert [m["step"] for m in read_metrics(branch)] == [2, 4, 6, 8]  # the shared stable phase is carried over
 
     run_experiment(grid(12, [4, 8]), long_out)  # all done: nothing runs again
-    assert "decay to" not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "decay to" not in printed.out and "15/15" in printed.err
     report = write_experiment_report(long_out).read_text()
     assert "Budgets" in report
 

@@ -10,6 +10,7 @@ import math
 import torch
 
 from move.device import autocast, evaluating
+from move.progress import progress
 from move.training.distributed import all_reduce_sum, split_for_ranks
 
 
@@ -23,7 +24,7 @@ def bits_per_byte(model, batches, token_bytes: torch.Tensor) -> float:
         token_bytes = token_bytes.to(device)
         total_nats = torch.zeros((), dtype=torch.float64, device=device)
         total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-        for (x, y), counts in split_for_ranks(list(batches)):
+        for (x, y), counts in progress(split_for_ranks(list(batches)), "bits per byte", unit="batch"):
             x, y = x.to(device), y.to(device)
             with autocast(device):
                 nats = model(x, targets=y, reduction="none")

@@ -51,6 +51,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from move.config import ModelConfig
 from move.errors import ConfigError
 from move.experiments.compare import ImageEvalSpec, image_sample_metrics
@@ -222,7 +224,29 @@ def resume_possible(run_dir: Path) -> bool:
     return (run_dir / "run.json").exists() and bool(checkpoint_dirs(run_dir))
 
 
-def run_budget_branch(experiment: Experiment, spec: GridRun, run_dir: Path, budget: int) -> bool:
+def latest_step(run_dir: Path) -> int:
+    """The step of a run's newest checkpoint (0 without one)."""
+    found = checkpoint_dirs(run_dir) if (run_dir / "run.json").exists() else []
+    return int(found[-1].name.split("_")[1]) if found else 0
+
+
+def grid_steps(experiment: "Experiment", out: Path) -> tuple[int, int]:
+    """(steps already trained, steps in all) over every run of the grid and its budget
+    branches (a branch trains from its branch point): the experiment's progress bar."""
+    done = total = 0
+    steps = experiment.train_config.steps
+    for spec in experiment.runs():
+        run_dir = out / "runs" / spec.key
+        total += steps
+        done += steps if (run_dir / "summary.json").exists() else latest_step(run_dir)
+        for budget in experiment.decay_budgets:
+            branch, start = budget_dir(run_dir, budget), experiment.branch_step(budget)
+            total += budget - start
+            done += budget - start if (branch / "summary.json").exists() else max(0, latest_step(branch) - start)
+    return done, total
+
+
+def run_budget_branch(experiment: Experiment, spec: GridRun, run_dir: Path, budget: int, bar: tqdm) -> bool:
     """Train (or resume, or skip) the branch of a finished run that decays to
     `budget` steps; False if it was stopped by a signal."""
     branch = budget_dir(run_dir, budget)
@@ -233,9 +257,9 @@ def run_budget_branch(experiment: Experiment, spec: GridRun, run_dir: Path, budg
         raise ConfigError(f"{run_dir} has no checkpoint at step {experiment.branch_step(budget)} to branch the "
                           f"{budget}-step budget from (was it trained without decay_budgets?); rerun with --force")
     resume = resume_possible(branch)  # a branch killed before its first checkpoint restarts from source
-    print(f"    {spec.key}: decay to {budget} steps from step {experiment.branch_step(budget)}", flush=True)
+    bar.write(f"    {spec.key}: decay to {budget} steps from step {experiment.branch_step(budget)}")
     trainer = start_training(experiment.run_spec(spec).with_train(steps=budget), branch, resume=resume,
-                             force=not resume, quiet=True, branch_from=None if resume else source)
+                             force=not resume, quiet=True, branch_from=None if resume else source, progress=bar)
     return "stopped_at" not in trainer.run()
 
 
@@ -252,21 +276,26 @@ def run_experiment(path, out=None, force: bool = False) -> Path | None:
     shutil.copyfile(path, copy)
     run_setup(experiment)
     specs = experiment.runs()
-    for i, spec in enumerate(specs, 1):
-        run_dir = out / "runs" / spec.key
-        if not (run_dir / "summary.json").exists() or force:
-            resume = (run_dir / "run.json").exists() and not force
-            print(f"[{i}/{len(specs)}] {spec.key}: {'resuming' if resume else 'training'}", flush=True)
-            keep = frozenset(experiment.branch_step(b) for b in experiment.decay_budgets)
-            summary = start_training(experiment.run_spec(spec), run_dir, resume=resume, force=force, quiet=True,
-                                     keep_steps=keep).run()
-            if "stopped_at" in summary:
-                print(f"stopped during {spec.key}; rerun the same command to continue")
-                return None
-        for budget in experiment.decay_budgets:
-            if not run_budget_branch(experiment, spec, run_dir, budget):
-                print(f"stopped during {spec.key} (budget {budget}); rerun the same command to continue")
-                return None
-        if experiment.image:
-            image_sample_metrics(run_dir, spec.data, ImageEvalSpec(**experiment.image))
+    done, total = grid_steps(experiment, out) if not force else (0, grid_steps(experiment, out)[1])
+    # one bar over every training step of the grid: its rate and ETA are the experiment's
+    with tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, desc=experiment.name) as bar:
+        for i, spec in enumerate(specs, 1):
+            run_dir = out / "runs" / spec.key
+            bar.set_description(f"{experiment.name} [{i}/{len(specs)}]")
+            if not (run_dir / "summary.json").exists() or force:
+                resume = (run_dir / "run.json").exists() and not force
+                bar.write(f"[{i}/{len(specs)}] {spec.key}: {'resuming' if resume else 'training'}")
+                keep = frozenset(experiment.branch_step(b) for b in experiment.decay_budgets)
+                summary = start_training(experiment.run_spec(spec), run_dir, resume=resume, force=force, quiet=True,
+                                         keep_steps=keep, progress=bar).run()
+                if "stopped_at" in summary:
+                    bar.write(f"stopped during {spec.key}; rerun the same command to continue")
+                    return None
+            for budget in experiment.decay_budgets:
+                if not run_budget_branch(experiment, spec, run_dir, budget, bar):
+                    bar.write(f"stopped during {spec.key} (budget {budget}); rerun the same command to continue")
+                    return None
+            if experiment.image:
+                bar.write(f"    {spec.key}: sample metrics")
+                image_sample_metrics(run_dir, spec.data, ImageEvalSpec(**experiment.image))
     return out

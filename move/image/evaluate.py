@@ -13,6 +13,7 @@ from move.image.prepare import PreparedImages
 from move.image.sampling import class_grid_labels, sample_image_tokens, save_grid
 from move.image.tasks import image_nll_bits
 from move.image.tokenizers import as_float
+from move.progress import progress
 
 SAMPLE_BATCH = 250
 
@@ -38,7 +39,7 @@ def generate_images(model, data: PreparedImages, labels: torch.Tensor, cfg_scale
     tokenizer = tokenizer or data.tokenizer()
     h, w = data.manifest["grid"]
     out = []
-    for b, i in enumerate(range(0, len(labels), SAMPLE_BATCH)):
+    for b, i in enumerate(progress(range(0, len(labels), SAMPLE_BATCH), "sampling images", unit="batch")):
         tokens = sample_image_tokens(model, labels[i:i + SAMPLE_BATCH], data.layout, h * w, cfg_scale,
                                      temperature, top_k, seed + b)
         out.append(tokenizer.decode(tokens.cpu().view(-1, h, w)))

@@ -21,6 +21,7 @@ from move.errors import DataError
 from move.image.datasets import ImageDataset
 from move.image.prepare import PreparedImages
 from move.image.tokenizers import as_float
+from move.progress import progress
 from move.training.distributed import all_reduce_sum, split_for_ranks
 from move.training.sampler import EpochSampler
 
@@ -183,7 +184,7 @@ def image_nll_bits(model, data: PreparedImages, split: str, max_images: int, bat
         device = next(model.parameters()).device
         tokens, labels = data.tokens(split)[:max_images], data.labels(split)[:max_images]
         total, count = 0.0, 0
-        for i, counts in split_for_ranks(range(0, len(labels), batch_size)):  # this rank's share
+        for i, counts in progress(split_for_ranks(range(0, len(labels), batch_size)), "image NLL", unit="batch"):
             x, y = conditional_sequences(tokens[i:i + batch_size], labels[i:i + batch_size], data.layout)
             logits = model(x.to(device))[..., : data.layout.codebook_size].float()
             if counts:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from move.errors import ConfigError, DataError
+from move.progress import progress
 from move.training.checkpoint import load_model
 
 ENCODE_BATCH = 512
@@ -67,7 +68,7 @@ class VQTokenizer:
         if tuple(images.shape[1:]) != self.image_shape:
             raise DataError(f"images of shape {tuple(images.shape[1:])} do not fit a VQ-VAE trained on {self.image_shape}")
         return torch.cat([self.model.encode(as_float(images[i:i + ENCODE_BATCH]).to(self.device)).cpu()
-                          for i in range(0, len(images), ENCODE_BATCH)])
+                          for i in progress(range(0, len(images), ENCODE_BATCH), "encoding images", unit="batch")])
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.cat([as_uint8(self.model.decode(tokens[i:i + ENCODE_BATCH].to(self.device))).cpu()

@@ -25,6 +25,7 @@ import numpy as np
 from move.config import option
 from move.errors import ConfigError, DataError
 from move.files import DATA_MARKERS, check_replaceable, read_manifest, replace_directory, temporary_sibling
+from move.progress import progress
 from move.text.corpora import iter_documents
 from move.text.tokenizer import Tokenizer
 
@@ -219,7 +220,7 @@ def _write_into(tmp: Path, docs, split_of, tokenizer: Tokenizer, passage_tokens:
     hashes = {s: hashlib.sha256() for s in SPLITS}
     files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
     try:
-        for doc_id, text in docs():
+        for doc_id, text in progress(docs(), "tokenising", unit="doc"):
             split = split_of(doc_id)
             if split == "tail":
                 total = sum(1 for _ in document_passages(tokenizer, text, passage_tokens))

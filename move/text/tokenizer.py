@@ -21,6 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from move.errors import ConfigError, DataError
+from move.progress import progress_shown
 
 BOS = "<|bos|>"
 UNK = "<|unk|>"  # word-level tokenizers only
@@ -56,7 +57,7 @@ class Tokenizer:
             raise ConfigError(f"vocab_size must be at least {len(alphabet) + 1} (256 bytes + BOS), got {vocab_size}")
         hf = _byte_level(HFTokenizer(models.BPE()))
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=alphabet,
-                                      show_progress=False)
+                                      show_progress=progress_shown())
         hf.train_from_iterator(texts, trainer=trainer)
         if hf.get_vocab_size() < vocab_size:  # the corpus ran out of merges: say so, the data records the real size
             print(f"warning: asked for a vocabulary of {vocab_size:,} tokens, the corpus gave {hf.get_vocab_size():,} "

@@ -136,15 +136,17 @@ def set_rng_state(state: dict) -> None:
 class Trainer:
     def __init__(self, model, task, config: TrainConfig, run_dir, resume: bool = False, force: bool = False,
                  quiet: bool = False, branch_from: Path | None = None, keep_steps: frozenset = frozenset(),
-                 launch_config: str = ""):
+                 launch_config: str = "", progress: tqdm | None = None):
         """branch_from: start a new run from this checkpoint of another run (weights,
         optimiser moments, data position, RNG, metrics so far) with this config's
         length: a warmup-stable-decay run branched in its stable phase decays to a
         shorter budget. keep_steps: checkpoints at these steps are written and never
         rotated away (the branch points of other budgets). launch_config: the run's
         effective config file (recipes.start_training), written as config.toml when the
-        run directory is started."""
+        run directory is started. progress: a bar the steps count on instead of the
+        trainer's own (an experiment's bar over its whole grid)."""
         self.launch_config = launch_config
+        self.progress = progress
         self.model, self.task, self.config = model, task, config.validate()
         self.keep_steps = frozenset(keep_steps)
         self.run_dir = Path(run_dir)
@@ -392,7 +394,9 @@ class Trainer:
         c = self.config
         reset_peak_memory(self.device)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=c.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, desc=self.run_dir.name)
+        own_bar = self.progress is None
+        bar = tqdm(total=c.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True,
+                   desc=self.run_dir.name) if own_bar else self.progress
         try:
             while self.step < c.steps and not self.stop_requested:
                 start = time.perf_counter()
@@ -418,7 +422,8 @@ class Trainer:
                         or self.step in self.keep_steps):
                     self.save()
         finally:
-            bar.close()
+            if own_bar:
+                bar.close()
             self.trackers.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
