@@ -136,13 +136,20 @@ def run_spec_from(args) -> "RunSpec":
 
 
 # ---------------------------------------------------------------------------- prepare
+def done_verb(args, verb: str) -> str:
+    """What a data command did with --out: `verb`, or "kept" when it already held data
+    made with the same options (anything else there is refused before this is asked)."""
+    return "kept (already made with these options)" if Path(args.out).exists() and not args.force else verb
+
+
 def cmd_prepare(args) -> None:
     from move.text.prepare import PrepareOptions, prepare
 
     options = PrepareOptions(**config_overrides(args, PrepareOptions))
+    verb = done_verb(args, "prepared")
     manifest = prepare(options, args.out, force=args.force)
     s = manifest["splits"]
-    print(f"prepared {args.out}: vocab {manifest['vocab_size']}, train {s['train']['tokens']:,} tokens "
+    print(f"{verb} {args.out}: vocab {manifest['vocab_size']}, train {s['train']['tokens']:,} tokens "
           f"({s['train']['documents']} docs), val {s['val']['tokens']:,} tokens ({s['val']['documents']} docs)")
 
 
@@ -291,9 +298,10 @@ def cmd_image_encode(args) -> None:
         tokenizer = PixelQuantizer(args.levels or dataset.gray_levels, dataset.shape)
     else:
         tokenizer = VQTokenizer(resolve_checkpoint(args.tokenizer), pick_device(args.device))
+    verb = done_verb(args, "encoded")
     manifest = encode_dataset(dataset, tokenizer, dataset_source(args), args.out, force=args.force)
     s = manifest["splits"]
-    print(f"encoded {args.out}: {manifest['dataset']['name']}, codebook {manifest['codebook_size']}, grid "
+    print(f"{verb} {args.out}: {manifest['dataset']['name']}, codebook {manifest['codebook_size']}, grid "
           f"{'x'.join(map(str, manifest['grid']))}, train {s['train']['examples']:,} / test {s['test']['examples']:,} images")
 
 
@@ -355,8 +363,9 @@ def cmd_knowledge_prepare(args) -> None:
     from move.knowledge.corpus import KnowledgeConfig, prepare_knowledge
 
     config = KnowledgeConfig(args.individuals, args.name_tokens, args.seed)
+    verb = done_verb(args, "prepared")
     manifest = prepare_knowledge(config, args.out, force=args.force)
-    print(f"prepared {args.out}: {args.individuals} individuals, names of {args.name_tokens} token(s), vocab "
+    print(f"{verb} {args.out}: {args.individuals} individuals, names of {args.name_tokens} token(s), vocab "
           f"{manifest['vocab_size']}, train {manifest['splits']['train']['tokens']:,} tokens")
 
 

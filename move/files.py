@@ -48,6 +48,30 @@ def read_manifest(directory, name: str, fmt: str, missing_hint: str) -> dict:
     raise DataError(f"{path}: not a {fmt} manifest")
 
 
+def existing_data(out_dir, force: bool, recipe: dict, recorded) -> dict | None:
+    """What to do with the output directory of a data-preparing command: None = build
+    it (absent, or --force, which may replace only move's own data); its manifest = it
+    already holds data made with this recipe (keep it, nothing to do). Data made with
+    another recipe is refused with a one-line error naming the first difference, so an
+    experiment's set-up never trains on data prepared for something else.
+    recorded(manifest) -> the recipe a manifest records."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, DATA_MARKERS, "prepared data")
+    if force or not out_dir.exists():
+        return None
+    try:
+        manifest = json.loads((out_dir / DATA_MARKERS[0]).read_text())
+        theirs = recorded(manifest)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise DataError(f"{out_dir} already exists and its manifest is unreadable; pass --force to replace it") from None
+    if theirs == recipe:
+        return manifest
+    differences = "; ".join(f"{k}: {theirs.get(k)!r}, not {recipe.get(k)!r}"
+                            for k in sorted(set(recipe) | set(theirs)) if recipe.get(k) != theirs.get(k))
+    raise DataError(f"{out_dir} already holds data prepared with other options ({differences}); "
+                    f"pass --force to replace it or choose another --out")
+
+
 def check_replaceable(path, markers: tuple[str, ...], what: str) -> None:
     """--force may replace only move's own output: an existing non-empty directory
     without one of `markers` (or a file in the way) is refused with a one-line error."""

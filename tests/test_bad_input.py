@@ -34,7 +34,7 @@ def tree_digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, prepared_dir, digits_tokens):
+def world(tmp_path_factory, prepared_dir, digits_tokens, text_folder):
     """Real artefacts to damage: a text run, a VQ-VAE and a classifier on digits."""
     import contextlib
     import io
@@ -48,7 +48,7 @@ def world(tmp_path_factory, prepared_dir, digits_tokens):
         assert main(["image-tokenizer", *conv, "--downsample", "1", "--hidden", "8", "--out", str(root / "vq")]) == 0
         assert main(["image-classifier", *conv, "--hidden", "8", "--out", str(root / "cls")]) == 0
         assert main(["train", "--data", str(digits_tokens), "--out", str(root / "img_run"), *TINY]) == 0
-    return {"data": prepared_dir, "run": root / "run", "ckpt": root / "run" / "checkpoints" / "step_000002",
+    return {"data": prepared_dir, "text": text_folder, "run": root / "run", "ckpt": root / "run" / "checkpoints" / "step_000002",
             "vq": root / "vq", "cls": root / "cls", "img": digits_tokens, "img_run": root / "img_run"}
 
 
@@ -151,6 +151,13 @@ def config_file(text: str):
     return setup
 
 
+def knowledge_data(w, tmp):
+    from move.knowledge.corpus import KnowledgeConfig, prepare_knowledge
+
+    prepare_knowledge(KnowledgeConfig(individuals=20), tmp / "knowledge")
+    return {"bad": tmp / "knowledge"}
+
+
 def bigger_tokenizer(w, tmp):
     """A tokenizer with more entries than the model has: its ids overflow the model."""
     folder = tmp / "corpus"
@@ -177,7 +184,7 @@ CASES = [
     ("force-train-over-a-users-folder", users_folder, ["train", "--data", "{data}", "--out", "{mine}", *TINY, "--force"], "not a training run written by move"),
     ("force-prepare-over-a-users-folder", users_folder, ["prepare", "--corpus", "shakespeare", "--out", "{mine}", "--force"], "not prepared data written by move"),
     ("force-knowledge-over-a-users-folder", users_folder, ["knowledge-prepare", "--individuals", "10", "--out", "{mine}", "--force"], "not prepared data written by move"),
-    ("force-encode-over-a-users-folder", users_folder, ["image-encode", "--dataset", "digits", "--tokenizer", "pixel", "--out", "{mine}", "--force"], "not prepared image data written by move"),
+    ("force-encode-over-a-users-folder", users_folder, ["image-encode", "--dataset", "digits", "--tokenizer", "pixel", "--out", "{mine}", "--force"], "not prepared data written by move"),
     ("force-export-over-a-users-folder", users_folder, ["export-hf", "{ckpt}", "{mine}", "--force"], "not a Hugging Face export written by move"),
     ("force-export-over-prepared-data", no_setup, ["export-hf", "{ckpt}", "{data}", "--force"], "not a Hugging Face export written by move"),
     ("force-train-over-prepared-data", no_setup, ["train", "--data", "{data}", "--out", "{data}", *TINY, "--force"], "not a training run written by move"),
@@ -287,7 +294,9 @@ CASES = [
     ("sample-of-an-empty-dir", no_setup, ["sample", "{tmp}"], "neither a checkpoint nor a run directory"),
     ("resume-nothing", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/fresh", *TINY, "--resume"], "nothing to resume"),
     ("run-dir-holds-a-run", no_setup, ["train", "--data", "{data}", "--out", "{run}", *TINY, "--variant", "move"], "already holds a run"),
-    ("prepare-over-existing", no_setup, ["prepare", "--corpus", "shakespeare", "--out", "{data}"], "already exists"),
+    ("prepare-over-other-data", no_setup, ["prepare", "--corpus", "shakespeare", "--out", "{data}"], "source: 'txt', not 'shakespeare'"),
+    ("prepare-over-other-vocab", no_setup, ["prepare", "--corpus", "txt", "--path", "{text}", "--vocab-size", "600", "--val-fraction", "0.25", "--passage-tokens", "64", "--out", "{data}"], "other options (vocab_size: 512, not 600)"),
+    ("knowledge-over-other", knowledge_data, ["knowledge-prepare", "--individuals", "30", "--out", "{bad}"], "other options (individuals: 20, not 30)"),
     # images
     ("image-folder-without-classes", image_folder("no-classes"), ["image-encode", "--dataset", "folder", "--root", "{bad}", "--tokenizer", "pixel", "--out", "{tmp}/e"], "no class sub-folders"),
     ("unreadable-image", image_folder("unreadable"), ["image-encode", "--dataset", "folder", "--root", "{bad}", "--channels", "1", "--tokenizer", "pixel", "--out", "{tmp}/e"], "unreadable image"),
@@ -295,7 +304,7 @@ CASES = [
     ("folder-without-root", no_setup, ["image-encode", "--dataset", "folder", "--tokenizer", "pixel", "--out", "{tmp}/e"], "needs --root"),
     ("pixel-quantizer-on-colour", image_folder("ok"), ["image-encode", "--dataset", "folder", "--root", "{bad}", "--tokenizer", "pixel", "--out", "{tmp}/e"], "grayscale"),
     ("tokenizer-not-a-checkpoint", no_setup, ["image-encode", "--dataset", "digits", "--tokenizer", "{tmp}", "--out", "{tmp}/e"], "neither a checkpoint nor a run"),
-    ("image-encode-over-existing", no_setup, ["image-encode", "--dataset", "digits", "--tokenizer", "pixel", "--out", "{img}"], "already exists"),
+    ("image-encode-over-existing", no_setup, ["image-encode", "--dataset", "digits", "--tokenizer", "pixel", "--out", "{img}"], "already holds data prepared with other options (dataset: "),
     ("vq-on-wrong-image-size", no_setup, ["image-encode", "--dataset", "mnist", "--tokenizer", "{vq}", "--out", "{tmp}/e"], "expects images of shape"),
     ("image-data-on-text-model", no_setup, ["image-sample", "{ckpt}", "--data", "{img}", "--out", "{tmp}/g.png"], "does not fit the image data"),
     ("unknown-image-dataset", no_setup, ["image-encode", "--dataset", "cifar", "--tokenizer", "pixel", "--out", "{tmp}/e"], "invalid choice: 'cifar'"),

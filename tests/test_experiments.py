@@ -182,3 +182,43 @@ def test_a_comment_edit_keeps_finished_runs_and_a_grid_edit_is_refused(tmp_path,
     path.write_text(path.read_text().replace("steps = 4", "steps = 5"))
     with pytest.raises(ConfigError, match="holds results of a different experiment"):
         run_experiment(path, out)
+
+
+def test_setup_keeps_data_of_the_same_recipe_and_refuses_data_of_another(tmp_path, text_folder, capfd):
+    """A [[setup]] step runs every time and its command decides: the same options keep the
+    data untouched; data prepared with another vocabulary stops the experiment (it used
+    to be skipped because its manifest existed, and the grid trained on the wrong data)."""
+    import hashlib
+
+    data = tmp_path / "data"
+    prepare = ["prepare", "--corpus", "txt", "--path", str(text_folder), "--passage-tokens", "64",
+               "--val-fraction", "0.25", "--out", str(data)]
+
+    def experiment(vocab):
+        path = tmp_path / f"grid{vocab}.toml"
+        path.write_text(f"""
+name = "setup-check"
+data = "{data}"
+preset = "tiny"
+seeds = [0]
+variants = ["standard"]
+[train]
+steps = 2
+batch_size = 2
+eval_every = 2
+eval_tokens = 256
+[[setup]]
+creates = "{data}/manifest.json"
+command = {[*prepare, "--vocab-size", str(vocab)]!r}
+""".replace("'", '"'))
+        return path
+
+    digest = lambda: hashlib.sha256(b"".join(p.read_bytes() for p in sorted(data.iterdir()))).hexdigest()
+    run_experiment(experiment(400), tmp_path / "a")
+    before = digest()
+    run_experiment(experiment(400), tmp_path / "a")  # same recipe: kept as it is
+    assert digest() == before
+    with pytest.raises(ConfigError, match="setup step failed"):
+        run_experiment(experiment(300), tmp_path / "b")
+    assert "vocab_size: 400, not 300" in capfd.readouterr().err
+    assert digest() == before and not (tmp_path / "b" / "runs").exists()

@@ -221,3 +221,16 @@ def test_per_slot_bank_rate_divides_by_the_slots_a_layer_mixes(variant, density,
     width_scale = (config.n_embd / 768) ** -0.5  # the AdamW rate transfer of every embedding-like table
     assert bank_rate(False) == pytest.approx(0.2 * width_scale)
     assert bank_rate(True) == pytest.approx(0.2 * width_scale / slots)
+
+
+def test_resuming_a_finished_run_returns_its_summary_and_rewrites_nothing(prepared_dir, tmp_path):
+    import hashlib
+
+    first = make_trainer(prepared_dir, tmp_path / "run", steps=4).run()
+    files = sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    digest = lambda: [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
+    before = digest()
+    again = make_trainer(prepared_dir, tmp_path / "run", steps=4, resume=True).run()
+    assert again == json.loads(json.dumps(first)) and digest() == before
+    longer = make_trainer(prepared_dir, tmp_path / "run", steps=6, resume=True).run()  # more steps: it continues
+    assert longer["steps"] == 6

@@ -30,8 +30,9 @@
                                    # decays for the rest of b steps); one run gives a curve
                                    # of final losses over budgets for little extra compute
 
-    [[setup]]                      # `move` commands that create what the grid needs;
-    creates = "data/shakespeare/manifest.json"   # skipped when `creates` exists
+    [[setup]]                      # `move` commands that create what the grid needs (each
+    creates = "data/shakespeare/manifest.json"   # keeps its output when made with the same
+                                                 # options, refuses other data; checked after)
     command = ["prepare", "--corpus", "shakespeare", "--out", "data/shakespeare"]
 
 The grid is sizes x variants x seeds, run seed-major (every variant of seed 0
@@ -206,18 +207,22 @@ def grid_of(path) -> dict:
 def run_setup(experiment: Experiment) -> None:
     """Each [[setup]] step runs as its own `python -m move ...` process: the runner
     needs no knowledge of the command line, and a step's failure cannot leave this
-    process in a half-changed state."""
+    process in a half-changed state. Steps run every time, because the commands decide
+    whether their output is already there: a data command keeps data made with the
+    same options and refuses data made with others (an experiment never trains on data
+    prepared for something else); a training run is resumed, which checks that it was
+    started with the same config and returns at once when it is finished."""
     for step in experiment.setup:
-        if Path(step["creates"]).exists():
-            continue
         command = [str(c) for c in step["command"]]
-        if "--out" in command:  # a training command that was interrupted: resume it
+        if "--out" in command:
             out = Path(command[command.index("--out") + 1])
             if (out / "run.json").exists():
                 command.append("--resume")
         print(f"setup: move {' '.join(command)}", flush=True)
         if subprocess.run([sys.executable, "-m", "move", *command]).returncode != 0:
             raise ConfigError(f"setup step failed: move {' '.join(command)}")
+        if not Path(step["creates"]).exists():
+            raise ConfigError(f"setup step `move {' '.join(command)}` did not create {step['creates']}")
 
 
 def resume_possible(run_dir: Path) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from move.errors import DataError
-from move.files import DATA_MARKERS, check_replaceable, read_manifest, replace_directory, temporary_sibling
+from move.files import existing_data, read_manifest, replace_directory, temporary_sibling
 from move.image.datasets import ImageDataset, load_image_dataset
 from move.image.tokenizers import tokenizer_from_spec
 
@@ -58,9 +58,10 @@ def encode_dataset(dataset: ImageDataset, tokenizer, source: dict, out_dir, forc
     """Tokenise both splits into `out_dir` (built in a temporary sibling, renamed
     into place; an existing directory is replaced only with force)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise DataError(f"{out_dir} already exists; pass --force to replace it")
-    check_replaceable(out_dir, DATA_MARKERS, "prepared image data")
+    recipe = {"dataset": {"name": dataset.name, **source}, "tokenizer": tokenizer.spec()}
+    kept = existing_data(out_dir, force, recipe, lambda m: {"dataset": m["dataset"], "tokenizer": m["tokenizer"]})
+    if kept is not None:
+        return kept
     if tuple(dataset.shape) != tuple(getattr(tokenizer, "image_shape", dataset.shape)):
         raise DataError(f"the tokenizer expects images of shape {tokenizer.image_shape}, the dataset has {dataset.shape}")
     tmp = temporary_sibling(out_dir)

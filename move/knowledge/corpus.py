@@ -25,7 +25,8 @@ import numpy as np
 
 from move.config import SerialConfig
 from move.errors import ConfigError
-from move.text.prepare import check_output, write_prepared
+from move.files import existing_data
+from move.text.prepare import write_prepared
 from move.text.tokenizer import Tokenizer
 
 SYLLABLES = ["ka", "lo", "ri", "ta", "mi", "no", "su", "ve", "da", "ro", "pe", "zu", "fa", "ni", "go", "le", "ba",
@@ -122,11 +123,14 @@ def prepare_knowledge(config: KnowledgeConfig, out_dir, force: bool = False) -> 
 
     config.validate()
     out_dir = Path(out_dir)
-    check_output(out_dir, force)
+    options = {"source": "knowledge", **asdict(config)}
+    kept = existing_data(out_dir, force, options, lambda manifest: manifest["options"])
+    if kept is not None:
+        return kept
     tokenizer = Tokenizer.word_level(vocabulary(config))
     docs = lambda: training_documents(config) + held_out_documents(config)  # noqa: E731
     split_of = lambda doc_id: "val" if doc_id.startswith("test") else "train"  # noqa: E731
-    record = {"options": {"source": "knowledge", **asdict(config)},
+    record = {"options": options,
               "split_rule": "val = every fact under the held-out opener; train = the other openers"}
     facts = make_facts(config)
     knowledge = {"config": asdict(config), "names": make_names(config), "held_out_opener": HELD_OUT_OPENER,

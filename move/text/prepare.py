@@ -17,14 +17,14 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from move.config import option
 from move.errors import ConfigError, DataError
-from move.files import DATA_MARKERS, check_replaceable, read_manifest, replace_directory, temporary_sibling
+from move.files import existing_data, read_manifest, replace_directory, temporary_sibling
 from move.progress import progress
 from move.text.corpora import iter_documents
 from move.text.tokenizer import Tokenizer
@@ -161,7 +161,9 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
     touched unless force: the result is built in a temporary sibling and renamed."""
     o = options.validate()
     out_dir = Path(out_dir)
-    check_output(out_dir, force)
+    kept = existing_data(out_dir, force, asdict(o), lambda manifest: manifest["options"])
+    if kept is not None:
+        return kept
     docs = lambda: iter_documents(o.source, o.path, o.field)  # noqa: E731 - re-readable stream
     doc_ids = [d for d, _ in docs()]
     if len(set(doc_ids)) != len(doc_ids):
@@ -184,15 +186,8 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
     rule = ("a single document: its last ceil(val_fraction x passages) passages are validation, the rest training"
             if single else "sha256(document id) < val_fraction, at least one document per side")
     return write_prepared(docs, split_of, tokenizer, o.passage_tokens, out_dir,
-                          {"options": o.__dict__, "split_rule": rule, "val_documents": sorted(val_ids),
+                          {"options": asdict(o), "split_rule": rule, "val_documents": sorted(val_ids),
                            "val_fraction": o.val_fraction})
-
-
-def check_output(out_dir: Path, force: bool) -> None:
-    """An existing output is refused, and with force replaced only if it is prepared data."""
-    if out_dir.exists() and not force:
-        raise DataError(f"{out_dir} already exists; pass --force to replace it")
-    check_replaceable(out_dir, DATA_MARKERS, "prepared data")
 
 
 def write_prepared(docs, split_of, tokenizer: Tokenizer, passage_tokens: int, out_dir: Path, record: dict,

@@ -390,8 +390,20 @@ class Trainer:
         finally:
             self.release()
 
+    def _completed_summary(self) -> dict | None:
+        """The summary of a resumed run that already finished these steps (resuming it
+        is a no-op: nothing is trained, evaluated or rewritten)."""
+        path = self.run_dir / "summary.json"
+        if self.step != self.config.steps or not path.is_file():
+            return None
+        summary = json.loads(path.read_text())
+        return summary if summary.get("steps") == self.step else None
+
     def _run(self) -> dict:
         c = self.config
+        done = self._completed_summary()
+        if done is not None:
+            return done if self.dist.is_main else {}
         reset_peak_memory(self.device)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         own_bar = self.progress is None
