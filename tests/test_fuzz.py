@@ -16,14 +16,14 @@ from PIL import Image
 
 from move.training.checkpoint import read_header
 from move.cli import build_parser
-from move.config import ModelConfig, model_config_from_preset
+from move.config import ModelConfig, TrainConfig, model_config_from_preset
 from move.errors import UserError
 from move.image.datasets import load_folder
 from move.image.prepare import load_prepared_images
 from move.model.gpt import GPT
 from move.text.corpora import iter_documents
 from move.text.prepare import load_prepared
-from move.cli import config_overrides, train_config_from
+from move.cli import config_overrides, given_flags
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 small_ints = st.integers(min_value=-3, max_value=12)
@@ -65,7 +65,7 @@ def test_command_line_is_parsed_or_refused(tokens):
         return
     try:
         model_config_from_preset(args.preset, **config_overrides(args, ModelConfig))
-        train_config_from(args)
+        TrainConfig.from_flat(given_flags(args))
     except UserError:
         pass
 

@@ -7,9 +7,11 @@ with their imports made relative, so
     AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
     AutoTokenizer.from_pretrained(dir)
 work with only torch and transformers installed. Generation through
-`model.generate()` recomputes the full context each step (no HF cache); greedy
-decoding gives the tokens of the project's own KV-cache sampler (tested for every
-variant, MHA and MLA).
+`model.generate()` uses the project's KV cache (mixed values / mixed latent cached,
+one forward per new token), and left-padded batches generate what each prompt
+generates alone; greedy decoding gives the tokens of the project's own sampler
+(tested for every variant, MHA and MLA). The tokenizer adds the BOS token the
+project's models were trained with, as `move sample` does; README.md is a model card.
 """
 
 import json
@@ -18,11 +20,14 @@ import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 
 from move.errors import UserError
 from move.files import EXPORT_MARKERS, check_replaceable, replace_directory, temporary_sibling
+from move.model.accounting import count_params
 from move.text.tokenizer import Tokenizer
-from move.training.checkpoint import first_non_finite, load_model, read_header, tokenizer_source
+from move.training.checkpoint import first_non_finite, load_model, tokenizer_source
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `move` package
 
@@ -63,6 +68,7 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
     tmp = temporary_sibling(out_dir)
+    tmp.chmod(0o755)  # a folder to share: the usual modes, not a private temporary's
     for module, file in MODEL_FILES.items():
         (tmp / file).write_text(_relative_source(module))
     shutil.copyfile(Path(__file__).parent / "hf_modeling_template.py", tmp / "modeling_move.py")
@@ -74,15 +80,61 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
         "auto_map": {"AutoConfig": "modeling_move.MoveConfig", "AutoModelForCausalLM": "modeling_move.MoveForCausalLM"},
         "move_config": model.config.to_dict(), "vocab_size": model.config.vocab_size,
         "bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.bos_id, "eos_token_id": None,
-        "use_cache": False, "torch_dtype": "float32", "source_checkpoint": str(Path(checkpoint).resolve()),
-        "source_sha256": read_header(checkpoint)["sha256"],
+        "use_cache": True, "torch_dtype": "float32", "source_checkpoint": str(Path(checkpoint).resolve()),
+        "source_sha256": header["sha256"],
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save(tmp)
+    # Every training passage starts with BOS, and `move sample` puts it before the prompt:
+    # the exported tokenizer adds it too. Batches are padded on the left (with BOS, masked).
+    with_bos = HFTokenizer.from_str(tokenizer.hf.to_str())
+    with_bos.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                            special_tokens=[(bos, tokenizer.bos_id)])
+    with_bos.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "pad_token": bos,
-        "add_bos_token": False, "model_max_length": model.config.seq_len}, indent=2))
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "pad_token": bos, "add_bos_token": True,
+        "padding_side": "left", "model_max_length": model.config.seq_len}, indent=2))
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": tokenizer.bos_id,
-                                                            "pad_token_id": tokenizer.bos_id, "use_cache": False}))
+                                                            "pad_token_id": tokenizer.bos_id, "use_cache": True}))
+    (tmp / "README.md").write_text(model_card(model, header, checkpoint))
+    for file in tmp.iterdir():
+        file.chmod(0o644)
     replace_directory(tmp, out_dir)
     return out_dir
+
+
+def model_card(model, header: dict, checkpoint) -> str:
+    """README.md of the export: what the model is, its parameters by group, the data it
+    saw and its metrics at this checkpoint (from the run's metrics.jsonl when the
+    checkpoint sits in a run directory)."""
+    c = model.config
+    task = header.get("meta", {}).get("task", {})
+    step = header.get("meta", {}).get("step")
+    metrics_file = Path(checkpoint).parent.parent / "metrics.jsonl"
+    metrics = {}
+    if metrics_file.is_file():
+        records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        metrics = next((r for r in reversed(records) if r.get("step") == step), {})
+    variant = {"standard": "standard attention values",
+               "lave": f"LaVE x{c.memory_density}: per-layer value embeddings on layers {c.lave_layers}",
+               "move": f"MoVE: a global bank of M = {c.n_slots} value slot(s) per token, mixed into every layer"
+               }[c.value_memory]
+    lines = [f"# MoVE-project GPT ({c.value_memory}, {c.attention.upper()})", "",
+             "Exported by `move export-hf`. Load it with",
+             "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and",
+             "`AutoTokenizer.from_pretrained(path, trust_remote_code=True)`: the flag lets transformers read",
+             "this folder's config, which is custom code; the tokenizer itself is a plain",
+             "`PreTrainedTokenizerFast` (`PreTrainedTokenizerFast.from_pretrained(path)` needs no flag). It adds",
+             "the BOS token the model was trained with. Batched generation: pad on the left (the tokenizer",
+             "does) and pass the attention mask; each row then generates what it would alone.",
+             "", "## Architecture", "",
+             f"- {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads ({c.kv_heads} key/value heads), "
+             f"{c.attention.upper()} attention, context {c.seq_len} tokens, vocabulary {c.vocab_size:,}",
+             f"- value memory: {variant}", "", "## Parameters by group", "", "| group | parameters |", "|---|---|"]
+    lines += [f"| {group} | {count:,} |" for group, count in count_params(model).items()]
+    lines += ["", "## Training", "",
+              f"- data: {task.get('source', 'unknown')} ({task.get('train_tokens', 'unknown')} training tokens)",
+              f"- checkpoint step: {step if step is not None else 'unknown'}"]
+    shown = {k: v for k, v in metrics.items() if k in ("val_bpb", "train_loss", "tokens", "val_nll_bits")}
+    lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in shown.items()]
+    lines += ["", f"Source checkpoint: `{Path(checkpoint).resolve()}`", ""]
+    return "\n".join(lines)

@@ -13,15 +13,24 @@ from move.model.layers import KVCache, apply_rotary, rms_norm
 from move.model.value_memory import LayerValueMemory
 
 
-def causal_attention(q, k, v, cache_offset: int) -> torch.Tensor:
+def causal_attention(q, k, v, cache_offset: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q (B,Tq,H,D), k (B,Tk,Hkv,D), v (B,Tk,Hkv,Dv) -> (B,Tq,H,Dv).
 
     The queries sit at positions cache_offset..cache_offset+Tq-1 of the keys.
+    key_mask (B,Tk) bool, for padded batches: False marks a padding key that no query
+    attends to. Every query still attends to itself, so a padding query (whose output
+    nobody reads) gets a finite value instead of a softmax over nothing, whose NaN
+    would reach real tokens through a zero attention weight (0 x NaN = NaN).
     """
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.size(1) != k.size(1)
     t_q, t_k = q.size(2), k.size(2)
-    if t_q == t_k:
+    if key_mask is not None:
+        q_pos = torch.arange(cache_offset, cache_offset + t_q, device=q.device)[:, None]
+        keys = torch.arange(t_k, device=q.device)[None, :]
+        mask = ((keys <= q_pos) & key_mask[:, None, :]) | (keys == q_pos)  # (B, Tq, Tk)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+    elif t_q == t_k:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     elif t_q == 1:  # one new token sees every cached position
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -46,7 +55,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
         self.value_memory = LayerValueMemory(config) if layer_idx in config.memory_layers() else None
 
-    def forward(self, x, idx, bank_slots, cos, sin, cache: KVCache | None):
+    def forward(self, x, idx, bank_slots, cos, sin, cache: KVCache | None, key_mask=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -59,7 +68,7 @@ class CausalSelfAttention(nn.Module):
             offset = cache.pos
             k = cache.update(self.layer_idx, "k", k)
             v = cache.update(self.layer_idx, "v", v)
-        y = causal_attention(q, k, v, offset)
+        y = causal_attention(q, k, v, offset, key_mask)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -92,7 +101,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.value_memory = LayerValueMemory(config) if layer_idx in config.memory_layers() else None
         self.memory_in_latent = config.value_memory == "move"
 
-    def forward(self, x, idx, bank_slots, cos, sin, cache: KVCache | None):
+    def forward(self, x, idx, bank_slots, cos, sin, cache: KVCache | None, key_mask=None):
         B, T, _ = x.shape
         H, hd, r = self.n_head, self.head_dim, self.rope_dim
         q = self.c_q(x).view(B, T, H, hd + r)
@@ -116,5 +125,5 @@ class MultiHeadLatentAttention(nn.Module):
         v = lave_values if lave_values is not None else self.c_v_up(latent).view(B, t_k, H, hd)
         k = torch.cat([k_nope, k_rope.expand(B, t_k, H, r)], dim=-1)
         q, k = rms_norm(q), rms_norm(k)
-        y = causal_attention(q, k, v, offset)
+        y = causal_attention(q, k, v, offset, key_mask)
         return self.c_proj(y.reshape(B, T, -1))

@@ -41,8 +41,8 @@ class Block(nn.Module):
         self.attn = attention(config, layer_idx)
         self.mlp = MLP(config.n_embd)
 
-    def forward(self, x, idx, bank_slots, cos, sin, cache):
-        x = x + self.attn(rms_norm(x), idx, bank_slots, cos, sin, cache)
+    def forward(self, x, idx, bank_slots, cos, sin, cache, key_mask=None):
+        x = x + self.attn(rms_norm(x), idx, bank_slots, cos, sin, cache, key_mask)
         return x + self.mlp(rms_norm(x))
 
 
@@ -119,19 +119,29 @@ class GPT(nn.Module):
                 f"[{int(idx.min())}, {int(idx.max())}]"
             )
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean", check_ids: bool = True):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean", check_ids: bool = True,
+                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None):
         """idx (B, T) -> logits (B, T, V), or the cross-entropy loss if targets are
-        given (targets == -1 are ignored; reduction='none' gives per-token nats)."""
+        given (targets == -1 are ignored; reduction='none' gives per-token nats).
+
+        Padded batches (left padding, as Hugging Face generation makes them): positions
+        (B, T) gives each token's rotary position within its own row, key_mask (B, S)
+        marks the real tokens among all S = cached + T keys; a padded row then computes
+        exactly what the row alone would."""
         if check_ids:
             self.check_token_ids(idx)
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        cos, sin = self._rotary(start + T, idx.device)
-        cos, sin = cos[:, start : start + T], sin[:, start : start + T]
+        if positions is None:
+            cos, sin = self._rotary(start + T, idx.device)
+            cos, sin = cos[:, start : start + T], sin[:, start : start + T]
+        else:
+            cos, sin = self._rotary(int(positions.max()) + 1, idx.device)
+            cos, sin = cos[0, positions], sin[0, positions]  # (B, T, 1, rotary_dim / 2)
         bank_slots = self.bank(idx) if self.bank is not None else None  # one gather for all layers
         x = rms_norm(self.wte(idx))
         for block in self.blocks:
-            x = block(x, idx, bank_slots, cos, sin, cache)
+            x = block(x, idx, bank_slots, cos, sin, cache, key_mask)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(rms_norm(x)).float()

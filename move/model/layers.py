@@ -38,7 +38,9 @@ class MLP(nn.Module):
 
 
 class KVCache:
-    """Per-layer, per-name preallocated buffers of shape (B, max_len, ...).
+    """Per-layer, per-name buffers of shape (B, capacity, ...), allocated for max_len
+    positions and doubled when a sequence outgrows them (a Hugging Face `generate`
+    does not say its length up front; the project's sampler sizes them exactly).
 
     Attention layers `update` with the new positions and get back everything up to
     them; what is cached is whatever the layer needs to rebuild keys and values
@@ -54,12 +56,13 @@ class KVCache:
 
     def update(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
         end = self.pos + x.size(1)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; asked for {end}")
         buf = self.buffers[layer].get(name)
-        if buf is None:
-            buf = x.new_zeros((self.batch_size, self.max_len, *x.shape[2:]))
-            self.buffers[layer][name] = buf
+        if buf is None or buf.size(1) < end:
+            grown = x.new_zeros((self.batch_size, max(end, self.max_len, 2 * (0 if buf is None else buf.size(1))),
+                                 *x.shape[2:]))
+            if buf is not None:
+                grown[:, :self.pos] = buf[:, :self.pos]
+            buf = self.buffers[layer][name] = grown
         buf[:, self.pos:end] = x
         return buf[:, :end]
 
