@@ -329,7 +329,7 @@ def cmd_image_sample(args) -> None:
     labels = class_grid_labels(data.layout.num_classes, args.per_class)
     images = generate_images(model, data, labels, args.cfg_scale, args.temperature, args.top_k, args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images, args.per_class, args.out)
+    save_grid(images, args.per_class, args.out, row_labels=data.manifest["class_names"])
     print(f"wrote {args.out}: one row per class ({', '.join(data.manifest['class_names'])}), cfg scale {args.cfg_scale}")
 
 

@@ -222,3 +222,18 @@ command = {[*prepare, "--vocab-size", str(vocab)]!r}
         run_experiment(experiment(300), tmp_path / "b")
     assert "vocab_size: 400, not 300" in capfd.readouterr().err
     assert digest() == before and not (tmp_path / "b" / "runs").exists()
+
+
+def test_every_variant_of_a_grid_gets_its_own_look_in_the_plots():
+    """Nine variants, nine distinguishable lines: family = hue, density = shade and
+    marker, ablation = dashes, and the same variant looks the same in every plot."""
+    from move.training.curves import variant_style
+
+    names = ["standard", "lave_x1", "lave_x2", "lave-full_x1", "move_x1", "move_x2", "move_x4", "move_x8",
+             "move-nog0_x1", "small-deeper/standard"]
+    looks = [(tuple(variant_style(n)["color"]) if not isinstance(variant_style(n)["color"], str)
+              else variant_style(n)["color"], variant_style(n)["marker"], variant_style(n)["linestyle"]) for n in names]
+    assert len(set(looks)) == len(names)
+    assert variant_style("move_x4 (n=3)") == variant_style("move_x4")
+    darkness = [sum(variant_style(f"move_x{k}")["color"][:3]) for k in (1, 2, 4, 8)]
+    assert darkness == sorted(darkness, reverse=True)  # more memory, darker

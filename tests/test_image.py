@@ -202,12 +202,22 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(digits):
     assert 0 < fids[0] < fids[1]
 
 
-def test_grid_has_one_row_per_class(tmp_path):
+def test_grid_has_one_row_per_class_labelled_and_enlarged(tmp_path):
     images = torch.randint(0, 256, (3 * 4, 1, 8, 8), dtype=torch.uint8)
     save_grid(images, 4, tmp_path / "g.png", scale=1, pad=1)
     with Image.open(tmp_path / "g.png") as im:
         assert im.size == (4 * 9 + 1, 3 * 9 + 1)
     assert class_grid_labels(3, 4).tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    save_grid(images, 4, tmp_path / "big.png", row_labels=["zero", "one", "two"])
+    with Image.open(tmp_path / "big.png") as im:
+        scale = 12  # 8-pixel images become cells of 96 pixels
+        width, height = im.size
+        assert height == (3 * 9 + 1) * scale and width > (4 * 9 + 1) * scale  # a margin for the names
+        margin = width - (4 * 9 + 1) * scale
+        pixels = np.asarray(im.convert("L"))
+        assert (pixels[:, :margin] < 128).any()  # the names are written in it
+        first = pixels[scale: scale + 8 * scale, margin + scale: margin + 9 * scale]  # the first image, enlarged
+        assert np.array_equal(first[::scale, ::scale], images[0, 0].numpy())
 
 
 def test_folder_dataset(tmp_path):

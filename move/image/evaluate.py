@@ -71,6 +71,6 @@ def evaluate_generator(model, data: PreparedImages, classifier_checkpoint, num_s
     if grid_path:
         grid_labels = class_grid_labels(C, grid_per_class)
         grid = generate_images(model, data, grid_labels, cfg_scale, temperature, top_k, seed + 10**6, tokenizer)
-        save_grid(grid, grid_per_class, grid_path)
+        save_grid(grid, grid_per_class, grid_path, row_labels=data.manifest["class_names"])
         result["grid"] = str(grid_path)
     return result

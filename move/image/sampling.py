@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from move.device import evaluating
 from move.errors import ConfigError
@@ -64,15 +64,36 @@ def class_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-def save_grid(images: torch.Tensor, columns: int, path, scale: int = 2, pad: int = 1) -> None:
+GRID_CELL_PIXELS = 96  # images are enlarged (nearest neighbour) to about this size, so 8x8 digits can be judged
+
+
+def grid_scale(height: int) -> int:
+    return max(1, math.ceil(GRID_CELL_PIXELS / height))
+
+
+def save_grid(images: torch.Tensor, columns: int, path, scale: int | None = None, pad: int = 1,
+              row_labels: list[str] | None = None) -> None:
     """uint8 images (N, C, H, W) -> one PNG, `columns` per row, with a padding line
-    between cells (hand-written: torchvision's make_grid would pull a second
-    torch build onto a CPU machine; this is a reshape)."""
+    between cells, each pixel enlarged `scale` times (default: cells of about
+    GRID_CELL_PIXELS), and row_labels (class names) written in a left margin.
+    Hand-written: torchvision's make_grid would pull a second torch build onto a CPU
+    machine; this is a reshape."""
     n, c, h, w = images.shape
     rows = -(-n // columns)
     canvas = np.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), 255, dtype=np.uint8)
     for i, image in enumerate(images.cpu().numpy()):
         r, k = divmod(i, columns)
         canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = image
-    picture = Image.fromarray(canvas[0] if c == 1 else canvas.transpose(1, 2, 0))
-    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+    picture = Image.fromarray(canvas[0] if c == 1 else canvas.transpose(1, 2, 0)).convert("RGB")
+    scale = scale or grid_scale(h)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    if row_labels:
+        font = ImageFont.load_default(size=max(10, min(18, (h + pad) * scale // 3)))
+        margin = max(int(font.getlength(label)) for label in row_labels) + 12
+        labelled = Image.new("RGB", (picture.width + margin, picture.height), "white")
+        labelled.paste(picture, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for r, label in enumerate(row_labels[:rows]):
+            draw.text((6, (pad + r * (h + pad) + h / 2) * scale), label, fill="black", font=font, anchor="lm")
+        picture = labelled
+    picture.save(path)

@@ -1,9 +1,35 @@
 """Loss-curve plots (matplotlib, headless)."""
 
+import math
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+
+# One look per variant, the same in every plot: the family picks the hue (standard black,
+# LaVE oranges, MoVE blues), the density the shade (darker = more memory) and the
+# marker, an ablation a dashed line. Nine variants stay apart, and the colour says what
+# a line is before the legend does.
+FAMILY_COLORMAPS = {"lave": "Oranges", "move": "Blues"}
+DENSITY_MARKERS = {1: "o", 2: "^", 4: "s", 8: "D", 16: "P", 32: "X"}
+
+
+def variant_style(name: str) -> dict:
+    """matplotlib keywords (color, marker, linestyle) for a run or variant name such as
+    "move_x4", "lave-full_x1", "standard" or "small-deeper/standard (n=3)"."""
+    match = re.search(r"\b(standard|lave|move)(-[a-z0-9]+)?(?:_x(\d+))?", name)
+    if not match:
+        return dict(color="gray", marker="x", linestyle=":")
+    family, ablation, density = match.group(1), match.group(2), int(match.group(3) or 1)
+    deeper = "deeper" in name or "wider" in name  # a compute-matched dense baseline
+    if family == "standard":
+        return dict(color="dimgray" if deeper else "black", marker="v" if deeper else "o",
+                    linestyle="-." if deeper else "-")
+    shade = 0.45 + 0.55 * min(1.0, math.log2(density) / 3)  # x1 light .. x8 and more darkest
+    return dict(color=plt.get_cmap(FAMILY_COLORMAPS[family])(shade), marker=DENSITY_MARKERS.get(density, "*"),
+                linestyle="--" if ablation else "-")
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -34,7 +60,7 @@ def plot_runs(curves: dict[str, list[dict]], key: str, path, title: str = "") ->
     """One validation curve per run: curves maps a run name to its metrics records."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, metrics in curves.items():
-        ax.plot([m["step"] for m in metrics], [m[key] for m in metrics], marker="o", label=name)
+        ax.plot([m["step"] for m in metrics], [m[key] for m in metrics], label=name, **variant_style(name))
     ax.set(xlabel="step", ylabel=key, title=title)
     ax.legend()
     fig.tight_layout()
@@ -52,8 +78,9 @@ def plot_curve_bands(curves: dict[str, list[list[dict]]], key: str, path, title:
             continue
         values = [[next(m[key] for m in run if m["step"] == s) for run in runs] for s in steps]
         mean = [sum(v) / len(v) for v in values]
-        line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{name} (n={len(runs)})")
-        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+        style = variant_style(name)
+        ax.plot(steps, mean, markersize=4, label=f"{name} (n={len(runs)})", **style)
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=style["color"], alpha=0.15)
     ax.set(xlabel="step", ylabel=key, title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -65,11 +92,11 @@ def plot_scaling(points: list[dict], key: str, path, title: str = "") -> None:
     """Final metric against value-memory parameters and against training FLOPs per
     token; points: {label, family, memory_params, flops, mean, std}."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    markers = {"standard": "s", "lave": "^", "move": "o"}
     for p in points:
-        marker = markers.get(p["family"], "x")
+        style = variant_style(p["label"])
         for ax, x in zip(axes, (p["memory_params"], p["flops"])):
-            ax.errorbar([x], [p["mean"]], yerr=[p["std"]], fmt=marker, capsize=3, label=p["label"])
+            ax.errorbar([x], [p["mean"]], yerr=[p["std"]], fmt=style["marker"], color=style["color"], capsize=3,
+                        label=p["label"])
     axes[0].set_xscale("symlog", linthresh=1e4)
     axes[0].set(xlabel="value-memory parameters", ylabel=key, title=f"{title}: memory axis")
     axes[1].set(xlabel="training FLOPs per token", ylabel=key, title=f"{title}: compute axis")
@@ -85,8 +112,9 @@ def plot_knowledge(lines: dict[str, list[tuple]], path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, points in lines.items():
         points = sorted(points)
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                    capsize=3, label=label, linestyle="--" if "2 token" in label else "-")
+        style = {**variant_style(label), "linestyle": "--" if "2 token" in label else "-"}
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], capsize=3,
+                    label=label, **style)
     ax.set(xlabel="people in the corpus (N)", ylabel="stored knowledge (bits)", xscale="log")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -98,12 +126,12 @@ def plot_budget_bands(lines: dict[str, dict[int, list[tuple[float, float]]]], pa
     """Final metric against training tokens: lines maps a variant to {budget: [(tokens,
     value) per seed]}; the line is the mean, the band the lowest to the highest seed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = plt.get_cmap("tab10")
-    for i, (name, budgets) in enumerate(lines.items()):
+    for name, budgets in lines.items():
         points = sorted((runs[0][0], [v for _, v in runs]) for runs in budgets.values())
         x = [t for t, _ in points]
-        ax.plot(x, [sum(v) / len(v) for _, v in points], marker="o", color=colors(i % 10), label=name)
-        ax.fill_between(x, [min(v) for _, v in points], [max(v) for _, v in points], color=colors(i % 10), alpha=0.15)
+        style = variant_style(name)
+        ax.plot(x, [sum(v) / len(v) for _, v in points], label=name, **style)
+        ax.fill_between(x, [min(v) for _, v in points], [max(v) for _, v in points], color=style["color"], alpha=0.15)
     ax.set(xlabel="training tokens", ylabel=ylabel, title=title, xscale="log")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -115,16 +143,15 @@ def plot_diagnostics(curves: dict[str, list[list[dict]]], keys: dict[str, str], 
     """One panel per diagnostic over training steps: curves maps a variant to its
     seeds' metrics lists, value(record, key) reads a diagnostic (None: absent)."""
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
-    colors = plt.get_cmap("tab10")
     for ax, (key, label) in zip(axes[0], keys.items()):
-        for i, (name, runs) in enumerate(curves.items()):
+        for name, runs in curves.items():
             steps = sorted({m["step"] for m in runs[0]})
             means = []
             for step in steps:
                 values = [value(m, key) for run in runs for m in run if m["step"] == step]
                 values = [v for v in values if v is not None]
                 means.append(sum(values) / len(values) if values else float("nan"))
-            ax.plot(steps, means, marker="o", markersize=3, color=colors(i % 10), label=name)
+            ax.plot(steps, means, markersize=4, label=name, **variant_style(name))
         ax.set(xlabel="step", ylabel=label, title=f"{title}: {label}")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
