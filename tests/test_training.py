@@ -234,3 +234,18 @@ def test_resuming_a_finished_run_returns_its_summary_and_rewrites_nothing(prepar
     assert again == json.loads(json.dumps(first)) and digest() == before
     longer = make_trainer(prepared_dir, tmp_path / "run", steps=6, resume=True).run()  # more steps: it continues
     assert longer["steps"] == 6
+
+
+@pytest.mark.parametrize("offset", [-1, 1])
+def test_a_model_built_for_another_vocabulary_is_refused(prepared_dir, tmp_path, offset, capsys):
+    """api.build_model(vocab_size=...) trained on data of another vocabulary is an error
+    (larger used to pass silently: rows never trained, counted as parameters), and the
+    api prints nothing into a notebook."""
+    from move import api
+
+    vocab = load_prepared(prepared_dir).tokenizer.vocab_size
+    with pytest.raises(UserError, match=f"does not match the data's tokenizer .*vocab_size={vocab}"):
+        api.train(api.build_model("tiny", vocab_size=vocab + offset), prepared_dir, tmp_path / "r", steps=1)
+    summary = api.train(api.build_model("tiny", vocab_size=vocab), prepared_dir, tmp_path / "ok", steps=2,
+                        batch_size=2, eval_every=2, eval_tokens=256, quiet=True)
+    assert summary["steps"] == 2 and capsys.readouterr().out == ""

@@ -25,9 +25,12 @@ class TextTask:
         self.token_bytes = torch.from_numpy(data.tokenizer.token_bytes())
 
     def check_model(self, model) -> None:
-        if model.config.vocab_size < self.data.tokenizer.vocab_size:
-            raise DataError(f"model vocab_size {model.config.vocab_size} is smaller than the data's tokenizer "
-                            f"({self.data.tokenizer.vocab_size})")
+        # Larger would run, but the extra rows would never be trained and the run's
+        # accounting would count them: a model built for other data is a mistake.
+        if model.config.vocab_size != self.data.tokenizer.vocab_size:
+            raise DataError(f"model vocab_size {model.config.vocab_size} does not match the data's tokenizer "
+                            f"({self.data.tokenizer.vocab_size} tokens); build the model with "
+                            f"vocab_size={self.data.tokenizer.vocab_size}")
 
     def evaluate(self, model) -> dict:
         batches = eval_windows(self.data.tokens("val"), self.seq_len, self.eval_tokens, self.batch_size)
