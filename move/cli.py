@@ -305,18 +305,22 @@ def cmd_image_encode(args) -> None:
           f"{'x'.join(map(str, manifest['grid']))}, train {s['train']['examples']:,} / test {s['test']['examples']:,} images")
 
 
-def image_model_and_data(checkpoint, data_dir, device):
-    from move.image.prepare import load_prepared_images
+def image_model_and_data(checkpoint, data_dir, device, decoding_only: bool = False):
+    """The model and its image data: for sampling (decoding_only) the copy inside the
+    checkpoint is enough unless --data is given; evaluation needs the data itself."""
+    from move.image.prepare import decoding_from_checkpoint, load_prepared_images
     from move.recipes import resolve_checkpoint
     from move.training.checkpoint import data_dir_for, load_model
 
     checkpoint = resolve_checkpoint(checkpoint)
     model, header = load_model(checkpoint, device)
-    data_dir = data_dir_for(checkpoint, header, data_dir, "--data")
-    data = load_prepared_images(data_dir)
+    data = decoding_from_checkpoint(checkpoint, header) if decoding_only and not data_dir else None
+    if data is None:
+        data_dir = data_dir_for(checkpoint, header, data_dir, "--data")
+        data = load_prepared_images(data_dir)
     if model.config.vocab_size != data.layout.vocab_size:
         raise UserError(f"{checkpoint}: vocabulary {model.config.vocab_size} does not fit the image data "
-                        f"{data_dir} ({data.layout.vocab_size})")
+                        f"{data.directory} ({data.layout.vocab_size})")
     return model, data
 
 
@@ -325,7 +329,7 @@ def cmd_image_sample(args) -> None:
     from move.image.evaluate import generate_images
     from move.image.sampling import class_grid_labels, save_grid
 
-    model, data = image_model_and_data(args.checkpoint, args.data, pick_device(args.device))
+    model, data = image_model_and_data(args.checkpoint, args.data, pick_device(args.device), decoding_only=True)
     labels = class_grid_labels(data.layout.num_classes, args.per_class)
     images = generate_images(model, data, labels, args.cfg_scale, args.temperature, args.top_k, args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -248,3 +248,32 @@ def test_long_commands_show_progress_on_a_terminal_and_training_loops_do_not(tmp
     assert main(["eval", str(run), "--data", str(prepared_dir), "--max-tokens", "512", "--batch-size", "2"]) == 0
     assert asked == [("bits per byte", None)]  # None: tqdm shows it on a terminal
     assert "bits per byte" in terminal.getvalue()
+
+
+def test_an_image_run_samples_after_its_data_and_tokenizer_are_moved_away(tmp_path):
+    """Checkpoints of a model trained on VQ tokens carry the data's manifest and the
+    VQ-VAE's checkpoint (checksummed): image-sample needs only the run directory."""
+    import shutil
+
+    from PIL import Image
+
+    quick = ["--steps", "2", "--batch-size", "8", "--eval-every", "2", "--checkpoint-every", "2"]
+    assert main(["image-tokenizer", "--dataset", "digits", *quick, "--eval-images", "16", "--downsample", "1",
+                 "--hidden", "8", "--codebook-size", "16", "--out", str(tmp_path / "vq")]) == 0
+    assert main(["image-encode", "--dataset", "digits", "--tokenizer", str(tmp_path / "vq"),
+                 "--out", str(tmp_path / "tokens")]) == 0
+    assert main(["train", "--data", str(tmp_path / "tokens"), "--out", str(tmp_path / "run"), *TINY,
+                 "--steps", "2", "--variant", "move"]) == 0
+    away = tmp_path / "away"
+    away.mkdir()
+    for name in ("vq", "tokens", "run"):
+        shutil.move(str(tmp_path / name), str(away / name))
+    moved = tmp_path / "moved_run"
+    shutil.move(str(away / "run"), str(moved))
+    shutil.rmtree(away)  # the data and the tokenizer's run are gone
+    grid = tmp_path / "grid.png"
+    result = subprocess.run([sys.executable, "-m", "move", "image-sample", str(moved), "--per-class", "2",
+                             "--out", str(grid)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with Image.open(grid) as im:
+        assert im.height == (10 * (8 + 1) + 1) * 12  # ten classes of 8x8 digits, one row each, enlarged 12x

@@ -24,9 +24,13 @@ from move.errors import DataError
 from move.files import existing_data, read_manifest, replace_directory, temporary_sibling
 from move.image.datasets import ImageDataset, load_image_dataset
 from move.image.tokenizers import tokenizer_from_spec
+from move.training.checkpoint import read_verified
 
 FORMAT = "move-image-data"
 MANIFEST = "manifest.json"
+# In the checkpoints of a model trained on image data: what decoding its tokens needs
+DECODING = "image_decoding.json"  # the data's manifest: layout, grid, class names, tokenizer spec
+VQ_COPY = "image_tokenizer"  # a VQ-VAE tokenizer's own checkpoint, copied whole
 SPLITS = ("train", "test")
 
 
@@ -113,12 +117,37 @@ class PreparedImages:
         return self.arrays[f"{split}_labels.npy"]
 
     def tokenizer(self, device="cpu"):
-        return tokenizer_from_spec(self.manifest["tokenizer"], device)
+        spec = self.manifest["tokenizer"]
+        if spec.get("kind") == "vqvae":  # a copy inside a checkpoint is named relative to it
+            spec = {**spec, "checkpoint": str(self.directory / spec["checkpoint"])}
+        return tokenizer_from_spec(spec, device)
+
+    def decoding_files(self) -> dict[str, bytes]:
+        """What a checkpoint of a model trained on this data carries so that its samples
+        can be decoded with nothing else: the manifest and, for a VQ-VAE, its checkpoint
+        (read back by decoding_from_checkpoint)."""
+        manifest = {k: v for k, v in self.manifest.items() if k != "splits"}
+        files = {}
+        if manifest["tokenizer"]["kind"] == "vqvae":
+            source = Path(self.directory) / manifest["tokenizer"]["checkpoint"]
+            for name in ("config.json", "model.safetensors"):
+                files[f"{VQ_COPY}/{name}"] = (source / name).read_bytes()
+            manifest["tokenizer"] = {**manifest["tokenizer"], "checkpoint": VQ_COPY}
+        return {**files, DECODING: json.dumps(manifest, indent=2).encode()}
 
     def dataset(self) -> ImageDataset:
         """The source images (FID reference, classifier training)."""
         d = self.manifest["dataset"]
         return load_image_dataset(d["source"], d.get("root"), d.get("image_size", 32), d.get("channels", 3))
+
+
+def decoding_from_checkpoint(checkpoint, header: dict) -> PreparedImages | None:
+    """The decoding half of the image data a checkpoint's model was trained on (no
+    token arrays), from the checkpoint's own copy; None for checkpoints without one."""
+    if DECODING not in header.get("sha256", {}):
+        return None
+    manifest = json.loads(read_verified(Path(checkpoint), DECODING, header))
+    return PreparedImages(directory=Path(checkpoint), manifest=manifest, arrays={})
 
 
 def is_prepared_images(directory) -> bool:

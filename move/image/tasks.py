@@ -154,6 +154,11 @@ class GenerationTask:
 
         self.loader = ExampleLoader(len(labels), make_batch, batch_size, seed, rank, world_size)
 
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """Decoding goes into every checkpoint: samples need neither the data nor the
+        tokenizer's run directory."""
+        return self.data.decoding_files()
+
     def check_model(self, model) -> None:
         c = model.config
         if c.vocab_size != self.layout.vocab_size:

@@ -94,6 +94,7 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
             files[TRAIN_STATE] = buffer.getvalue()
         files.update(extra_files or {})  # what using the checkpoint needs (the tokenizer): checksummed too
         for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # e.g. a nested tokenizer checkpoint
             _write_synced(tmp / name, data)
         header = {
             "format": FORMAT,
@@ -157,7 +158,7 @@ def tokenizer_source(checkpoint, header: dict, explicit: str | None = None) -> s
     if explicit:
         return explicit
     if TOKENIZER in header.get("sha256", {}):
-        _read_verified(Path(checkpoint), TOKENIZER, header)
+        read_verified(Path(checkpoint), TOKENIZER, header)
         return str(Path(checkpoint) / TOKENIZER)
     return data_dir_for(checkpoint, header, None, "--tokenizer")
 
@@ -171,7 +172,8 @@ def data_dir_for(checkpoint, header: dict, explicit: str | None, flag: str) -> s
     return data
 
 
-def _read_verified(path: Path, name: str, header: dict) -> bytes:
+def read_verified(path: Path, name: str, header: dict) -> bytes:
+    """A file of a checkpoint, checked against the checksum its header records."""
     file = path / name
     if not file.is_file():
         raise CheckpointError(f"{path}: missing {name}")
@@ -186,7 +188,7 @@ def load_state_dict(path) -> tuple[dict, dict]:
     """Verified (state_dict, header) of a checkpoint directory."""
     path = Path(path)
     header = read_header(path)
-    data = _read_verified(path, WEIGHTS, header)
+    data = read_verified(path, WEIGHTS, header)
     try:
         return load_safetensors_bytes(data), header
     except SafetensorError as e:
@@ -199,7 +201,7 @@ def load_train_state(path) -> dict:
     run code (its checksum sits beside it and proves nothing against tampering)."""
     path = Path(path)
     header = read_header(path)
-    data = _read_verified(path, TRAIN_STATE, header)
+    data = read_verified(path, TRAIN_STATE, header)
     try:
         return torch.load(io.BytesIO(data), weights_only=True)
     except pickle.UnpicklingError as e:
