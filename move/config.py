@@ -66,7 +66,8 @@ class ModelConfig(SerialConfig):
     n_head: int = option(4, "attention heads")
     n_kv_head: int = option(0, "key/value heads for grouped-query attention (0: n_head, plain MHA)")
     attention: str = option("mha", "mha (MHA/GQA) or mla (multi-head latent attention)")
-    kv_latent_dim: int = option(0, "MLA: width d_c of the cached KV latent (0: 4 x head_dim)")
+    kv_latent_dim: int = option(0, "MLA: width d_c of the cached KV latent (0: 4 x head_dim, rounded up to a "
+                                   "multiple of n_head)")
     rope_head_dim: int = option(0, "MLA: width of the decoupled RoPE key/query part (0: head_dim / 2)")
     value_memory: str = option("standard", "standard, lave or move")
     # LaVE gets k tables per participating layer; MoVE gets M = k * (number of LaVE
@@ -92,7 +93,9 @@ class ModelConfig(SerialConfig):
 
     @property
     def kv_latent_width(self) -> int:
-        return self.kv_latent_dim or 4 * self.head_dim
+        # MoVE on MLA splits the latent in n_head chunks, so the default is a multiple of
+        # n_head: 4 x head_dim is not for d12's 6 heads of 128 (512 -> 516)
+        return self.kv_latent_dim or -(-4 * self.head_dim // self.n_head) * self.n_head
 
     @property
     def rope_width(self) -> int:
@@ -169,13 +172,33 @@ DEFAULT_PRESET = "small"
 LABEL_DROPOUT = 0.1  # class-conditional images: probability of the null class in training
 
 # Presets: the shape of the model; the variant and density are set separately.
+# The paper's text baselines are nanochat models: width = 64 x depth, heads of 128
+# channels, context 2,048 (nanochat scripts/base_train.py: --aspect-ratio 64,
+# --head-dim 128, --max-seq-len 2048). With a vocabulary of 2^16 (nanochat's tokenizer,
+# scripts/tok_train.py, until it moved to 2^15 in 2026) their parameter counts are the
+# paper's: D12 185.6M (~186M), D20 561.2M (~561M), D32 1.879B (~1.88B) (tests/test_presets.py
+# checks them). nanochat's January 2026 value-embedding log (151M = 6 tables x 32,768 x
+# 768 at d12) used 2^15: pass --vocab-size 32768 (or prepare data with it) for that.
+# The paper's image baselines are LlamaGen's class-conditional GPT-B / GPT-L on 256x256
+# ImageNet: a 16x16 grid of a 16,384-code VQ tokenizer, 1,000 classes (+ a null class for
+# guidance), GPT-B 12 layers x 768 with 12 heads (111M), GPT-L 24 x 1024 with 16 (343M)
+# (LlamaGen, Sun et al. 2024, Table 2); relu^2 MLPs of 4 x width have the parameters of
+# LlamaGen's SwiGLU of 8/3 x width (GPT-B: 111.6M; GPT-L: 337.6M, 1.6% under 343M because
+# LlamaGen rounds its SwiGLU width up to a multiple of 256: 2,816 instead of 2,731). The image presets' vocabulary (codes + classes + null)
+# and context (the 256 image tokens; the class token takes position 0) are what
+# `move image-encode` of such data gives.
 MODEL_PRESETS: dict[str, dict] = {
     # seconds on a CPU; used by tests
     "tiny": dict(vocab_size=512, seq_len=64, n_layer=2, n_embd=64, n_head=2),
     # a few minutes per model on 2 CPU cores
     "small": dict(vocab_size=2048, seq_len=128, n_layer=4, n_embd=128, n_head=4),
-    # nanochat D12, the paper's smallest text model (GPU)
+    # the paper's text models (nanochat depth 12 / 20 / 32)
     "d12": dict(vocab_size=65536, seq_len=2048, n_layer=12, n_embd=768, n_head=6),
+    "d20": dict(vocab_size=65536, seq_len=2048, n_layer=20, n_embd=1280, n_head=10),
+    "d32": dict(vocab_size=65536, seq_len=2048, n_layer=32, n_embd=2048, n_head=16),
+    # the paper's image models (LlamaGen GPT-B / GPT-L, class-conditional ImageNet 256)
+    "gpt-b": dict(vocab_size=16384 + 1000 + 1, seq_len=256, n_layer=12, n_embd=768, n_head=12),
+    "gpt-l": dict(vocab_size=16384 + 1000 + 1, seq_len=256, n_layer=24, n_embd=1024, n_head=16),
 }
 
 
