@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from move import __version__
 from move.config import (DEFAULT_PRESET, LABEL_DROPOUT, MODEL_PRESETS, ClassifierConfig, ModelConfig, OptimConfig,
-                         TrainConfig, VQConfig)
+                         TrainConfig, VQConfig, model_config_from_preset)
 from move.errors import UserError
 
 if TYPE_CHECKING:
@@ -77,6 +77,32 @@ def at_least(minimum: int):
     return parse
 
 
+BYTE_UNITS = {"": 2**30, "g": 2**30, "gb": 2**30, "gib": 2**30, "m": 2**20, "mb": 2**20, "mib": 2**20,
+              "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a memory size such as 80GB, 141GiB or 512MB (units of 2^30 and
+    2^20 bytes, as GPU memory is quoted; a bare number is GiB)."""
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ")
+    unit = text[len(number):].strip().lower()
+    try:
+        value = float(number) * BYTE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 80GB, 141GiB, 512MB)") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return int(value)
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 METAVARS = {int: "INT", float: "FLOAT", bool: "BOOL"}
 
 
@@ -118,15 +144,15 @@ def given_flags(args) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
-def run_spec_from(args) -> "RunSpec":
-    """The RunSpec of `train` / `compare`: the defaults, then the --config file, then
-    the flags given on the command line."""
+def run_spec_from(args, data_required: bool = True) -> "RunSpec":
+    """The RunSpec of `train` / `compare` / `plan`: the defaults, then the --config file,
+    then the flags given on the command line (plan: data "" when none is named)."""
     from move.config import read_run_config
     from move.recipes import RunSpec
 
     file = read_run_config(args.config) if args.config else {}
-    data = args.data or file.get("data")
-    if not data:
+    data = args.data or file.get("data") or ""
+    if not data and data_required:
         raise UserError("no training data: pass --data or a --config file that names it")
     flags = given_flags(args)
     return RunSpec(data=data, preset=flags.get("preset", file.get("preset", DEFAULT_PRESET)),
@@ -172,6 +198,44 @@ def print_summary(summary: dict) -> None:
 
     if current().is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
+
+
+# ---------------------------------------------------------------------------- plan
+def cmd_plan(args) -> None:
+    from move.device import PEAK_BF16_FLOPS
+    from move.recipes import load_data, model_config_for
+    from move.training.plan import fits, gib, measure_peak_bytes, plan_run, plan_text
+
+    spec = run_spec_from(args, data_required=False)
+    spec.train.validate()
+    config = (model_config_for(spec, load_data(spec.data)) if spec.data
+              else model_config_from_preset(spec.preset, **spec.model))
+    peaks = {name.lower(): (name, flops / 1e12) for name, flops in PEAK_BF16_FLOPS}
+    card, peak = "", spec.train.peak_tflops or None
+    if args.card:
+        if args.card.lower() not in peaks:
+            raise UserError(f"unknown card {args.card!r}; choose from {', '.join(n for n, _ in PEAK_BF16_FLOPS)} "
+                            f"or give --peak-tflops")
+        card, sheet = peaks[args.card.lower()]
+        peak = peak or sheet
+    on_gpu = bool(args.card or args.gpu_memory or spec.train.device.startswith("cuda"))
+    bf16 = on_gpu if args.bf16 is None else args.bf16
+    plan = plan_run(config, spec.train, args.processes, bf16)
+    if args.measure and args.processes > 1:
+        raise UserError("--measure trains in this one process: use it with --processes 1")
+    measured = measure_peak_bytes(config, spec.train, args.measure) if args.measure else None
+    if args.json:
+        print(json.dumps(dict(params=plan.params, flops_per_token=plan.flops_per_token, tokens=plan.tokens,
+                              processes=plan.processes, micro_batch=plan.micro_batch, bf16=bf16,
+                              memory_bytes=plan.memory, memory_total_bytes=plan.memory_total,
+                              fits=fits(plan, args.gpu_memory) if args.gpu_memory else None,
+                              hours=plan.hours(peak, args.mfu) if peak else None,
+                              measured_peak_bytes=measured), indent=2))
+    else:
+        print(plan_text(plan, args.gpu_memory, peak, args.mfu, card))
+        if measured is not None:
+            print(f"\nmeasured: {gib(measured)} at the peak of {args.measure} training step(s) here "
+                  f"({measured / plan.memory_total:.2f} x the plan)")
 
 
 # ---------------------------------------------------------------------------- eval / sample
@@ -485,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="a run config TOML: data, preset, label_dropout, [model] and [train] "
                                         "tables (an earlier run's config.toml); flags override it (default none)")
         p.add_argument("--data", help="prepared data directory (move prepare, image-encode, knowledge-prepare); "
-                                      "(default the --config file's; one of the two is required)")
+                                      "(default the --config file's; one of the two is required, except by plan)")
         p.add_argument("--preset", choices=list(MODEL_PRESETS),
                        help=f"model shape the [model] fields and flags override (default {DEFAULT_PRESET})")
         p.add_argument("--variant", dest="value_memory", choices=("standard", "lave", "move"),
@@ -505,6 +569,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="what a training run will need: parameters, FLOPs, memory per process and "
+                                     "time, without allocating (takes the train flags)")
+    add_training_flags(p)
+    p.add_argument("--processes", type=at_least(1), default=1,
+                   help="processes (GPUs) under torchrun; value-memory tables are row-sharded over them")
+    p.add_argument("--gpu-memory", type=byte_size,
+                   help="memory of one device, e.g. 80GB (GiB units): says whether the run fits (default none)")
+    p.add_argument("--card", help="a known GPU (H100, H200, A100, B200, L40S, ...) for its data-sheet bf16 peak "
+                                  "(default none; --peak-tflops overrides the data sheet)")
+    p.add_argument("--mfu", type=fraction, default=0.4, help="model FLOPs utilisation assumed for the time estimate")
+    p.add_argument("--bf16", type=parse_bool, metavar="BOOL",
+                   help="activations under bf16 autocast (default true when planning for a GPU: --card, "
+                        "--gpu-memory or --device cuda; else false)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes, FLOPs, hours)")
+    p.add_argument("--measure", type=at_least(1),
+                   help="also train this many steps on random tokens here (one process, --device) and print the "
+                        "measured peak memory beside the plan (default none)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="bits per byte of a checkpoint on a data split or a text file")
     p.add_argument("checkpoint", help="checkpoint or run directory (its newest checkpoint)")

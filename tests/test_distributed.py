@@ -197,19 +197,21 @@ def test_batch_must_split_evenly(tmp_path, prepared_dir):
 
 
 def test_gpu_smoke_script_on_cpu(tmp_path, prepared_dir):
-    """The GPU smoke runner, on the CPU with the tiny preset (one variant under
-    torchrun): it trains, collects and tabulates; MFU is n/a without a known peak."""
+    """The GPU smoke runner, on the CPU with reduced presets (tiny and small, one
+    variant under torchrun): it trains, collects and tabulates, with the plan's memory
+    beside each run; MFU is n/a without a known peak."""
     from move.experiments.smoke import main as smoke
 
     out = tmp_path / "smoke"
-    args = ["--allow-cpu", "--preset", "tiny", "--vocab-size", "512", "--steps", "2", "--batch-size", "4",
-            "--data", str(prepared_dir), "--out", str(out)]
-    assert smoke([*args, "--variants", "standard", "move_x1"]) == 0
-    assert smoke([*args, "--variants", "move_x4", "--nproc", "2", "--out", str(out / "two")]) == 0
-    text = (out / "smoke.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| standard") or line.startswith("| move_x1")]
-    assert len(rows) == 2 and all("| n/a |" in row for row in rows)
-    assert json.loads((out / "two" / "move_x4" / "summary.json").read_text())["world_size"] == 2
+    args = ["--allow-cpu", "--vocab-size", "512", "--steps", "2", "--batch-size", "4", "--data", str(prepared_dir)]
+    assert smoke([*args, "--presets", "tiny", "small", "--variants", "standard", "move_x1", "--out", str(out)]) == 0
+    assert smoke([*args, "--presets", "tiny", "--variants", "move_x4", "--nproc", "2", "--out", str(out / "two")]) == 0
+    rows = [line.split(" | ") for line in (out / "smoke.md").read_text().splitlines() if line.startswith("| tiny")
+            or line.startswith("| small")]
+    assert [(r[0], r[1]) for r in rows] == [("| tiny", "standard"), ("| tiny", "move_x1"), ("| small", "standard"),
+                                            ("| small", "move_x1")]
+    assert all(r[6] == "n/a" and float(r[8]) > 0 for r in rows)  # no MFU on a CPU; a planned memory
+    assert json.loads((out / "two" / "tiny" / "move_x4" / "summary.json").read_text())["world_size"] == 2
 
 
 def test_gpu_smoke_refuses_without_cuda(capsys):
