@@ -274,6 +274,7 @@ def cmd_eval(args) -> None:
     else:
         data = load_prepared(args.data)
         tokenizer, tokens, source = data.tokenizer, data.tokens(args.split), f"{args.data}:{args.split}"
+    model.check_token_ids(torch.tensor([int(tokens.min()), int(tokens.max())]))  # once: the forward does not check
     token_bytes = torch.from_numpy(tokenizer.token_bytes())
     bpb = bits_per_byte(model, eval_windows(tokens, seq_len, args.max_tokens, args.batch_size), token_bytes)
     print(json.dumps({"checkpoint": str(args.checkpoint), "source": source, "bpb": bpb}))

@@ -26,6 +26,13 @@ def autocast(device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def synchronize(device) -> None:
+    """Wait for the work queued on a CUDA device (a sync point's timing); nothing elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @contextlib.contextmanager
 def evaluating(model):
     """Eval mode inside the block; the model's previous mode is restored after it,

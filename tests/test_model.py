@@ -10,13 +10,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from move.training.checkpoint import header_checksum, load_model, save_checkpoint
-from move.config import ModelConfig
+from move.api import build_model
+from move.config import ModelConfig, TrainConfig
 from move.errors import CheckpointError, ConfigError, TokenRangeError
 from move.model.accounting import count_params, forward_flops_per_token
 from move.model.gpt import GPT
 from move.model.layers import rms_norm
 from move.model.sampling import generate
 from move.model.value_memory import LayerValueMemory
+from move.training.trainer import prepare_model
 
 VOCAB = 50
 SHAPES = {  # attention kind -> extra config
@@ -294,12 +296,29 @@ def test_bank_gradient_only_at_rows_of_tokens_in_the_batch(variant):
             assert nonzero_rows == used
 
 
-def test_token_ids_out_of_range_are_refused():
+def test_token_ids_out_of_range_are_refused_where_they_enter():
     model = GPT(make_config("mha", "move"))
     with pytest.raises(TokenRangeError, match=r"token ids must lie in \[0, 50\)"):
-        model(torch.tensor([[1, 50]]))
+        model.check_token_ids(torch.tensor([[1, 50]]))
     with pytest.raises(TokenRangeError):
         generate(model, torch.tensor([[-1]]), 2)
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(value_memory="move", memory_density=2), dict(value_memory="lave"),
+                                    dict(value_memory="move", attention="mla")],
+                         ids=["standard", "move", "lave", "mla-move"])
+def test_the_training_forward_breaks_the_graph_only_at_the_excluded_value_memory_functions(fields):
+    """No host synchronisation (an id range check read back with int()) and nothing
+    else dynamo cannot trace in the training forward: a standard model is one graph,
+    and a memory model breaks only where ValueTable.forward and fast_mix are excluded
+    from compilation on purpose (their side channel and collectives)."""
+    model = build_model("tiny", vocab_size=512, **fields)
+    prepare_model(model, TrainConfig())
+    x = torch.randint(512, (2, 64))
+    explained = torch._dynamo.explain(model)(x, targets=x)
+    reasons = [str(b.reason) for b in explained.break_reasons]
+    assert all("torch.compiler.disable" in r and ("ValueTable.forward" in r or "fast_mix" in r) for r in reasons)
+    assert (explained.graph_break_count == 0) == (not fields)
 
 
 @pytest.mark.parametrize("bad,message", [

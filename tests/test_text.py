@@ -1,5 +1,6 @@
 """Text pipeline: tokenizer, corpora readers, prepared data, loader, bits per byte."""
 
+import hashlib
 import json
 import math
 
@@ -89,6 +90,21 @@ def test_corrupted_shard_is_caught(prepared_copy):
     raw[100] ^= 1
     shard.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="checksum does not match"):
+        load_prepared(prepared_copy)
+
+
+def test_token_ids_outside_the_vocabulary_are_caught_once_at_load(prepared_copy):
+    """Training relies on this check (the model's forward does not range-check ids):
+    a shard whose checksum is consistent but which holds an id past the vocabulary."""
+    shard = prepared_copy / "train.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    vocab = load_prepared(prepared_copy).tokenizer.vocab_size
+    tokens[7] = vocab
+    tokens.tofile(shard)
+    manifest = json.loads((prepared_copy / "manifest.json").read_text())
+    manifest["splits"]["train"]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (prepared_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"token id {vocab} is outside the tokenizer's vocabulary of {vocab}"):
         load_prepared(prepared_copy)
 
 

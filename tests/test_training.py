@@ -1,6 +1,7 @@
 """The shared training loop: learning, exact resume, graceful stop, guards."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,8 @@ from move.text.task import TextTask
 from move.training.checkpoint import load_state_dict, save_checkpoint
 from move.model.accounting import param_group
 from move.training.optim import OptimConfig, build_optimizers, lr_multiplier
-from move.training.trainer import NonFiniteLossError, TrainConfig, Trainer, checkpoint_dirs, prepare_model
+from move.training.trainer import (WARMUP_STEPS, NonFiniteLossError, TrainConfig, Trainer, checkpoint_dirs,
+                                   prepare_model)
 
 
 def make_trainer(prepared_dir, run_dir, variant="move", steps=12, resume=False, force=False, **train_kw):
@@ -249,3 +251,61 @@ def test_a_model_built_for_another_vocabulary_is_refused(prepared_dir, tmp_path,
     summary = api.train(api.build_model("tiny", vocab_size=vocab), prepared_dir, tmp_path / "ok", steps=2,
                         batch_size=2, eval_every=2, eval_tokens=256, quiet=True)
     assert summary["steps"] == 2 and capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("variant, optimizer", [("standard", "exact"), ("move", "exact"), ("move", "lazy"),
+                                                ("lave", "exact")])
+def test_a_training_step_reads_nothing_back_from_the_device(prepared_dir, tmp_path, monkeypatch, variant, optimizer):
+    """On a GPU every read of a tensor's value by the host (item, tolist, bool, float,
+    int) waits for the device. The step leaves its loss, gradient norm and stop votes
+    on the device; the host reads them at sync points (every log_every steps)."""
+    trainer = make_trainer(prepared_dir, tmp_path / "run", variant=variant,
+                           optim=OptimConfig(value_memory_optimizer=optimizer))
+
+    def refuse(self, *args):
+        raise AssertionError("a host read of a device value inside the training step")
+
+    with monkeypatch.context() as m:
+        for method in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+            m.setattr(torch.Tensor, method, refuse)
+        for _ in range(3):
+            trainer._train_step()
+            trainer.step += 1
+    assert len(trainer.pending) == 3 and not trainer.train_losses
+    trainer._read_pending()
+    assert len(trainer.train_losses) == 3 and all(math.isfinite(x) for x in trainer.train_losses)
+    trainer.release()
+
+
+def test_non_finite_losses_are_caught_at_the_next_sync_point_before_any_checkpoint(prepared_dir, tmp_path):
+    trainer = make_trainer(prepared_dir, tmp_path / "run", steps=8, log_every=2)
+    original = trainer.forward_model
+
+    def poisoned(x, targets):
+        loss = original(x, targets=targets)
+        return loss * float("nan") if trainer.step == 4 else loss  # step 5 goes bad
+
+    trainer.forward_model = poisoned
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step 5"):
+        trainer.run()
+    assert [d.name for d in checkpoint_dirs(tmp_path / "run")] == ["step_000004"]  # the last good state
+
+
+def test_tokens_per_second_leave_out_the_warm_up_steps(prepared_dir, tmp_path):
+    """A slow first step (compilation, say) counts in train_time_s, not in tok_per_s:
+    sync points every 5 steps, so the steps timed are 5-20 (WARMUP_STEPS = 5)."""
+    assert WARMUP_STEPS == 5
+    trainer = make_trainer(prepared_dir, tmp_path / "run", steps=20, log_every=5)
+    trainer.config.eval_every = trainer.config.checkpoint_every = 10
+    original = trainer._train_step
+
+    def slow_first_step():
+        if trainer.step == 0:
+            time.sleep(1.0)
+        original()
+
+    trainer._train_step = slow_first_step
+    summary = trainer.run()
+    assert summary["timed_steps"] == 15
+    timed_time = 15 * trainer.tokens_per_step / summary["tok_per_s"]
+    assert timed_time <= summary["train_time_s"] - 1.0

@@ -95,7 +95,7 @@ class Subject:
     def train_step(self) -> None:
         x, y = self.idx[:, :-1], self.idx[:, 1:]
         with autocast(self.device):
-            loss = self.model(x, targets=y, check_ids=False)
+            loss = self.model(x, targets=y)
         loss.backward()
         self.optimizers.reduce_shard_grads()
         self.optimizers.clip()
@@ -107,13 +107,13 @@ class Subject:
         model, n = self.model, self.shape.decode_tokens
         prompt = self.idx[:1, :16].expand(batch, 16).contiguous()
         cache = model.new_cache(batch, 16 + n)
-        model(prompt, cache=cache, check_ids=False)
+        model(prompt, cache=cache)
         token = prompt[:, -1:]
 
         def decode():
             for _ in range(n):
                 with autocast(self.device):
-                    model(token, cache=cache, check_ids=False)
+                    model(token, cache=cache)
 
         return timed(decode, self.device) / n
 

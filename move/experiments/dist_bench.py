@@ -79,7 +79,7 @@ class Mode:
         batch = self.batches[i % len(self.batches)].to(self.device)
         start = time.perf_counter()
         with autocast(self.device):
-            loss = self.ddp(batch[:, :-1], targets=batch[:, 1:], check_ids=False)
+            loss = self.ddp(batch[:, :-1], targets=batch[:, 1:])
         loss.backward()
         self.losses.append(loss.item())
         self.optimizers.reduce_shard_grads()  # the sharded mode's row exchange; nothing for the others

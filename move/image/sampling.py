@@ -55,7 +55,7 @@ def sample_image_tokens(model, labels: torch.Tensor, layout: ClassTokens, n_toke
             nxt = pick_next(logits, temperature, top_k, 1.0, generator)
             out.append(nxt)
             if i + 1 < n_tokens:
-                logits = model(torch.cat([nxt, nxt]) if guided else nxt, cache=cache, check_ids=False)[:, -1, :codes]
+                logits = model(torch.cat([nxt, nxt]) if guided else nxt, cache=cache)[:, -1, :codes]
     return torch.cat(out, dim=1)
 
 

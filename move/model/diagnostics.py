@@ -27,7 +27,7 @@ def _layer_records(model, idx: torch.Tensor) -> dict[int, tuple[torch.Tensor, fl
                 hooks.append(module.register_forward_hook(lambda m, a, o, layer=layer: record(m, a, o, layer)))
     try:
         with evaluating(model):
-            model(idx, check_ids=False)
+            model(idx)
     finally:
         for h in hooks:
             h.remove()

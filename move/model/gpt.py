@@ -113,13 +113,17 @@ class GPT(nn.Module):
         return self.rotary_cos, self.rotary_sin
 
     def check_token_ids(self, idx: torch.Tensor) -> None:
+        """Refuse ids outside the vocabulary. Called where ids enter from outside
+        (sampling prompts, evaluated text, the API), never in forward: the min/max read
+        back to the host would synchronise every training step on a GPU and break
+        torch.compile's graph; training data is checked once when it is loaded."""
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             raise TokenRangeError(
                 f"token ids must lie in [0, {self.config.vocab_size}), got range "
                 f"[{int(idx.min())}, {int(idx.max())}]"
             )
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean", check_ids: bool = True,
+    def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean",
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None):
         """idx (B, T) -> logits (B, T, V), or the cross-entropy loss if targets are
         given (targets == -1 are ignored; reduction='none' gives per-token nats).
@@ -127,9 +131,8 @@ class GPT(nn.Module):
         Padded batches (left padding, as Hugging Face generation makes them): positions
         (B, T) gives each token's rotary position within its own row, key_mask (B, S)
         marks the real tokens among all S = cached + T keys; a padded row then computes
-        exactly what the row alone would."""
-        if check_ids:
-            self.check_token_ids(idx)
+        exactly what the row alone would. Ids are not range-checked here (see
+        check_token_ids): an id past the vocabulary fails inside the embedding."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if positions is None:

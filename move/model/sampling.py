@@ -61,10 +61,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
         generator = torch.Generator(device=prompt.device).manual_seed(seed)
         cache = model.new_cache(prompt.size(0), prompt.size(1) + max_new_tokens)
         out = prompt
-        logits = model(prompt, cache=cache, check_ids=False)[:, -1]
+        logits = model(prompt, cache=cache)[:, -1]
         for i in range(max_new_tokens):
             nxt = pick_next(logits, temperature, top_k, top_p, generator)
             out = torch.cat([out, nxt], dim=1)
             if i + 1 < max_new_tokens:
-                logits = model(nxt, cache=cache, check_ids=False)[:, -1]
+                logits = model(nxt, cache=cache)[:, -1]
     return out

@@ -296,6 +296,12 @@ def load_prepared(directory) -> PreparedData:
             raise DataError(f"{file}: missing shard")
         if file.stat().st_size != info["tokens"] * itemsize:
             raise DataError(f"{file}: size {file.stat().st_size} bytes, manifest says {info['tokens']} tokens x {itemsize}")
-        if hashlib.sha256(file.read_bytes()).hexdigest() != info["sha256"]:
+        data = file.read_bytes()
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise DataError(f"{file}: checksum does not match the manifest (corrupted shard)")
+        # the one range check of training ids: the model's forward does not repeat it per step
+        tokens = np.frombuffer(data, dtype=manifest["dtype"])
+        if tokens.size and int(tokens.max()) >= tokenizer.vocab_size:
+            raise DataError(f"{file}: token id {int(tokens.max())} is outside the tokenizer's vocabulary "
+                            f"of {tokenizer.vocab_size}")
     return PreparedData(directory, manifest, tokenizer)

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from move.config import RUN_CONFIG_NAME, TrainConfig
-from move.device import autocast, peak_flops, peak_memory_mb, reset_peak_memory
+from move.device import autocast, peak_flops, peak_memory_mb, reset_peak_memory, synchronize
 from move.errors import CheckpointError, ConfigError, UserError
 from move.files import RUN_MARKERS, DirectoryLock, atomic_write_json, atomic_write_text, check_replaceable
 from move.model.accounting import summarize
@@ -52,6 +52,11 @@ from move.training.checkpoint import (check_compatible, config_mismatch, first_n
 from move.training.curves import plot_loss_curve
 from move.training.logging import Trackers
 from move.training.optim import Optimizers, decay_start, lr_multiplier, prepare_for_training, value_memory_grad_mode
+
+
+# Steps of each session (a start or a resume) that tokens/s and MFU leave out: the first
+# steps compile (torch.compile), fill caches and grow the allocator's pools.
+WARMUP_STEPS = 5
 
 
 class StepAborted(Exception):
@@ -162,11 +167,15 @@ class Trainer:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
         self.train_losses: list[float] = []
-        self.train_time = 0.0  # seconds spent in training steps (not evaluation)
+        # The step never waits for the device: each step leaves (loss, gradient norm, stop
+        # votes) on it, and the host reads them back at sync points (_sync_point).
+        self.pending: list[torch.Tensor] = []
+        self.train_time = 0.0  # seconds in training steps, warm-up included (not evaluation)
+        self.timed_time, self.timed_steps = 0.0, 0  # the same after each session's warm-up steps
         self.tokens_per_step = config.batch_size * config.grad_accum * task.tokens_per_example
         self.peak_flops = peak_flops(self.device, config.peak_tflops)
         self.signal_received = False  # this process got SIGINT/SIGTERM
-        self.stop_agreed = False  # some rank got one (agreed on at the end of each step)
+        self.stop_agreed = False  # some rank got one (agreed on at the sync points, the same steps on every rank)
         self.last_inputs = None
         self.lock = DirectoryLock(self.run_dir, "--out") if self.dist.is_main else None  # one writer per run
         try:
@@ -273,6 +282,9 @@ class Trainer:
         self.step = train_state["step"]
         self.train_losses = train_state["train_losses"]
         self.train_time = train_state["train_time"]
+        # (checkpoints written before warm-up was excluded time every step)
+        self.timed_time = train_state.get("timed_time", self.train_time)
+        self.timed_steps = train_state.get("timed_steps", self.step)
 
     def _truncate_metrics(self, step: int, source: Path | None = None) -> None:
         """metrics.jsonl = the records of `source` (default: this run) up to `step`:
@@ -285,6 +297,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0; the others send their table shards)."""
+        self._read_pending()
         model_state = distributed.full_state_dict(self.model)
         optimizer_states = self.optimizers.state_dicts()
         if not self.dist.is_main:
@@ -300,6 +313,8 @@ class Trainer:
             "rng": rng_state(),
             "train_losses": self.train_losses,
             "train_time": self.train_time,
+            "timed_time": self.timed_time,
+            "timed_steps": self.timed_steps,
         }
         # tasks whose checkpoints need a file to be used (text: the tokenizer) list it
         extra_files = self.task.checkpoint_files() if hasattr(self.task, "checkpoint_files") else {}
@@ -312,7 +327,10 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ the loop
-    def _train_step(self) -> float:
+    def _train_step(self) -> None:
+        """One optimiser step. Nothing here reads a device value back: the loss, the
+        gradient norm and (under torchrun) the ranks' stop votes stay on the device in
+        self.pending until the next sync point."""
         c = self.config
         self.optimizers.set_lr(lr_multiplier(self.step, c.steps, c.optim))
         total = torch.zeros((), device=self.device)
@@ -337,22 +355,50 @@ class Trainer:
             total += loss.detach()
         distributed.maybe_inject_fault(self.step + 1)
         self.optimizers.reduce_shard_grads()
-        loss = (total / c.grad_accum).item()
-        if self.dist.active:  # the global mean loss, and whether any rank was asked to stop
-            loss_sum, signals = distributed.all_reduce_sum([loss, float(self.signal_received)], self.device)
-            loss, self.stop_agreed = loss_sum / self.dist.world_size, signals > 0
+        # the global mean loss and how many ranks were asked to stop, summed in float64
+        stats = torch.stack([(total / c.grad_accum).double(),
+                             torch.full((), float(self.signal_received), dtype=torch.float64, device=self.device)])
+        distributed.all_reduce_(stats)
         grad_norm = self.optimizers.clip()
-        if not (np.isfinite(loss) and torch.isfinite(grad_norm)):
-            raise NonFiniteLossError(f"non-finite loss or gradient at step {self.step + 1} (loss {loss}); "
-                                     f"the newest checkpoint is the last good state")
+        self.pending.append(torch.cat([stats[:1] / self.dist.world_size, grad_norm.double().reshape(1), stats[1:]]))
         self.optimizers.step()
-        return loss
+
+    def _read_pending(self) -> None:
+        """The sync point: read the losses, gradient norms and stop votes of the steps
+        since the last one (one device-to-host copy). A non-finite loss or gradient is
+        found here, before any checkpoint could save its update."""
+        if not self.pending:
+            return
+        rows = torch.stack(self.pending).tolist()
+        first = self.step - len(rows) + 1
+        self.pending = []
+        for i, (loss, grad_norm, _) in enumerate(rows):
+            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                raise NonFiniteLossError(f"non-finite loss or gradient at step {first + i} (loss {loss}); "
+                                         f"the newest checkpoint is the last good state")
+        self.train_losses.extend(loss for loss, _, _ in rows)
+        self.stop_agreed = self.stop_agreed or any(votes > 0 for _, _, votes in rows)
+
+    def _count_time(self, window: tuple[float, int], session_start: int) -> None:
+        """Add the steps since `window` = (start time, step) to the training time, and
+        to the timed time once they are past this session's warm-up."""
+        start, start_step = window
+        elapsed = time.perf_counter() - start
+        self.train_time += elapsed
+        if start_step >= session_start + WARMUP_STEPS:
+            self.timed_time += elapsed
+            self.timed_steps += self.step - start_step
 
     def _request_stop(self, signum, frame) -> None:
         self.signal_received = True
 
     @property
     def tok_per_s(self) -> float:
+        """Training tokens per second after warm-up (every session's first
+        WARMUP_STEPS steps: compilation, allocator growth), or over every step when the
+        run had no timed steps yet."""
+        if self.timed_steps and self.timed_time:
+            return self.timed_steps * self.tokens_per_step / self.timed_time
         return self.step * self.tokens_per_step / self.train_time if self.train_time else 0.0
 
     def _throughput(self) -> dict:
@@ -409,30 +455,41 @@ class Trainer:
         own_bar = self.progress is None
         bar = tqdm(total=c.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True,
                    desc=self.run_dir.name) if own_bar else self.progress
+        session_start = self.step
+        window = (time.perf_counter(), self.step)  # the steps since the last sync point
         try:
             while self.step < c.steps and not self.stop_requested:
-                start = time.perf_counter()
                 try:
-                    loss = self._train_step()
+                    self._train_step()
                 except StepAborted:
                     self.save()
                     break
-                self.train_time += time.perf_counter() - start
                 self.step += 1
-                self.train_losses.append(loss)
                 bar.update(1)
+                evaluate = self.step % c.eval_every == 0 or self.step == c.steps
+                checkpoint = (self.step % c.checkpoint_every == 0 or self.step == c.steps or self.step in self.keep_steps)
+                # (a signal makes a sync point at once in one process; under torchrun the ranks
+                # agree at the next common one, as a sync point on one rank only could deadlock)
+                if not (evaluate or checkpoint or self.step % c.log_every == 0
+                        or (self.signal_received and not self.dist.active)):
+                    continue
+                # a sync point: the same steps on every rank, so the ranks agree on stopping
+                self._read_pending()
+                synchronize(self.device)
+                self._count_time(window, session_start)
+                loss = self.train_losses[-1]
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tok_per_s:.0f}")
                 if self.trackers.writers and self.step % c.log_every == 0:
                     self.trackers.log({"train/loss": loss, "train/lr_multiplier": lr_multiplier(self.step - 1, c.steps,
                                                                                                 c.optim)}, self.step)
-                if self.step % c.eval_every == 0 or self.step == c.steps:
+                if evaluate:
                     record = self._log_eval()
                     if not self.quiet:  # (diagnostics go to metrics.jsonl and the trackers only)
                         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in record.items() if not k.startswith("vm/")))
-                if (self.step % c.checkpoint_every == 0 or self.step == c.steps or self.stop_requested
-                        or self.step in self.keep_steps):
+                if checkpoint or self.stop_requested:
                     self.save()
+                window = (time.perf_counter(), self.step)  # evaluation and saving are not training time
         finally:
             if own_bar:
                 bar.close()
@@ -463,6 +520,7 @@ class Trainer:
             "steps": self.step,
             "tokens_seen": self.step * self.tokens_per_step,
             "train_time_s": self.train_time,
+            "timed_steps": self.timed_steps,  # the steps tok_per_s and mfu are measured over
             **self._throughput(),
             "peak_memory_mb": peak_memory_mb(self.device),  # of rank 0
             "device": str(self.device),
