@@ -238,6 +238,18 @@ def cmd_plan(args) -> None:
                   f"({measured / plan.memory_total:.2f} x the plan)")
 
 
+# ---------------------------------------------------------------------------- consolidate
+def cmd_consolidate(args) -> None:
+    from move.recipes import resolve_checkpoint
+    from move.training.sharded_checkpoint import consolidate
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    if Path(args.out).exists():
+        raise UserError(f"{args.out} exists; consolidate writes a new directory (nothing was changed)")
+    out = consolidate(checkpoint, args.out)
+    print(f"consolidated {checkpoint} into {out} (one weights file: sample, eval, export-hf, --mmap-bank)")
+
+
 # ---------------------------------------------------------------------------- eval / sample
 def tokenizer_for(checkpoint, explicit):
     from move.text.tokenizer import Tokenizer
@@ -713,6 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="gates.png", help="PNG to write (and a .json of the numbers next to it)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_gates)
+
+    p = sub.add_parser("consolidate", help="a sharded (torchrun) checkpoint as one weights file, written piece by "
+                                            "piece")
+    p.add_argument("checkpoint", help="sharded checkpoint, or a run directory (its newest checkpoint)")
+    p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("export-hf", help="a Hugging Face transformers folder (trust_remote_code)")
     p.add_argument("checkpoint", help="checkpoint or run directory")

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -77,14 +78,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(prepared_dir, tm
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(prepared_dir, tmp_path, monkeypatch, capsys):
-    real_write = move.training.checkpoint._write_synced
+    real_write = move.training.checkpoint.write_synced
 
     def write_fails_at_step_6(path, data):
         if "step_000006" in str(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(path, data)
 
-    monkeypatch.setattr(move.training.checkpoint, "_write_synced", write_fails_at_step_6)
+    monkeypatch.setattr(move.training.checkpoint, "write_synced", write_fails_at_step_6)
     run = tmp_path / "run"
     flags = [f if f != "30" else "9" for f in RUN_FLAGS]
     assert main(["train", "--data", str(prepared_dir), "--out", str(run), *flags]) == 2
@@ -93,7 +94,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(prepared_di
     assert [c.name for c in checkpoint_dirs(run)] == ["step_000003"]
     load_state_dict(checkpoint_dirs(run)[-1])  # intact: checksums verify
     assert not list((run / "checkpoints").glob(".*"))
-    monkeypatch.setattr(move.training.checkpoint, "_write_synced", real_write)  # space freed: the run resumes
+    monkeypatch.setattr(move.training.checkpoint, "write_synced", real_write)  # space freed: the run resumes
     assert main(["train", "--data", str(prepared_dir), "--out", str(run), *flags, "--resume"]) == 0
     assert "resuming from" in capsys.readouterr().out
 
@@ -111,6 +112,9 @@ def test_sigterm_on_the_command_line_exits_0_with_a_checkpoint(prepared_dir, tmp
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "continue with --resume" in err
+    stopped_at = int(re.search(r"stopped at step (\d+)", err).group(1))
     newest = checkpoint_dirs(run)[-1]
     load_state_dict(newest)
-    assert int(newest.name.split("_")[1]) > 3
+    # the checkpoint is the state it stopped in (step 3 itself when the signal came
+    # between writing that checkpoint and starting step 4)
+    assert int(newest.name.split("_")[1]) == stopped_at >= 3

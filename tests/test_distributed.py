@@ -15,6 +15,7 @@ differs by about a learning rate, 0.07 here.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +24,12 @@ import time
 import pytest
 import torch
 
-from move.training.checkpoint import load_state_dict, load_train_state
 from move.cli import main
+from move.config import TrainConfig
+from move.training.checkpoint import is_sharded, load_model, load_state_dict, load_train_state, read_header
+from move.training.optim import Optimizers
+from move.training.sharded_checkpoint import live_state, load_sharded_checkpoint
+from move.training.trainer import prepare_model
 
 # --eval-tokens 2304: 36 windows of 64 in 9 batches of 4 (per rank), an odd number,
 # so the two-process evaluation splits unevenly and pads one rank
@@ -41,24 +46,24 @@ VARIANTS = {
 }
 
 
-def torchrun_launch(args, module="move", fault=None, wait=True):
-    """`torchrun --nproc_per_node=2 -m MODULE ARGS`, run to the end (or started, with
+def torchrun_launch(args, module="move", fault=None, wait=True, nproc=2):
+    """`torchrun --nproc_per_node=NPROC -m MODULE ARGS`, run to the end (or started, with
     wait=False). 1 thread per process: two processes with 2 threads each on 2 cores
     slow each other down 10x or more. fault: MOVE_INJECT_FAULT for the job."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MOVE_INJECT_FAULT", None)
     if fault:
         env["MOVE_INJECT_FAULT"] = fault
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=0",
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--max-restarts=0",
                "-m", module, *map(str, args)]
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
-def torchrun(args, fault=None):
-    """`torchrun --nproc_per_node=2 -m move train ARGS`."""
-    return torchrun_launch(["train", *args], fault=fault)
+def torchrun(args, fault=None, nproc=2):
+    """`torchrun --nproc_per_node=NPROC -m move train ARGS`."""
+    return torchrun_launch(["train", *args], fault=fault, nproc=nproc)
 
 
 def run_both(tmp_path, data, extra, steps=6):
@@ -71,6 +76,20 @@ def run_both(tmp_path, data, extra, steps=6):
     return single, double
 
 
+def named_optimizer_state(ckpt) -> dict:
+    """{"optim.<parameter>.<entry>": tensor} of a checkpoint of either layout, loaded
+    the way a one-process resume loads it (so a sharded one is also resharded to 1)."""
+    model, _ = load_model(ckpt, kind=read_header(ckpt).get("model_kind", "gpt"))
+    train = TrainConfig.from_dict(json.loads((ckpt.parent.parent / "run.json").read_text())["train_config"])
+    prepare_model(model, train)
+    optimizers = Optimizers(model, train.optim)
+    if is_sharded(read_header(ckpt)):
+        load_sharded_checkpoint(ckpt, model, optimizers)
+    else:
+        optimizers.load_state_dicts(load_train_state(ckpt)["optimizers"])
+    return {k: v for k, v in live_state(model, optimizers.optimizers).items() if k.startswith("optim.")}
+
+
 def assert_same_state(ckpt_a, ckpt_b, atol=1e-3):
     a, _ = load_state_dict(ckpt_a)
     b, _ = load_state_dict(ckpt_b)
@@ -78,18 +97,18 @@ def assert_same_state(ckpt_a, ckpt_b, atol=1e-3):
     for key in a:
         assert a[key].shape == b[key].shape, key
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
-    # the optimisers' moments too (gathered from the shards): a gradient not
-    # averaged over ranks would leave the weights of a scale-free Adam close but
-    # its first moment twice as large
+    # the optimisers' moments too (from the shards): a gradient not averaged over ranks
+    # would leave the weights of a scale-free Adam close but its first moment twice as large
     sa, sb = load_train_state(ckpt_a), load_train_state(ckpt_b)
     assert sa["step"] == sb["step"] and sa["loader"] == sb["loader"]
-    for opt_a, opt_b in zip(sa["optimizers"], sb["optimizers"]):
-        for index, state in opt_a["state"].items():
-            for name, value in state.items():
-                if torch.is_tensor(value) and value.dim():
-                    other = opt_b["state"][index][name]
-                    scale = value.abs().max().item() or 1.0
-                    torch.testing.assert_close(value, other, atol=1e-3 * scale, rtol=0, msg=f"{index} {name}")
+    oa, ob = named_optimizer_state(ckpt_a), named_optimizer_state(ckpt_b)
+    assert oa.keys() == ob.keys() and oa
+    for key, value in oa.items():
+        if torch.is_tensor(value) and value.dim():
+            scale = value.abs().max().item() or 1.0
+            torch.testing.assert_close(value, ob[key], atol=1e-3 * scale, rtol=0, msg=key)
+        else:
+            assert value == ob[key], key
 
 
 def metrics(run):
@@ -176,6 +195,75 @@ def test_two_process_checkpoint_resumes_with_one(tmp_path, failed_job, prepared_
     assert main(["train", *args[:out], "--out", str(reference)]) == 0
     assert_same_state(run / "checkpoints" / "step_000008", reference / "checkpoints" / "step_000008")
     assert_same_metrics(run, reference, ["train_loss", "val_bpb"])
+
+
+def test_checkpoints_reshard_from_one_to_two_to_three_processes(tmp_path, prepared_dir, monkeypatch):
+    """One process stopped after step 4 (a one-file checkpoint), two stopped after
+    step 8 (sharded, each rank its rows), three to step 12 (each reading its own rows
+    of what two wrote), all planned for 12 steps (the same schedule): the same weights,
+    moments and losses as one uninterrupted process."""
+    args = ["--data", prepared_dir, *COMMON, *VARIANTS["move-exact"], "--batch-size", 12, "--steps", 12,
+            "--eval-every", 4, "--checkpoint-every", 4, "--keep-checkpoints", 5]
+    args = [str(a) for a in args]
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    with monkeypatch.context() as m:
+        m.setenv("MOVE_INJECT_FAULT", "0:5")
+        with pytest.raises(RuntimeError, match="injected fault"):
+            main(["train", *args, "--out", str(run)])
+    result = torchrun([*args, "--out", run, "--resume"], fault="0:9")
+    assert "injected fault on rank 0 at step 9" in result.stderr, result.stderr[-3000:]
+    assert is_sharded(read_header(run / "checkpoints" / "step_000008"))
+    assert not is_sharded(read_header(run / "checkpoints" / "step_000004"))
+    assert sorted(p.name for p in (run / "checkpoints" / "step_000008" / "dcp").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    result = torchrun([*args, "--out", run, "--resume"], nproc=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["train", *args, "--out", str(reference)]) == 0
+    assert_same_state(run / "checkpoints" / "step_000012", reference / "checkpoints" / "step_000012")
+    assert_same_metrics(run, reference, ["train_loss", "val_bpb"])
+
+
+def test_a_crash_while_saving_leaves_no_checkpoint_and_the_run_resumes(tmp_path, prepared_dir):
+    """Rank 0 fails after every rank's data is written and before the header: no
+    directory carries the step's name (the pieces stay in a temporary one, removed on
+    resume), and a resume continues from the checkpoint before."""
+    run = tmp_path / "run"
+    args = ["--data", prepared_dir, *COMMON, *VARIANTS["move-exact"], "--steps", 6, "--eval-every", 2,
+            "--checkpoint-every", 2, "--keep-checkpoints", 5, "--out", run]
+    result = torchrun(args, fault="0:4:save")
+    assert result.returncode != 0 and "injected fault on rank 0 at step 4" in result.stderr
+    assert (run / "checkpoints" / ".step_000004.tmp-sharded" / "dcp" / ".metadata").is_file()
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")] == ["step_000002"]
+    result = torchrun([*args, "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004", "step_000006"]
+
+
+def test_a_sharded_checkpoint_consolidates_into_one_file(tmp_path, failed_job, capsys):
+    """`move consolidate` writes the one-file layout, equal tensor for tensor to what
+    the sharded checkpoint holds; sample reads both; a damaged shard is refused."""
+    run, _, _ = failed_job
+    sharded = run / "checkpoints" / "step_000004"
+    assert is_sharded(read_header(sharded))
+    out = tmp_path / "one"
+    assert main(["consolidate", str(sharded), "--out", str(out)]) == 0
+    assert not is_sharded(read_header(out))
+    a, _ = load_state_dict(sharded)
+    b, _ = load_state_dict(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    samples = []
+    for source in (sharded, out):
+        capsys.readouterr()
+        assert main(["sample", str(source), "--max-tokens", "5", "--seed", "1"]) == 0
+        samples.append(capsys.readouterr().out)
+    assert samples[0] == samples[1] and samples[0].strip()  # the same model, whichever layout it is read from
+    assert main(["consolidate", str(sharded), "--out", str(out)]) == 2  # never overwrites
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sharded, damaged)
+    shard = damaged / "dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert main(["consolidate", str(damaged), "--out", str(tmp_path / "never")]) == 2
+    assert "__1_0.distcp: checksum mismatch" in capsys.readouterr().err and not (tmp_path / "never").exists()
 
 
 def test_evaluation_batches_split_over_ranks(monkeypatch):

@@ -18,8 +18,8 @@ forward and reduce-scatter a whole-table gradient after the backward: the same
 bytes as replicating it, vocab x row bytes, which is what sharding is meant to
 avoid (benchmarks/distributed.md measures both).
 
-Checkpoints are always written unsharded (see move/training/distributed.py), so a
-run saved by N processes resumes with any number.
+Under torchrun checkpoints are written sharded, each rank its own rows, and read
+back with any number of processes (move/training/sharded_checkpoint.py).
 """
 
 import math

@@ -1,5 +1,8 @@
 """Checkpoints: a directory holding weights (safetensors), the full config and
 metadata (JSON), and optionally the training state (optimiser, RNG, data position).
+A torchrun job writes the sharded layout instead (weights and optimiser state through
+torch.distributed.checkpoint, move/training/sharded_checkpoint.py); everything that
+reads a checkpoint whole (sample, eval, export, load_model) reads either layout here.
 
 Writes are crash-safe: everything goes into a temporary sibling directory, each
 file is fsynced, and the directory is renamed into place in one atomic step, so a
@@ -18,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from move.errors import CheckpointError, ConfigError, UserError
 from move.model.classifier import ImageClassifier
@@ -33,6 +39,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
 TOKENIZER = "tokenizer.json"  # a text run's tokenizer, copied into each checkpoint
+SHARDED_LAYOUT = "dcp"  # header["layout"] of a checkpoint written by torchrun ranks
+DCP_DIR = "dcp"  # where such a checkpoint keeps what torch.distributed.checkpoint wrote
 
 
 def sha256(data: bytes) -> str:
@@ -48,14 +56,14 @@ def streamed_sha256(file: Path, block: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -95,7 +103,7 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
         files.update(extra_files or {})  # what using the checkpoint needs (the tokenizer): checksummed too
         for name, data in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # e.g. a nested tokenizer checkpoint
-            _write_synced(tmp / name, data)
+            write_synced(tmp / name, data)
         header = {
             "format": FORMAT,
             "version": VERSION,
@@ -105,8 +113,8 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
             "sha256": {name: sha256(data) for name, data in files.items()},
         }
         header["header_sha256"] = header_checksum(header)
-        _write_synced(tmp / CONFIG, json.dumps(header, indent=2).encode())
-        _fsync_dir(tmp)
+        write_synced(tmp / CONFIG, json.dumps(header, indent=2).encode())
+        fsync_dir(tmp)
         if path.exists():  # replace: move the old one aside first, delete it after
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
@@ -114,7 +122,7 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:  # disk full, quota, permissions: the previous checkpoints are untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
@@ -184,10 +192,38 @@ def read_verified(path: Path, name: str, header: dict) -> bytes:
     return data
 
 
+def is_sharded(header: dict) -> bool:
+    return header.get("layout") == SHARDED_LAYOUT
+
+
+def verify_files(path: Path, header: dict) -> None:
+    """Every file of a checkpoint against the header's checksums, read in blocks."""
+    for name, digest in header.get("sha256", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: missing {name}")
+        if streamed_sha256(file) != digest:
+            raise CheckpointError(f"{file}: checksum mismatch (truncated or corrupted)")
+
+
+def stored_tensors(path: Path) -> dict:
+    """{state key: DCP's TensorStorageMetadata (global size, dtype, pieces)} of a
+    sharded checkpoint."""
+    metadata = FileSystemReader(path / DCP_DIR).read_metadata()
+    return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
 def load_state_dict(path) -> tuple[dict, dict]:
-    """Verified (state_dict, header) of a checkpoint directory."""
+    """Verified (state_dict, header) of a checkpoint directory: the whole model in this
+    process's memory, from either layout."""
     path = Path(path)
     header = read_header(path)
+    if is_sharded(header):
+        verify_files(path, header)
+        model_keys = {k: v for k, v in stored_tensors(path).items() if k.startswith("model.")}
+        state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in model_keys.items()}
+        dcp.load(state, checkpoint_id=path / DCP_DIR, no_dist=True)
+        return {k[len("model."):]: v for k, v in state.items()}, header
     data = read_verified(path, WEIGHTS, header)
     try:
         return load_safetensors_bytes(data), header
@@ -291,6 +327,9 @@ def load_model(path, device="cpu", mmap_bank: bool = False, kind: str = "gpt"):
     else:
         if config.value_memory != "move":
             raise CheckpointError(f"{path}: --mmap-bank needs a MoVE checkpoint, this one is {config.value_memory}")
+        if is_sharded(header):
+            raise CheckpointError(f"{path}: a sharded (torchrun) checkpoint; --mmap-bank maps one file: "
+                                  f"`move consolidate {path} --out DIR` writes it")
         if streamed_sha256(path / WEIGHTS) != header.get("sha256", {}).get(WEIGHTS):
             raise CheckpointError(f"{path / WEIGHTS}: checksum mismatch (truncated or corrupted)")
         with warnings.catch_warnings():  # read-only memmap: torch warns it is not writable; we never write it

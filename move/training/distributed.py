@@ -15,11 +15,12 @@ What lives where, with N processes:
   1/N of the rows.
 - Gradient clipping uses the global norm: the replicated part is the same on
   every rank, the sharded part is summed across ranks.
-- Checkpoints are gathered on save: rank 0 receives the table shards and the
-  optimiser moments of their rows and writes the ordinary unsharded checkpoint
-  (atomically, as in one process), so any number of processes - one included -
-  resumes it, and a crash never leaves a partial checkpoint.
-- Only rank 0 writes files, logs and prints. Every rank takes part in evaluation,
+- Checkpoints are sharded (move/training/sharded_checkpoint.py, through
+  torch.distributed.checkpoint): every rank writes its own rows of every table and
+  of their optimiser moments, nothing is gathered, and any number of processes -
+  one included - resumes them, each reading its own rows. A checkpoint written by
+  one process is read whole by every rank, which keeps its rows (local_state_dict).
+- Only rank 0 writes the other files, logs and prints. Every rank takes part in evaluation,
   because a sharded table's forward is collective: bits per byte and image NLL are
   split over the ranks and summed (split_for_ranks); the other evaluations (recall,
   the conv nets' metrics) run the same batches on every rank. Rank 0 records.
@@ -39,7 +40,7 @@ import torch.nn as nn
 from move.device import pick_device
 from move.errors import CheckpointError, ConfigError
 
-FAULT_ENV = "MOVE_INJECT_FAULT"  # "rank:step": that rank raises at that step (tests of failure handling)
+FAULT_ENV = "MOVE_INJECT_FAULT"  # "rank:step[:save]": that rank raises there (tests of failure handling)
 
 
 @dataclass(frozen=True)
@@ -165,38 +166,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-# ---------------------------------------------------------------------------- gather on save / shard on load
-def _gather_rows(table, local: torch.Tensor) -> torch.Tensor | None:
-    """The full (num_rows, ...) tensor on rank 0's CPU (None elsewhere) from each
-    rank's rows of a table-shaped tensor (the weight, or an optimiser moment).
-    Shards arrive one at a time, so rank 0's device never holds more than its own
-    shard and one received shard (a whole bank might not fit there)."""
-    shard = table.shard
-    padded = local.new_zeros((shard.per_rank, *local.shape[1:]))
-    padded[: len(local)] = local
-    if shard.rank != 0:
-        dist.send(padded, dst=0, group=shard.group)
-        return None
-    full = torch.empty((shard.per_rank * shard.world_size, *local.shape[1:]), dtype=local.dtype)
-    full[: shard.per_rank] = padded.cpu()
-    for source in range(1, shard.world_size):
-        dist.recv(padded, src=source, group=shard.group)
-        full[source * shard.per_rank:(source + 1) * shard.per_rank] = padded.cpu()
-    return full[: shard.num_rows]
-
-
+# ---------------------------------------------------------------------------- one-process checkpoints, N processes
 def _slice_rows(table, full: torch.Tensor, what: str) -> torch.Tensor:
     if full.shape[0] != table.shard.num_rows:
         raise CheckpointError(f"{what}: the checkpoint has {full.shape[0]} rows, the model {table.shard.num_rows}")
     return full[table.shard.start:table.shard.stop].clone()
-
-
-def full_state_dict(model) -> dict | None:
-    """The unsharded state dict on rank 0 (None on the others)."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    for key, table in sharded_tables(model).items():
-        state[key] = _gather_rows(table, state[key])
-    return state if current().is_main else None
 
 
 def local_state_dict(model, full: dict) -> dict:
@@ -229,24 +203,19 @@ def _map_row_states(optimizer, model, state: dict, fn) -> dict:
     return state
 
 
-def full_optimizer_state(optimizer, model) -> dict | None:
-    """The optimizer state dict as one process would hold it, on rank 0 (None on
-    the others): the sharded tables' per-row moments are gathered."""
-    state = _map_row_states(optimizer, model, optimizer.state_dict(), _gather_rows)
-    return state if current().is_main else None
-
-
 def local_optimizer_state(optimizer, model, full: dict) -> dict:
     """This rank's part of an unsharded optimizer state dict."""
     return _map_row_states(optimizer, model, full,
                            lambda table, value: _slice_rows(table, value, "optimizer state"))
 
 
-def maybe_inject_fault(step: int) -> None:
-    """Raise on the rank and step named by MOVE_INJECT_FAULT="rank:step" (only
-    for testing how a job handles a failing process)."""
+def maybe_inject_fault(step: int, point: str = "step") -> None:
+    """Raise on the rank and step named by MOVE_INJECT_FAULT="rank:step" (in the
+    middle of that training step) or "rank:step:save" (while that step's checkpoint
+    is being written: after the ranks' data, before the header). Only for testing
+    how a job handles a failing process."""
     spec = os.environ.get(FAULT_ENV)
     if spec:
-        rank, at = (int(x) for x in spec.split(":"))
-        if rank == current().rank and step == at:
+        rank, at, *where = spec.split(":")
+        if int(rank) == current().rank and step == int(at) and (where or ["step"])[0] == point:
             raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_ENV}={spec})")

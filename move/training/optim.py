@@ -26,7 +26,7 @@ from move.config import OptimConfig
 from move.errors import ConfigError
 from move.model.accounting import param_group
 from move.model.gpt import GPT
-from move.training.distributed import (all_reduce_, current, full_optimizer_state, local_optimizer_state,
+from move.training.distributed import (all_reduce_, current, local_optimizer_state,
                                        shard_value_memory, sharded_tables)
 from move.training.muon import Muon
 from move.training.table_adamw import TableAdamW
@@ -167,7 +167,7 @@ class Optimizers:
 
     The Trainer and both benchmarks step through this class, so the protocol exists
     once. state_dicts / load_state_dicts hold every optimiser's state in the
-    unsharded layout that checkpoints use (sharded rows are gathered / sliced)."""
+    layout of a one-process checkpoint (loaded by N processes: sharded rows sliced)."""
 
     def __init__(self, model, config: OptimConfig):
         self.model, self.config = model, config
@@ -194,10 +194,13 @@ class Optimizers:
         self.model.zero_grad(set_to_none=True)
 
     def state_dicts(self) -> list:
-        """Each optimiser's state, unsharded (None on ranks other than 0 under torchrun)."""
-        return [full_optimizer_state(opt, self.model) for opt in self.optimizers]
+        """Each optimiser's state, position-indexed (one process; a torchrun job saves
+        by name, sharded: move/training/sharded_checkpoint.py)."""
+        return [opt.state_dict() for opt in self.optimizers]
 
     def load_state_dicts(self, states: list) -> None:
+        """Load what state_dicts returned; under torchrun each rank keeps the rows of
+        its table shards."""
         local = [local_optimizer_state(opt, self.model, s) for opt, s in zip(self.optimizers, states)]
         for opt, state in zip(self.optimizers, local):
             opt.load_state_dict(state)

@@ -13,7 +13,7 @@ clipping, periodic evaluation, metrics.jsonl / summary.json / a loss-curve PNG,
 rotating crash-safe checkpoints, exact resume, graceful stop on SIGINT/SIGTERM,
 a guard against non-finite losses, and multi-process training under torchrun
 (move/training/distributed.py: DDP for dense weights, row-sharded value memory,
-gather-on-save checkpoints that any number of processes resumes).
+sharded checkpoints that any number of processes resumes).
 
 Run directory:
     config.toml       the effective config (runs started through recipes.start_training):
@@ -47,11 +47,12 @@ from move.model.accounting import summarize
 from move.model.diagnostics import value_memory_diagnostics
 from move.model.gpt import GPT
 from move.training import distributed
-from move.training.checkpoint import (check_compatible, config_mismatch, first_non_finite, load_state_dict,
-                                      load_train_state, save_checkpoint)
+from move.training.checkpoint import (check_compatible, config_mismatch, first_non_finite, is_sharded,
+                                      load_state_dict, load_train_state, read_header, save_checkpoint)
 from move.training.curves import plot_loss_curve
 from move.training.logging import Trackers
 from move.training.optim import Optimizers, decay_start, lr_multiplier, prepare_for_training, value_memory_grad_mode
+from move.training.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 
 
 # Steps of each session (a start or a resume) that tokens/s and MFU leave out: the first
@@ -270,13 +271,18 @@ class Trainer:
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         """The whole training state of a checkpoint (CheckpointError, nothing changed,
-        if it does not verify). Checkpoints are unsharded: each rank keeps its rows."""
-        state_dict, header = load_state_dict(ckpt)
-        state_dict = distributed.local_state_dict(self.model, state_dict)
-        check_compatible(self.model, state_dict, ckpt)
-        train_state = load_train_state(ckpt)
-        self.model.load_state_dict(state_dict)
-        self.optimizers.load_state_dicts(train_state["optimizers"])
+        if it does not verify), with any number of processes: a sharded checkpoint is
+        read rank by rank, each its own rows; a one-process checkpoint (which one
+        process held whole) is read by every rank, each keeping its rows."""
+        if is_sharded(read_header(ckpt)):
+            train_state = load_sharded_checkpoint(ckpt, self.model, self.optimizers)
+        else:
+            state_dict, _ = load_state_dict(ckpt)
+            state_dict = distributed.local_state_dict(self.model, state_dict)
+            check_compatible(self.model, state_dict, ckpt)
+            train_state = load_train_state(ckpt)
+            self.model.load_state_dict(state_dict)
+            self.optimizers.load_state_dicts(train_state["optimizers"])
         self.task.loader.load_state_dict(train_state["loader"])
         set_rng_state(train_state["rng"])
         self.step = train_state["step"]
@@ -296,19 +302,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
-        """Write a checkpoint (rank 0; the others send their table shards)."""
+        """Write a checkpoint: from this one process, or under torchrun in the sharded
+        layout, every rank writing its own rows (sharded_checkpoint.py). -> its path
+        (None on ranks other than 0)."""
         self._read_pending()
-        model_state = distributed.full_state_dict(self.model)
-        optimizer_states = self.optimizers.state_dicts()
-        if not self.dist.is_main:
-            return None
-        bad = first_non_finite(model_state)
-        if bad:  # the loss and gradient were finite, yet the update was not (e.g. a huge weight decay)
-            raise NonFiniteLossError(f"non-finite weights ({bad}) at step {self.step}; nothing saved, the newest "
-                                     f"checkpoint is the last good state")
+        path = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+        meta = {"step": self.step, "task": self.task.describe()}
+        # tasks whose checkpoints need a file to be used (text: the tokenizer) list it
+        extra_files = self.task.checkpoint_files() if hasattr(self.task, "checkpoint_files") else {}
         train_state = {
             "step": self.step,
-            "optimizers": optimizer_states,
             "loader": self.task.loader.state_dict(),
             "rng": rng_state(),
             "train_losses": self.train_losses,
@@ -316,11 +319,19 @@ class Trainer:
             "timed_time": self.timed_time,
             "timed_steps": self.timed_steps,
         }
-        # tasks whose checkpoints need a file to be used (text: the tokenizer) list it
-        extra_files = self.task.checkpoint_files() if hasattr(self.task, "checkpoint_files") else {}
-        path = save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}", self.model,
-                               meta={"step": self.step, "task": self.task.describe()}, train_state=train_state,
-                               state_dict=model_state, extra_files=extra_files)
+        if self.dist.active:
+            path = save_sharded_checkpoint(path, self.model, self.optimizers, meta, train_state, extra_files)
+        else:
+            model_state = {k: v.detach() for k, v in self.model.state_dict().items()}
+            bad = first_non_finite(model_state)
+            if bad:  # the loss and gradient were finite, yet the update was not (e.g. a huge weight decay)
+                raise NonFiniteLossError(f"non-finite weights ({bad}) at step {self.step}; nothing saved, the newest "
+                                         f"checkpoint is the last good state")
+            train_state["optimizers"] = self.optimizers.state_dicts()
+            path = save_checkpoint(path, self.model, meta=meta, train_state=train_state, state_dict=model_state,
+                                   extra_files=extra_files)
+        if not self.dist.is_main:
+            return None
         rotating = [d for d in checkpoint_dirs(self.run_dir) if int(d.name[len("step_"):]) not in self.keep_steps]
         for old in rotating[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
