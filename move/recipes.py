@@ -96,9 +96,16 @@ def build_run(spec: RunSpec):
     train_config = spec.train.validate()
     data = load_data(spec.data)
     torch.manual_seed(train_config.seed)
-    model = GPT(model_config_for(spec, data)).to(job_device(train_config.device))
+    config, device = model_config_for(spec, data), job_device(train_config.device)
+    if current().active:  # under torchrun: built empty, sharded, then each rank allocates and draws its rows
+        with torch.device("meta"):
+            model = GPT(config)
+        prepare_model(model, train_config)
+        model.materialize(device)
+    else:
+        model = GPT(config).to(device)
+        prepare_model(model, train_config)
     task = build_task(data, model, train_config, spec.label_dropout)
-    prepare_model(model, train_config)
     return model, task, train_config
 
 

@@ -355,3 +355,44 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert torch.equal(a, b) and not torch.equal(a, c)
     # with top_k=1 sampling is greedy
     assert torch.equal(generate(model, prompt, 5, top_k=1, seed=3), generate(model, prompt, 5, temperature=0))
+
+
+def test_a_table_shard_draws_exactly_its_rows_of_the_whole_table():
+    """Row-block initialisation: any contiguous slice of rows, drawn alone, equals that
+    slice of the whole table (what lets each rank of a job draw only its shard)."""
+    from move.model.gpt import ROW_BLOCK, _init_rows
+
+    rows = 3 * ROW_BLOCK + 17
+    whole = torch.empty(rows, 2, 3)
+    _init_rows(whole, 7, "bank", 0.5)
+    assert whole.abs().max() <= 0.5 and abs(whole.std().item() - 0.5 / 3 ** 0.5) < 0.01
+    assert not torch.equal(whole[:ROW_BLOCK], whole[ROW_BLOCK:2 * ROW_BLOCK])  # blocks are not repeats
+    for world in (2, 3, 7):
+        per_rank = -(-rows // world)
+        for rank in range(world):
+            start, stop = min(rank * per_rank, rows), min((rank + 1) * per_rank, rows)
+            part = torch.empty(stop - start, 2, 3)
+            _init_rows(part, 7, "bank", 0.5, first_row=start)
+            assert torch.equal(part, whole[start:stop]), (world, rank)
+
+
+@pytest.mark.parametrize("variant", ["move", "lave"])
+def test_a_model_built_empty_and_sharded_initialises_like_the_whole_model(variant):
+    """Start-up under torchrun: built on the meta device, tables cut to one rank's rows,
+    then allocated and initialised: every dense tensor and the rank's rows equal the
+    model built whole with the same seed."""
+    config = make_config("mha", variant)
+    whole = GPT(config, init_seed=5)
+    with torch.device("meta"):
+        sharded = GPT(config, init_seed=5)
+    for table in sharded.value_tables():
+        table.shard_rows(rank=1, world_size=3)
+    sharded.materialize("cpu")
+    reference = whole.state_dict()
+    for key, value in sharded.state_dict().items():
+        expected = reference[key]
+        if value.shape != expected.shape:  # a sharded table: rank 1's rows
+            start = -(-expected.shape[0] // 3)
+            expected = expected[start:start + value.shape[0]]
+        assert torch.equal(value, expected), key
+    assert torch.equal(sharded._rotary(3, "cpu")[0], whole._rotary(3, "cpu")[0])  # rebuilt, not left empty

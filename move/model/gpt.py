@@ -34,6 +34,27 @@ def _init_named(weight: torch.Tensor, init_seed: int, name: str, law: str, scale
     weight.copy_(values)
 
 
+# A table's rows are drawn in blocks of this many, each block from a generator of its
+# own: a rank holding rows [a, b) of a sharded table draws only the blocks that cover
+# them and gets exactly the rows one process would draw for the whole table.
+ROW_BLOCK = 256
+
+
+def _init_rows(weight: torch.Tensor, init_seed: int, name: str, scale: float, first_row: int = 0) -> None:
+    """U(-scale, scale) rows first_row .. first_row + len(weight) of table `name`,
+    block by block (ROW_BLOCK), each block seeded by a hash of (init_seed, name, block)."""
+    if weight.is_meta:
+        return
+    rows = weight.shape[0]
+    for block in range(first_row // ROW_BLOCK, -(-(first_row + rows) // ROW_BLOCK)):
+        digest = hashlib.sha256(f"{init_seed}/{name}/rows{block}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        values = torch.empty((ROW_BLOCK, *weight.shape[1:]), dtype=torch.float32).uniform_(-scale, scale,
+                                                                                           generator=generator)
+        begin, end = max(block * ROW_BLOCK, first_row), min((block + 1) * ROW_BLOCK, first_row + rows)
+        weight[begin - first_row:end - first_row].copy_(values[begin - block * ROW_BLOCK:end - block * ROW_BLOCK])
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -58,6 +79,7 @@ class GPT(nn.Module):
         # so nothing drawn after this point may depend on it. See init_weights.
         if init_seed is None:
             init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        self.init_seed = init_seed  # kept, so a model built on the meta device can initialise later
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.bank = None
@@ -80,7 +102,9 @@ class GPT(nn.Module):
         - output projections (attn c_proj, mlp c_proj): zero, so each block starts
           as the identity on the residual stream.
         - value memory tables (MoVE bank, LaVE tables): U(-s, s) with the value
-          projection's s = sqrt(3)/sqrt(d_model), so memory and v start on one scale.
+          projection's s = sqrt(3)/sqrt(d_model), so memory and v start on one scale;
+          drawn in row blocks (_init_rows), so a row-sharded table initialises only its
+          own rows, bit for bit as one process would.
         - routers / gates: zero, so every gate 2*sigmoid(0) is exactly 1.0.
 
         Pairing: every tensor draws from its own generator, seeded by (init_seed, the
@@ -92,7 +116,7 @@ class GPT(nn.Module):
         s_model = math.sqrt(3) / math.sqrt(self.config.n_embd)
         for name, module in self.named_modules():
             if isinstance(module, ValueTable):
-                _init_named(module.weight, init_seed, name, "uniform", s_model)
+                _init_rows(module.weight, init_seed, name, s_model, module.shard.start if module.shard else 0)
             elif isinstance(module, nn.Linear):
                 if name.endswith("c_proj") or name.endswith("router"):
                     nn.init.zeros_(module.weight)
@@ -101,6 +125,13 @@ class GPT(nn.Module):
                 else:
                     _init_named(module.weight, init_seed, name, "uniform", math.sqrt(3) / math.sqrt(module.in_features))
         _init_named(self.wte.weight, init_seed, "wte", "normal", 1.0)
+
+    def materialize(self, device) -> None:
+        """Allocate and initialise a model built on the meta device (after its tables
+        were sharded, so each rank allocates and draws only its own rows)."""
+        self.to_empty(device=device)
+        self._rotary_len = 0  # the rotary tables are rebuilt on first use
+        self.init_weights(self.init_seed)
 
     def _rotary(self, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         # Tables grow on demand so generation may run past seq_len.
