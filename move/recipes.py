@@ -96,17 +96,25 @@ def build_run(spec: RunSpec):
     train_config = spec.train.validate()
     data = load_data(spec.data)
     torch.manual_seed(train_config.seed)
-    config, device = model_config_for(spec, data), job_device(train_config.device)
-    if current().active:  # under torchrun: built empty, sharded, then each rank allocates and draws its rows
-        with torch.device("meta"):
-            model = GPT(config)
-        prepare_model(model, train_config)
-        model.materialize(device)
-    else:
-        model = GPT(config).to(device)
-        prepare_model(model, train_config)
+    model = build_training_model(model_config_for(spec, data), train_config)
     task = build_task(data, model, train_config, spec.label_dropout)
     return model, task, train_config
+
+
+def build_training_model(config: ModelConfig, train_config: TrainConfig) -> GPT:
+    """A GPT prepared for training on this job's device. Under torchrun it is built
+    empty (meta device), its tables cut to this rank's rows, then allocated and
+    initialised: no rank ever holds a whole table."""
+    device = job_device(train_config.device)
+    if not current().active:
+        model = GPT(config).to(device)
+        prepare_model(model, train_config)
+        return model
+    with torch.device("meta"):
+        model = GPT(config)
+    prepare_model(model, train_config)
+    model.materialize(device)
+    return model
 
 
 def start_training(spec: RunSpec, run_dir, **trainer_options) -> Trainer:
