@@ -86,8 +86,8 @@ def named_optimizer_state(ckpt) -> dict:
     if is_sharded(read_header(ckpt)):
         load_sharded_checkpoint(ckpt, model, optimizers)
     else:
-        optimizers.load_state_dicts(load_train_state(ckpt)["optimizers"])
-    return {k: v for k, v in live_state(model, optimizers.optimizers).items() if k.startswith("optim.")}
+        optimizers.load_named_state(load_train_state(ckpt)["optimizer_state"])
+    return {k: v for k, v in live_state(model, optimizers).items() if k.startswith("optim.")}
 
 
 def assert_same_state(ckpt_a, ckpt_b, atol=1e-3):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from move.errors import CheckpointError, UserError
 from move.model.gpt import GPT
 from move.text.prepare import load_prepared
 from move.text.task import TextTask
-from move.training.checkpoint import load_state_dict, save_checkpoint
+from move.training.checkpoint import load_state_dict, load_train_state, save_checkpoint
 from move.model.accounting import param_group
 from move.training.optim import OptimConfig, build_optimizers, lr_multiplier
 from move.training.trainer import (WARMUP_STEPS, NonFiniteLossError, TrainConfig, Trainer, checkpoint_dirs,
@@ -309,3 +310,28 @@ def test_tokens_per_second_leave_out_the_warm_up_steps(prepared_dir, tmp_path):
     assert summary["timed_steps"] == 15
     timed_time = 15 * trainer.tokens_per_step / summary["tok_per_s"]
     assert timed_time <= summary["train_time_s"] - 1.0
+
+
+def test_a_checkpoint_with_position_indexed_optimiser_state_still_resumes(prepared_dir, tmp_path):
+    """Checkpoints written before optimiser state was stored by name kept a list of
+    optimizer.state_dict()s: rewritten that way, the step-8 checkpoint resumes to the
+    same weights as the one stored by name."""
+    make_trainer(prepared_dir, tmp_path / "run", steps=8).run()
+    ckpt = checkpoint_dirs(tmp_path / "run")[-1]
+    state, header = load_state_dict(ckpt)
+    train_state = load_train_state(ckpt)
+    old = make_trainer(prepared_dir, tmp_path / "scratch", steps=8)
+    old.optimizers.load_named_state(train_state.pop("optimizer_state"))
+    train_state["optimizers"] = [opt.state_dict() for opt in old.optimizers.optimizers]
+    old.release()
+    shutil.copytree(tmp_path / "run", tmp_path / "old")
+    save_checkpoint(tmp_path / "old" / "checkpoints" / ckpt.name, old.model, meta=header["meta"],
+                    train_state=train_state, state_dict=state)
+    finished = {}
+    for name in ("run", "old"):
+        (tmp_path / name / "summary.json").unlink()
+        trainer = make_trainer(prepared_dir, tmp_path / name, steps=12, resume=True)
+        assert trainer.step == 8
+        trainer.run()
+        finished[name] = trainer.model.state_dict()
+    assert all(torch.equal(finished["run"][k], finished["old"][k]) for k in finished["run"])

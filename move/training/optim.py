@@ -23,7 +23,7 @@
 import torch
 
 from move.config import OptimConfig
-from move.errors import ConfigError
+from move.errors import CheckpointError, ConfigError
 from move.model.accounting import param_group
 from move.model.gpt import GPT
 from move.training.distributed import (all_reduce_, current, local_optimizer_state,
@@ -166,8 +166,8 @@ class Optimizers:
                     -> step (every optimiser) and zero_grad (touched rows only)
 
     The Trainer and both benchmarks step through this class, so the protocol exists
-    once. state_dicts / load_state_dicts hold every optimiser's state in the
-    layout of a one-process checkpoint (loaded by N processes: sharded rows sliced)."""
+    once. named_state / load_named_state hold every optimiser's state by parameter
+    name, the layout of every checkpoint (loaded by N processes: each keeps its rows)."""
 
     def __init__(self, model, config: OptimConfig):
         self.model, self.config = model, config
@@ -193,14 +193,42 @@ class Optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
 
-    def state_dicts(self) -> list:
-        """Each optimiser's state, position-indexed (one process; a torchrun job saves
-        by name, sharded: move/training/sharded_checkpoint.py)."""
-        return [opt.state_dict() for opt in self.optimizers]
+    def named_state(self) -> dict:
+        """{"optim.<parameter name>.<entry>": value}: every optimiser's per-parameter
+        state (moments, momentum, step counts) under names, as checkpoints store it; a
+        sharded table's entries are this rank's rows (the live tensors, not copies)."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return {f"optim.{names[id(p)]}.{entry}": value for opt in self.optimizers
+                for p, entries in opt.state.items() for entry, value in entries.items()}
+
+    def load_named_state(self, named: dict) -> None:
+        """Load named_state's layout through each optimiser's own load_state_dict (which
+        places every value on its parameter's device and dtype as that optimiser
+        expects). Entries shaped like a whole sharded table (a checkpoint written by
+        one process) are cut to this rank's rows."""
+        params = dict(self.model.named_parameters())
+        tables = {id(t.weight): t for t in self.sharded_tables}
+        owners = {id(p): opt for opt in self.optimizers for group in opt.param_groups for p in group["params"]}
+        entries: dict[int, dict] = {}
+        for key, value in named.items():
+            name, _, entry = key[len("optim."):].rpartition(".")
+            if name not in params or id(params[name]) not in owners:
+                raise CheckpointError(f"optimiser state for {name!r}, which this model does not train")
+            p, table = params[name], tables.get(id(params[name]))
+            if (table is not None and torch.is_tensor(value) and value.dim() == p.dim()
+                    and value.shape[0] == table.shard.num_rows):
+                value = value[table.shard.start:table.shard.stop]
+            entries.setdefault(id(p), {})[entry] = value
+        for opt in self.optimizers:
+            state = opt.state_dict()
+            order = [p for group in opt.param_groups for p in group["params"]]
+            state["state"] = {i: entries[id(p)] for i, p in enumerate(order) if id(p) in entries}
+            opt.load_state_dict(state)
 
     def load_state_dicts(self, states: list) -> None:
-        """Load what state_dicts returned; under torchrun each rank keeps the rows of
-        its table shards."""
+        """Load position-indexed optimiser state dicts, as one-process checkpoints of
+        format version 2 stored them (read for compatibility); under torchrun each rank
+        keeps the rows of its table shards."""
         local = [local_optimizer_state(opt, self.model, s) for opt, s in zip(self.optimizers, states)]
         for opt, state in zip(self.optimizers, local):
             opt.load_state_dict(state)

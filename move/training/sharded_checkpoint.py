@@ -60,14 +60,6 @@ def _as_dtensor(table, local: torch.Tensor) -> DTensor:
                               stride=torch.empty(shape, device="meta").stride())
 
 
-def _param_names(model) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters()}
-
-
-def _tables_by_param(model) -> dict[int, object]:
-    return {id(t.weight): t for t in distributed.sharded_tables(model).values()}
-
-
 def _is_row_state(table, value) -> bool:
     """Optimiser state shaped like the table's rows (moments), not a scalar step."""
     return table is not None and torch.is_tensor(value) and value.dim() == table.weight.dim()
@@ -76,16 +68,16 @@ def _is_row_state(table, value) -> bool:
 def live_state(model, optimizers) -> dict:
     """The model's and optimisers' state under their names, sharing storage with them
     (sharded tables and their moments as DTensors): what a save writes, and what a
-    load fills in place."""
+    load fills in place (the model's part)."""
     tables = distributed.sharded_tables(model)
     state = {f"model.{k}": (_as_dtensor(tables[k], v.detach()) if k in tables else v.detach())
              for k, v in model.state_dict().items()}
-    names, by_param = _param_names(model), _tables_by_param(model)
-    for opt in optimizers:
-        for p, entries in opt.state.items():
-            table = by_param.get(id(p))
-            for key, value in entries.items():
-                state[f"optim.{names[id(p)]}.{key}"] = _as_dtensor(table, value) if _is_row_state(table, value) else value
+    if optimizers is not None:
+        params = dict(model.named_parameters())
+        by_param = {id(t.weight): t for t in tables.values()}
+        for key, value in optimizers.named_state().items():
+            table = by_param.get(id(params[key[len("optim."):].rpartition(".")[0]]))
+            state[key] = _as_dtensor(table, value) if _is_row_state(table, value) else value
     return state
 
 
@@ -95,7 +87,7 @@ def save_sharded_checkpoint(path, model, optimizers, meta: dict, train_state: di
     """Write checkpoint directory `path` from every rank (collective); -> path on rank 0."""
     path = Path(path)
     s = distributed.current()
-    state = live_state(model, optimizers.optimizers)
+    state = live_state(model, optimizers)
     bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
            and not bool(torch.isfinite(v.to_local() if isinstance(v, DTensor) else v).all())]
     if distributed.all_reduce_sum([float(len(bad))], next(model.parameters()).device)[0]:
@@ -173,57 +165,39 @@ def load_sharded_checkpoint(path, model, optimizers) -> dict:
         raise CheckpointError(problems[0])
     stored = stored_tensors(path)
     check_sharded_compatible(model, path, stored)
-    state = live_state(model, [])
+    state = live_state(model, None)
     everything = FileSystemReader(path / DCP_DIR).read_metadata().state_dict_metadata
-    optimizer_state = _optimizer_targets(model, optimizers.optimizers, everything)
-    state.update({k: v for k, (v, _, _) in optimizer_state.items()})
+    targets = _optimizer_targets(model, everything)
+    state.update(targets)
     dcp.load(state, checkpoint_id=path / DCP_DIR, no_dist=not s.active)
-    _fill_optimizers(optimizers.optimizers, optimizer_state, state)
+    optimizers.load_named_state({k: state[k].to_local() if isinstance(state[k], DTensor) else state[k]
+                                 for k in targets})
     return load_train_state(path)
 
 
-def _optimizer_targets(model, optimizers, stored: dict) -> dict:
-    """{state key: (what to load into, optimizer, parameter)} for every optimiser entry
-    the checkpoint holds: tensors shaped as this rank holds them; plain values (a
-    step count kept as a Python number) get a placeholder that DCP replaces."""
-    params = {name: p for name, p in model.named_parameters()}
-    by_param = _tables_by_param(model)
-    owner = {id(p): opt for opt in optimizers for group in opt.param_groups for p in group["params"]}
+def _optimizer_targets(model, stored: dict) -> dict:
+    """{state key: what DCP loads it into} for every optimiser entry the checkpoint
+    holds: tensors shaped as this rank holds them (a table's moments: its rows);
+    plain values (a step count kept as a number) get a placeholder DCP replaces."""
+    params = dict(model.named_parameters())
+    by_param = {id(t.weight): t for t in distributed.sharded_tables(model).values()}
     targets = {}
     for key, meta in stored.items():
         if not key.startswith("optim."):
             continue
-        name, _, entry = key[len("optim."):].rpartition(".")
-        if name not in params or id(params[name]) not in owner:
-            raise CheckpointError(f"optimiser state for {name!r}, which this model does not train")
+        name = key[len("optim."):].rpartition(".")[0]
+        if name not in params:
+            raise CheckpointError(f"optimiser state for {name!r}, which this model does not have")
         p, table = params[name], by_param.get(id(params[name]))
         if not isinstance(meta, TensorStorageMetadata):
-            targets[key] = (0, owner[id(p)], p)
-            continue
-        dtype = meta.properties.dtype
-        if table is not None and len(meta.size) == p.dim():  # a table's moments: this rank's rows
-            local = torch.zeros((table.shard.stop - table.shard.start, *meta.size[1:]), dtype=dtype, device=p.device)
-            target = _as_dtensor(table, local)
+            targets[key] = 0
+        elif table is not None and len(meta.size) == p.dim():  # a table's moments: this rank's rows
+            local = torch.zeros((table.shard.stop - table.shard.start, *meta.size[1:]), dtype=meta.properties.dtype,
+                                device=p.device)
+            targets[key] = _as_dtensor(table, local)
         else:
-            target = torch.zeros(meta.size, dtype=dtype)
-        targets[key] = (target, owner[id(p)], p)
+            targets[key] = torch.zeros(meta.size, dtype=meta.properties.dtype)
     return targets
-
-
-def _fill_optimizers(optimizers, targets: dict, loaded: dict) -> None:
-    """Hand the loaded state to each optimiser through its own load_state_dict (which
-    places it on the parameter's device and dtype as the optimiser expects)."""
-    for opt in optimizers:
-        state_dict = opt.state_dict()
-        index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-        entries: dict[int, dict] = {}
-        for key, (_, owner, p) in targets.items():
-            if owner is opt:
-                value = loaded[key]
-                entries.setdefault(index[id(p)], {})[key.rpartition(".")[2]] = (
-                    value.to_local() if isinstance(value, DTensor) else value)
-        state_dict["state"] = entries
-        opt.load_state_dict(state_dict)
 
 
 # ---------------------------------------------------------------------------- consolidate

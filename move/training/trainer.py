@@ -282,7 +282,10 @@ class Trainer:
             check_compatible(self.model, state_dict, ckpt)
             train_state = load_train_state(ckpt)
             self.model.load_state_dict(state_dict)
-            self.optimizers.load_state_dicts(train_state["optimizers"])
+            if "optimizer_state" in train_state:
+                self.optimizers.load_named_state(train_state["optimizer_state"])
+            else:  # written before optimiser state was stored by name
+                self.optimizers.load_state_dicts(train_state["optimizers"])
         self.task.loader.load_state_dict(train_state["loader"])
         set_rng_state(train_state["rng"])
         self.step = train_state["step"]
@@ -327,7 +330,7 @@ class Trainer:
             if bad:  # the loss and gradient were finite, yet the update was not (e.g. a huge weight decay)
                 raise NonFiniteLossError(f"non-finite weights ({bad}) at step {self.step}; nothing saved, the newest "
                                          f"checkpoint is the last good state")
-            train_state["optimizers"] = self.optimizers.state_dicts()
+            train_state["optimizer_state"] = self.optimizers.named_state()
             path = save_checkpoint(path, self.model, meta=meta, train_state=train_state, state_dict=model_state,
                                    extra_files=extra_files)
         if not self.dist.is_main:
