@@ -114,15 +114,7 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
         }
         header["header_sha256"] = header_checksum(header)
         write_synced(tmp / CONFIG, json.dumps(header, indent=2).encode())
-        fsync_dir(tmp)
-        if path.exists():  # replace: move the old one aside first, delete it after
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
+        put_in_place(tmp, path)
     except OSError as e:  # disk full, quota, permissions: the previous checkpoints are untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
@@ -131,6 +123,21 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def put_in_place(tmp: Path, path: Path) -> None:
+    """Give a finished temporary checkpoint directory its name, durably: an older
+    directory of that name is moved aside first and deleted after, so at every moment
+    the name holds one complete checkpoint or none."""
+    fsync_dir(tmp)
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def header_checksum(header: dict) -> str:

@@ -46,7 +46,7 @@ from torch.distributed.tensor import DTensor, Shard
 from move.errors import CheckpointError
 from move.training import distributed
 from move.training.checkpoint import (CONFIG, DCP_DIR, FORMAT, SHARDED_LAYOUT, TRAIN_STATE, VERSION, WEIGHTS, fsync_dir,
-                                      header_checksum, is_sharded, load_train_state, read_header, stored_tensors,
+                                      header_checksum, is_sharded, load_train_state, put_in_place, read_header, stored_tensors,
                                       streamed_sha256, verify_files, write_synced)
 
 # ---------------------------------------------------------------------------- the state, by name
@@ -114,15 +114,7 @@ def save_sharded_checkpoint(path, model, optimizers, meta: dict, train_state: di
             header["header_sha256"] = header_checksum(header)
             write_synced(tmp / CONFIG, json.dumps(header, indent=2).encode())
             fsync_dir(tmp / DCP_DIR)
-            fsync_dir(tmp)
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{os.getpid()}"
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
-            fsync_dir(path.parent)
+            put_in_place(tmp, path)
     except OSError as e:
         if s.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -254,8 +246,7 @@ def consolidate(src, out) -> Path:
                         "sha256": {n: streamed_sha256(tmp / n) for n in [WEIGHTS, *extra]}}
         consolidated["header_sha256"] = header_checksum(consolidated)
         write_synced(tmp / CONFIG, json.dumps(consolidated, indent=2).encode())
-        fsync_dir(tmp)
-        os.replace(tmp, out)
+        put_in_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
