@@ -104,16 +104,8 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
         for name, data in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # e.g. a nested tokenizer checkpoint
             write_synced(tmp / name, data)
-        header = {
-            "format": FORMAT,
-            "version": VERSION,
-            "model_kind": model.kind,
-            "model_config": model.config.to_dict(),
-            "meta": meta or {},
-            "sha256": {name: sha256(data) for name, data in files.items()},
-        }
-        header["header_sha256"] = header_checksum(header)
-        write_synced(tmp / CONFIG, json.dumps(header, indent=2).encode())
+        write_header(tmp, model.kind, model.config.to_dict(), meta or {},
+                     {name: sha256(data) for name, data in files.items()})
         put_in_place(tmp, path)
     except OSError as e:  # disk full, quota, permissions: the previous checkpoints are untouched
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,6 +115,16 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def write_header(directory: Path, model_kind: str, model_config: dict, meta: dict, checksums: dict,
+                 **fields) -> None:
+    """config.json of a checkpoint being written: what it holds, the SHA-256 of every
+    other file, extra fields (a sharded layout's), and a checksum of itself."""
+    header = {"format": FORMAT, "version": VERSION, **fields, "model_kind": model_kind,
+              "model_config": model_config, "meta": meta, "sha256": checksums}
+    header["header_sha256"] = header_checksum(header)
+    write_synced(directory / CONFIG, json.dumps(header, indent=2).encode())
 
 
 def put_in_place(tmp: Path, path: Path) -> None:

@@ -157,6 +157,12 @@ def prepare_for_training(model, value_memory_path: str = "fast", value_memory_op
         shard_value_memory(model)
 
 
+def split_state_key(key: str) -> tuple[str, str]:
+    """"optim.<parameter name>.<entry>" (Optimizers.named_state) -> (name, entry)."""
+    name, _, entry = key[len("optim."):].rpartition(".")
+    return name, entry
+
+
 class Optimizers:
     """Every optimiser of a model behind one object, and the one order in which a
     step must run with the fast value-memory path:
@@ -211,7 +217,7 @@ class Optimizers:
         owners = {id(p): opt for opt in self.optimizers for group in opt.param_groups for p in group["params"]}
         entries: dict[int, dict] = {}
         for key, value in named.items():
-            name, _, entry = key[len("optim."):].rpartition(".")
+            name, entry = split_state_key(key)
             if name not in params or id(params[name]) not in owners:
                 raise CheckpointError(f"optimiser state for {name!r}, which this model does not train")
             p, table = params[name], tables.get(id(params[name]))

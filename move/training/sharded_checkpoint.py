@@ -45,9 +45,11 @@ from torch.distributed.tensor import DTensor, Shard
 
 from move.errors import CheckpointError
 from move.training import distributed
-from move.training.checkpoint import (CONFIG, DCP_DIR, FORMAT, SHARDED_LAYOUT, TRAIN_STATE, VERSION, WEIGHTS, fsync_dir,
-                                      header_checksum, is_sharded, load_train_state, put_in_place, read_header, stored_tensors,
-                                      streamed_sha256, verify_files, write_synced)
+from move.training.checkpoint import (DCP_DIR, SHARDED_LAYOUT, TRAIN_STATE, WEIGHTS, first_non_finite, fsync_dir,
+                                      is_sharded, load_train_state, put_in_place, read_header, stored_tensors,
+                                      streamed_sha256, verify_files, write_header, write_synced)
+from move.training.optim import split_state_key
+
 
 # ---------------------------------------------------------------------------- the state, by name
 def _as_dtensor(table, local: torch.Tensor) -> DTensor:
@@ -76,7 +78,7 @@ def live_state(model, optimizers) -> dict:
         params = dict(model.named_parameters())
         by_param = {id(t.weight): t for t in tables.values()}
         for key, value in optimizers.named_state().items():
-            table = by_param.get(id(params[key[len("optim."):].rpartition(".")[0]]))
+            table = by_param.get(id(params[split_state_key(key)[0]]))
             state[key] = _as_dtensor(table, value) if _is_row_state(table, value) else value
     return state
 
@@ -88,10 +90,10 @@ def save_sharded_checkpoint(path, model, optimizers, meta: dict, train_state: di
     path = Path(path)
     s = distributed.current()
     state = live_state(model, optimizers)
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
-           and not bool(torch.isfinite(v.to_local() if isinstance(v, DTensor) else v).all())]
-    if distributed.all_reduce_sum([float(len(bad))], next(model.parameters()).device)[0]:
-        raise CheckpointError(f"refusing to write {path}: non-finite values ({bad[0] if bad else 'on another rank'})")
+    bad = first_non_finite({k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()
+                            if torch.is_tensor(v)})
+    if distributed.all_reduce_sum([float(bad is not None)], next(model.parameters()).device)[0]:
+        raise CheckpointError(f"refusing to write {path}: non-finite values ({bad or 'on another rank'})")
     tmp = path.parent / f".{path.name}.tmp-sharded"
     if s.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,12 +109,10 @@ def save_sharded_checkpoint(path, model, optimizers, meta: dict, train_state: di
             for name, data in files.items():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 write_synced(tmp / name, data)
-            header = {"format": FORMAT, "version": VERSION, "layout": SHARDED_LAYOUT, "model_kind": model.kind,
-                      "model_config": model.config.to_dict(), "meta": meta, "world_size": s.world_size,
-                      "sha256": {f.relative_to(tmp).as_posix(): streamed_sha256(f)
-                                 for f in sorted(tmp.rglob("*")) if f.is_file()}}
-            header["header_sha256"] = header_checksum(header)
-            write_synced(tmp / CONFIG, json.dumps(header, indent=2).encode())
+            checksums = {f.relative_to(tmp).as_posix(): streamed_sha256(f) for f in sorted(tmp.rglob("*"))
+                         if f.is_file()}
+            write_header(tmp, model.kind, model.config.to_dict(), meta, checksums, layout=SHARDED_LAYOUT,
+                         world_size=s.world_size)
             fsync_dir(tmp / DCP_DIR)
             put_in_place(tmp, path)
     except OSError as e:
@@ -177,7 +177,7 @@ def _optimizer_targets(model, stored: dict) -> dict:
     for key, meta in stored.items():
         if not key.startswith("optim."):
             continue
-        name = key[len("optim."):].rpartition(".")[0]
+        name = split_state_key(key)[0]
         if name not in params:
             raise CheckpointError(f"optimiser state for {name!r}, which this model does not have")
         p, table = params[name], by_param.get(id(params[name]))
@@ -240,12 +240,9 @@ def consolidate(src, out) -> Path:
         for name in extra:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / name, tmp / name)
-        consolidated = {"format": FORMAT, "version": VERSION, "model_kind": header["model_kind"],
-                        "model_config": header["model_config"],
-                        "meta": {**header.get("meta", {}), "consolidated_from": str(src)},
-                        "sha256": {n: streamed_sha256(tmp / n) for n in [WEIGHTS, *extra]}}
-        consolidated["header_sha256"] = header_checksum(consolidated)
-        write_synced(tmp / CONFIG, json.dumps(consolidated, indent=2).encode())
+        write_header(tmp, header["model_kind"], header["model_config"],
+                     {**header.get("meta", {}), "consolidated_from": str(src)},
+                     {n: streamed_sha256(tmp / n) for n in [WEIGHTS, *extra]})
         put_in_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
