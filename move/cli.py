@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from move import __version__
-from move.config import (DEFAULT_PRESET, LABEL_DROPOUT, MODEL_PRESETS, ClassifierConfig, ModelConfig, OptimConfig,
+from move.config import (DEFAULT_PRESET, LABEL_DROPOUT, MEMORY_KINDS, MODEL_PRESETS, ClassifierConfig, ModelConfig, OptimConfig,
                          TrainConfig, VQConfig, model_config_from_preset)
 from move.errors import UserError
 
@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default the --config file's; one of the two is required, except by plan)")
         p.add_argument("--preset", choices=list(MODEL_PRESETS),
                        help=f"model shape the [model] fields and flags override (default {DEFAULT_PRESET})")
-        p.add_argument("--variant", dest="value_memory", choices=("standard", "lave", "move"),
+        p.add_argument("--variant", dest="value_memory", choices=MEMORY_KINDS,
                        help=f"{field_help(ModelConfig, 'value_memory')}: the value memory (default standard)")
         p.add_argument("--density", dest="memory_density", type=at_least(1),
                        help=f"{field_help(ModelConfig, 'memory_density')} (default 1)")

@@ -14,6 +14,14 @@ import tomli_w
 from move.errors import ConfigError
 
 VALUE_MEMORY_VARIANTS = ("standard", "lave", "move")
+# Other token-indexed memory designs, compared with MoVE on the same GPT
+# (move/model/memory_designs.py): hashed bigram embeddings, a product-key memory
+# layer and the value residual. They run on MHA/GQA attention.
+OTHER_MEMORY_DESIGNS = ("bigram", "pkm", "value_residual")
+MEMORY_KINDS = VALUE_MEMORY_VARIANTS + OTHER_MEMORY_DESIGNS
+MEMORY_LABELS = {"standard": "standard", "lave": "LaVE", "move": "MoVE", "bigram": "hashed bigram",
+                 "pkm": "PKM", "value_residual": "value residual"}
+SIZED_BY_DENSITY = ("lave", "move", "bigram", "pkm")  # value_residual has no table to size
 ATTENTION_KINDS = ("mha", "mla")
 # nanochat's LaVE gate reads only the first 32 channels of the block input.
 LAVE_GATE_CHANNELS = 32
@@ -69,13 +77,17 @@ class ModelConfig(SerialConfig):
     kv_latent_dim: int = option(0, "MLA: width d_c of the cached KV latent (0: 4 x head_dim, rounded up to a "
                                    "multiple of n_head)")
     rope_head_dim: int = option(0, "MLA: width of the decoupled RoPE key/query part (0: head_dim / 2)")
-    value_memory: str = option("standard", "standard, lave or move")
+    value_memory: str = option("standard", "standard, lave, move, or another memory design: bigram (hashed "
+                                           "bigram embeddings), pkm (product-key memory), value_residual")
     # LaVE gets k tables per participating layer; MoVE gets M = k * (number of LaVE
     # layers) slots, i.e. the same value-memory parameters.
-    memory_density: int = option(1, "memory density k (xk): LaVE tables per layer, MoVE slots M = k x LaVE layers")
+    memory_density: int = option(1, "memory density k (xk): LaVE tables per layer, MoVE slots M = k x LaVE layers; "
+                                    "bigram and pkm tables get MoVE xk's value-memory parameters")
     memory_slots: int = option(0, "MoVE: the number of slots M directly (0: from the density)")
     move_gate_g0: bool = option(True, "MoVE: gate g0 on the standard value path (false: the no-g0 ablation)")
     lave_full_gates: bool = option(False, "LaVE ablation: full-width routers d_model -> H(k+1) and a gate g0")
+    pkm_heads: int = option(4, "pkm: query heads, each reading its own top-k rows (Lample et al. 2019: 4)")
+    pkm_topk: int = option(8, "pkm: rows each head reads per token (Lample et al. 2019: 32)")
     logit_softcap: float = option(15.0, "tanh soft-cap of the logits (0 disables)")
     rope_base: float = option(10000.0, "rotary embedding base")
 
@@ -131,12 +143,34 @@ class ModelConfig(SerialConfig):
         return self.value_memory == "lave" and self.lave_full_gates
 
     def memory_layers(self) -> list[int]:
-        """Layers that mix value memory into attention."""
+        """Layers that mix value memory into attention (MoVE, LaVE gates and tables)."""
         if self.value_memory == "move":
             return list(range(self.n_layer))
         if self.value_memory == "lave":
             return self.lave_layers
         return []
+
+    @property
+    def memory_budget(self) -> int:
+        """The value-memory parameters of MoVE at this density: what the bigram and
+        product-key tables are sized to, so designs compare at equal extra parameters."""
+        return self.vocab_size * self.memory_density * len(self.lave_layers) * self.kv_heads * self.head_dim
+
+    @property
+    def bigram_rows(self) -> int:
+        """Rows of the hashed bigram table (width n_embd): MoVE xk's parameters."""
+        return max(2, self.memory_budget // self.n_embd)
+
+    @property
+    def pkm_keys(self) -> int:
+        """Sub-keys per half of the product-key memory: its n_keys^2 value rows (width
+        n_embd) hold about MoVE xk's parameters."""
+        return max(self.pkm_topk, math.isqrt(self.memory_budget // self.n_embd))
+
+    @property
+    def pkm_layer(self) -> int:
+        """The layer whose MLP the product-key memory replaces: the middle one."""
+        return self.n_layer // 2
 
     def validate(self) -> "ModelConfig":
         require_finite(self)
@@ -146,8 +180,11 @@ class ModelConfig(SerialConfig):
         for name in ["n_kv_head", "kv_latent_dim", "rope_head_dim", "memory_slots"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = default), got {getattr(self, name)}")
-        if self.value_memory not in VALUE_MEMORY_VARIANTS:
-            raise ConfigError(f"unknown value_memory {self.value_memory!r}; choose one of {', '.join(VALUE_MEMORY_VARIANTS)}")
+        if self.value_memory not in MEMORY_KINDS:
+            raise ConfigError(f"unknown value_memory {self.value_memory!r}; choose one of {', '.join(MEMORY_KINDS)}")
+        if self.value_memory in OTHER_MEMORY_DESIGNS and self.attention != "mha":
+            raise ConfigError(f"value_memory {self.value_memory} runs on MHA/GQA attention, not {self.attention}")
+        require_positive(self, ["pkm_heads", "pkm_topk"])
         if self.attention not in ATTENTION_KINDS:
             raise ConfigError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
         if self.n_embd % self.n_head:
@@ -230,6 +267,7 @@ class OptimConfig:
     lr_embedding: float = option(0.2, "AdamW rate of the token embedding, scaled by (d_model/768)^-0.5")
     lr_value_memory: float = option(0.2, "AdamW rate of the value memory (bank, LaVE tables), scaled like the embedding")
     lr_lm_head: float = option(0.004, "AdamW rate of the output head, scaled like the embedding")
+    lr_memory_control: float = option(0.02, "AdamW rate of the other memory designs' scalars and product sub-keys")
     weight_decay: float = option(0.0, "decoupled weight decay")
     warmup_steps: int = option(0, "linear learning-rate warm-up steps")
     warmdown_frac: float = option(0.2, "fraction of the steps over which the rate decays linearly to zero")

@@ -29,14 +29,19 @@ from move.text.task import TextTask
 from move.training.distributed import current, job_device, per_rank_batch
 from move.training.trainer import TrainConfig, Trainer, checkpoint_dirs, prepare_model
 
-# name -> model-config fields; the ablations isolate g0 and global sharing
+# name -> model-config fields; the ablations isolate g0 and global sharing; the
+# other memory designs (move/model/memory_designs.py) compare against MoVE
 VARIANT_FIELDS = {
     "standard": dict(value_memory="standard"),
     "lave": dict(value_memory="lave"),
     "move": dict(value_memory="move"),
     "move-nog0": dict(value_memory="move", move_gate_g0=False),
     "lave-full": dict(value_memory="lave", lave_full_gates=True),
+    "bigram": dict(value_memory="bigram"),
+    "pkm": dict(value_memory="pkm"),
+    "value-residual": dict(value_memory="value_residual"),
 }
+UNSIZED_VARIANTS = {"standard": "standard", "value-residual": "value_residual"}  # name -> run name, no density
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -45,8 +50,10 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     if name not in VARIANT_FIELDS:
         raise ConfigError(f"unknown variant {name!r} in {spec!r}; choose from {', '.join(VARIANT_FIELDS)}")
     fields = dict(VARIANT_FIELDS[name])
-    if name == "standard":
-        return "standard", fields
+    if name in UNSIZED_VARIANTS:
+        if density:
+            raise ConfigError(f"{name} has no memory table to size; drop the density in {spec!r}")
+        return UNSIZED_VARIANTS[name], fields
     try:
         k = int(density or 1)
     except ValueError:

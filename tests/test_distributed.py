@@ -43,6 +43,9 @@ VARIANTS = {
     "move-lazy": ["--variant", "move", "--density", "4", "--value-memory-optimizer", "lazy"],
     # two micro-batches per step: DDP's no_sync, shard gradients merged over micro-batches
     "move-exact-accum": ["--variant", "move", "--density", "4", "--grad-accum", "2"],
+    # the other memory designs' tables (one reader each, _LookupRows) shard the same way
+    "bigram-exact": ["--variant", "bigram"],
+    "pkm-lazy": ["--variant", "pkm", "--value-memory-optimizer", "lazy"],
 }
 
 

@@ -14,7 +14,8 @@ from move.model.gpt import GPT  # noqa: E402
 from move.model.sampling import generate  # noqa: E402
 from move.text.prepare import load_prepared  # noqa: E402
 
-VARIANTS = [("standard", "mha"), ("lave", "mha"), ("move", "mha"), ("standard", "mla"), ("lave", "mla"), ("move", "mla")]
+VARIANTS = [("standard", "mha"), ("lave", "mha"), ("move", "mha"), ("standard", "mla"), ("lave", "mla"), ("move", "mla"),
+            ("bigram", "mha"), ("pkm", "mha"), ("value_residual", "mha")]
 
 
 def export_random_model(tmp_path, prepared_dir, monkeypatch, variant, attention, meta=None):

@@ -22,9 +22,12 @@ def grads_after_backward(model, mode, idx, micro_batches=1):
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("variant,extra", [("move", {}), ("move", {"move_gate_g0": False}),
-                                           ("lave", {"memory_density": 2}), ("lave", {"lave_full_gates": True})])
+                                           ("lave", {"memory_density": 2}), ("lave", {"lave_full_gates": True}),
+                                           ("bigram", {}), ("pkm", {})])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_fast_path_matches_reference_forward_and_gradients(shape, variant, extra, mode):
+    if variant in ("bigram", "pkm") and shape == "mla":
+        pytest.skip("the other memory designs run on MHA/GQA")
     model = randomized(GPT(make_config(shape, variant, n_layer=4, **extra)), std=0.1)
     idx = torch.randint(0, VOCAB, (4, 10))
     reference = grads_after_backward(model, "autograd", idx, micro_batches=2)

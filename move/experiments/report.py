@@ -15,6 +15,7 @@ import json
 import re
 from pathlib import Path
 
+from move.config import MEMORY_LABELS
 from move.errors import UserError
 from move.experiments.budgets import budget_sections
 from move.experiments.runner import Experiment
@@ -34,16 +35,16 @@ ABLATIONS = [("move-nog0", "move", "MoVE without g0"), ("lave-full", "lave", "La
 
 
 def variant_order(name: str) -> tuple:
-    """standard, LaVE x1, x2, ..., MoVE x1, x2, ..., then the ablations."""
+    """standard, LaVE x1, x2, ..., MoVE x1, x2, ..., the ablations, then the other designs."""
     family, _, density = name.partition("_x")
-    rank = {"standard": 0, "lave": 1, "move": 2, "move-nog0": 3, "lave-full": 4}.get(family, 5)
+    rank = {"standard": 0, "lave": 1, "move": 2, "move-nog0": 3, "lave-full": 4, "value_residual": 5,
+            "bigram": 6, "pkm": 7}.get(family, 8)
     return rank, int(density or 0)
 
 
 def display(name: str) -> str:
     family, _, density = name.partition("_x")
-    label = {"standard": "standard", "lave": "LaVE", "move": "MoVE", "move-nog0": "MoVE no-g0",
-             "lave-full": "LaVE full-gates"}.get(family, family)
+    label = {**MEMORY_LABELS, "move-nog0": "MoVE no-g0", "lave-full": "LaVE full-gates"}.get(family, family)
     return f"{label} x{density}" if density else label
 
 

@@ -38,6 +38,7 @@ MODEL_FILES = {
     "move.model.layers": "move_layers.py",
     "move.model.row_shard": "move_row_shard.py",
     "move.model.value_tables": "move_value_tables.py",
+    "move.model.memory_designs": "move_memory_designs.py",
     "move.model.value_memory": "move_value_memory.py",
     "move.model.attention": "move_attention.py",
     "move.model.gpt": "move_gpt.py",
@@ -116,7 +117,10 @@ def model_card(model, header: dict, checkpoint) -> str:
         metrics = next((r for r in reversed(records) if r.get("step") == step), {})
     variant = {"standard": "standard attention values",
                "lave": f"LaVE x{c.memory_density}: per-layer value embeddings on layers {c.lave_layers}",
-               "move": f"MoVE: a global bank of M = {c.n_slots} value slot(s) per token, mixed into every layer"
+               "move": f"MoVE: a global bank of M = {c.n_slots} value slot(s) per token, mixed into every layer",
+               "bigram": f"hashed bigram embeddings: {c.bigram_rows:,} rows added before every block",
+               "pkm": f"a product-key memory of {c.pkm_keys ** 2:,} rows in place of layer {c.pkm_layer}'s MLP",
+               "value_residual": "value residual: every layer mixes the first layer's values into its own",
                }[c.value_memory]
     lines = [f"# MoVE-project GPT ({c.value_memory}, {c.attention.upper()})", "",
              "Exported by `move export-hf`. Load it with",

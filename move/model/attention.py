@@ -1,5 +1,5 @@
 """Causal self-attention: MHA/GQA and multi-head latent attention (MLA), each with
-optional value memory. What goes into the KV cache is always the *mixed* value
+optional value memory (and, on MHA/GQA, the value residual of memory_designs.py). What goes into the KV cache is always the *mixed* value
 (MHA) or the *mixed* latent (MLA+MoVE), so decoding costs one bank-row gather and
 one router matmul per layer more than the standard model, nothing else.
 """
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from move.config import ModelConfig
 from move.model.layers import KVCache, apply_rotary, rms_norm
-from move.model.value_memory import LayerValueMemory
+from move.model.memory_designs import ValueResidual
+from move.model.value_memory import LayerValueMemory, MemoryInputs
 
 
 def causal_attention(q, k, v, cache_offset: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,14 +55,21 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
         self.value_memory = LayerValueMemory(config) if layer_idx in config.memory_layers() else None
+        value_residual = config.value_memory == "value_residual"
+        self.keeps_first_values = value_residual and layer_idx == 0
+        self.value_residual = ValueResidual() if value_residual and layer_idx > 0 else None
 
-    def forward(self, x, idx, bank_slots, cos, sin, cache: KVCache | None, key_mask=None):
+    def forward(self, x, memory: MemoryInputs, cos, sin, cache: KVCache | None, key_mask=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if self.value_memory is not None:
-            v = self.value_memory(x, v, idx, bank_slots)
+            v = self.value_memory(x, v, memory.idx, memory.bank_slots)
+        if self.keeps_first_values:
+            memory.first_values = v
+        elif self.value_residual is not None:
+            v = self.value_residual(v, memory.first_values)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         offset = 0
         if cache is not None:
@@ -101,18 +109,18 @@ class MultiHeadLatentAttention(nn.Module):
         self.value_memory = LayerValueMemory(config) if layer_idx in config.memory_layers() else None
         self.memory_in_latent = config.value_memory == "move"
 
-    def forward(self, x, idx, bank_slots, cos, sin, cache: KVCache | None, key_mask=None):
+    def forward(self, x, memory: MemoryInputs, cos, sin, cache: KVCache | None, key_mask=None):
         B, T, _ = x.shape
         H, hd, r = self.n_head, self.head_dim, self.rope_dim
         q = self.c_q(x).view(B, T, H, hd + r)
         q = torch.cat([q[..., :hd], apply_rotary(q[..., hd:], cos, sin)], dim=-1)
         latent = rms_norm(self.c_kv_down(x))
         if self.value_memory is not None and self.memory_in_latent:
-            latent = self.value_memory(x, latent.view(B, T, H, -1), idx, bank_slots).reshape(B, T, -1)
+            latent = self.value_memory(x, latent.view(B, T, H, -1), memory.idx, memory.bank_slots).reshape(B, T, -1)
         k_rope = apply_rotary(self.c_k_rope(x).view(B, T, 1, r), cos, sin)
         lave_values = None
         if self.value_memory is not None and not self.memory_in_latent:
-            lave_values = self.value_memory(x, self.c_v_up(latent).view(B, T, H, hd), idx, bank_slots)
+            lave_values = self.value_memory(x, self.c_v_up(latent).view(B, T, H, hd), memory.idx, memory.bank_slots)
         offset = 0
         if cache is not None:
             offset = cache.pos

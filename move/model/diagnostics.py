@@ -5,7 +5,9 @@ a batch touches, and how large the rows are. Used for training-time diagnostics
 
 import torch
 
+from move.config import OTHER_MEMORY_DESIGNS
 from move.device import evaluating
+from move.model.memory_designs import bigram_hash, previous_tokens
 from move.model.value_memory import LayerValueMemory
 
 
@@ -57,7 +59,10 @@ def value_memory_diagnostics(model, idx: torch.Tensor) -> dict[str, float]:
     spread of the gates across the slots of one position and head (0 while the
     slots are interchangeable), and the memory share ||v' - v|| / ||v||; the
     fraction of table rows the batch touches; the norms of those rows; and, for
-    tables with several slots per row, the mean slot-to-slot cosine of those rows."""
+    tables with several slots per row, the mean slot-to-slot cosine of those rows.
+    The other memory designs report their own (design_diagnostics)."""
+    if model.config.value_memory in OTHER_MEMORY_DESIGNS:
+        return design_diagnostics(model, idx)
     if not model.value_tables():
         return {}
     out = {}
@@ -77,10 +82,47 @@ def value_memory_diagnostics(model, idx: torch.Tensor) -> dict[str, float]:
     touched = torch.unique(idx)
     out["vm/rows_touched_frac"] = touched.numel() / model.config.vocab_size
     rows = [t.gather(touched.to(t.weight.device)) for t in model.value_tables()]
-    norms = torch.cat([r.float().flatten(1).norm(dim=1).cpu() for r in rows])
-    out["vm/row_norm_mean"] = norms.mean().item()
-    out["vm/row_norm_max"] = norms.max().item()
+    out.update(row_norms(rows))
     multi_slot = [r for r in rows if r.shape[2] > 1]
     if multi_slot:
         out["vm/slot_cosine"] = sum(slot_cosine(r) for r in multi_slot) / len(multi_slot)
+    return out
+
+
+def row_norms(rows: list[torch.Tensor]) -> dict[str, float]:
+    norms = torch.cat([r.float().flatten(1).norm(dim=1).cpu() for r in rows])
+    return {"vm/row_norm_mean": norms.mean().item(), "vm/row_norm_max": norms.max().item()}
+
+
+@torch.no_grad()
+def design_diagnostics(model, idx: torch.Tensor) -> dict[str, float]:
+    """The other memory designs: their learned mixing weights per layer (bigram
+    scales, value-residual a and b) and, for the tables, the fraction of rows the
+    batch reads (product keys: the paper's "memory usage") and those rows' norms."""
+    c, out = model.config, {}
+    if c.value_memory == "value_residual":
+        for layer, block in enumerate(model.blocks[1:], 1):
+            a, b = block.attn.value_residual.lambdas.tolist()
+            out[f"vm/layer{layer}/own_values_weight"] = a
+            out[f"vm/layer{layer}/first_values_weight"] = b
+        return out
+    if c.value_memory == "bigram":
+        for layer, scale in enumerate(model.bigram.scales.tolist()):
+            out[f"vm/layer{layer}/bigram_scale"] = scale
+        table = model.bigram.table
+        read = bigram_hash(idx, previous_tokens(idx), c.bigram_rows).unique()
+    else:  # pkm: the rows its heads pick for the batch's inputs at its layer
+        memory = model.blocks[c.pkm_layer].mlp
+        inputs = []
+        hook = memory.register_forward_hook(lambda m, args, o: inputs.append(args[0]))
+        try:
+            with evaluating(model):
+                model(idx)
+        finally:
+            hook.remove()
+        table = memory.table
+        read = memory.address(inputs[0])[0].unique()
+    all_rows = table.shard.num_rows if table.shard is not None else table.weight.shape[0]
+    out["vm/rows_touched_frac"] = read.numel() / all_rows
+    out.update(row_norms([table.gather(read.to(table.weight.device))]))
     return out

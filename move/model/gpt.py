@@ -16,6 +16,9 @@ from move.config import ModelConfig
 from move.errors import ConfigError, TokenRangeError
 from move.model.attention import CausalSelfAttention, MultiHeadLatentAttention
 from move.model.layers import MLP, KVCache, rms_norm, rotary_tables
+from move.model.memory_designs import (BIGRAM_SCALE_INIT, VALUE_RESIDUAL_INIT, BigramHashEmbedding,
+                                       ProductKeyMemory, ValueResidual, previous_tokens)
+from move.model.value_memory import MemoryInputs
 from move.model.value_tables import GRAD_MODES, ValueTable
 
 
@@ -60,10 +63,11 @@ class Block(nn.Module):
         super().__init__()
         attention = MultiHeadLatentAttention if config.attention == "mla" else CausalSelfAttention
         self.attn = attention(config, layer_idx)
-        self.mlp = MLP(config.n_embd)
+        product_keys = config.value_memory == "pkm" and layer_idx == config.pkm_layer
+        self.mlp = ProductKeyMemory(config) if product_keys else MLP(config.n_embd)
 
-    def forward(self, x, idx, bank_slots, cos, sin, cache, key_mask=None):
-        x = x + self.attn(rms_norm(x), idx, bank_slots, cos, sin, cache, key_mask)
+    def forward(self, x, memory: MemoryInputs, cos, sin, cache, key_mask=None):
+        x = x + self.attn(rms_norm(x), memory, cos, sin, cache, key_mask)
         return x + self.mlp(rms_norm(x))
 
 
@@ -86,6 +90,7 @@ class GPT(nn.Module):
         if config.value_memory == "move":
             heads = config.kv_heads
             self.bank = ValueTable(config.vocab_size, heads, config.n_slots, config.memory_width // heads)
+        self.bigram = BigramHashEmbedding(config) if config.value_memory == "bigram" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.rotary_dim = config.rope_width if config.attention == "mla" else config.head_dim
         self._rotary_len = 0
@@ -106,6 +111,10 @@ class GPT(nn.Module):
           drawn in row blocks (_init_rows), so a row-sharded table initialises only its
           own rows, bit for bit as one process would.
         - routers / gates: zero, so every gate 2*sigmoid(0) is exactly 1.0.
+        - the other memory designs (memory_designs.py): the bigram table zero and its
+          per-layer scales 0.1 (modded-nanogpt); product-key sub-keys U(-s, s) with
+          s = sqrt(3)/sqrt(key width), its query like any input matrix and its values
+          like a value table; value-residual mixing weights 0.5 and 0.5 (ResFormer).
 
         Pairing: every tensor draws from its own generator, seeded by (init_seed, the
         parameter's name), never from a shared stream. A tensor's initial value thus
@@ -115,8 +124,17 @@ class GPT(nn.Module):
         """
         s_model = math.sqrt(3) / math.sqrt(self.config.n_embd)
         for name, module in self.named_modules():
-            if isinstance(module, ValueTable):
+            if isinstance(module, ValueTable) and module.zero_init:
+                nn.init.zeros_(module.weight)
+            elif isinstance(module, ValueTable):
                 _init_rows(module.weight, init_seed, name, s_model, module.shard.start if module.shard else 0)
+            elif isinstance(module, BigramHashEmbedding):
+                nn.init.constant_(module.scales, BIGRAM_SCALE_INIT)
+            elif isinstance(module, ProductKeyMemory):
+                _init_named(module.sub_keys, init_seed, f"{name}.sub_keys", "uniform",
+                            math.sqrt(3) / math.sqrt(module.key_dim))
+            elif isinstance(module, ValueResidual):
+                nn.init.constant_(module.lambdas, VALUE_RESIDUAL_INIT)
             elif isinstance(module, nn.Linear):
                 if name.endswith("c_proj") or name.endswith("router"):
                     nn.init.zeros_(module.weight)
@@ -172,10 +190,13 @@ class GPT(nn.Module):
         else:
             cos, sin = self._rotary(int(positions.max()) + 1, idx.device)
             cos, sin = cos[0, positions], sin[0, positions]  # (B, T, 1, rotary_dim / 2)
-        bank_slots = self.bank(idx) if self.bank is not None else None  # one gather for all layers
+        memory = MemoryInputs(idx, self.bank(idx) if self.bank is not None else None)  # one gather for all layers
+        bigram = self.bigram_embeddings(idx, cache, positions) if self.bigram is not None else None
         x = rms_norm(self.wte(idx))
-        for block in self.blocks:
-            x = block(x, idx, bank_slots, cos, sin, cache, key_mask)
+        for layer, block in enumerate(self.blocks):
+            if bigram is not None:
+                x = x + self.bigram.scales[layer].to(x.dtype) * bigram.to(x.dtype)
+            x = block(x, memory, cos, sin, cache, key_mask)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(rms_norm(x)).float()
@@ -186,6 +207,15 @@ class GPT(nn.Module):
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
         return loss.view(B, T) if reduction == "none" else loss
+
+    def bigram_embeddings(self, idx, cache: KVCache | None, positions) -> torch.Tensor:
+        """The hashed bigram rows of idx; a cache remembers the ids, so decoding a
+        token pairs it with the one before it."""
+        before = None
+        if cache is not None:
+            seen = cache.update(0, "ids", idx)  # every id so far, this chunk's included
+            before = seen[:, cache.pos - 1] if cache.pos > 0 else None
+        return self.bigram(idx, previous_tokens(idx, before, positions))
 
     def value_tables(self) -> list[ValueTable]:
         return [m for m in self.modules() if isinstance(m, ValueTable)]

@@ -20,11 +20,24 @@ gets its gates and slots (LayerValueMemory). Storage, lookup and the fast path's
 gradients live in move/model/value_tables.py.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from move.config import LAVE_GATE_CHANNELS, ModelConfig
 from move.model.value_tables import Slots, ValueTable, fast_mix
+
+
+@dataclass
+class MemoryInputs:
+    """What one forward hands every layer's value memory: the token ids, MoVE's bank
+    rows gathered once for all layers, and (value residual) the first layer's values,
+    which layer 0 sets and the later layers read."""
+
+    idx: torch.Tensor
+    bank_slots: Slots | None = None
+    first_values: torch.Tensor | None = None
 
 
 def mix(v, slot_values, gates, gate_g0: bool):

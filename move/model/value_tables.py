@@ -15,6 +15,9 @@ Three gradient modes, one set of numbers (tested against each other):
               layers, summed per distinct token id, written into a persistent dense
               .grad whose touched rows alone are written and later zeroed (exact AdamW);
   "sparse":   the same, handed out as a sparse COO gradient (lazy row-wise Adam).
+A table read by one consumer that differentiates the rows itself (the other memory
+designs: a hashed bigram table, product-key values) uses `lookup` (_LookupRows):
+the same per-row sums, the same three modes.
 A table sharded across processes (shard_rows) keeps only its own rows; the row
 gradients wait in `pending` until reduce_shard_grads sends them to their owners.
 """
@@ -70,21 +73,32 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, _grad_rows, _grad_carrier):
         (idx,) = ctx.saved_tensors
         table, record = ctx.table, ctx.record
-        weight = table.weight
         gates = torch.stack(record.gates, dim=-2).float()  # (B,T,H,L,S)
         grads = torch.stack(record.grads, dim=-2).float()  # (B,T,H,L,D)
         record.gates.clear()
         record.grads.clear()
         grad_slots = gates.transpose(-1, -2) @ grads  # (B,T,H,S,D)
-        rows, grad_rows = sum_rows(idx.flatten(), grad_slots.flatten(0, 1))
-        if table.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
-            table.pending.append((rows, grad_rows))  # fp32: partial sums are rounded once, at the owner
-            return None, None, None, None
-        grad_rows = grad_rows.to(weight.dtype)
-        if table.grad_mode == "sparse":
-            return table.sparse_grad(rows, grad_rows), None, None, None
-        table.add_dense_grad(rows, grad_rows)
-        return None, None, None, None
+        return table.take_row_grads(*sum_rows(idx.flatten(), grad_slots.flatten(0, 1))), None, None, None
+
+
+class _LookupRows(torch.autograd.Function):
+    """rows = weight[idx] for a table read by one consumer (the other memory designs:
+    a hashed bigram table, product-key values): the backward sums the rows' gradients
+    per distinct id and hands them to the table like _GatherRows does, so these
+    tables get the same fast path (no table-sized gradient per step, lazy Adam,
+    row sharding)."""
+
+    @staticmethod
+    def forward(ctx, weight, idx, table):
+        ctx.table = table
+        ctx.save_for_backward(idx)
+        return table.gather(idx)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (idx,) = ctx.saved_tensors
+        grads = grad_rows.float().flatten(0, idx.dim() - 1)
+        return ctx.table.take_row_grads(*sum_rows(idx.flatten(), grads)), None, None
 
 
 class _FastMix(torch.autograd.Function):
@@ -124,9 +138,10 @@ class ValueTable(nn.Module):
       "sparse":   fast path, a sparse gradient of the touched rows (lazy Adam).
     """
 
-    def __init__(self, vocab_size: int, heads: int, slots: int, width_per_head: int):
+    def __init__(self, vocab_size: int, heads: int, slots: int, width_per_head: int, zero_init: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, heads, slots, width_per_head))
+        self.zero_init = zero_init  # GPT.init_weights: zeros instead of the value projection's scale
         self.grad_mode = "dense"
         self.touched: list[torch.Tensor] = []
         self.shard: RowShard | None = None  # set by shard_rows(): weight then holds this rank's rows only
@@ -160,6 +175,26 @@ class ValueTable(nn.Module):
         record = MixRecord()
         rows, carrier = _GatherRows.apply(self.weight, idx, self, record)
         return Slots(rows, carrier, record)
+
+    @torch.compiler.disable  # its backward writes the table's gradient buffer (see forward)
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows (idx.shape..., heads, slots, width) for one consumer that differentiates
+        them directly (not through the value mix), on the table's gradient path."""
+        if self.grad_mode == "autograd" or not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return self.gather(idx)
+        return _LookupRows.apply(self.weight, idx, self)
+
+    def take_row_grads(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor | None:
+        """The fast path's end: the summed gradients of distinct rows become the
+        table's gradient (the autograd return value in sparse mode, else None)."""
+        if self.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
+            self.pending.append((rows, grad_rows))  # fp32: partial sums are rounded once, at the owner
+            return None
+        grad_rows = grad_rows.to(self.weight.dtype)
+        if self.grad_mode == "sparse":
+            return self.sparse_grad(rows, grad_rows)
+        self.add_dense_grad(rows, grad_rows)
+        return None
 
     def sparse_grad(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
         return torch.sparse_coo_tensor(rows[None], grad_rows, self.weight.shape, is_coalesced=True,

@@ -4,7 +4,8 @@
   for every 2-D transformer matrix, routers included;
   or AdamW for them with --optimizer adamw.
 - AdamW for the token embedding, the lm_head and value memory (MoVE bank, LaVE
-  tables), each with its own learning rate. Value memory is optimised like an
+  tables, the other designs' bigram and product-key tables), each with its own
+  learning rate, and for the other designs' scalars and product sub-keys. Value memory is optimised like an
   embedding, as the paper does. AdamW rates are scaled by (d_model/768)^-0.5 so
   one setting transfers across widths; fused AdamW avoids the slow foreach path
   over big tables.
@@ -49,6 +50,7 @@ def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
     adam_groups = [
         dict(params=groups.get("token_embedding", []), lr=oc.lr_embedding * scale),
         dict(params=groups.get("lm_head", []), lr=oc.lr_lm_head * scale),
+        dict(params=groups.get("memory_control", []), lr=oc.lr_memory_control),
     ]
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     optimizers = []

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from move.config import ModelConfig, TrainConfig
+from move.config import MEMORY_LABELS, SIZED_BY_DENSITY, ModelConfig, TrainConfig
 from move.device import autocast, peak_memory_mb, pick_device, reset_peak_memory
 from move.errors import ConfigError
 from move.model.accounting import count_params, forward_flops_per_token
@@ -106,7 +106,7 @@ def plan_run(config: ModelConfig, train: TrainConfig, processes: int = 1, bf16: 
     dense = params["total"] - tables
     shard = math.ceil(tables / processes)
     matrices = params["transformer_matrices"] + params["routers"]
-    embeddings = params["token_embedding"] + params["lm_head"]
+    adam_dense = params["token_embedding"] + params["lm_head"] + params["memory_control"]
     micro_batch = train.batch_size // processes
     micro_tokens = micro_batch * config.seq_len
     o = train.optim
@@ -117,7 +117,7 @@ def plan_run(config: ModelConfig, train: TrainConfig, processes: int = 1, bf16: 
     memory = {
         "weights": 4 * dense + TABLE_BYTES[train.value_memory_dtype] * shard,
         "gradients": 4 * dense * (2 if processes > 1 else 1) + table_grads,
-        "optimizer": (4 if o.optimizer == "muon" else 8) * matrices + 8 * embeddings + 8 * shard,
+        "optimizer": (4 if o.optimizer == "muon" else 8) * matrices + 8 * adam_dense + 8 * shard,
         "activations": int(BACKWARD_PEAK * activation_bytes_per_token(config, bf16) * micro_tokens),
     }
     flops = 3 * forward_flops_per_token(config, params)["total"]
@@ -207,8 +207,8 @@ def gib(n: float) -> str:
 
 
 def variant_label(c: ModelConfig) -> str:
-    name = {"standard": "standard", "lave": "LaVE", "move": "MoVE"}[c.value_memory]
-    density = f" x{c.memory_density}" if c.value_memory != "standard" else ""
+    name = MEMORY_LABELS[c.value_memory]
+    density = f" x{c.memory_density}" if c.value_memory in SIZED_BY_DENSITY else ""
     return f"{name}{density}, {c.attention.upper()}"
 
 
