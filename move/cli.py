@@ -520,14 +520,25 @@ def cmd_report(args) -> None:
     write_experiment_report(args.results)
 
 
+# ---------------------------------------------------------------------------- designs
+def cmd_designs_table(args) -> None:
+    from move.experiments.designs import designs_table
+    from move.files import atomic_write_text
+
+    table = designs_table(args.text, args.time, args.knowledge, args.bench)
+    if args.out:
+        atomic_write_text(args.out, table)
+    print(table, end="")
+
+
 # ---------------------------------------------------------------------------- bench
 def cmd_bench(args) -> None:
-    from move.experiments.bench import CONFIGS, QUICK, BenchShape, run_bench, run_profile
+    from move.experiments.bench import CONFIGS, SHAPES, run_bench, run_profile
 
     unknown = [c for c in args.configs or [] if c not in CONFIGS]
     if unknown:
         raise UserError(f"unknown bench config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
-    shape = QUICK if args.quick else BenchShape()
+    shape = SHAPES["quick" if args.quick else args.shape]()
     if args.rounds:
         shape.rounds = args.rounds
     if args.profile:
@@ -749,9 +760,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results directory of `move experiment`")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("designs-table", help="MoVE vs the other memory designs: one table from a text experiment, "
+                                              "its standard model's decay budgets, a knowledge probe and move bench")
+    p.add_argument("--text", required=True, help="results of the text experiment (every design, one size)")
+    p.add_argument("--time", required=True, help="results of the standard-only experiment with decay budgets "
+                                                 "around the text runs' length (equal-time comparison)")
+    p.add_argument("--knowledge", required=True, help="results of the knowledge-probe experiment")
+    p.add_argument("--bench", required=True, help="cpu_bench.json of `move bench --shape small` with every design")
+    p.add_argument("--out", help="also write the table to this markdown file (default print only)")
+    p.set_defaults(func=cmd_designs_table)
+
     p = sub.add_parser("bench", help="training-step, decode and memory cost of value memory, side by side")
     p.add_argument("--out", default="benchmarks", help="where to write <device>_bench.md / .json")
     p.add_argument("--quick", action="store_true", help="tiny shapes (seconds; for smoke tests)")
+    p.add_argument("--shape", choices=("default", "small"), default="default",
+                   help="default: 6 layers x 384 at vocabularies 8,192 and 32,768; small: the CPU experiments' "
+                        "shape (4 x 128, vocabulary 2,048, 16 x 128 tokens per step)")
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--configs", nargs="+", help="subset of configurations (standard is always the baseline) "
                                                 "(default all)")

@@ -104,6 +104,27 @@ def test_experiment_files_are_validated(tmp_path, prepared_dir):
         Experiment.load(path)
 
 
+def test_sizes_and_variants_may_set_their_own_learning_rates_and_nothing_else(tmp_path, prepared_dir):
+    path = write_experiment(tmp_path, prepared_dir)
+    text = path.read_text().replace("[sizes.tiny-deeper]", "[sizes.tiny-deeper]\ntrain = {lr_value_memory = 0.05}")
+    text += '\n[variant_train]\n"move:1" = {lr_embedding = 0.7}\n'
+    path.write_text(text)
+    experiment = Experiment.load(path)
+    specs = {(r.size, r.variant, r.seed): experiment.run_spec(r).train for r in experiment.runs()}
+    default = experiment.train_config
+    assert specs["tiny", "standard", 1].optim == default.optim and specs["tiny", "standard", 1].seed == 1
+    assert specs["tiny", "move:1", 0].optim.lr_embedding == 0.7
+    assert specs["tiny", "move:1", 0].optim.lr_value_memory == default.optim.lr_value_memory
+    deeper = specs["tiny-deeper", "standard", 0]
+    assert deeper.optim.lr_value_memory == 0.05 and deeper.steps == default.steps and deeper.data_seed == 0
+    path.write_text(text.replace("{lr_value_memory = 0.05}", "{steps = 9}"))
+    with pytest.raises(ConfigError, match="learning rates only"):
+        Experiment.load(path)
+    path.write_text(text.replace('"move:1" = {', '"move:4" = {'))
+    with pytest.raises(ConfigError, match="not a variant of the grid"):
+        Experiment.load(path)
+
+
 @pytest.mark.parametrize("name", ["shakespeare-cpu", "news-cpu", "mnist-cpu", "fashion-mnist-cpu", "paper-d12",
                                   "shakespeare-budgets", "news-budgets"])
 def test_shipped_experiment_files_parse(name):

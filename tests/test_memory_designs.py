@@ -2,6 +2,8 @@
 of their formulas, causality, accounting in closed form and cached decoding."""
 
 import itertools
+import json
+import tomllib
 
 import pytest
 import torch
@@ -255,3 +257,66 @@ def test_diagnostics_report_each_designs_own_quantities():
     found = value_memory_diagnostics(pkm, idx)
     # 8 positions, 1 head, top-2: at most 16 distinct rows read
     assert 0 < found["vm/rows_touched_frac"] * pkm.config.pkm_keys ** 2 <= 16
+
+
+# ---------------------------------------------------------------- the comparison table
+def tiny_experiment(path, name, data, variants, steps, budgets=()):
+    path.write_text(f"""
+name = "{name}"
+data = "{data}"
+preset = "tiny"
+seeds = [0, 1]
+variants = {json.dumps(variants)}
+{f"decay_budgets = {list(budgets)}" if budgets else ""}
+[train]
+steps = {steps}
+batch_size = 2
+eval_every = {steps}
+eval_tokens = 512
+checkpoint_every = 1
+[sizes.tiny]
+""")
+    return path
+
+
+def test_designs_table_compares_at_equal_params_and_at_equal_measured_time(tmp_path, prepared_dir, capsys):
+    """Equal time: a design whose step costs 1.25x standard's, trained 4 steps, meets
+    standard's 5-step budget; the standard budget of the text runs' length is the
+    text experiment's standard run itself (a branch is a run of that length)."""
+    from move.cli import main
+    from move.experiments.runner import run_experiment
+
+    text = run_experiment(tiny_experiment(tmp_path / "text.toml", "text", prepared_dir, ["standard", "bigram:1"], 4),
+                          tmp_path / "text")
+    time = run_experiment(tiny_experiment(tmp_path / "time.toml", "time", prepared_dir, ["standard"], 6, (4, 5)),
+                          tmp_path / "time")
+    knowledge = tmp_path / "knowledge"  # a stand-in: the table reads only knowledge_bits
+    for variant, bits in (("standard", 10.0), ("bigram_x1", 30.0)):
+        for seed in (0, 1):
+            run = knowledge / "runs" / "N40" / variant / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps({"knowledge_bits": bits + seed, "steps": 4}))
+    (knowledge / "experiment.toml").write_text(tiny_experiment(tmp_path / "k.toml", "k", prepared_dir,
+                                                               ["standard", "bigram:1"], 4).read_text()
+                                               .replace("[sizes.tiny]", "[sizes.N40]"))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"512": {"standard": {"train_ratio": 1.0}, "bigram_x1": {"train_ratio": 1.25}}}))
+
+    def bpb(run_dir):
+        return json.loads((run_dir / "summary.json").read_text())["val_bpb"]
+
+    for seed in (0, 1):  # the 4-step budget of the longer run is the text experiment's standard run
+        assert bpb(time / "runs/tiny/standard" / f"seed{seed}/decay/steps_000004") == \
+            bpb(text / "runs/tiny/standard" / f"seed{seed}")
+    assert main(["designs-table", "--text", str(text), "--time", str(time), "--knowledge", str(knowledge),
+                 "--bench", str(bench), "--out", str(tmp_path / "table.md")]) == 0
+    row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| hashed"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    design = {s: bpb(text / "runs/tiny/bigram_x1" / f"seed{s}") for s in (0, 1)}
+    at_5 = {s: bpb(time / "runs/tiny/standard" / f"seed{s}/decay/steps_000005") for s in (0, 1)}
+    plain = {s: bpb(text / "runs/tiny/standard" / f"seed{s}") for s in (0, 1)}
+    assert cells[5].startswith(f"{sum(design[s] - plain[s] for s in (0, 1)) / 2:+.4f}")
+    assert cells[6].startswith(f"{sum(design[s] - at_5[s] for s in (0, 1)) / 2:+.4f}")
+    assert cells[3] == "1.250" and cells[7] == "30 ± 1"
+    model = tomllib.loads((text / "runs/tiny/bigram_x1/seed0/config.toml").read_text())["model"]
+    assert cells[1] == f"+{ModelConfig(**model).bigram_rows * model['n_embd'] + model['n_layer']:,}"  # table + scales

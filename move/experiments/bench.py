@@ -38,6 +38,12 @@ CONFIGS = {
     "move_x1_ref": (dict(value_memory="move", memory_density=1), "reference", "exact", "float32"),
     "move_x4_ref": (dict(value_memory="move", memory_density=4), "reference", "exact", "float32"),
     "move_x8_ref": (dict(value_memory="move", memory_density=8), "reference", "exact", "float32"),
+    # the other memory designs (move/model/memory_designs.py), at MoVE x1's and x4's parameters
+    "bigram_x1": (dict(value_memory="bigram", memory_density=1), "fast", "exact", "float32"),
+    "bigram_x4": (dict(value_memory="bigram", memory_density=4), "fast", "exact", "float32"),
+    "pkm_x1": (dict(value_memory="pkm", memory_density=1), "fast", "exact", "float32"),
+    "pkm_x4": (dict(value_memory="pkm", memory_density=4), "fast", "exact", "float32"),
+    "value_residual": (dict(value_memory="value_residual"), "fast", "exact", "float32"),
 }
 
 # (what, configuration, baseline, limit): ratio of configuration to baseline must be <= limit
@@ -74,6 +80,10 @@ class BenchShape:
 
 QUICK = BenchShape(n_layer=2, n_embd=64, n_head=2, seq_len=32, batch_size=2, vocab_sizes=(512,), warmup=1,
                    rounds=2, decode_tokens=4)
+# the shape of the CPU experiments (the `small` preset, Shakespeare's 2,048 tokens, 16 x 128 per
+# step): the step-time ratios that compare memory designs at equal measured time
+SMALL = BenchShape(n_layer=4, n_embd=128, n_head=4, seq_len=128, batch_size=16, vocab_sizes=(2048,), rounds=15)
+SHAPES = {"default": BenchShape, "small": lambda: SMALL, "quick": lambda: QUICK}
 
 
 class Subject:
@@ -224,7 +234,7 @@ def format_results(results: dict, shape: BenchShape, device: str) -> str:
 def run_bench(shape: BenchShape, out_dir, names=None, device: str = "auto", log=print) -> dict:
     torch.set_flush_denormal(True)
     device = pick_device(device)
-    names = names or list(CONFIGS)
+    names = ["standard"] + [n for n in names or CONFIGS if n != "standard"]  # every ratio is to standard
     results = {vocab: bench_vocab(shape, vocab, device, names, log) for vocab in shape.vocab_sizes}
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = format_results(results, shape, f"{device.type}: {label}")

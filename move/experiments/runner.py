@@ -14,10 +14,15 @@
     batch_size = 16
 
     [sizes.small]                  # rows of the main table; keys override the preset
-                                   # (and `data = ...` gives a size its own data)
+                                   # (and `data = ...` gives a size its own data;
+                                   # `train = {lr_value_memory = 0.05}` its own learning
+                                   # rates: a sweep is a size per rate)
     [sizes.small-deeper]           # a compute-matched dense baseline: more layers,
     n_layer = 6                    # standard only
     variants = ["standard"]
+
+    [variant_train]                # optional: a variant's own learning rates (each method
+    "bigram:1" = {lr_value_memory = 0.8}   # at the rate its sweep found best)
 
     [image]                        # image experiments: sample-based metrics per run
     classifier = "runs/image_main/classifier"
@@ -63,10 +68,13 @@ from move.training.optim import decay_start
 from move.training.trainer import TrainConfig, checkpoint_dirs
 
 TOP_LEVEL = {"name", "description", "expected_minutes", "data", "preset", "seeds", "data_seed", "variants", "train",
-             "sizes", "image", "setup", "decay_budgets"}
+             "sizes", "image", "setup", "decay_budgets", "variant_train"}
 IMAGE_KEYS = {"classifier", "fid_samples", "cfg_scale"}
 TRAIN_KEYS = (TrainConfig.flat_keys() - {"seed", "data_seed"}) | {"label_dropout"}  # the grid sets the seeds
 MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"value_memory", "memory_density"}
+# what a size or a variant may set for itself: learning rates only, so every run of a
+# grid keeps the same steps, batches and schedule (and stays paired)
+RATE_KEYS = {k for k in TRAIN_KEYS if k.startswith("lr_")}
 
 
 @dataclass
@@ -79,6 +87,7 @@ class GridRun:
     seed: int
     fields: dict  # model-config overrides (size + variant)
     data: str  # prepared data (a size may bring its own: e.g. knowledge corpora of several sizes)
+    rates: dict = field(default_factory=dict)  # learning rates of this size or variant (over [train])
 
     @property
     def key(self) -> str:
@@ -105,6 +114,7 @@ class Experiment:
     image: dict = field(default_factory=dict)
     setup: list[dict] = field(default_factory=list)
     decay_budgets: list[int] = field(default_factory=list)
+    variant_train: dict[str, dict] = field(default_factory=dict)
 
     def branch_step(self, budget: int) -> int:
         """The step of the full run from which the branch for `budget` decays."""
@@ -138,7 +148,12 @@ class Experiment:
         refuse_unknown(raw.get("image", {}), IMAGE_KEYS, "[image]")
         sizes = raw.get("sizes") or {"base": {}}
         for size, overrides in sizes.items():
-            refuse_unknown(overrides, MODEL_KEYS | {"variants", "data"}, f"[sizes.{size}]")
+            refuse_unknown(overrides, MODEL_KEYS | {"variants", "data", "train"}, f"[sizes.{size}]")
+            refuse_unknown(overrides.get("train", {}), RATE_KEYS, f"[sizes.{size}.train] (learning rates only)")
+        for variant, rates in raw.get("variant_train", {}).items():
+            if variant not in raw["variants"] and not any(variant in s.get("variants", []) for s in sizes.values()):
+                raise ConfigError(f"{source}: [variant_train] names {variant!r}, which is not a variant of the grid")
+            refuse_unknown(rates, RATE_KEYS, f"[variant_train] {variant!r} (learning rates only)")
         for step in raw.get("setup", []):
             refuse_unknown(step, {"creates", "command"}, "[[setup]]")
             if not isinstance(step.get("command"), list) or "creates" not in step:
@@ -147,7 +162,8 @@ class Experiment:
                          variants=raw["variants"], sizes=sizes, train=raw.get("train", {}),
                          data_seed=raw.get("data_seed", 0), description=raw.get("description", ""),
                          expected_minutes=raw.get("expected_minutes", 0), image=raw.get("image", {}),
-                         setup=raw.get("setup", []), decay_budgets=raw.get("decay_budgets", []))
+                         setup=raw.get("setup", []), decay_budgets=raw.get("decay_budgets", []),
+                         variant_train=raw.get("variant_train", {}))
         experiment.runs()  # validates every variant name
         experiment.check_budgets(source)
         return experiment
@@ -172,11 +188,12 @@ class Experiment:
         specs = []
         for seed in self.seeds:
             for size, overrides in self.sizes.items():
-                model_fields = {k: v for k, v in overrides.items() if k not in ("variants", "data")}
+                model_fields = {k: v for k, v in overrides.items() if k not in ("variants", "data", "train")}
                 for variant in overrides.get("variants", self.variants):
                     name, fields = parse_variant(variant)
+                    rates = {**overrides.get("train", {}), **self.variant_train.get(variant, {})}
                     specs.append(GridRun(size, variant, name, seed, {**model_fields, **fields},
-                                         overrides.get("data", self.data)))
+                                         overrides.get("data", self.data), rates))
         return specs
 
     @property
@@ -186,8 +203,9 @@ class Experiment:
 
     def run_spec(self, run: GridRun) -> RunSpec:
         """What `build_run` needs for one cell of the grid."""
+        train = TrainConfig.from_flat({**self.train, **run.rates, "data_seed": self.data_seed})
         return RunSpec(data=run.data, preset=self.preset, model=run.fields,
-                       train=dataclasses.replace(self.train_config, seed=run.seed),
+                       train=dataclasses.replace(train, seed=run.seed),
                        label_dropout=self.train.get("label_dropout", 0.1))
 
 
