@@ -361,7 +361,7 @@ def test_distributed_benchmark_runs(tmp_path):
     assert modes["sharded"]["value_memory_held_mb"] == pytest.approx(modes["replicated"]["value_memory_held_mb"] / 2)
 
 
-def _sharded_table_worker(rank, world, init_file, grad_mode, ids_per_rank, out_dir):
+def _sharded_table_worker(rank, world, init_file, ids_per_rank, out_dir):
     import torch.distributed as dist
 
     from move.model.value_memory import mix_values
@@ -372,7 +372,7 @@ def _sharded_table_worker(rank, world, init_file, grad_mode, ids_per_rank, out_d
     torch.manual_seed(0)
     table = ValueTable(10, 2, 3, 4)
     torch.nn.init.normal_(table.weight)
-    table.grad_mode = grad_mode
+    table.grad_mode = "dense"
     table.shard_rows(rank, world)
     idx = torch.tensor(ids_per_rank[rank]).view(1, -1)
     slots = table(idx)
@@ -381,20 +381,18 @@ def _sharded_table_worker(rank, world, init_file, grad_mode, ids_per_rank, out_d
     gates = torch.full((1, idx.shape[1], 2, 3), 0.5)
     (mix_values(v, slots, gates, gate_g0=False) * (rank + 1)).sum().backward()
     table.reduce_shard_grads()
-    grad = table.weight.grad.to_dense() if table.weight.grad.is_sparse else table.weight.grad
-    torch.save({"rows": slots.values.detach(), "grad": grad, "start": table.shard.start}, f"{out_dir}/{rank}.pt")
+    torch.save({"rows": slots.values.detach(), "grad": table.weight.grad, "start": table.shard.start}, f"{out_dir}/{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("grad_mode", ["dense", "sparse"])
-def test_sharded_table_rows_and_gradients(tmp_path, grad_mode):
+def test_sharded_table_rows_and_gradients(tmp_path):
     """Row exchange in isolation, with a rank whose rows nobody asks for and a rank
     that asks for nothing it owns: every rank gets the true rows; each owner's
     gradient is the mean over ranks of the unsharded gradients of its rows."""
     import torch.multiprocessing as mp
 
     ids_per_rank = [[1, 3, 3, 0], [4, 1, 2, 2]]  # rows 0-4 live on rank 0; rank 1's rows 5-9 are never used
-    mp.spawn(_sharded_table_worker, args=(2, tmp_path / "init", grad_mode, ids_per_rank, tmp_path), nprocs=2)
+    mp.spawn(_sharded_table_worker, args=(2, tmp_path / "init", ids_per_rank, tmp_path), nprocs=2)
     torch.manual_seed(0)
     full = torch.empty(10, 2, 3, 4)
     torch.nn.init.normal_(full)

@@ -1,5 +1,6 @@
 """The other memory designs (move/model/memory_designs.py) against naive references
-of their formulas, causality, accounting in closed form and cached decoding."""
+of their formulas, causality, accounting in closed form and padded decoding (cached
+decoding: tests/test_model.py; the fast path and pairing: their own test files)."""
 
 import itertools
 import json
@@ -146,18 +147,6 @@ def test_outputs_never_depend_on_later_tokens(shape, design):
     before, after = model(idx), model(changed)
     torch.testing.assert_close(after[:, :6], before[:, :6], rtol=0, atol=0)
     assert (after[:, 6:] - before[:, 6:]).abs().amax() > 1e-4  # and the change is seen from there on
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("design", DESIGNS)
-def test_cached_decoding_equals_full_forward(shape, design):
-    model = randomized(GPT(make_config(shape, design)), std=0.1)
-    idx = torch.randint(0, VOCAB, (2, 12))
-    full = model(idx)
-    cache = model.new_cache(2, 12)
-    pieces = [model(idx[:, :4], cache=cache), model(idx[:, 4:7], cache=cache)]  # prefill, then a chunk
-    pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 12)]  # then token by token
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("design", DESIGNS)

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from move.training.checkpoint import header_checksum, load_model, save_checkpoint
 from move.api import build_model
-from move.config import ModelConfig, TrainConfig
+from move.config import OTHER_MEMORY_DESIGNS, ModelConfig, TrainConfig
 from move.errors import CheckpointError, ConfigError, TokenRangeError
 from move.model.accounting import count_params, forward_flops_per_token
 from move.model.gpt import GPT
@@ -150,8 +150,10 @@ def test_changing_a_bank_row_changes_outputs_only_from_its_first_occurrence(shap
 
 # ---------------------------------------------------------------- KV cache
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + list(OTHER_MEMORY_DESIGNS))
 def test_cached_decoding_equals_full_forward(shape, variant):
+    if variant in OTHER_MEMORY_DESIGNS and shape == "mla":
+        pytest.skip("the other memory designs run on MHA/GQA")
     model = randomized(GPT(make_config(shape, variant)), std=0.1)
     idx = torch.randint(0, VOCAB, (2, 12))
     full = model(idx)

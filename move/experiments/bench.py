@@ -131,7 +131,7 @@ class Subject:
         tensors = list(self.model.parameters())
         tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
         tensors += self.optimizers.state_tensors()
-        return sum(t.numel() * t.element_size() for t in tensors if not t.is_sparse) / 2**20
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def step_peak_mb(subject: Subject) -> float | None:

@@ -221,7 +221,7 @@ class GPT(nn.Module):
         return [m for m in self.modules() if isinstance(m, ValueTable)]
 
     def set_value_memory_grad_mode(self, mode: str) -> None:
-        """'autograd' (reference path), 'dense' (fast, exact AdamW) or 'sparse' (fast, lazy Adam)."""
+        """'autograd' (reference path) or 'dense' (the fast path, for exact AdamW and lazy RowAdam)."""
         if mode not in GRAD_MODES:
             raise ConfigError(f"unknown value-memory gradient mode {mode!r}; choose one of {', '.join(GRAD_MODES)}")
         for table in self.value_tables():

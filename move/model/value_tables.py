@@ -5,7 +5,7 @@ that a gathered row is already in the layout of the batched matmul that mixes it
 Everything here is gradient engineering around one lookup; the formula itself is
 in move/model/value_memory.py.
 
-Three gradient modes, one set of numbers (tested against each other):
+Two gradient modes, one set of numbers (tested against each other):
   "autograd": plain indexing, autograd builds a dense table-sized gradient per step;
   "dense":    the fast path. The bank is gathered once per forward for all layers
               (_GatherRows); each layer's mix (_FastMix) leaves its slot gates and the
@@ -13,11 +13,11 @@ Three gradient modes, one set of numbers (tested against each other):
               scalar ties every mix to the gather, so the gather's backward runs once,
               after all layers: one small batched matmul (gates^T @ grads) for all
               layers, summed per distinct token id, written into a persistent dense
-              .grad whose touched rows alone are written and later zeroed (exact AdamW);
-  "sparse":   the same, handed out as a sparse COO gradient (lazy row-wise Adam).
+              .grad whose touched rows alone are written and later zeroed; exact AdamW
+              reads the whole buffer, lazy Adam (RowAdam) only the touched rows.
 A table read by one consumer that differentiates the rows itself (the other memory
 designs: a hashed bigram table, product-key values) uses `lookup` (_LookupRows):
-the same per-row sums, the same three modes.
+the same per-row sums, the same modes.
 A table sharded across processes (shard_rows) keeps only its own rows; the row
 gradients wait in `pending` until reduce_shard_grads sends them to their owners.
 """
@@ -31,7 +31,7 @@ from move.errors import ConfigError
 from move.model.row_shard import RowShard, sum_rows
 
 
-GRAD_MODES = ("autograd", "dense", "sparse")
+GRAD_MODES = ("autograd", "dense")
 
 
 class Slots(NamedTuple):
@@ -57,8 +57,7 @@ class _GatherRows(torch.autograd.Function):
     consuming layers at once: grad_slots = G^T @ D with G the layers' slot gates
     stacked (B,T,H,L,S) and D their output gradients (B,T,H,L,D) - one small batched
     matmul instead of L full-size slot gradients summed - then summed per distinct
-    token id. The result goes into a persistent dense .grad (touched rows only: exact
-    AdamW) or out as a sparse COO gradient (for lazy row-wise Adam)."""
+    token id. The result goes into a persistent dense .grad (touched rows only)."""
 
     @staticmethod
     def forward(ctx, weight, idx, table, record):
@@ -134,8 +133,8 @@ class ValueTable(nn.Module):
     grad_mode picks how its gradient is built (the maths is the same):
       "autograd": the reference path - plain indexing, a dense gradient per step;
       "dense":    fast path, a persistent dense .grad of which only the rows touched
-                  in the step are written and zeroed (exact AdamW over the table);
-      "sparse":   fast path, a sparse gradient of the touched rows (lazy Adam).
+                  in the step are written and zeroed (read whole by exact AdamW,
+                  at the touched rows by lazy RowAdam).
     """
 
     def __init__(self, vocab_size: int, heads: int, slots: int, width_per_head: int, zero_init: bool = False):
@@ -186,19 +185,13 @@ class ValueTable(nn.Module):
 
     def take_row_grads(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor | None:
         """The fast path's end: the summed gradients of distinct rows become the
-        table's gradient (the autograd return value in sparse mode, else None)."""
+        table's gradient; -> the autograd return value for the weight (None: the
+        gradient lives in the persistent buffer, or waits for reduce_shard_grads)."""
         if self.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
             self.pending.append((rows, grad_rows))  # fp32: partial sums are rounded once, at the owner
             return None
-        grad_rows = grad_rows.to(self.weight.dtype)
-        if self.grad_mode == "sparse":
-            return self.sparse_grad(rows, grad_rows)
-        self.add_dense_grad(rows, grad_rows)
+        self.add_dense_grad(rows, grad_rows.to(self.weight.dtype))
         return None
-
-    def sparse_grad(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_coo_tensor(rows[None], grad_rows, self.weight.shape, is_coalesced=True,
-                                       check_invariants=False)
 
     def add_dense_grad(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
         if self.weight.grad is None:  # allocated once, then reused: only touched rows are ever zeroed
@@ -217,11 +210,7 @@ class ValueTable(nn.Module):
                           + [g for _, g in self.pending])
         self.pending.clear()
         rows, grad_rows = self.shard.reduce_grads(*sum_rows(ids, grads))  # micro-batches may share rows
-        grad_rows = grad_rows.to(self.weight.dtype)
-        if self.grad_mode == "sparse":
-            self.weight.grad = self.sparse_grad(rows, grad_rows)
-        else:
-            self.add_dense_grad(rows, grad_rows)
+        self.add_dense_grad(rows, grad_rows.to(self.weight.dtype))
 
     def touched_rows(self) -> torch.Tensor | None:
         """The distinct rows of the dense gradient written since the last zeroing.
@@ -233,7 +222,7 @@ class ValueTable(nn.Module):
 
     def zero_touched_grad(self) -> None:
         """Zero the rows written since the last call, keeping the buffer."""
-        if self.touched and self.weight.grad is not None and not self.weight.grad.is_sparse:
+        if self.touched and self.weight.grad is not None:
             self.weight.grad.index_fill_(0, self.touched_rows(), 0)
         self.touched.clear()
 

@@ -9,13 +9,13 @@
   embedding, as the paper does. AdamW rates are scaled by (d_model/768)^-0.5 so
   one setting transfers across widths; fused AdamW avoids the slow foreach path
   over big tables.
-- Value memory has two optimiser modes. "exact": AdamW over the whole table, fed
-  by the fast path's persistent gradient buffer (identical to dense AdamW).
-  "lazy": torch.optim.SparseAdam on sparse row gradients - only the rows a step
-  touched are updated, and the moments of untouched rows do not decay (different
-  semantics from AdamW, much cheaper for big banks; no weight decay).
-- A bank stored in bf16 (--value-memory-dtype bfloat16) is optimised by TableAdamW,
-  which keeps fp32 moments, in either mode.
+- Value memory has two optimiser modes, both fed by the fast path's persistent
+  gradient buffer. "exact": AdamW over the whole table (identical to dense AdamW).
+  "lazy": RowAdam (move/training/row_adam.py) - only the rows a step touched are
+  updated, and the moments of untouched rows do not decay (SparseAdam's semantics,
+  different from AdamW, much cheaper for big banks; no weight decay).
+- Moments of value memory are fp32 for a bf16 bank (--value-memory-dtype bfloat16):
+  RowAdam in lazy mode, TableAdamW in exact mode.
 - The image tokenizer and classifier (conv nets) use plain AdamW at lr_adamw_matrix.
 - Schedule: linear warmup, constant, linear warmdown to zero over the last
   `warmdown_frac` of the steps.
@@ -30,6 +30,7 @@ from move.model.gpt import GPT
 from move.training.distributed import (all_reduce_, current, local_optimizer_state,
                                        shard_value_memory, sharded_tables)
 from move.training.muon import Muon
+from move.training.row_adam import RowAdam
 from move.training.table_adamw import TableAdamW
 
 
@@ -54,10 +55,11 @@ def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
     ]
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     optimizers = []
-    if any(p.dtype == torch.bfloat16 for p in memory["params"]):  # fp32 state for a bf16 bank
+    if oc.value_memory_optimizer == "lazy" and memory["params"]:
+        tables = {id(t.weight): t for t in model.value_tables()}
+        optimizers.append(RowAdam([memory], tables, lr=memory["lr"], betas=(0.8, 0.95), eps=1e-10))
+    elif any(p.dtype == torch.bfloat16 for p in memory["params"]):  # fp32 state for a bf16 bank
         optimizers.append(TableAdamW([memory], lr=memory["lr"], weight_decay=oc.weight_decay))
-    elif oc.value_memory_optimizer == "lazy" and memory["params"]:
-        optimizers.append(torch.optim.SparseAdam([memory], betas=(0.8, 0.95), eps=1e-10))
     else:
         adam_groups.append(memory)
     if oc.optimizer == "muon":
@@ -81,7 +83,7 @@ def value_memory_grad_mode(path: str, optimizer_mode: str) -> str:
         return "autograd"
     if path != "fast":
         raise ConfigError(f"unknown value_memory_path {path!r}; choose fast or reference")
-    return "sparse" if optimizer_mode == "lazy" else "dense"
+    return "dense"  # both optimiser modes read the persistent buffer (lazy: at the touched rows)
 
 
 def touched_rows(model) -> dict[int, torch.Tensor]:
@@ -96,8 +98,7 @@ def touched_rows(model) -> dict[int, torch.Tensor]:
 @torch.no_grad()
 def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | None = None,
                    sharded: frozenset[int] = frozenset()) -> torch.Tensor:
-    """Global-norm clipping that also handles sparse gradients (lazy mode), which
-    torch.nn.utils.clip_grad_norm_ does not. `rows` (see touched_rows) lets a
+    """Global-norm clipping. `rows` (see touched_rows) lets a
     fast-path table's norm and rescaling read only its touched rows instead of the
     whole bank-sized buffer (the result is the same: the other rows are zero).
     `sharded` holds the ids of parameters split across the ranks of a distributed
@@ -107,8 +108,6 @@ def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | 
     grads = [(id(p), p.grad) for p in parameters if p.grad is not None]
 
     def nonzero_part(key, g):
-        if g.is_sparse:
-            return g.coalesce().values()
         return g.index_select(0, rows[key]) if key in rows else g
 
     squares = [(k, nonzero_part(k, g).float().square().sum()) for k, g in grads]
@@ -118,7 +117,7 @@ def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | 
     norm = square.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for key, g in grads:
-        if key in rows and not g.is_sparse:
+        if key in rows:
             g.index_copy_(0, rows[key], g.index_select(0, rows[key]) * scale.to(g.dtype))
         else:
             g.mul_(scale.to(g.dtype))

@@ -110,10 +110,9 @@ def plan_run(config: ModelConfig, train: TrainConfig, processes: int = 1, bf16: 
     micro_batch = train.batch_size // processes
     micro_tokens = micro_batch * config.seq_len
     o = train.optim
-    if o.value_memory_optimizer == "lazy":  # sparse gradients of the rows one micro-batch touches
-        table_grads = min(4 * shard, 4 * min(config.vocab_size, micro_tokens) * tables // config.vocab_size)
-    else:  # the fast path's persistent gradient of the whole shard
-        table_grads = 4 * shard
+    # the fast path's persistent gradient buffer of the whole shard, in the table's dtype
+    # (read whole by exact AdamW, at the touched rows by lazy RowAdam)
+    table_grads = TABLE_BYTES[train.value_memory_dtype] * shard
     memory = {
         "weights": 4 * dense + TABLE_BYTES[train.value_memory_dtype] * shard,
         "gradients": 4 * dense * (2 if processes > 1 else 1) + table_grads,

@@ -1,15 +1,13 @@
-"""AdamW for value-memory tables stored in bfloat16, with fp32 optimiser state.
+"""AdamW for value-memory tables stored in bfloat16, with fp32 optimiser state
+(the "exact" mode; the lazy mode's RowAdam keeps fp32 moments itself).
 
-torch's AdamW and SparseAdam keep their moments in the parameter's dtype, so a
-bf16 bank would get bf16 moments. This optimiser keeps the moments in fp32,
-computes the update in fp32 and rounds only the result into the bf16 weights
-(no fp32 master copy: that is what halves the bank's memory). It takes the
-fast path's gradients in both value-memory modes:
-- dense gradient ("exact"): AdamW over every row;
-- sparse COO gradient ("lazy"): only the touched rows, as SparseAdam does.
+torch's AdamW keeps its moments in the parameter's dtype, so a bf16 bank would get
+bf16 moments. This optimiser keeps the moments in fp32, computes the update in fp32
+and rounds only the result into the bf16 weights (no fp32 master copy: that is what
+halves the bank's memory): AdamW over every row of the fast path's dense gradient.
 Work is done in row chunks so no bank-sized fp32 temporary is ever allocated.
-On fp32 tables it computes exactly what torch.optim.AdamW / SparseAdam compute
-(tested), which is the check that it is AdamW.
+On fp32 tables it computes exactly what torch.optim.AdamW computes (tested), which
+is the check that it is AdamW.
 """
 
 import math
@@ -23,8 +21,8 @@ class TableAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas=(0.8, 0.95), eps: float = 1e-10, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def _update(self, p, rows, grad, m, v, group, step) -> None:
-        """Adam update of rows `rows` (a slice or an index tensor) of p, m, v."""
+    def _update(self, p, rows: slice, grad, m, v, group, step) -> None:
+        """Adam update of rows `rows` of p, m, v."""
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         g = grad.float()
@@ -52,14 +50,7 @@ class TableAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 state["step"] += 1
                 m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                if p.grad.is_sparse:
-                    grad = p.grad.coalesce()
-                    rows, values = grad.indices()[0], grad.values()
-                    for start in range(0, len(rows), CHUNK_ROWS):
-                        chunk = slice(start, start + CHUNK_ROWS)
-                        self._update(p, rows[chunk], values[chunk], m, v, group, step)
-                else:
-                    for start in range(0, p.shape[0], CHUNK_ROWS):
-                        chunk = slice(start, start + CHUNK_ROWS)
-                        self._update(p, chunk, p.grad[chunk], m, v, group, step)
+                for start in range(0, p.shape[0], CHUNK_ROWS):
+                    chunk = slice(start, start + CHUNK_ROWS)
+                    self._update(p, chunk, p.grad[chunk], m, v, group, step)
         return None

@@ -1,0 +1,53 @@
+"""Lazy (row-wise) Adam for value-memory tables, fused over the touched rows.
+
+The "lazy" value-memory optimiser updates only the rows a step touched, and the
+moments of untouched rows do not decay: torch.optim.SparseAdam's semantics, with its
+formula (eps added to sqrt(v) before the bias correction). SparseAdam needs a sparse
+COO gradient, which it coalesces and walks with sparse bookkeeping every step; on CPU
+that cost more than the dense fused AdamW it was meant to beat. This optimiser reads
+the fast path's persistent dense gradient buffer at the rows the table reports as
+touched (ValueTable.touched_rows, already distinct), and does one index_select of
+parameters, gradients and moments, the update, and one index_copy back: no sparse
+tensor, no coalescing. Moments are fp32 whatever the table's dtype, and a bf16 table
+gets its update computed in fp32 and rounded once (no fp32 master copy).
+"""
+
+import math
+
+import torch
+
+
+class RowAdam(torch.optim.Optimizer):
+    """params: value-memory table weights; tables: {id(weight): its ValueTable}."""
+
+    def __init__(self, params, tables: dict, lr: float, betas=(0.8, 0.95), eps: float = 1e-10):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.tables = tables
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["step"] += 1  # as SparseAdam: every step with a gradient, touched rows or not
+                rows = self.tables[id(p)].touched_rows()
+                if rows is None or rows.numel() == 0:
+                    continue
+                m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                grad = p.grad.index_select(0, rows).float()
+                m_rows = m.index_select(0, rows).lerp_(grad, 1 - beta1)
+                v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                weights = p.index_select(0, rows).float().addcdiv_(m_rows, v_rows.sqrt().add_(group["eps"]),
+                                                                    value=-step_size)
+                m.index_copy_(0, rows, m_rows)
+                v.index_copy_(0, rows, v_rows)
+                p.index_copy_(0, rows, weights.to(p.dtype))
+        return None
