@@ -46,7 +46,9 @@ SMALL = ["--preset", "small", "--n-embd", "256", "--vocab-size", "4096", "--seq-
     ["--attention", "mla", "--variant", "lave", "--density", "2", "--optimizer", "adamw"],
     pytest.param(["--n-kv-head", "2", "--variant", "move", "--density", "2", "--value-memory-optimizer", "lazy",
                   "--grad-accum", "2"], marks=pytest.mark.slow),
-], ids=["move-x4", "mla-lave-x2-adamw", "gqa-move-x2-lazy-accum"])
+    pytest.param(["--variant", "pkm", "--density", "4"], marks=pytest.mark.slow),  # the other memory designs
+    pytest.param(["--variant", "bigram", "--density", "4"], marks=pytest.mark.slow),
+], ids=["move-x4", "mla-lave-x2-adamw", "gqa-move-x2-lazy-accum", "pkm-x4", "bigram-x4"])
 def test_the_memory_estimate_is_within_20_percent_of_the_measured_peak(shape):
     out = measured_plan(*SMALL, *shape)
     measured, planned = out["measured_peak_bytes"], out["memory_total_bytes"]

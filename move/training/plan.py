@@ -88,6 +88,17 @@ def activation_bytes_per_token(config: ModelConfig, bf16: bool) -> float:
     elif c.value_memory == "lave":
         per_lave_layer = 4 * c.n_slots * c.memory_width + 4 * (c.memory_width + c.kv_heads * c.n_slots)
         memory = len(c.lave_layers) * per_lave_layer
+    # the other designs (not calibrated against measured peaks; counted from what their
+    # backward needs): the bigram rows once; v_l and v_1 of every layer after the first;
+    # the product-key query, its scores, weights and gathered rows (its MLP's share of
+    # per_layer is left in: an overestimate)
+    elif c.value_memory == "bigram":
+        memory = 4 * c.n_embd
+    elif c.value_memory == "value_residual":
+        memory = 4 * c.kv_heads * c.head_dim * c.n_layer
+    elif c.value_memory == "pkm":
+        heads, k = c.pkm_heads, c.pkm_topk
+        memory = 4 * heads * (2 * 2 * c.head_dim + 2 * c.pkm_keys + k * (c.n_embd + 2))
     layers = c.n_layer * per_layer + memory
     return (layers / 2 if bf16 else layers) + 13 * c.n_embd + 8 * c.vocab_size
 
