@@ -464,4 +464,6 @@ def test_no_rank_ever_holds_a_whole_table(tmp_path):
         for phase, bound in bounds.items():
             extra = peak("move", phase, rank)["peak_mb"] - peak("standard", phase, rank)["peak_mb"]
             assert extra <= bound, (phase, rank, extra, bound)
-        assert peak("move", "steps", rank)["peak_mb"] - peak("standard", "steps", rank)["peak_mb"] > 0.9 * share
+        # and the measurement sees the rank's state at all (RSS peaks of two separate jobs
+        # vary by ~10% of a share between runs: 0.83 and 1.0 of it were seen)
+        assert peak("move", "steps", rank)["peak_mb"] - peak("standard", "steps", rank)["peak_mb"] > 0.75 * share

@@ -52,7 +52,7 @@ def expected_counts(preset: str, variant: dict, kind: str) -> dict:
         else:
             routers = lave_layers * LAVE_GATE_CHANNELS * heads_with_value * k
     counts = {"token_embedding": V * d, "lm_head": V * d, "transformer_matrices": L * per_layer,
-              "routers": routers, "value_memory": memory}
+              "routers": routers, "memory_control": 0, "value_memory": memory}
     return {**counts, "total": sum(counts.values())}
 
 

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from move.training.table_adamw import counted_fp32_state
+
 
 class RowAdam(torch.optim.Optimizer):
     """params: value-memory table weights; tables: {id(weight): its ValueTable}."""
@@ -31,12 +33,7 @@ class RowAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                state["step"] += 1  # as SparseAdam: every step with a gradient, touched rows or not
+                state = counted_fp32_state(self.state[p], p)  # as SparseAdam: every step with a gradient
                 rows = self.tables[id(p)].touched_rows()
                 if rows is None or rows.numel() == 0:
                     continue

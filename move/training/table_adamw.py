@@ -17,6 +17,18 @@ import torch
 CHUNK_ROWS = 4096
 
 
+def counted_fp32_state(state: dict, p: torch.Tensor) -> dict:
+    """A table's Adam state with fp32 moments whatever the table's dtype (created at
+    the first step), its step count advanced by one: the state both table optimisers
+    (this one and RowAdam) keep."""
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    state["step"] += 1
+    return state
+
+
 class TableAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas=(0.8, 0.95), eps: float = 1e-10, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -43,12 +55,7 @@ class TableAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                state["step"] += 1
+                state = counted_fp32_state(self.state[p], p)
                 m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 for start in range(0, p.shape[0], CHUNK_ROWS):
                     chunk = slice(start, start + CHUNK_ROWS)
