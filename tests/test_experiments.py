@@ -90,18 +90,19 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, prepared_dir, capsys):
     assert page.count("data:image/png;base64,") == 3 and "<table>" in page
 
 
+def assert_refused(path, text: str, match: str) -> None:
+    """Experiment file `path` holding `text` is refused with a ConfigError matching `match`."""
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        Experiment.load(path)
+
+
 def test_experiment_files_are_validated(tmp_path, prepared_dir):
     path = write_experiment(tmp_path, prepared_dir)
     text = path.read_text()
-    path.write_text(text.replace("[train]", "[train]\nstepz = 3"))
-    with pytest.raises(ConfigError, match="unknown key.*stepz"):
-        Experiment.load(path)
-    path.write_text(text.replace('"move:1"', '"moe:1"'))
-    with pytest.raises(ConfigError, match="unknown variant 'moe'"):
-        Experiment.load(path)
-    path.write_text(text.replace("seeds = [0, 1]", "seeds = []"))
-    with pytest.raises(ConfigError, match="seeds"):
-        Experiment.load(path)
+    assert_refused(path, text.replace("[train]", "[train]\nstepz = 3"), "unknown key.*stepz")
+    assert_refused(path, text.replace('"move:1"', '"moe:1"'), "unknown variant 'moe'")
+    assert_refused(path, text.replace("seeds = [0, 1]", "seeds = []"), "seeds")
 
 
 def test_sizes_and_variants_may_set_their_own_learning_rates_and_nothing_else(tmp_path, prepared_dir):
@@ -117,12 +118,8 @@ def test_sizes_and_variants_may_set_their_own_learning_rates_and_nothing_else(tm
     assert specs["tiny", "move:1", 0].optim.lr_value_memory == default.optim.lr_value_memory
     deeper = specs["tiny-deeper", "standard", 0]
     assert deeper.optim.lr_value_memory == 0.05 and deeper.steps == default.steps and deeper.data_seed == 0
-    path.write_text(text.replace("{lr_value_memory = 0.05}", "{steps = 9}"))
-    with pytest.raises(ConfigError, match="learning rates only"):
-        Experiment.load(path)
-    path.write_text(text.replace('"move:1" = {', '"move:4" = {'))
-    with pytest.raises(ConfigError, match="not a variant of the grid"):
-        Experiment.load(path)
+    assert_refused(path, text.replace("{lr_value_memory = 0.05}", "{steps = 9}"), "learning rates only")
+    assert_refused(path, text.replace('"move:1" = {', '"move:4" = {'), "not a variant of the grid")
 
 
 @pytest.mark.parametrize("name", ["shakespeare-cpu", "news-cpu", "mnist-cpu", "fashion-mnist-cpu", "paper-d12",

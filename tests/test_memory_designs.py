@@ -8,8 +8,6 @@ import tomllib
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from move.config import ModelConfig
 from move.errors import ConfigError
@@ -18,7 +16,7 @@ from move.model.diagnostics import value_memory_diagnostics
 from move.model.gpt import GPT
 from move.model.layers import rms_norm
 from move.model.memory_designs import BigramHashEmbedding, ProductKeyMemory, bigram_hash, previous_tokens
-from test_model import VOCAB, make_config, randomized
+from test_model import VOCAB, assert_flops_match_a_flop_counter, make_config, randomized
 
 DESIGNS = ["bigram", "pkm", "value_residual"]
 SHAPES = ["mha", "gqa"]
@@ -199,11 +197,7 @@ def test_params_and_flops_match_the_closed_form_and_a_flop_counter(config):
     flops = forward_flops_per_token(config, counts)
     assert flops["value_mixing"] == expected["value_mixing"]
     assert flops["memory_addressing"] == expected["memory_addressing"]
-    # torch's FLOP counter over a real forward: every matmul, lookups free
-    idx = torch.zeros(2, config.seq_len, dtype=torch.long)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(idx)
-    assert counter.get_total_flops() == flops["total"] * idx.numel()
+    assert_flops_match_a_flop_counter(model, flops)
 
 
 def test_tables_hold_move_x1s_parameters_on_the_small_preset():

@@ -228,9 +228,13 @@ def test_param_and_flop_counts_match_closed_form(config):
         per_layer = 2 * config.n_embd * config.kv_heads * (config.n_slots + int(config.move_gate_g0))
         assert flops["routers"] == config.n_layer * per_layer
     assert flops["value_mixing"] == expected["mixing_flops"]
-    # an independent count: torch's FLOP counter over a real forward (math SDPA so
-    # attention is visible to it); lookups are free, so the bank adds nothing
-    idx = torch.zeros(2, config.seq_len, dtype=torch.long)
+    assert_flops_match_a_flop_counter(model, flops)
+
+
+def assert_flops_match_a_flop_counter(model, flops: dict) -> None:
+    """An independent count: torch's FLOP counter over a real forward (math SDPA so
+    attention is visible to it); lookups are free, so memory tables add nothing."""
+    idx = torch.zeros(2, model.config.seq_len, dtype=torch.long)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(idx)
     assert counter.get_total_flops() == flops["total"] * idx.numel()

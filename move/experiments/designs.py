@@ -19,16 +19,8 @@ import numpy as np
 
 from move.errors import UserError
 from move.experiments.budgets import collect_budgets
-from move.experiments.report import collect, display, variant_order
-from move.experiments.runner import Experiment
+from move.experiments.report import display, load_results, variant_order
 from move.experiments.stats import paired_difference, summarize_values
-
-def load_results(out) -> tuple[Experiment, dict]:
-    out = Path(out)
-    if not (out / "experiment.toml").exists():
-        raise UserError(f"{out}: not an experiment's results (no experiment.toml)")
-    experiment = Experiment.load(out / "experiment.toml")
-    return experiment, collect(out, experiment)
 
 
 def interpolate_budgets(budgets: dict[int, float], steps: float) -> float:
@@ -40,16 +32,15 @@ def interpolate_budgets(budgets: dict[int, float], steps: float) -> float:
     return float(np.interp(steps, points, [budgets[p] for p in points]))
 
 
-def standard_at_equal_time(time_out, ratio: float, steps: int, metric: str = "val_bpb") -> dict[int, float]:
-    """{seed: the standard model's metric after `ratio * steps` steps}."""
+def standard_budgets(time_out, metric: str = "val_bpb") -> dict[int, dict[int, float]]:
+    """{seed: {budget steps: the standard model's metric}} of the time experiment."""
     experiment, results = load_results(time_out)
     by_budget = collect_budgets(experiment, results)
     if len(by_budget) != 1:
         raise UserError(f"{time_out}: expected one (size, variant) of standard runs, found {len(by_budget)}")
     (budgets,) = by_budget.values()
     seeds = set.intersection(*(set(runs) for runs in budgets.values()))
-    return {seed: interpolate_budgets({b: runs[seed][metric] for b, runs in budgets.items()}, ratio * steps)
-            for seed in sorted(seeds)}
+    return {seed: {b: runs[seed][metric] for b, runs in budgets.items()} for seed in sorted(seeds)}
 
 
 def knowledge_bits(knowledge_out) -> dict[str, dict[str, dict[int, float]]]:
@@ -76,6 +67,7 @@ def designs_table(text_out, time_out, knowledge_out, bench_json, metric: str = "
         raise UserError(f"{bench_json}: expected one vocabulary (move bench --shape small)")
     (bench,) = bench.values()
     knowledge = knowledge_bits(knowledge_out)
+    at_budgets = standard_budgets(time_out, metric)
     corpora = sorted(knowledge)
     steps = text_experiment.train_config.steps
     standard = {seed: r[metric] for seed, r in text[size, "standard"].items()}
@@ -100,7 +92,8 @@ def designs_table(text_out, time_out, knowledge_out, bench_json, metric: str = "
             equal_params = equal_time = "-"
         else:
             equal_params = paired_difference(values, standard).format()
-            equal_time = paired_difference(values, standard_at_equal_time(time_out, ratio, steps, metric)).format()
+            at_equal_time = {seed: interpolate_budgets(b, ratio * steps) for seed, b in at_budgets.items()}
+            equal_time = paired_difference(values, at_equal_time).format()
         bits = []
         for corpus in corpora:
             seeds = knowledge[corpus].get(variant)

@@ -238,12 +238,19 @@ def render_html(sections: list, title: str) -> str:
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
 
 
-def write_experiment_report(out) -> Path:
+def load_results(out) -> tuple[Experiment, dict]:
+    """An experiment's results directory -> (its experiment, collect()'s finished runs)."""
     out = Path(out)
     if not (out / "experiment.toml").is_file():
         raise UserError(f"{out}: not an experiment results directory (no experiment.toml)")
     experiment = Experiment.load(out / "experiment.toml")
-    sections = build_sections(out, experiment, collect(out, experiment))
+    return experiment, collect(out, experiment)
+
+
+def write_experiment_report(out) -> Path:
+    out = Path(out)
+    experiment, results = load_results(out)
+    sections = build_sections(out, experiment, results)
     (out / "report.md").write_text(render_markdown(sections, out))
     (out / "report.html").write_text(render_html(sections, experiment.name))
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")

@@ -1,7 +1,8 @@
 """Causal self-attention: MHA/GQA and multi-head latent attention (MLA), each with
-optional value memory (and, on MHA/GQA, the value residual of memory_designs.py). What goes into the KV cache is always the *mixed* value
-(MHA) or the *mixed* latent (MLA+MoVE), so decoding costs one bank-row gather and
-one router matmul per layer more than the standard model, nothing else.
+optional value memory (and, on MHA/GQA, the value residual of memory_designs.py).
+What goes into the KV cache is always the *mixed* value (MHA) or the *mixed* latent
+(MLA+MoVE), so decoding costs one bank-row gather and one router matmul per layer
+more than the standard model, nothing else.
 """
 
 import torch

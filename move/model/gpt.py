@@ -191,11 +191,11 @@ class GPT(nn.Module):
             cos, sin = self._rotary(int(positions.max()) + 1, idx.device)
             cos, sin = cos[0, positions], sin[0, positions]  # (B, T, 1, rotary_dim / 2)
         memory = MemoryInputs(idx, self.bank(idx) if self.bank is not None else None)  # one gather for all layers
-        bigram = self.bigram_embeddings(idx, cache, positions) if self.bigram is not None else None
         x = rms_norm(self.wte(idx))
+        bigram = self.bigram_embeddings(idx, cache, positions).to(x.dtype) if self.bigram is not None else None
         for layer, block in enumerate(self.blocks):
             if bigram is not None:
-                x = x + self.bigram.scales[layer].to(x.dtype) * bigram.to(x.dtype)
+                x = x + self.bigram.scales[layer].to(x.dtype) * bigram
             x = block(x, memory, cos, sin, cache, key_mask)
         if cache is not None:
             cache.advance(T)

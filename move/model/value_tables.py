@@ -77,7 +77,8 @@ class _GatherRows(torch.autograd.Function):
         record.gates.clear()
         record.grads.clear()
         grad_slots = gates.transpose(-1, -2) @ grads  # (B,T,H,S,D)
-        return table.take_row_grads(*sum_rows(idx.flatten(), grad_slots.flatten(0, 1))), None, None, None
+        table.take_row_grads(*sum_rows(idx.flatten(), grad_slots.flatten(0, 1)))
+        return None, None, None, None
 
 
 class _LookupRows(torch.autograd.Function):
@@ -97,7 +98,8 @@ class _LookupRows(torch.autograd.Function):
     def backward(ctx, grad_rows):
         (idx,) = ctx.saved_tensors
         grads = grad_rows.float().flatten(0, idx.dim() - 1)
-        return ctx.table.take_row_grads(*sum_rows(idx.flatten(), grads)), None, None
+        ctx.table.take_row_grads(*sum_rows(idx.flatten(), grads))
+        return None, None, None
 
 
 class _FastMix(torch.autograd.Function):
@@ -183,15 +185,13 @@ class ValueTable(nn.Module):
             return self.gather(idx)
         return _LookupRows.apply(self.weight, idx, self)
 
-    def take_row_grads(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor | None:
-        """The fast path's end: the summed gradients of distinct rows become the
-        table's gradient; -> the autograd return value for the weight (None: the
-        gradient lives in the persistent buffer, or waits for reduce_shard_grads)."""
+    def take_row_grads(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        """The fast path's end: the summed gradients of distinct rows go into the
+        persistent buffer, or (a sharded table) wait for reduce_shard_grads."""
         if self.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
             self.pending.append((rows, grad_rows))  # fp32: partial sums are rounded once, at the owner
-            return None
-        self.add_dense_grad(rows, grad_rows.to(self.weight.dtype))
-        return None
+        else:
+            self.add_dense_grad(rows, grad_rows.to(self.weight.dtype))
 
     def add_dense_grad(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
         if self.weight.grad is None:  # allocated once, then reused: only touched rows are ever zeroed
