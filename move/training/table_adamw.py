@@ -2,15 +2,17 @@
 (the "exact" mode; the lazy mode's RowAdam keeps fp32 moments itself).
 
 torch's AdamW keeps its moments in the parameter's dtype, so a bf16 bank would get
-bf16 moments. This optimiser keeps the moments in fp32, computes the update in fp32
-and rounds only the result into the bf16 weights (no fp32 master copy: that is what
-halves the bank's memory): AdamW over every row of the fast path's dense gradient.
-Work is done in row chunks so no bank-sized fp32 temporary is ever allocated.
-On fp32 tables it computes exactly what torch.optim.AdamW computes (tested), which
-is the check that it is AdamW.
+bf16 moments, and its fused kernel refuses mixed dtypes. This optimiser keeps the
+moments in fp32 and rounds only the result into the bf16 weights (no fp32 master
+copy: that is what halves the bank's memory). It works in row chunks, so no
+bank-sized fp32 temporary is ever allocated: each chunk's weights and gradient are
+widened to fp32 once, torch's fused AdamW kernel (one pass, the same kernel the fp32
+tables use) updates them with the chunk's moments in place, and the weights are
+rounded back once. An earlier version spelled the update out in ~10 elementwise ops
+per chunk, each a full pass over the chunk: 1.26x of standard's step time at MoVE x4.
+On fp32 tables it computes what torch.optim.AdamW computes (tested), which is the
+check that it is AdamW.
 """
-
-import math
 
 import torch
 
@@ -32,22 +34,10 @@ def counted_fp32_state(state: dict, p: torch.Tensor) -> dict:
 class TableAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas=(0.8, 0.95), eps: float = 1e-10, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    def _update(self, p, rows: slice, grad, m, v, group, step) -> None:
-        """Adam update of rows `rows` of p, m, v."""
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        g = grad.float()
-        m_rows, v_rows = m[rows], v[rows]
-        m_rows.lerp_(g, 1 - beta1)
-        v_rows.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        weights = p[rows].float()
-        if wd:
-            weights.mul_(1 - lr * wd)
-        denom = (v_rows.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-        weights.addcdiv_(m_rows, denom, value=-lr / (1 - beta1**step))
-        m[rows], v[rows] = m_rows, v_rows
-        p[rows] = weights.to(p.dtype)
+        # The fused kernel reads the step count from a tensor on the table's device; one
+        # per table, refilled each step (fill_ launches a kernel: no host-to-device copy
+        # that would wait for a GPU). The count itself stays in the state, as RowAdam's.
+        self.step_tensors: dict[torch.Tensor, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -56,8 +46,15 @@ class TableAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = counted_fp32_state(self.state[p], p)
-                m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                step = self.step_tensors.setdefault(p, torch.zeros((), device=p.device)).fill_(state["step"])
+                beta1, beta2 = group["betas"]
                 for start in range(0, p.shape[0], CHUNK_ROWS):
-                    chunk = slice(start, start + CHUNK_ROWS)
-                    self._update(p, chunk, p.grad[chunk], m, v, group, step)
+                    rows = slice(start, start + CHUNK_ROWS)
+                    weights = p[rows].float()  # a copy for bf16, the rows themselves for fp32
+                    torch._fused_adamw_([weights], [p.grad[rows].float()], [m[rows]], [v[rows]], [], [step],
+                                        lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                                        eps=group["eps"], amsgrad=False, maximize=False)
+                    if weights.data_ptr() != p[rows].data_ptr():
+                        p[rows] = weights.to(p.dtype)
         return None
