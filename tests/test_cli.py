@@ -74,6 +74,7 @@ def test_bench_quick_writes_a_table_of_ratios(tmp_path, capsys):
     report = (tmp_path / "cpu_bench.md").read_text()
     assert "| move_x1 |" in report and "| move_x4_ref |" in report
     assert "train move_x1/standard" in report  # targets are checked
+    assert "decode_b1_compiled move_x1/standard" in report  # the compiled step is measured too
     results = json.loads((tmp_path / "cpu_bench.json").read_text())
     assert results["512"]["standard"]["value_memory_params"] == 0
     assert results["512"]["move_x1"]["persistent_mb"] > results["512"]["standard"]["persistent_mb"]

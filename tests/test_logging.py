@@ -47,7 +47,7 @@ def test_memory_share_and_gate_spread_against_a_hand_computation():
     x = torch.nn.functional.rms_norm(model.wte(idx), (model.config.n_embd,))
     attn = model.blocks[0].attn
     v = attn.c_v(x).view(2, 16, attn.n_kv_head, attn.head_dim)
-    g = attn.value_memory.gates(x)
+    g = attn.value_memory.gate_values(attn.value_memory.project(x, attn.c_v, None, 0)[1])
     slots = model.bank.weight[idx]  # (B, T, H, S, D)
     mixed = g[..., :1] * v + (g[..., 1:, None] * slots).sum(-2)
     assert d["vm/layer0/memory_share"] == pytest.approx(((mixed - v).norm() / v.norm()).item(), rel=1e-4)

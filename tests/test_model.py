@@ -16,8 +16,7 @@ from move.errors import CheckpointError, ConfigError, TokenRangeError
 from move.model.accounting import count_params, forward_flops_per_token
 from move.model.gpt import GPT
 from move.model.layers import rms_norm
-from move.model.sampling import generate
-from move.model.value_memory import LayerValueMemory
+from move.model.sampling import compiled_decode_step, decode_step, generate
 from move.training.trainer import prepare_model
 
 VOCAB = 50
@@ -45,10 +44,17 @@ def randomized(model: GPT, seed=0, std=0.2) -> GPT:
 
 
 def capture_memory_calls(model):
-    """Record (module, inputs, output) of every LayerValueMemory call."""
-    calls = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp, out)))
-             for m in model.modules() if isinstance(m, LayerValueMemory)]
+    """Record (module, (x, v, idx, bank_slots), output) of every LayerValueMemory
+    call, x being the normed block input its attention layer (and router) read."""
+    calls, block_inputs, hooks = [], {}, []
+    for block in model.blocks:
+        memory = block.attn.value_memory
+        if memory is None:
+            continue
+        hooks.append(block.attn.register_forward_pre_hook(
+            lambda mod, inp, memory=memory: block_inputs.__setitem__(memory, inp[0])))
+        hooks.append(memory.register_forward_hook(
+            lambda mod, inp, out: calls.append((mod, (block_inputs[mod], inp[0], inp[2], inp[3]), out))))
     return calls, hooks
 
 
@@ -69,14 +75,17 @@ def naive_move_mix(x, v, idx, router_w, bank_spec, heads, slots, gate_g0):
     return out
 
 
+# with autograd on (training: mix_values) and off (decoding, evaluation: mix_inference)
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("gate_g0", [True, False])
-def test_move_mixing_matches_naive_formula(shape, gate_g0):
+def test_move_mixing_matches_naive_formula(shape, gate_g0, grad):
     config = make_config(shape, "move", move_gate_g0=gate_g0)
     model = randomized(GPT(config))
     idx = torch.randint(0, VOCAB, (2, 5))
     calls, _ = capture_memory_calls(model)
-    model(idx)
+    with torch.set_grad_enabled(grad):
+        model(idx)
     assert len(calls) == config.n_layer
     H, M = config.kv_heads, config.n_slots
     bank_spec = model.bank.weight.permute(0, 2, 1, 3).reshape(VOCAB, M, -1)  # (vocab, M, d_v)
@@ -92,13 +101,15 @@ def test_move_mixing_matches_naive_formula(shape, gate_g0):
         torch.testing.assert_close(out, naive, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_lave_mixing_matches_naive_formula(shape):
+def test_lave_mixing_matches_naive_formula(shape, grad):
     config = make_config(shape, "lave", n_layer=4, memory_density=2)
     model = randomized(GPT(config))
     idx = torch.randint(0, VOCAB, (2, 5))
     calls, _ = capture_memory_calls(model)
-    model(idx)
+    with torch.set_grad_enabled(grad):
+        model(idx)
     assert [c[0] for c in calls] == [model.blocks[i].attn.value_memory for i in (1, 3)]  # i % 2 == (L-1) % 2
     H, k = config.kv_heads, 2
     for module, (x, v, idx_in, _), out in calls:
@@ -117,9 +128,12 @@ def test_gates_start_at_one_and_zero_memory_equals_standard(shape, variant, extr
     config = make_config(shape, variant, **extra)
     model = GPT(config)
     x = torch.randn(2, 5, config.n_embd)
-    for m in model.modules():
-        if isinstance(m, LayerValueMemory):
-            assert torch.equal(m.gates(x), torch.ones_like(m.gates(x)))
+    for block in model.blocks:
+        m = block.attn.value_memory
+        if m is not None:
+            projection = block.attn.c_kv_down if shape == "mla" else block.attn.c_v
+            gates = m.gate_values(m.project(x, projection, None, 0)[1])
+            assert torch.equal(gates, torch.ones_like(gates))
     # same shared weights, memory zeroed -> exactly the standard model's logits
     standard = randomized(GPT(make_config(shape, "standard")))
     missing, unexpected = model.load_state_dict(standard.state_dict(), strict=False)
@@ -149,15 +163,17 @@ def test_changing_a_bank_row_changes_outputs_only_from_its_first_occurrence(shap
 
 
 # ---------------------------------------------------------------- KV cache
+# a growing cache (int positions) and a static one (tensor position, whole-buffer attention)
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("variant", VARIANTS + list(OTHER_MEMORY_DESIGNS))
-def test_cached_decoding_equals_full_forward(shape, variant):
+def test_cached_decoding_equals_full_forward(shape, variant, static):
     if variant in OTHER_MEMORY_DESIGNS and shape == "mla":
         pytest.skip("the other memory designs run on MHA/GQA")
     model = randomized(GPT(make_config(shape, variant)), std=0.1)
     idx = torch.randint(0, VOCAB, (2, 12))
     full = model(idx)
-    cache = model.new_cache(2, 12)
+    cache = model.new_cache(2, 12, static=static)
     pieces = [model(idx[:, :4], cache=cache), model(idx[:, 4:7], cache=cache)]  # prefill, then a chunk
     pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 12)]  # then token by token
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
@@ -316,15 +332,18 @@ def test_token_ids_out_of_range_are_refused_where_they_enter():
 def test_the_training_forward_breaks_the_graph_only_at_the_excluded_value_memory_functions(fields):
     """No host synchronisation (an id range check read back with int()) and nothing
     else dynamo cannot trace in the training forward: a standard model is one graph,
-    and a memory model breaks only where ValueTable.forward and fast_mix are excluded
-    from compilation on purpose (their side channel and collectives)."""
+    and a memory model breaks only where the fast path's lookup and fast_mix are
+    excluded from compilation on purpose (their side channel). Without autograd
+    (decoding, evaluation) every model is one graph."""
     model = build_model("tiny", vocab_size=512, **fields)
     prepare_model(model, TrainConfig())
     x = torch.randint(512, (2, 64))
     explained = torch._dynamo.explain(model)(x, targets=x)
     reasons = [str(b.reason) for b in explained.break_reasons]
-    assert all("torch.compiler.disable" in r and ("ValueTable.forward" in r or "fast_mix" in r) for r in reasons)
+    assert all("torch.compiler.disable" in r and ("_fast_path_slots" in r or "fast_mix" in r) for r in reasons)
     assert (explained.graph_break_count == 0) == (not fields)
+    with torch.no_grad():
+        assert torch._dynamo.explain(model)(x).graph_break_count == 0
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -350,6 +369,34 @@ def test_greedy_generation_equals_repeated_full_forward(shape):
     for _ in range(6):
         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("shape,variant", [
+    ("mha", "move"),
+    pytest.param("mla", "move", marks=pytest.mark.slow), pytest.param("gqa", "lave", marks=pytest.mark.slow),
+    pytest.param("mha", "standard", marks=pytest.mark.slow), pytest.param("mha", "bigram", marks=pytest.mark.slow),
+    pytest.param("mha", "pkm", marks=pytest.mark.slow), pytest.param("mha", "value_residual", marks=pytest.mark.slow),
+])
+def test_compiled_decoding_step_equals_eager_and_compiles_once(shape, variant):
+    """The compiled single-token step against a static cache gives the eager step's
+    logits at every position, from one graph (a position baked into the graph would
+    recompile at every token), reused by a second cache of the same shape."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = randomized(GPT(make_config(shape, variant)), std=0.1).eval()
+    idx = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        for _ in range(2):
+            eager_cache, compiled_cache = model.new_cache(2, 10, static=True), model.new_cache(2, 10, static=True)
+            model(idx[:, :4], cache=eager_cache)
+            model(idx[:, :4], cache=compiled_cache)
+            for t in range(4, 10):
+                eager = decode_step(model, idx[:, t:t + 1], eager_cache)
+                compiled = compiled_decode_step(model, idx[:, t:t + 1], compiled_cache)
+                torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    prompt = idx[:, :3]
+    assert torch.equal(generate(model, prompt, 5, temperature=0, compiled=True), generate(model, prompt, 5, temperature=0))
 
 
 def test_sampling_is_seeded_and_respects_top_k():

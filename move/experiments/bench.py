@@ -6,7 +6,9 @@ built once; then timings are taken in interleaved rounds (one step of each
 configuration per round, after warm-up) and reported as medians, so a slow
 moment of the machine hits every configuration alike. Reported per configuration:
 - training step (forward + backward + clip + optimiser step + zero_grad), ratio to standard;
-- decode latency per token with the KV cache at batch 1 and batch 8, ratio to standard;
+- decode latency per token with the KV cache at batch 1 and batch 8, ratio to standard,
+  eager and (standard, LaVE x1, MoVE x1/x4) compiled: torch.compile of the
+  single-token step against a static cache, compiled vs compiled;
 - persistent training memory (parameters + gradients + optimiser state, from the tensors);
 - the peak resident-memory growth during one training step (Linux VmHWM, reset per measurement).
 The issue's targets are checked and every miss is printed with its size.
@@ -24,6 +26,7 @@ import torch
 from move.config import ModelConfig
 from move.device import autocast, peak_memory_mb, pick_device, reset_peak_memory, resident_memory_mb
 from move.model.gpt import GPT
+from move.model.sampling import compiled_decode_step, decode_step
 from move.training.optim import OptimConfig, Optimizers, prepare_for_training
 
 # name -> (model fields, value-memory path, value-memory optimiser, bank storage dtype)
@@ -57,7 +60,13 @@ TARGETS = [
     ("decode_b1", "move_x4", "standard", 1.05),
     ("decode_b8", "move_x1", "standard", 1.05),
     ("decode_b8", "move_x4", "standard", 1.05),
+    ("decode_b1_compiled", "move_x1", "standard", 1.05),
+    ("decode_b1_compiled", "move_x4", "standard", 1.05),
+    ("decode_b8_compiled", "move_x1", "standard", 1.05),
+    ("decode_b8_compiled", "move_x4", "standard", 1.05),
 ]
+# configurations whose decoding step is also measured compiled (each compiles once per batch size)
+COMPILED_DECODE = ("standard", "lave_x1", "move_x1", "move_x4")
 
 
 @dataclass
@@ -112,18 +121,21 @@ class Subject:
         self.optimizers.step()
 
     @torch.no_grad()
-    def decode_per_token(self, batch: int) -> float:
-        """Seconds per generated token after a 16-token prefill."""
+    def decode_per_token(self, batch: int, compiled: bool = False) -> float:
+        """Seconds per generated token after a 16-token prefill; compiled: the step is
+        compiled against a static cache (the prefill stays eager, as in generate)."""
         model, n = self.model, self.shape.decode_tokens
         prompt = self.idx[:1, :16].expand(batch, 16).contiguous()
-        cache = model.new_cache(batch, 16 + n)
-        model(prompt, cache=cache)
+        cache = model.new_cache(batch, 16 + n, static=compiled)
+        step = compiled_decode_step if compiled else decode_step
+        with autocast(self.device):
+            model(prompt, cache=cache)
         token = prompt[:, -1:]
 
         def decode():
             for _ in range(n):
                 with autocast(self.device):
-                    model(token, cache=cache)
+                    step(model, token, cache)
 
         return timed(decode, self.device) / n
 
@@ -160,7 +172,13 @@ def bench_vocab(shape: BenchShape, vocab: int, device: torch.device, names: list
         for _ in range(shape.warmup):
             s.train_step()
         s.decode_per_token(1)
+        if name in COMPILED_DECODE:  # compiles here, outside the timed rounds
+            s.decode_per_token(1, compiled=True)
+            s.decode_per_token(8, compiled=True)
     times = {name: {"train": [], "decode_b1": [], "decode_b8": []} for name in names}
+    for name in names:
+        if name in COMPILED_DECODE:
+            times[name].update(decode_b1_compiled=[], decode_b8_compiled=[])
     order = list(subjects)
     rng = random.Random(0)
     for r in range(shape.rounds):
@@ -170,6 +188,9 @@ def bench_vocab(shape: BenchShape, vocab: int, device: torch.device, names: list
             times[name]["train"].append(timed(s.train_step, device))
             times[name]["decode_b1"].append(s.decode_per_token(1))
             times[name]["decode_b8"].append(s.decode_per_token(8))
+            if name in COMPILED_DECODE:
+                times[name]["decode_b1_compiled"].append(s.decode_per_token(1, compiled=True))
+                times[name]["decode_b8_compiled"].append(s.decode_per_token(8, compiled=True))
         log(f"vocab {vocab}: round {r + 1}/{shape.rounds} done")
     result = {}
     for name, s in subjects.items():
@@ -217,15 +238,15 @@ def format_results(results: dict, shape: BenchShape, device: str) -> str:
     for vocab, r in results.items():
         out += [f"## vocab {vocab}", "",
                 "| config | value-memory params | train step ms | x std | decode b1 ms/tok | x std "
-                "| decode b8 ms/tok | x std | params+grads+optim MB | step peak RSS growth MB |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "| decode b8 ms/tok | x std | compiled b1 ms/tok | x std | compiled b8 ms/tok | x std "
+                "| params+grads+optim MB | step peak RSS growth MB |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in r.items():
             peak = "n/a" if m["step_peak_mb"] is None else f"{m['step_peak_mb']:.0f}"
-            out.append(
-                f"| {name} | {m['value_memory_params']:,} | {1e3 * m['train']:.1f} | {m['train_ratio']:.3f} "
-                f"| {1e3 * m['decode_b1']:.2f} | {m['decode_b1_ratio']:.3f} "
-                f"| {1e3 * m['decode_b8']:.2f} | {m['decode_b8_ratio']:.3f} "
-                f"| {m['persistent_mb']:.0f} | {peak} |")
+            decode = " | ".join(f"{1e3 * m[k]:.2f} | {m[k + '_ratio']:.3f}" if k in m else "- | -"
+                                for k in ("decode_b1", "decode_b8", "decode_b1_compiled", "decode_b8_compiled"))
+            out.append(f"| {name} | {m['value_memory_params']:,} | {1e3 * m['train']:.1f} | {m['train_ratio']:.3f} "
+                       f"| {decode} | {m['persistent_mb']:.0f} | {peak} |")
         out.append("")
     out += ["## Targets", ""] + [f"- {line}" for line in check_targets(results)] + [""]
     return "\n".join(out)
@@ -235,6 +256,10 @@ def run_bench(shape: BenchShape, out_dir, names=None, device: str = "auto", log=
     torch.set_flush_denormal(True)
     device = pick_device(device)
     names = ["standard"] + [n for n in names or CONFIGS if n != "standard"]  # every ratio is to standard
+    # every compiled configuration and batch size is one more graph of the same step function;
+    # past dynamo's default limit (8) it would silently fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               4 * len(COMPILED_DECODE) * len(shape.vocab_sizes))
     results = {vocab: bench_vocab(shape, vocab, device, names, log) for vocab in shape.vocab_sizes}
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = format_results(results, shape, f"{device.type}: {label}")

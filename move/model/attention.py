@@ -15,10 +15,13 @@ from move.model.memory_designs import ValueResidual
 from move.model.value_memory import LayerValueMemory, MemoryInputs
 
 
-def causal_attention(q, k, v, cache_offset: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def causal_attention(q, k, v, cache_offset, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q (B,Tq,H,D), k (B,Tk,Hkv,D), v (B,Tk,Hkv,Dv) -> (B,Tq,H,Dv).
 
-    The queries sit at positions cache_offset..cache_offset+Tq-1 of the keys.
+    The queries sit at positions cache_offset..cache_offset+Tq-1 of the keys. An int
+    offset means the keys end with the queries (a growing cache); a tensor offset (a
+    StaticKVCache) means the keys are a whole buffer whose positions past the queries
+    are not written yet, so they are always masked.
     key_mask (B,Tk) bool, for padded batches: False marks a padding key that no query
     attends to. Every query still attends to itself, so a padding query (whose output
     nobody reads) gets a finite value instead of a softmax over nothing, whose NaN
@@ -27,18 +30,18 @@ def causal_attention(q, k, v, cache_offset: int, key_mask: torch.Tensor | None =
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.size(1) != k.size(1)
     t_q, t_k = q.size(2), k.size(2)
-    if key_mask is not None:
-        q_pos = torch.arange(cache_offset, cache_offset + t_q, device=q.device)[:, None]
-        keys = torch.arange(t_k, device=q.device)[None, :]
-        mask = ((keys <= q_pos) & key_mask[:, None, :]) | (keys == q_pos)  # (B, Tq, Tk)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
-    elif t_q == t_k:
+    keys_end_with_queries = isinstance(cache_offset, int)
+    if key_mask is None and keys_end_with_queries and t_q == t_k:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif t_q == 1:  # one new token sees every cached position
+    elif key_mask is None and keys_end_with_queries and t_q == 1:  # one new token sees every cached position
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    else:  # a chunk appended to a non-empty cache
-        q_pos = torch.arange(cache_offset, cache_offset + t_q, device=q.device)
-        mask = torch.arange(t_k, device=q.device)[None, :] <= q_pos[:, None]
+    else:  # a chunk appended to a cache, a static cache's buffer, or padded rows
+        q_pos = cache_offset + torch.arange(t_q, device=q.device)
+        keys = torch.arange(t_k, device=q.device)
+        mask = keys[None, :] <= q_pos[:, None]  # (Tq, Tk)
+        if key_mask is not None:
+            mask = (mask & key_mask[:, None, :]) | (keys[None, :] == q_pos[:, None])  # (B, Tq, Tk)
+            mask = mask[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return y.transpose(1, 2)
 
@@ -64,9 +67,12 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if self.value_memory is not None:
-            v = self.value_memory(x, v, memory.idx, memory.bank_slots)
+        if self.value_memory is None:
+            v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        else:
+            v, gate_logits = self.value_memory.project(x, self.c_v, cache, self.layer_idx)
+            v = self.value_memory(v.view(B, T, self.n_kv_head, self.head_dim), gate_logits, memory.idx,
+                                  memory.bank_slots)
         if self.keeps_first_values:
             memory.first_values = v
         elif self.value_residual is not None:
@@ -115,13 +121,19 @@ class MultiHeadLatentAttention(nn.Module):
         H, hd, r = self.n_head, self.head_dim, self.rope_dim
         q = self.c_q(x).view(B, T, H, hd + r)
         q = torch.cat([q[..., :hd], apply_rotary(q[..., hd:], cos, sin)], dim=-1)
-        latent = rms_norm(self.c_kv_down(x))
+        if self.value_memory is None:
+            latent = rms_norm(self.c_kv_down(x))
+        else:  # the router reads x, as the down-projection does
+            latent, gate_logits = self.value_memory.project(x, self.c_kv_down, cache, self.layer_idx)
+            latent = rms_norm(latent)
         if self.value_memory is not None and self.memory_in_latent:
-            latent = self.value_memory(x, latent.view(B, T, H, -1), memory.idx, memory.bank_slots).reshape(B, T, -1)
+            latent = self.value_memory(latent.view(B, T, H, -1), gate_logits, memory.idx,
+                                       memory.bank_slots).reshape(B, T, -1)
         k_rope = apply_rotary(self.c_k_rope(x).view(B, T, 1, r), cos, sin)
         lave_values = None
         if self.value_memory is not None and not self.memory_in_latent:
-            lave_values = self.value_memory(x, self.c_v_up(latent).view(B, T, H, hd), memory.idx, memory.bank_slots)
+            lave_values = self.value_memory(self.c_v_up(latent).view(B, T, H, hd), gate_logits, memory.idx,
+                                            memory.bank_slots)
         offset = 0
         if cache is not None:
             offset = cache.pos

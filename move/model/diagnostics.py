@@ -19,9 +19,9 @@ def _layer_records(model, idx: torch.Tensor) -> dict[int, tuple[torch.Tensor, fl
     records, hooks = {}, []
 
     def record(module, args, out, layer):
-        v = args[1].float()
+        v, gate_logits = args[0].float(), args[1]
         share = ((out.float() - v).norm() / v.norm().clamp_min(1e-12)).item()
-        records[layer] = (module.gates(args[0]).float().cpu(), share)
+        records[layer] = (module.gate_values(gate_logits).float().cpu(), share)
 
     for layer, block in enumerate(model.blocks):
         for module in block.modules():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from move.config import ModelConfig
 from move.errors import ConfigError, TokenRangeError
 from move.model.attention import CausalSelfAttention, MultiHeadLatentAttention
-from move.model.layers import MLP, KVCache, rms_norm, rotary_tables
+from move.model.layers import MLP, KVCache, StaticKVCache, rms_norm, rotary_tables
 from move.model.memory_designs import (BIGRAM_SCALE_INIT, VALUE_RESIDUAL_INIT, BigramHashEmbedding,
                                        ProductKeyMemory, ValueResidual, previous_tokens)
 from move.model.value_memory import MemoryInputs
@@ -183,10 +183,11 @@ class GPT(nn.Module):
         exactly what the row alone would. Ids are not range-checked here (see
         check_token_ids): an id past the vocabulary fails inside the embedding."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
         if positions is None:
-            cos, sin = self._rotary(start + T, idx.device)
-            cos, sin = cos[:, start : start + T], sin[:, start : start + T]
+            if cache is None or not cache.static:  # (a static cache built the tables for its length)
+                self._rotary((cache.pos if cache is not None else 0) + T, idx.device)
+            span = cache.span(T) if cache is not None else slice(0, T)
+            cos, sin = self.rotary_cos[:, span], self.rotary_sin[:, span]
         else:
             cos, sin = self._rotary(int(positions.max()) + 1, idx.device)
             cos, sin = cos[0, positions], sin[0, positions]  # (B, T, 1, rotary_dim / 2)
@@ -212,7 +213,11 @@ class GPT(nn.Module):
         """The hashed bigram rows of idx; a cache remembers the ids, so decoding a
         token pairs it with the one before it."""
         before = None
-        if cache is not None:
+        if cache is not None and cache.static:  # no branch on a tensor position (compiled decoding)
+            seen = cache.update(0, "ids", idx)
+            last = seen.index_select(1, (cache.pos - 1).clamp(min=0).view(1))[:, 0]
+            before = torch.where(cache.pos > 0, last, -1)
+        elif cache is not None:
             seen = cache.update(0, "ids", idx)  # every id so far, this chunk's included
             before = seen[:, cache.pos - 1] if cache.pos > 0 else None
         return self.bigram(idx, previous_tokens(idx, before, positions))
@@ -251,5 +256,11 @@ class GPT(nn.Module):
                 else:
                     p.grad.zero_()
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.config.n_layer, batch_size, max_len)
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> KVCache:
+        """A KV cache for max_len positions; static: for a compiled decoding step
+        (StaticKVCache, on the model's device, rotary tables built for its length)."""
+        if not static:
+            return KVCache(self.config.n_layer, batch_size, max_len)
+        device = self.lm_head.weight.device
+        self._rotary(max_len, device)
+        return StaticKVCache(self.config.n_layer, batch_size, max_len, device)

@@ -53,6 +53,15 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.buffers: list[dict[str, torch.Tensor]] = [dict() for _ in range(n_layer)]
+        self.weights: list[dict[str, torch.Tensor]] = [dict() for _ in range(n_layer)]
+
+    def prepared(self, layer: int, name: str, build) -> torch.Tensor:
+        """A tensor a layer derives from its weights (e.g. two projections stacked into
+        one matrix), built on first use and kept while this cache decodes: weights do
+        not change during a decode, and a new decode starts with a new cache."""
+        if name not in self.weights[layer]:
+            self.weights[layer][name] = build()
+        return self.weights[layer][name]
 
     def update(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
         end = self.pos + x.size(1)
@@ -66,8 +75,42 @@ class KVCache:
         buf[:, self.pos:end] = x
         return buf[:, :end]
 
+    static = False  # positions are Python ints; buffers grow; attention reads only what is written
+
+    def span(self, length: int):
+        """Where the next `length` positions go: a slice (this cache) or an index tensor
+        (StaticKVCache), either of which indexes a (1, positions, ...) table."""
+        return slice(self.pos, self.pos + length)
+
     def advance(self, n: int) -> None:
         self.pos += n
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for layer in self.buffers for b in layer.values())
+
+
+class StaticKVCache(KVCache):
+    """A KV cache for a compiled decoding step (move.model.sampling.compiled_decoder):
+    its position is a tensor and its buffers are allocated once for max_len positions,
+    so one compiled single-token step serves every position (a Python int position
+    would be baked into the graph and recompile it at every token). update returns
+    the whole buffer; attention masks the positions past the queries (causal_attention
+    does so for any tensor position). Writing past max_len is an indexing error."""
+
+    static = True
+
+    def __init__(self, n_layer: int, batch_size: int, max_len: int, device):
+        super().__init__(n_layer, batch_size, max_len)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+
+    def span(self, length: int) -> torch.Tensor:
+        return self.pos + torch.arange(length, device=self.pos.device)
+
+    def update(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers[layer].get(name)
+        if buf is None:  # first use (the eager prefill), so a compiled step finds every buffer
+            buf = self.buffers[layer][name] = x.new_zeros((self.batch_size, self.max_len, *x.shape[2:]))
+        return buf.index_copy_(1, self.span(x.size(1)), x)
+
+    def advance(self, n: int) -> None:
+        self.pos.add_(n)

@@ -47,24 +47,38 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float, max_new_to
         raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
 
 
+def decode_step(model, token: torch.Tensor, cache) -> torch.Tensor:
+    """One token per row (B, 1) against the cache -> next-token logits (B, V)."""
+    return model(token, cache=cache)[:, -1]
+
+
+# decode_step compiled (on first call) for a StaticKVCache: one graph for every position;
+# a new model, batch size or cache length compiles once more. fullgraph: the step must
+# not fall back to eager pieces silently (a memory model without autograd is one graph).
+compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+
+
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> torch.Tensor:
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, compiled: bool = False) -> torch.Tensor:
     """prompt (B, T0) of equal-length prompts -> (B, T0 + max_new_tokens).
 
     The prompt is prefilled in one forward; each new token then costs one
-    single-position forward against the cache.
+    single-position forward against the cache. compiled: that step is
+    torch.compile'd against a static cache (worth it for long generations: the first
+    call compiles, tens of seconds on a CPU); the prefill stays eager.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens, seed)
     model.check_token_ids(prompt)
     with evaluating(model):
         generator = torch.Generator(device=prompt.device).manual_seed(seed)
-        cache = model.new_cache(prompt.size(0), prompt.size(1) + max_new_tokens)
+        cache = model.new_cache(prompt.size(0), prompt.size(1) + max_new_tokens, static=compiled)
+        step = compiled_decode_step if compiled else decode_step
         out = prompt
         logits = model(prompt, cache=cache)[:, -1]
         for i in range(max_new_tokens):
             nxt = pick_next(logits, temperature, top_k, top_p, generator)
             out = torch.cat([out, nxt], dim=1)
             if i + 1 < max_new_tokens:
-                logits = model(nxt, cache=cache)[:, -1]
+                logits = step(model, nxt, cache)
     return out

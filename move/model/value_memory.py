@@ -15,8 +15,9 @@ live and what the router sees:
   Linear(32 -> H*k) reads only the first 32 channels and there is no g0, so
   v' = v + sum_i g_i * ve_i. The "full gates" ablation gives LaVE MoVE's router.
 
-This file is the mechanism, top to bottom: the formula (mix) and how each layer
-gets its gates and slots (LayerValueMemory). Storage, lookup and the fast path's
+This file is the mechanism, top to bottom: the formula (mix, and mix_inference, the
+same formula in fewer kernels for forwards without autograd) and how each layer gets
+its gates and slots (LayerValueMemory). Storage, lookup and the fast path's
 gradients live in move/model/value_tables.py.
 """
 
@@ -24,8 +25,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from move.config import LAVE_GATE_CHANNELS, ModelConfig
+from move.model.layers import KVCache
 from move.model.value_tables import Slots, ValueTable, fast_mix
 
 
@@ -58,12 +61,32 @@ def mix_values(v: torch.Tensor, slots: Slots, gates: torch.Tensor, gate_g0: bool
     return mix(v, slots.values, gates, gate_g0)
 
 
+def mix_inference(v, slot_values, gate_logits, gate_g0: bool):
+    """The formula in as few kernels as it takes, for forwards without autograd
+    (decoding, evaluation): v (B,T,H,D), slot_values (B,T,H,S,D), gate_logits
+    (B,T,H,S+g0) -> 2*sigmoid(logits) as weights over [v, m_1..m_S] (with g0) in one
+    batched matmul, or v + the weighted slots in one baddbmm (without). Per layer and
+    token that is 3-4 kernels instead of mix's ~10 small ops (at batch 1 on a CPU
+    each costs as much as its arithmetic); equal to mix up to rounding (tested)."""
+    batch, length, heads, slots, width = slot_values.shape
+    rows = batch * length * heads
+    gates = torch.sigmoid(gate_logits).mul_(2).view(rows, 1, -1).to(v.dtype)
+    slot_values = slot_values.to(v.dtype)
+    if gate_g0:
+        operands = torch.cat([v.unsqueeze(-2), slot_values], dim=-2).view(rows, slots + 1, width)
+        return torch.bmm(gates, operands).view(batch, length, heads, width)
+    mixed = torch.baddbmm(v.reshape(rows, 1, width), gates, slot_values.reshape(rows, slots, width))
+    return mixed.view(batch, length, heads, width)
+
+
 class LayerValueMemory(nn.Module):
     """One layer's gates (and, for LaVE, its own tables).
 
-    forward(x, v, idx, bank_slots): x is the normed block input (B,T,d_model), v the
-    per-head standard values (B,T,H,D) (on MLA+MoVE: the latent split in H chunks),
-    idx the token ids, bank_slots MoVE's gathered global bank rows (or None).
+    The router reads the normed block input x, as the layer's value projection does
+    (MHA/GQA: c_v; MLA: the latent's down-projection c_kv_down); `project` computes
+    both, then forward(v, gate_logits, idx, bank_slots) mixes: v the per-head
+    standard values (B,T,H,D) (on MLA+MoVE: the latent split in H chunks), idx the
+    token ids, bank_slots MoVE's gathered global bank rows (or None).
     """
 
     def __init__(self, config: ModelConfig):
@@ -78,10 +101,32 @@ class LayerValueMemory(nn.Module):
         if config.value_memory == "lave":
             self.table = ValueTable(config.vocab_size, self.heads, self.slots, config.memory_width // self.heads)
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.router(x[..., : self.gate_channels])
-        return 2 * torch.sigmoid(logits).view(*x.shape[:2], self.heads, -1)
+    def project(self, x: torch.Tensor, projection: nn.Linear, cache: KVCache | None, layer: int):
+        """(projection(x), gate logits (B,T,H,S+g0)). Decoding with a cache, both come
+        from one matmul of the two weights stacked once per cache (weights do not
+        change while a cache decodes; with autograd on they are always two): a memory
+        layer then adds no matmul to a decoding step."""
+        B, T, _ = x.shape
+        if cache is None or torch.is_grad_enabled():
+            return projection(x), self.router(x[..., : self.gate_channels]).view(B, T, self.heads, -1)
+        stacked = cache.prepared(layer, "value_and_router", lambda: self.stacked_weight(projection))
+        both = F.linear(x, stacked)
+        width = projection.out_features
+        return both[..., :width], both[..., width:].view(B, T, self.heads, -1)
 
-    def forward(self, x, v, idx, bank_slots):
+    def stacked_weight(self, projection: nn.Linear) -> torch.Tensor:
+        """[projection; router] as one matrix; LaVE's router, which reads only the
+        first channels, gets zero columns for the rest."""
+        router = F.pad(self.router.weight, (0, projection.in_features - self.gate_channels))
+        return torch.cat([projection.weight, router]).detach()
+
+    @staticmethod
+    def gate_values(gate_logits: torch.Tensor) -> torch.Tensor:
+        """Gates in (0, 2), exactly 1.0 at a zero logit (the zero-initialised router)."""
+        return 2 * torch.sigmoid(gate_logits)
+
+    def forward(self, v, gate_logits, idx, bank_slots):
         slots = self.table(idx) if self.table is not None else bank_slots
-        return mix_values(v, slots, self.gates(x), self.gate_g0)
+        if not torch.is_grad_enabled():
+            return mix_inference(v, slots.values, gate_logits, self.gate_g0)
+        return mix_values(v, slots, self.gate_values(gate_logits), self.gate_g0)

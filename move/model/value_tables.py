@@ -160,29 +160,39 @@ class ValueTable(nn.Module):
         """Rows of the full table for token ids idx (any shape)."""
         if self.shard is None:
             return self.weight[idx]
+        return self._fetch_from_shards(idx)
+
+    # Not traced by torch.compile: collectives and data-dependent shapes.
+    @torch.compiler.disable
+    def _fetch_from_shards(self, idx: torch.Tensor) -> torch.Tensor:
         ids, inverse = torch.unique(idx, return_inverse=True)
         return self.shard.fetch(self.weight.detach(), ids)[inverse]
 
-    # Not traced by torch.compile: the fast path's backward talks to the layers' mixes
-    # through a side channel (MixRecord) and a sharded table runs collectives, neither of
-    # which dynamo can trace; compiled models run the rest of each block compiled.
-    @torch.compiler.disable
+    def on_fast_path(self) -> bool:
+        """Whether a lookup now builds the fast path's row gradients (dense mode, autograd
+        on); otherwise it is plain indexing, which torch.compile traces (decoding)."""
+        return self.grad_mode == "dense" and torch.is_grad_enabled() and self.weight.requires_grad
+
     def forward(self, idx: torch.Tensor) -> Slots:
         """idx (B, T) -> slots (B, T, heads, slots, width_per_head)."""
-        if self.grad_mode == "autograd":
-            return Slots(self.weight[idx])
-        if not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return Slots(self.gather(idx))
+        return self._fast_path_slots(idx) if self.on_fast_path() else Slots(self.gather(idx))
+
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows (idx.shape..., heads, slots, width) for one consumer that differentiates
+        them directly (not through the value mix), on the table's gradient path."""
+        return self._fast_path_rows(idx) if self.on_fast_path() else self.gather(idx)
+
+    # Not traced by torch.compile: the fast path's backward talks to the layers' mixes
+    # through a side channel (MixRecord) and writes the table's gradient buffer, which
+    # dynamo cannot trace; compiled models run the rest of each block compiled.
+    @torch.compiler.disable
+    def _fast_path_slots(self, idx: torch.Tensor) -> Slots:
         record = MixRecord()
         rows, carrier = _GatherRows.apply(self.weight, idx, self, record)
         return Slots(rows, carrier, record)
 
-    @torch.compiler.disable  # its backward writes the table's gradient buffer (see forward)
-    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows (idx.shape..., heads, slots, width) for one consumer that differentiates
-        them directly (not through the value mix), on the table's gradient path."""
-        if self.grad_mode == "autograd" or not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return self.gather(idx)
+    @torch.compiler.disable
+    def _fast_path_rows(self, idx: torch.Tensor) -> torch.Tensor:
         return _LookupRows.apply(self.weight, idx, self)
 
     def take_row_grads(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
