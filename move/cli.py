@@ -300,6 +300,8 @@ def cmd_sample(args) -> None:
     from move.recipes import resolve_checkpoint
     from move.training.checkpoint import load_model
 
+    if args.compile and args.mmap_bank:
+        raise UserError("--compile and --mmap-bank do not combine: rows read from the file on demand cannot be compiled")
     device = torch.device("cpu") if args.mmap_bank else pick_device(args.device)
     args.checkpoint = resolve_checkpoint(args.checkpoint)  # a checkpoint, or a run directory (its newest)
     model, _ = load_model(args.checkpoint, device, mmap_bank=args.mmap_bank)
@@ -307,7 +309,7 @@ def cmd_sample(args) -> None:
     prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     prompt = torch.tensor([prompt] * args.num_samples, device=device)
     out = generate(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed)
+                   top_p=args.top_p, seed=args.seed, compiled=args.compile)
     for row in out.tolist():
         print(tokenizer.decode(row))
         print("-" * 40)
@@ -637,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--mmap-bank", action="store_true",
                    help="keep the MoVE bank in the checkpoint file, gather rows on demand (CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decoding step against a static KV cache (pays off for long "
+                        "generations: the first step compiles, tens of seconds on a CPU)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("compare", help="the main job: train variants on identical data and report")

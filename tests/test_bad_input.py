@@ -291,6 +291,7 @@ CASES = [
     ("report-of-a-non-results-dir", no_setup, ["report", "{tmp}"], "not an experiment results directory"),
     ("experiment-file-missing", no_setup, ["experiment", "{tmp}/none.toml"], "cannot read the experiment file"),
     ("knowledge-eval-on-text-data", no_setup, ["knowledge-eval", "{ckpt}"], "missing or unreadable knowledge file"),
+    ("compile-with-mmap-bank", no_setup, ["sample", "{ckpt}", "--compile", "--mmap-bank"], "do not combine"),
     ("sample-of-an-empty-dir", no_setup, ["sample", "{tmp}"], "neither a checkpoint nor a run directory"),
     ("resume-nothing", no_setup, ["train", "--data", "{data}", "--out", "{tmp}/fresh", *TINY, "--resume"], "nothing to resume"),
     ("run-dir-holds-a-run", no_setup, ["train", "--data", "{data}", "--out", "{run}", *TINY, "--variant", "move"], "already holds a run"),

@@ -37,6 +37,18 @@ def test_prepare_train_eval_sample(tmp_path, text_folder, capsys):
     assert capsys.readouterr().out == first  # seeded
 
 
+@pytest.mark.slow
+def test_compiled_sampling_writes_what_eager_sampling_writes(tmp_path, prepared_dir, capsys):
+    checkpoint = str(tmp_path / "run")
+    main(["train", "--data", str(prepared_dir), "--out", checkpoint, *TINY, "--variant", "move"])
+    capsys.readouterr()
+    argv = ["sample", checkpoint, "--prompt", "KING", "--max-tokens", "12", "--num-samples", "2", "--temperature", "0"]
+    assert main(argv) == 0
+    eager = capsys.readouterr().out
+    assert main(argv + ["--compile"]) == 0
+    assert capsys.readouterr().out == eager
+
+
 def test_compare_trains_each_variant_once_and_reports(tmp_path, prepared_dir, capsys):
     args = ["compare", "--data", str(prepared_dir), "--out", str(tmp_path / "cmp"), *TINY,
             "--variants", "standard", "lave:1", "move:2"]
