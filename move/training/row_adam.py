@@ -6,10 +6,12 @@ formula (eps added to sqrt(v) before the bias correction). SparseAdam needs a sp
 COO gradient, which it coalesces and walks with sparse bookkeeping every step; on CPU
 that cost more than the dense fused AdamW it was meant to beat. This optimiser reads
 the fast path's persistent dense gradient buffer at the rows the table reports as
-touched (ValueTable.touched_rows, already distinct), and does one index_select of
-parameters, gradients and moments, the update, and one index_copy back: no sparse
-tensor, no coalescing. Moments are fp32 whatever the table's dtype, and a bf16 table
-gets its update computed in fp32 and rounded once (no fp32 master copy).
+touched (ValueTable.touched_rows, already distinct): one index_select of parameters,
+gradients and moments, torch's fused Adam kernel on those rows (one pass), one
+index_copy back: no sparse tensor, no coalescing. SparseAdam's formula is Adam's with
+eps / sqrt(1 - beta2^t) in place of eps, so the fused kernel gets that eps.
+Moments are fp32 whatever the table's dtype, and a bf16 table gets its update
+computed in fp32 and rounded once (no fp32 master copy).
 """
 
 import math
@@ -25,6 +27,7 @@ class RowAdam(torch.optim.Optimizer):
     def __init__(self, params, tables: dict, lr: float, betas=(0.8, 0.95), eps: float = 1e-10):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.tables = tables
+        self.step_tensors: dict[torch.Tensor, torch.Tensor] = {}  # the fused kernel's step count (as TableAdamW's)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -38,12 +41,12 @@ class RowAdam(torch.optim.Optimizer):
                 if rows is None or rows.numel() == 0:
                     continue
                 m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                grad = p.grad.index_select(0, rows).float()
-                m_rows = m.index_select(0, rows).lerp_(grad, 1 - beta1)
-                v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-                weights = p.index_select(0, rows).float().addcdiv_(m_rows, v_rows.sqrt().add_(group["eps"]),
-                                                                    value=-step_size)
+                weights = p.index_select(0, rows).float()
+                m_rows, v_rows = m.index_select(0, rows), v.index_select(0, rows)
+                count = self.step_tensors.setdefault(p, torch.zeros((), device=p.device)).fill_(step)
+                torch._fused_adam_([weights], [p.grad.index_select(0, rows).float()], [m_rows], [v_rows], [], [count],
+                                   lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0,
+                                   eps=group["eps"] / math.sqrt(1 - beta2**step), amsgrad=False, maximize=False)
                 m.index_copy_(0, rows, m_rows)
                 v.index_copy_(0, rows, v_rows)
                 p.index_copy_(0, rows, weights.to(p.dtype))
