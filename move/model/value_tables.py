@@ -77,7 +77,7 @@ class _GatherRows(torch.autograd.Function):
         record.gates.clear()
         record.grads.clear()
         grad_slots = gates.transpose(-1, -2) @ grads  # (B,T,H,S,D)
-        table.take_row_grads(*sum_rows(idx.flatten(), grad_slots.flatten(0, 1)))
+        table.take_row_grads(idx.flatten(), grad_slots.flatten(0, 1))
         return None, None, None, None
 
 
@@ -98,7 +98,7 @@ class _LookupRows(torch.autograd.Function):
     def backward(ctx, grad_rows):
         (idx,) = ctx.saved_tensors
         grads = grad_rows.float().flatten(0, idx.dim() - 1)
-        ctx.table.take_row_grads(*sum_rows(idx.flatten(), grads))
+        ctx.table.take_row_grads(idx.flatten(), grads)
         return None, None, None
 
 
@@ -195,18 +195,27 @@ class ValueTable(nn.Module):
     def _fast_path_rows(self, idx: torch.Tensor) -> torch.Tensor:
         return _LookupRows.apply(self.weight, idx, self)
 
-    def take_row_grads(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
-        """The fast path's end: the summed gradients of distinct rows go into the
-        persistent buffer, or (a sharded table) wait for reduce_shard_grads."""
+    def take_row_grads(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
+        """The fast path's end: the fp32 gradients of the rows at ids (n,) (an id may
+        repeat), summed per distinct row, go into the persistent buffer or (a sharded
+        table) wait for reduce_shard_grads. An fp32 table's buffer sums them itself
+        (index_add_ accumulates repeated ids): no per-step temporary of the distinct
+        rows, whose fresh allocation cost more in page faults than its arithmetic. A
+        bf16 buffer gets fp32 sums, rounded once."""
         if self.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
-            self.pending.append((rows, grad_rows))  # fp32: partial sums are rounded once, at the owner
+            self.pending.append(sum_rows(ids, grads))  # fp32: partial sums are rounded once, at the owner
+        elif self.weight.dtype == torch.float32:
+            self.add_dense_grad(ids, grads, rows=torch.unique(ids))
         else:
-            self.add_dense_grad(rows, grad_rows.to(self.weight.dtype))
+            rows, summed = sum_rows(ids, grads)
+            self.add_dense_grad(rows, summed.to(self.weight.dtype), rows=rows)
 
-    def add_dense_grad(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    def add_dense_grad(self, ids: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add grads (n, ...) at ids (n,) of the dense buffer (repeated ids accumulate);
+        rows: the distinct ids, remembered as touched."""
         if self.weight.grad is None:  # allocated once, then reused: only touched rows are ever zeroed
             self.weight.grad = torch.zeros_like(self.weight)
-        self.weight.grad.index_add_(0, rows, grad_rows)
+        self.weight.grad.index_add_(0, ids, grads)
         self.touched.append(rows)
 
     def reduce_shard_grads(self) -> None:
@@ -220,7 +229,7 @@ class ValueTable(nn.Module):
                           + [g for _, g in self.pending])
         self.pending.clear()
         rows, grad_rows = self.shard.reduce_grads(*sum_rows(ids, grads))  # micro-batches may share rows
-        self.add_dense_grad(rows, grad_rows.to(self.weight.dtype))
+        self.add_dense_grad(rows, grad_rows.to(self.weight.dtype), rows=rows)
 
     def touched_rows(self) -> torch.Tensor | None:
         """The distinct rows of the dense gradient written since the last zeroing.

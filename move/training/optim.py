@@ -106,11 +106,9 @@ def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | 
     replicated. Returns the norm before clipping."""
     rows = rows or {}
     grads = [(id(p), p.grad) for p in parameters if p.grad is not None]
-
-    def nonzero_part(key, g):
-        return g.index_select(0, rows[key]) if key in rows else g
-
-    squares = [(k, nonzero_part(k, g).float().square().sum()) for k, g in grads]
+    # a fast-path table's touched rows, read once for the norm and rescaled in place for the copy back
+    touched = {k: g.index_select(0, rows[k]) for k, g in grads if k in rows}
+    squares = [(k, torch.linalg.vector_norm(touched.get(k, g), dtype=torch.float32).square()) for k, g in grads]
     square = torch.stack([s for k, s in squares if k not in sharded] or [torch.zeros(())]).sum()
     if sharded:
         square = square + all_reduce_(torch.stack([s for k, s in squares if k in sharded] or [square.new_zeros(())]).sum())
@@ -118,7 +116,7 @@ def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | 
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for key, g in grads:
         if key in rows:
-            g.index_copy_(0, rows[key], g.index_select(0, rows[key]) * scale.to(g.dtype))
+            g.index_copy_(0, rows[key], touched[key].mul_(scale.to(g.dtype)))
         else:
             g.mul_(scale.to(g.dtype))
     return norm
