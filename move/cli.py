@@ -783,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "shape (4 x 128, vocabulary 2,048, 16 x 128 tokens per step)")
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--configs", nargs="+", help="subset of configurations (standard is always the baseline) "
-                                                "(default: standard, LaVE and MoVE; the other designs on request)")
+                                                "(default standard, LaVE and MoVE; the other designs on request)")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default 7)")
     p.add_argument("--profile", action="store_true", help="instead: op-level torch.profiler breakdown vs standard")
     p.add_argument("--profile-vocab", type=int, default=0, help="vocabulary for --profile (default the first)")
