@@ -172,10 +172,11 @@ def test_cached_decoding_equals_full_forward(shape, variant, static):
         pytest.skip("the other memory designs run on MHA/GQA")
     model = randomized(GPT(make_config(shape, variant)), std=0.1)
     idx = torch.randint(0, VOCAB, (2, 12))
-    full = model(idx)
+    full = model(idx)  # with autograd: the training path
     cache = model.new_cache(2, 12, static=static)
-    pieces = [model(idx[:, :4], cache=cache), model(idx[:, 4:7], cache=cache)]  # prefill, then a chunk
-    pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 12)]  # then token by token
+    with torch.no_grad():  # decoding: router stacked with the value projection, mix_inference
+        pieces = [model(idx[:, :4], cache=cache), model(idx[:, 4:7], cache=cache)]  # prefill, then a chunk
+        pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 12)]  # then token by token
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
 
 

@@ -48,6 +48,8 @@ class KVCache:
     advances once per forward, after all layers.
     """
 
+    static = False  # positions are Python ints; buffers grow; attention reads only what is written
+
     def __init__(self, n_layer: int, batch_size: int, max_len: int):
         self.batch_size = batch_size
         self.max_len = max_len
@@ -75,8 +77,6 @@ class KVCache:
         buf[:, self.pos:end] = x
         return buf[:, :end]
 
-    static = False  # positions are Python ints; buffers grow; attention reads only what is written
-
     def span(self, length: int):
         """Where the next `length` positions go: a slice (this cache) or an index tensor
         (StaticKVCache), either of which indexes a (1, positions, ...) table."""
@@ -90,7 +90,7 @@ class KVCache:
 
 
 class StaticKVCache(KVCache):
-    """A KV cache for a compiled decoding step (move.model.sampling.compiled_decoder):
+    """A KV cache for a compiled decoding step (move.model.sampling.compiled_decode_step):
     its position is a tensor and its buffers are allocated once for max_len positions,
     so one compiled single-token step serves every position (a Python int position
     would be baked into the graph and recompile it at every token). update returns
