@@ -184,10 +184,9 @@ def bench_vocab(shape: BenchShape, vocab: int, device: torch.device, names: list
         if name in COMPILED_DECODE:  # compiles here, outside the timed rounds
             s.decode_per_token(1, compiled=True)
             s.decode_per_token(8, compiled=True)
-    times = {name: {"train": [], "decode_b1": [], "decode_b8": []} for name in names}
-    for name in names:
-        if name in COMPILED_DECODE:
-            times[name].update(decode_b1_compiled=[], decode_b8_compiled=[])
+    compiled = ("decode_b1_compiled", "decode_b8_compiled")
+    times = {name: {k: [] for k in ("train", "decode_b1", "decode_b8") + (compiled if name in COMPILED_DECODE else ())}
+             for name in names}
     order = list(subjects)
     rng = random.Random(0)
     for r in range(shape.rounds):

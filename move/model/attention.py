@@ -1,8 +1,9 @@
 """Causal self-attention: MHA/GQA and multi-head latent attention (MLA), each with
 optional value memory (and, on MHA/GQA, the value residual of memory_designs.py).
 What goes into the KV cache is always the *mixed* value (MHA) or the *mixed* latent
-(MLA+MoVE), so decoding costs one bank-row gather and one router matmul per layer
-more than the standard model, nothing else.
+(MLA+MoVE), so decoding costs one bank-row gather per token and the gates and mix per
+layer more than the standard model, nothing else (the router rides in the value
+projection's matmul: LayerValueMemory.project).
 """
 
 import torch

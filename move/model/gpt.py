@@ -213,13 +213,13 @@ class GPT(nn.Module):
         """The hashed bigram rows of idx; a cache remembers the ids, so decoding a
         token pairs it with the one before it."""
         before = None
-        if cache is not None and cache.static:  # no branch on a tensor position (compiled decoding)
-            seen = cache.update(0, "ids", idx)
-            last = seen.index_select(1, (cache.pos - 1).clamp(min=0).view(1))[:, 0]
-            before = torch.where(cache.pos > 0, last, -1)
-        elif cache is not None:
+        if cache is not None:
             seen = cache.update(0, "ids", idx)  # every id so far, this chunk's included
-            before = seen[:, cache.pos - 1] if cache.pos > 0 else None
+            if cache.static:  # no branch on a tensor position (compiled decoding)
+                last = seen.index_select(1, (cache.pos - 1).clamp(min=0).view(1))[:, 0]
+                before = torch.where(cache.pos > 0, last, -1)
+            elif cache.pos > 0:
+                before = seen[:, cache.pos - 1]
         return self.bigram(idx, previous_tokens(idx, before, positions))
 
     def value_tables(self) -> list[ValueTable]:

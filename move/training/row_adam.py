@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from move.training.table_adamw import counted_fp32_state
+from move.training.table_adamw import counted_fp32_state, step_count_tensor
 
 
 class RowAdam(torch.optim.Optimizer):
@@ -27,7 +27,7 @@ class RowAdam(torch.optim.Optimizer):
     def __init__(self, params, tables: dict, lr: float, betas=(0.8, 0.95), eps: float = 1e-10):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.tables = tables
-        self.step_tensors: dict[torch.Tensor, torch.Tensor] = {}  # the fused kernel's step count (as TableAdamW's)
+        self.step_tensors: dict[torch.Tensor, torch.Tensor] = {}  # see step_count_tensor
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -43,7 +43,7 @@ class RowAdam(torch.optim.Optimizer):
                 m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 weights = p.index_select(0, rows).float()
                 m_rows, v_rows = m.index_select(0, rows), v.index_select(0, rows)
-                count = self.step_tensors.setdefault(p, torch.zeros((), device=p.device)).fill_(step)
+                count = step_count_tensor(self.step_tensors, p, step)
                 torch._fused_adam_([weights], [p.grad.index_select(0, rows).float()], [m_rows], [v_rows], [], [count],
                                    lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0,
                                    eps=group["eps"] / math.sqrt(1 - beta2**step), amsgrad=False, maximize=False)

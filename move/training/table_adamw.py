@@ -19,6 +19,13 @@ import torch
 CHUNK_ROWS = 4096
 
 
+def step_count_tensor(counts: dict, p: torch.Tensor, step: int) -> torch.Tensor:
+    """`step` in a tensor on p's device, for torch's fused Adam kernels: one per table
+    in `counts`, refilled in place each step (fill_ launches a kernel: no host-to-device
+    copy that would wait for a GPU). The count itself stays in the optimiser state."""
+    return counts.setdefault(p, torch.zeros((), device=p.device)).fill_(step)
+
+
 def counted_fp32_state(state: dict, p: torch.Tensor) -> dict:
     """A table's Adam state with fp32 moments whatever the table's dtype (created at
     the first step), its step count advanced by one: the state both table optimisers
@@ -34,10 +41,7 @@ def counted_fp32_state(state: dict, p: torch.Tensor) -> dict:
 class TableAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas=(0.8, 0.95), eps: float = 1e-10, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        # The fused kernel reads the step count from a tensor on the table's device; one
-        # per table, refilled each step (fill_ launches a kernel: no host-to-device copy
-        # that would wait for a GPU). The count itself stays in the state, as RowAdam's.
-        self.step_tensors: dict[torch.Tensor, torch.Tensor] = {}
+        self.step_tensors: dict[torch.Tensor, torch.Tensor] = {}  # see step_count_tensor
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -47,14 +51,14 @@ class TableAdamW(torch.optim.Optimizer):
                     continue
                 state = counted_fp32_state(self.state[p], p)
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                step = self.step_tensors.setdefault(p, torch.zeros((), device=p.device)).fill_(state["step"])
+                step = step_count_tensor(self.step_tensors, p, state["step"])
                 beta1, beta2 = group["betas"]
                 for start in range(0, p.shape[0], CHUNK_ROWS):
                     rows = slice(start, start + CHUNK_ROWS)
-                    weights = p[rows].float()  # a copy for bf16, the rows themselves for fp32
+                    weights = p[rows].float()  # a copy for bf16, the rows themselves (updated in place) for fp32
                     torch._fused_adamw_([weights], [p.grad[rows].float()], [m[rows]], [v[rows]], [], [step],
                                         lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                                         eps=group["eps"], amsgrad=False, maximize=False)
-                    if weights.data_ptr() != p[rows].data_ptr():
+                    if p.dtype != torch.float32:
                         p[rows] = weights.to(p.dtype)
         return None
