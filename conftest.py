@@ -1,7 +1,6 @@
 """Fixtures shared by the tests and the API doctests: a small real-text corpus,
 its prepared data, and the digits images, built once per session."""
 
-
 import pytest
 
 from move.text.corpora import iter_documents
@@ -25,8 +24,9 @@ def text_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory, text_folder):
     out = tmp_path_factory.mktemp("prepared") / "data"
-    prepare(PrepareOptions(source="txt", path=str(text_folder), vocab_size=512, val_fraction=0.25,
-                           passage_tokens=64), out)
+    prepare(
+        PrepareOptions(source="txt", path=str(text_folder), vocab_size=512, val_fraction=0.25, passage_tokens=64), out
+    )
     return out
 
 

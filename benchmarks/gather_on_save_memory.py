@@ -5,7 +5,8 @@ the whole checkpoint on resume). It imports that commit's API, so run it there:
 
     git worktree add /tmp/old 5994dfe && cp benchmarks/gather_on_save_memory.py /tmp/old/
     cd /tmp/old && PYTHONPATH=. OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 gather_on_save_memory.py --out DIR
-    cd /tmp/old && PYTHONPATH=. OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 gather_on_save_memory.py --out DIR --resume
+    cd /tmp/old && PYTHONPATH=. OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 gather_on_save_memory.py \
+        --out DIR --resume
 
 Same shapes as dist_memory's defaults (MoVE x8, vocabulary 32,768, 4 layers, width 128);
 writes DIR/move/<phase>_rank<R>.json. Results: benchmarks/dist_memory.md.
@@ -35,8 +36,9 @@ with distributed.distributed_job("cpu"):
     s = distributed.current()
     out = Path(args.out) / "move"
     out.mkdir(parents=True, exist_ok=True)
-    config = ModelConfig(vocab_size=32768, seq_len=64, n_layer=4, n_embd=128, n_head=4, value_memory="move",
-                         memory_density=8)
+    config = ModelConfig(
+        vocab_size=32768, seq_len=64, n_layer=4, n_embd=128, n_head=4, value_memory="move", memory_density=8
+    )
     train = TrainConfig(batch_size=4, steps=2, device="cpu", optim=OptimConfig(optimizer="adamw"))
     torch.manual_seed(0)
 
@@ -44,8 +46,16 @@ with distributed.distributed_job("cpu"):
         reset_peak_memory("cpu")
         start = time.perf_counter()
         result = fn()
-        (out / f"{name}_rank{s.rank}.json").write_text(json.dumps(
-            {"phase": name, "rank": s.rank, "peak_mb": peak_memory_mb("cpu"), "seconds": time.perf_counter() - start}))
+        (out / f"{name}_rank{s.rank}.json").write_text(
+            json.dumps(
+                {
+                    "phase": name,
+                    "rank": s.rank,
+                    "peak_mb": peak_memory_mb("cpu"),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+        )
         return result
 
     def build():
@@ -69,8 +79,9 @@ with distributed.distributed_job("cpu"):
     def save():
         state, moments = distributed.full_state_dict(model), optimizers.state_dicts()
         if s.is_main:
-            save_checkpoint(checkpoint, model, meta={"step": 2}, train_state={"step": 2, "optimizers": moments},
-                            state_dict=state)
+            save_checkpoint(
+                checkpoint, model, meta={"step": 2}, train_state={"step": 2, "optimizers": moments}, state_dict=state
+            )
         distributed.barrier()
 
     def resume():

@@ -47,29 +47,47 @@ def main() -> None:
     tokenizer = Tokenizer.train(["To be, or not to be, that is the question. " * 200], 512)
     (tmp / "tok").mkdir()
     tokenizer.save(tmp / "tok")
-    prompt = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("To be, or not to be")])
+    prompt = torch.tensor([[tokenizer.bos_id, *tokenizer.encode("To be, or not to be")]])
     rows = []
     for variant, density in (("standard", 1), ("move", 4)):
         torch.manual_seed(0)
-        model = GPT(model_config_from_preset("small", vocab_size=tokenizer.vocab_size, seq_len=1100,
-                                             value_memory=variant, memory_density=density)).eval()
+        model = GPT(
+            model_config_from_preset(
+                "small", vocab_size=tokenizer.vocab_size, seq_len=1100, value_memory=variant, memory_density=density
+            )
+        ).eval()
         ckpt = save_checkpoint(tmp / f"ckpt_{variant}", model, meta={})
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-            export_hf(ckpt, tmp / f"hf_{variant}", tmp / "tok"), trust_remote_code=True).eval()
+            export_hf(ckpt, tmp / f"hf_{variant}", tmp / "tok"), trust_remote_code=True
+        ).eval()
         for n in LENGTHS:
-            ours = median_seconds(lambda: generate(model, prompt, n, temperature=0), ROUNDS)
-            theirs = median_seconds(lambda: hf_model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                                              max_new_tokens=n, min_new_tokens=n, do_sample=False),
-                                    ROUNDS)
-            rows.append(f"| {variant if variant == 'standard' else f'move x{density}'} | {n} | {ours:.2f} | "
-                        f"{theirs:.2f} | {theirs / ours:.2f}x |")
-    table = "\n".join(["| model | new tokens | move sample (s) | HF generate (s) | HF / move |", "|---|---|---|---|---|",
-                       *rows])
-    note = (f"Measured with {torch.get_num_threads()} thread(s), torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, {sys.platform}; median of {ROUNDS} rounds each.")
+            ours = median_seconds(lambda model=model, n=n: generate(model, prompt, n, temperature=0), ROUNDS)
+            theirs = median_seconds(
+                lambda hf_model=hf_model, n=n: hf_model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False
+                ),
+                ROUNDS,
+            )
+            rows.append(
+                f"| {variant if variant == 'standard' else f'move x{density}'} | {n} | {ours:.2f} | "
+                f"{theirs:.2f} | {theirs / ours:.2f}x |"
+            )
+    table = "\n".join(
+        ["| model | new tokens | move sample (s) | HF generate (s) | HF / move |", "|---|---|---|---|---|", *rows]
+    )
+    note = (
+        f"Measured with {torch.get_num_threads()} thread(s), torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {sys.platform}; median of {ROUNDS} rounds each."
+    )
     Path(__file__).with_suffix(".md").write_text(
-        "# Hugging Face generate vs the project's sampler\n\n" + __doc__.split("\n\n")[0] + "\n\n" + table + "\n\n"
-        + note + "\n")
+        "# Hugging Face generate vs the project's sampler\n\n"
+        + __doc__.split("\n\n")[0]
+        + "\n\n"
+        + table
+        + "\n\n"
+        + note
+        + "\n"
+    )
     print(table)
     print(note)
 

@@ -12,7 +12,24 @@ from pathlib import Path
 from move.text.prepare import encode_document
 from move.text.tokenizer import Tokenizer
 
-WORDS = "the quick brown fox jumps over the lazy dog and then some more words follow here ".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "and",
+    "then",
+    "some",
+    "more",
+    "words",
+    "follow",
+    "here",
+]
 
 
 def one_line(n_words: int) -> str:

@@ -27,7 +27,6 @@ Class-conditional images with classifier-free guidance, and FID:
 True
 """
 
-
 import torch
 
 from move.config import DEFAULT_PRESET, model_config_from_preset
@@ -44,7 +43,7 @@ from move.text.loader import eval_windows
 from move.text.prepare import load_prepared
 from move.text.tokenizer import Tokenizer
 from move.training.checkpoint import load_model, tokenizer_source
-from move.training.trainer import Trainer, TrainConfig, prepare_model
+from move.training.trainer import TrainConfig, Trainer, prepare_model
 
 
 def build_model(preset: str = DEFAULT_PRESET, seed: int = 0, **fields) -> GPT:
@@ -84,10 +83,18 @@ def load(checkpoint, device: str = "auto"):
     return model, Tokenizer.load(tokenizer_source(checkpoint, header))
 
 
-def generate_text(model, tokenizer, prompt: str, max_tokens: int = 100, temperature: float = 0.8, top_k: int = 50,
-                  top_p: float = 1.0, seed: int = 0) -> str:
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
     """Continue `prompt` with the KV-cache sampler."""
-    ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(prompt)], device=next(model.parameters()).device)
+    ids = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(prompt)]], device=next(model.parameters()).device)
     out = generate(model, ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     return tokenizer.decode(out[0].tolist())
 
@@ -99,11 +106,13 @@ def bits_per_byte(model, data, split: str = "val", max_tokens: int = 10**9, batc
     return bpb(model, windows, torch.from_numpy(prepared.tokenizer.token_bytes()))
 
 
-def sample_images(model, data, labels, cfg_scale: float | None = 1.5, temperature: float = 1.0, top_k: int = 0,
-                  seed: int = 0) -> torch.Tensor:
+def sample_images(
+    model, data, labels, cfg_scale: float | None = 1.5, temperature: float = 1.0, top_k: int = 0, seed: int = 0
+) -> torch.Tensor:
     """uint8 images (N, C, H, W) of the given classes, with classifier-free guidance."""
-    return generate_images(model, load_prepared_images(data), torch.as_tensor(labels), cfg_scale, temperature,
-                           top_k, seed)
+    return generate_images(
+        model, load_prepared_images(data), torch.as_tensor(labels), cfg_scale, temperature, top_k, seed
+    )
 
 
 def fid(images, reference_images) -> float:

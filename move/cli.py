@@ -18,10 +18,21 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from move import __version__
-from move.config import (DEFAULT_PRESET, LABEL_DROPOUT, MEMORY_KINDS, MODEL_PRESETS, ClassifierConfig, ModelConfig, OptimConfig,
-                         TrainConfig, VQConfig, model_config_from_preset)
+from move import DISTRIBUTION, __version__
+from move.config import (
+    DEFAULT_PRESET,
+    LABEL_DROPOUT,
+    MEMORY_KINDS,
+    MODEL_PRESETS,
+    ClassifierConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    VQConfig,
+    model_config_from_preset,
+)
 from move.errors import UserError
+from move.readers import read_text
 
 if TYPE_CHECKING:
     from move.recipes import RunSpec
@@ -41,8 +52,13 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (not action.option_strings or "(default" in text
-                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
+        if (
+            not action.option_strings
+            or "(default" in text
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+        ):
             return text
         return f"{text} (default {format_default(action.default)})".replace("%", "%%")
 
@@ -68,24 +84,36 @@ def parse_bool(text: str) -> bool:
 
 def at_least(minimum: int):
     """An argparse type: an integer >= minimum (a bad count is a one-line usage error)."""
+
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
+
     parse.__name__ = "integer"
     return parse
 
 
-BYTE_UNITS = {"": 2**30, "g": 2**30, "gb": 2**30, "gib": 2**30, "m": 2**20, "mb": 2**20, "mib": 2**20,
-              "t": 2**40, "tb": 2**40, "tib": 2**40}
+BYTE_UNITS = {
+    "": 2**30,
+    "g": 2**30,
+    "gb": 2**30,
+    "gib": 2**30,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "t": 2**40,
+    "tb": 2**40,
+    "tib": 2**40,
+}
 
 
 def byte_size(text: str) -> int:
     """An argparse type: a memory size such as 80GB, 141GiB or 512MB (units of 2^30 and
     2^20 bytes, as GPU memory is quoted; a bare number is GiB)."""
     number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ")
-    unit = text[len(number):].strip().lower()
+    unit = text[len(number) :].strip().lower()
     try:
         value = float(number) * BYTE_UNITS[unit]
     except (ValueError, KeyError):
@@ -121,9 +149,14 @@ def add_dataclass_flags(parser, cls, skip=(), shown=None) -> None:
             continue
         kind = str if f.default in (None, dataclasses.MISSING) else type(f.default)
         default = shown.get(f.name, format_default(f.default))
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            type=parse_bool if kind is bool else kind, metavar=METAVARS.get(kind, "TEXT"),
-                            help=f"{f.metadata['help']} (default {default})".replace("%", "%%"))
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            type=parse_bool if kind is bool else kind,
+            metavar=METAVARS.get(kind, "TEXT"),
+            help=f"{f.metadata['help']} (default {default})".replace("%", "%%"),
+        )
 
 
 def preset_defaults(preset: str = DEFAULT_PRESET) -> dict[str, str]:
@@ -155,10 +188,13 @@ def run_spec_from(args, data_required: bool = True) -> "RunSpec":
     if not data and data_required:
         raise UserError("no training data: pass --data or a --config file that names it")
     flags = given_flags(args)
-    return RunSpec(data=data, preset=flags.get("preset", file.get("preset", DEFAULT_PRESET)),
-                   model={**file.get("model", {}), **config_overrides(args, ModelConfig)},
-                   train=TrainConfig.from_flat({**file.get("train", {}), **flags}),
-                   label_dropout=flags.get("label_dropout", file.get("label_dropout", LABEL_DROPOUT)))
+    return RunSpec(
+        data=data,
+        preset=flags.get("preset", file.get("preset", DEFAULT_PRESET)),
+        model={**file.get("model", {}), **config_overrides(args, ModelConfig)},
+        train=TrainConfig.from_flat({**file.get("train", {}), **flags}),
+        label_dropout=flags.get("label_dropout", file.get("label_dropout", LABEL_DROPOUT)),
+    )
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -175,8 +211,10 @@ def cmd_prepare(args) -> None:
     verb = done_verb(args, "prepared")
     manifest = prepare(options, args.out, force=args.force)
     s = manifest["splits"]
-    print(f"{verb} {args.out}: vocab {manifest['vocab_size']}, train {s['train']['tokens']:,} tokens "
-          f"({s['train']['documents']} docs), val {s['val']['tokens']:,} tokens ({s['val']['documents']} docs)")
+    print(
+        f"{verb} {args.out}: vocab {manifest['vocab_size']}, train {s['train']['tokens']:,} tokens "
+        f"({s['train']['documents']} docs), val {s['val']['tokens']:,} tokens ({s['val']['documents']} docs)"
+    )
 
 
 # ---------------------------------------------------------------------------- train
@@ -208,14 +246,19 @@ def cmd_plan(args) -> None:
 
     spec = run_spec_from(args, data_required=False)
     spec.train.validate()
-    config = (model_config_for(spec, load_data(spec.data)) if spec.data
-              else model_config_from_preset(spec.preset, **spec.model))
+    config = (
+        model_config_for(spec, load_data(spec.data))
+        if spec.data
+        else model_config_from_preset(spec.preset, **spec.model)
+    )
     peaks = {name.lower(): (name, flops / 1e12) for name, flops in PEAK_BF16_FLOPS}
     card, peak = "", spec.train.peak_tflops or None
     if args.card:
         if args.card.lower() not in peaks:
-            raise UserError(f"unknown card {args.card!r}; choose from {', '.join(n for n, _ in PEAK_BF16_FLOPS)} "
-                            f"or give --peak-tflops")
+            raise UserError(
+                f"unknown card {args.card!r}; choose from {', '.join(n for n, _ in PEAK_BF16_FLOPS)} "
+                f"or give --peak-tflops"
+            )
         card, sheet = peaks[args.card.lower()]
         peak = peak or sheet
     on_gpu = bool(args.card or args.gpu_memory or spec.train.device.startswith("cuda"))
@@ -225,17 +268,31 @@ def cmd_plan(args) -> None:
         raise UserError("--measure trains in this one process: use it with --processes 1")
     measured = measure_peak_bytes(config, spec.train, args.measure) if args.measure else None
     if args.json:
-        print(json.dumps(dict(params=plan.params, flops_per_token=plan.flops_per_token, tokens=plan.tokens,
-                              processes=plan.processes, micro_batch=plan.micro_batch, bf16=bf16,
-                              memory_bytes=plan.memory, memory_total_bytes=plan.memory_total,
-                              fits=fits(plan, args.gpu_memory) if args.gpu_memory else None,
-                              hours=plan.hours(peak, args.mfu) if peak else None,
-                              measured_peak_bytes=measured), indent=2))
+        print(
+            json.dumps(
+                dict(
+                    params=plan.params,
+                    flops_per_token=plan.flops_per_token,
+                    tokens=plan.tokens,
+                    processes=plan.processes,
+                    micro_batch=plan.micro_batch,
+                    bf16=bf16,
+                    memory_bytes=plan.memory,
+                    memory_total_bytes=plan.memory_total,
+                    fits=fits(plan, args.gpu_memory) if args.gpu_memory else None,
+                    hours=plan.hours(peak, args.mfu) if peak else None,
+                    measured_peak_bytes=measured,
+                ),
+                indent=2,
+            )
+        )
     else:
         print(plan_text(plan, args.gpu_memory, peak, args.mfu, card))
         if measured is not None:
-            print(f"\nmeasured: {gib(measured)} at the peak of {args.measure} training step(s) here "
-                  f"({measured / plan.memory_total:.2f} x the plan)")
+            print(
+                f"\nmeasured: {gib(measured)} at the peak of {args.measure} training step(s) here "
+                f"({measured / plan.memory_total:.2f} x the plan)"
+            )
 
 
 # ---------------------------------------------------------------------------- consolidate
@@ -275,10 +332,7 @@ def cmd_eval(args) -> None:
     seq_len = model.config.seq_len
     if args.text:
         tokenizer = tokenizer_for(args.checkpoint, args.tokenizer)
-        try:
-            text = Path(args.text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{args.text}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
+        text = read_text(args.text)
         tokens = np.asarray(encode_document(tokenizer, text, seq_len), dtype=np.int64)
         if len(tokens) < 2:
             raise UserError(f"{args.text}: no text to evaluate (bits per byte needs at least one predicted token)")
@@ -301,15 +355,25 @@ def cmd_sample(args) -> None:
     from move.training.checkpoint import load_model
 
     if args.compile and args.mmap_bank:
-        raise UserError("--compile and --mmap-bank do not combine: rows read from the file on demand cannot be compiled")
+        raise UserError(
+            "--compile and --mmap-bank do not combine: rows read from the file on demand cannot be compiled"
+        )
     device = torch.device("cpu") if args.mmap_bank else pick_device(args.device)
     args.checkpoint = resolve_checkpoint(args.checkpoint)  # a checkpoint, or a run directory (its newest)
     model, _ = load_model(args.checkpoint, device, mmap_bank=args.mmap_bank)
     tokenizer = tokenizer_for(args.checkpoint, args.tokenizer)
-    prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
     prompt = torch.tensor([prompt] * args.num_samples, device=device)
-    out = generate(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, compiled=args.compile)
+    out = generate(
+        model,
+        prompt,
+        args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        compiled=args.compile,
+    )
     for row in out.tolist():
         print(tokenizer.decode(row))
         print("-" * 40)
@@ -324,8 +388,12 @@ def dataset_from(args):
 
 def dataset_source(args) -> dict:
     """What `image-encode` records so later commands can reload the same images."""
-    return {"source": args.dataset, "root": str(Path(args.root).resolve()) if args.root else None,
-            "image_size": args.image_size, "channels": args.channels}
+    return {
+        "source": args.dataset,
+        "root": str(Path(args.root).resolve()) if args.root else None,
+        "image_size": args.image_size,
+        "channels": args.channels,
+    }
 
 
 def train_image_helper(args, model_class, config_class, task_class, shape_fields) -> None:
@@ -342,8 +410,14 @@ def train_image_helper(args, model_class, config_class, task_class, shape_fields
     with distributed_job(train_config.device):
         torch.manual_seed(train_config.seed)
         model = model_class(config).to(job_device(train_config.device))
-        task = task_class(dataset, per_rank_batch(train_config.batch_size), train_config.loader_seed,
-                          args.eval_images, current().rank, current().world_size)
+        task = task_class(
+            dataset,
+            per_rank_batch(train_config.batch_size),
+            train_config.loader_seed,
+            args.eval_images,
+            current().rank,
+            current().world_size,
+        )
         task.check_model(model)
         prepare_model(model, train_config)
         summary = Trainer(model, task, train_config, args.out, resume=args.resume, force=args.force).run()
@@ -354,16 +428,22 @@ def cmd_image_tokenizer(args) -> None:
     from move.image.tasks import ReconstructionTask
     from move.model.vqvae import VQVAE
 
-    train_image_helper(args, VQVAE, VQConfig, ReconstructionTask,
-                       lambda d: {"channels": d.shape[0], "image_size": d.shape[1]})
+    train_image_helper(
+        args, VQVAE, VQConfig, ReconstructionTask, lambda d: {"channels": d.shape[0], "image_size": d.shape[1]}
+    )
 
 
 def cmd_image_classifier(args) -> None:
     from move.image.tasks import ClassificationTask
     from move.model.classifier import ImageClassifier
 
-    train_image_helper(args, ImageClassifier, ClassifierConfig, ClassificationTask,
-                       lambda d: {"channels": d.shape[0], "image_size": d.shape[1], "num_classes": d.num_classes})
+    train_image_helper(
+        args,
+        ImageClassifier,
+        ClassifierConfig,
+        ClassificationTask,
+        lambda d: {"channels": d.shape[0], "image_size": d.shape[1], "num_classes": d.num_classes},
+    )
 
 
 def cmd_image_encode(args) -> None:
@@ -380,8 +460,11 @@ def cmd_image_encode(args) -> None:
     verb = done_verb(args, "encoded")
     manifest = encode_dataset(dataset, tokenizer, dataset_source(args), args.out, force=args.force)
     s = manifest["splits"]
-    print(f"{verb} {args.out}: {manifest['dataset']['name']}, codebook {manifest['codebook_size']}, grid "
-          f"{'x'.join(map(str, manifest['grid']))}, train {s['train']['examples']:,} / test {s['test']['examples']:,} images")
+    print(
+        f"{verb} {args.out}: {manifest['dataset']['name']}, codebook {manifest['codebook_size']}, grid "
+        f"{'x'.join(map(str, manifest['grid']))}, train {s['train']['examples']:,} / "
+        f"test {s['test']['examples']:,} images"
+    )
 
 
 def image_model_and_data(checkpoint, data_dir, device, decoding_only: bool = False):
@@ -398,8 +481,10 @@ def image_model_and_data(checkpoint, data_dir, device, decoding_only: bool = Fal
         data_dir = data_dir_for(checkpoint, header, data_dir, "--data")
         data = load_prepared_images(data_dir)
     if model.config.vocab_size != data.layout.vocab_size:
-        raise UserError(f"{checkpoint}: vocabulary {model.config.vocab_size} does not fit the image data "
-                        f"{data.directory} ({data.layout.vocab_size})")
+        raise UserError(
+            f"{checkpoint}: vocabulary {model.config.vocab_size} does not fit the image data "
+            f"{data.directory} ({data.layout.vocab_size})"
+        )
     return model, data
 
 
@@ -413,7 +498,9 @@ def cmd_image_sample(args) -> None:
     images = generate_images(model, data, labels, args.cfg_scale, args.temperature, args.top_k, args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_grid(images, args.per_class, args.out, row_labels=data.manifest["class_names"])
-    print(f"wrote {args.out}: one row per class ({', '.join(data.manifest['class_names'])}), cfg scale {args.cfg_scale}")
+    print(
+        f"wrote {args.out}: one row per class ({', '.join(data.manifest['class_names'])}), cfg scale {args.cfg_scale}"
+    )
 
 
 def cmd_image_eval(args) -> None:
@@ -423,8 +510,17 @@ def cmd_image_eval(args) -> None:
     from move.recipes import resolve_checkpoint
 
     model, data = image_model_and_data(args.checkpoint, args.data, pick_device(args.device))
-    result = evaluate_generator(model, data, resolve_checkpoint(args.classifier), args.num_samples, args.cfg_scale,
-                                args.temperature, args.top_k, args.seed, grid_path=args.grid)
+    result = evaluate_generator(
+        model,
+        data,
+        resolve_checkpoint(args.classifier),
+        args.num_samples,
+        args.cfg_scale,
+        args.temperature,
+        args.top_k,
+        args.seed,
+        grid_path=args.grid,
+    )
     if args.out:
         atomic_write_json(args.out, result)
     print(json.dumps(result))
@@ -448,8 +544,10 @@ def cmd_knowledge_prepare(args) -> None:
     config = KnowledgeConfig(args.individuals, args.name_tokens, args.seed)
     verb = done_verb(args, "prepared")
     manifest = prepare_knowledge(config, args.out, force=args.force)
-    print(f"{verb} {args.out}: {args.individuals} individuals, names of {args.name_tokens} token(s), vocab "
-          f"{manifest['vocab_size']}, train {manifest['splits']['train']['tokens']:,} tokens")
+    print(
+        f"{verb} {args.out}: {args.individuals} individuals, names of {args.name_tokens} token(s), vocab "
+        f"{manifest['vocab_size']}, train {manifest['splits']['train']['tokens']:,} tokens"
+    )
 
 
 def cmd_knowledge_eval(args) -> None:
@@ -481,11 +579,8 @@ def cmd_gates(args) -> None:
     if not model.value_tables():
         raise UserError(f"{args.checkpoint}: a standard model has no value memory to analyse")
     tokenizer = tokenizer_for(checkpoint, args.tokenizer)
-    try:
-        text = Path(args.text).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{args.text}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
-    ids = ([tokenizer.bos_id] + tokenizer.encode(text))[: model.config.seq_len]
+    text = read_text(args.text)
+    ids = ([tokenizer.bos_id, *tokenizer.encode(text)])[: model.config.seq_len]
     idx = torch.tensor([ids], device=next(model.parameters()).device)
     summary = gate_summary(model, idx)
     tokens = [tokenizer.decode([i]) or "<bos>" for i in ids]
@@ -545,8 +640,14 @@ def cmd_bench(args) -> None:
         shape.rounds = args.rounds
     if args.profile:
         names = args.configs or ["move_x1", "move_x4", "move_x4_ref", "move_x4_lazy"]
-        run_profile(shape, args.profile_vocab or shape.vocab_sizes[0], names, args.profile_steps,
-                    None if args.no_save else args.out, args.device)
+        run_profile(
+            shape,
+            args.profile_vocab or shape.vocab_sizes[0],
+            names,
+            args.profile_steps,
+            None if args.no_save else args.out,
+            args.device,
+        )
         return
     run_bench(shape, None if args.no_save else args.out, args.configs, args.device)
 
@@ -554,40 +655,67 @@ def cmd_bench(args) -> None:
 # ---------------------------------------------------------------------------- parser
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
 TOKENIZER_HELP = "tokenizer.json or its directory (default the one stored in the checkpoint)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from move.text.corpora import SOURCES
     from move.text.prepare import PrepareOptions
 
     parser = OneLineParser(prog="move", description="MoVE: mixture of value embeddings")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--version", action="version", version=f"move {__version__}")
+    parser.add_argument("--version", action="version", version=f"move {__version__} ({DISTRIBUTION})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("prepare", help="split, tokenise and store a text corpus")
     add_dataclass_flags(p, PrepareOptions, skip=("source",))
-    p.add_argument("--corpus", dest="source", default="shakespeare", choices=SOURCES,
-                   help="bundled corpus, or a local format read from --path")
+    p.add_argument(
+        "--corpus",
+        dest="source",
+        default="shakespeare",
+        choices=SOURCES,
+        help="bundled corpus, or a local format read from --path",
+    )
     p.add_argument("--out", required=True, help="prepared data directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=cmd_prepare)
 
     def add_training_flags(p):
-        p.add_argument("--config", help="a run config TOML: data, preset, label_dropout, [model] and [train] "
-                                        "tables (an earlier run's config.toml); flags override it (default none)")
-        p.add_argument("--data", help="prepared data directory (move prepare, image-encode, knowledge-prepare); "
-                                      "(default the --config file's; one of the two is required, except by plan)")
-        p.add_argument("--preset", choices=list(MODEL_PRESETS),
-                       help=f"model shape the [model] fields and flags override (default {DEFAULT_PRESET})")
-        p.add_argument("--variant", dest="value_memory", choices=MEMORY_KINDS,
-                       help=f"{field_help(ModelConfig, 'value_memory')}: the value memory (default standard)")
-        p.add_argument("--density", dest="memory_density", type=at_least(1),
-                       help=f"{field_help(ModelConfig, 'memory_density')} (default 1)")
+        p.add_argument(
+            "--config",
+            help="a run config TOML: data, preset, label_dropout, [model] and [train] "
+            "tables (an earlier run's config.toml); flags override it (default none)",
+        )
+        p.add_argument(
+            "--data",
+            help="prepared data directory (move prepare, image-encode, knowledge-prepare); "
+            "(default the --config file's; one of the two is required, except by plan)",
+        )
+        p.add_argument(
+            "--preset",
+            choices=list(MODEL_PRESETS),
+            help=f"model shape the [model] fields and flags override (default {DEFAULT_PRESET})",
+        )
+        p.add_argument(
+            "--variant",
+            dest="value_memory",
+            choices=MEMORY_KINDS,
+            help=f"{field_help(ModelConfig, 'value_memory')}: the value memory (default standard)",
+        )
+        p.add_argument(
+            "--density",
+            dest="memory_density",
+            type=at_least(1),
+            help=f"{field_help(ModelConfig, 'memory_density')} (default 1)",
+        )
         add_dataclass_flags(p, ModelConfig, skip=("value_memory", "memory_density"), shown=preset_defaults())
         add_dataclass_flags(p, TrainConfig)
         add_dataclass_flags(p, OptimConfig)
-        p.add_argument("--label-dropout", type=float,
-                       help=f"image data: probability of replacing the class by the null class, for guidance "
-                            f"(default {LABEL_DROPOUT})")
+        p.add_argument(
+            "--label-dropout",
+            type=float,
+            help=f"image data: probability of replacing the class by the null class, for guidance "
+            f"(default {LABEL_DROPOUT})",
+        )
 
     p = sub.add_parser("train", help="train a model on prepared text or image tokens")
     add_training_flags(p)
@@ -596,23 +724,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("plan", help="what a training run will need: parameters, FLOPs, memory per process and "
-                                     "time, without allocating (takes the train flags)")
+    p = sub.add_parser(
+        "plan",
+        help="what a training run will need: parameters, FLOPs, memory per process and "
+        "time, without allocating (takes the train flags)",
+    )
     add_training_flags(p)
-    p.add_argument("--processes", type=at_least(1), default=1,
-                   help="processes (GPUs) under torchrun; value-memory tables are row-sharded over them")
-    p.add_argument("--gpu-memory", type=byte_size,
-                   help="memory of one device, e.g. 80GB (GiB units): says whether the run fits (default none)")
-    p.add_argument("--card", help="a known GPU (H100, H200, A100, B200, L40S, ...) for its data-sheet bf16 peak "
-                                  "(default none; --peak-tflops overrides the data sheet)")
+    p.add_argument(
+        "--processes",
+        type=at_least(1),
+        default=1,
+        help="processes (GPUs) under torchrun; value-memory tables are row-sharded over them",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=byte_size,
+        help="memory of one device, e.g. 80GB (GiB units): says whether the run fits (default none)",
+    )
+    p.add_argument(
+        "--card",
+        help="a known GPU (H100, H200, A100, B200, L40S, ...) for its data-sheet bf16 peak "
+        "(default none; --peak-tflops overrides the data sheet)",
+    )
     p.add_argument("--mfu", type=fraction, default=0.4, help="model FLOPs utilisation assumed for the time estimate")
-    p.add_argument("--bf16", type=parse_bool, metavar="BOOL",
-                   help="activations under bf16 autocast (default true when planning for a GPU: --card, "
-                        "--gpu-memory or --device cuda; else false)")
+    p.add_argument(
+        "--bf16",
+        type=parse_bool,
+        metavar="BOOL",
+        help="activations under bf16 autocast (default true when planning for a GPU: --card, "
+        "--gpu-memory or --device cuda; else false)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes, FLOPs, hours)")
-    p.add_argument("--measure", type=at_least(1),
-                   help="also train this many steps on random tokens here (one process, --device) and print the "
-                        "measured peak memory beside the plan (default none)")
+    p.add_argument(
+        "--measure",
+        type=at_least(1),
+        help="also train this many steps on random tokens here (one process, --device) and print the "
+        "measured peak memory beside the plan (default none)",
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="bits per byte of a checkpoint on a data split or a text file")
@@ -637,22 +785,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--mmap-bank", action="store_true",
-                   help="keep the MoVE bank in the checkpoint file, gather rows on demand (CPU)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the one-token decoding step against a static KV cache (pays off for long "
-                        "generations: the first step compiles, tens of seconds on a CPU)")
+    p.add_argument(
+        "--mmap-bank",
+        action="store_true",
+        help="keep the MoVE bank in the checkpoint file, gather rows on demand (CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the one-token decoding step against a static KV cache (pays off for long "
+        "generations: the first step compiles, tens of seconds on a CPU)",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("compare", help="the main job: train variants on identical data and report")
     add_training_flags(p)
-    p.add_argument("--variants", nargs="+", default=["standard", "lave:1", "move:1", "move:4"],
-                   help="variant[:density] list")
+    p.add_argument(
+        "--variants", nargs="+", default=["standard", "lave:1", "move:1", "move:4"], help="variant[:density] list"
+    )
     p.add_argument("--out", required=True, help="directory for runs and the report")
     p.add_argument("--force", action="store_true", help="retrain runs that are already complete")
-    p.add_argument("--classifier", help="image data: classifier run for class accuracy (move image-classifier) "
-                                        "(default none: no accuracy)")
-    p.add_argument("--fid-samples", type=at_least(2), default=500, help="image data: samples per variant for FID/accuracy")
+    p.add_argument(
+        "--classifier",
+        help="image data: classifier run for class accuracy (move image-classifier) (default none: no accuracy)",
+    )
+    p.add_argument(
+        "--fid-samples", type=at_least(2), default=500, help="image data: samples per variant for FID/accuracy"
+    )
     p.add_argument("--cfg-scale", type=float, default=1.5, help="image data: guidance scale for the samples")
     p.set_defaults(func=cmd_compare)
 
@@ -660,8 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
         from move.image.datasets import SOURCES as IMAGE_SOURCES
 
         p.add_argument("--dataset", required=True, choices=IMAGE_SOURCES, help="image dataset")
-        p.add_argument("--root", help="folder dataset: one sub-folder per class (or train/ and test/ of those) "
-                                      "(default none)")
+        p.add_argument(
+            "--root", help="folder dataset: one sub-folder per class (or train/ and test/ of those) (default none)"
+        )
         p.add_argument("--image-size", type=int, default=32, help="folder dataset: images are resized to this")
         p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="folder dataset: 1 gray, 3 RGB")
 
@@ -671,9 +831,20 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataset_flags(p)
         add_dataclass_flags(p, config_class, skip=skip)
         add_dataclass_flags(p, TrainConfig, shown={k: format_default(v) for k, v in own.items()})
-        add_dataclass_flags(p, OptimConfig, skip=("lr_matrix", "lr_embedding", "lr_value_memory", "lr_lm_head",
-                                                  "value_memory_optimizer", "value_memory_lr_per_slot", "optimizer"),
-                            shown={k: format_default(v) for k, v in own.items()})
+        add_dataclass_flags(
+            p,
+            OptimConfig,
+            skip=(
+                "lr_matrix",
+                "lr_embedding",
+                "lr_value_memory",
+                "lr_lm_head",
+                "value_memory_optimizer",
+                "value_memory_lr_per_slot",
+                "optimizer",
+            ),
+            shown={k: format_default(v) for k, v in own.items()},
+        )
         p.add_argument("--eval-images", type=at_least(1), default=2000, help="test images per evaluation")
         p.add_argument("--out", required=True, help="run directory")
         p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
@@ -691,7 +862,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("image-encode", help="tokenise an image dataset for class-conditional training")
     add_dataset_flags(p)
     p.add_argument("--tokenizer", required=True, help="'pixel' (per-pixel quantiser) or a VQ-VAE run/checkpoint")
-    p.add_argument("--levels", type=int, default=0, help="pixel quantiser levels (default 0: the dataset's gray levels)")
+    p.add_argument(
+        "--levels", type=int, default=0, help="pixel quantiser levels (default 0: the dataset's gray levels)"
+    )
     p.add_argument("--out", required=True, help="prepared image-token directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -715,7 +888,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("image-eval", help="FID, class accuracy and NLL of a class-conditional model")
     add_image_sampling_flags(p)
     p.add_argument("--classifier", required=True, help="classifier run or checkpoint (move image-classifier)")
-    p.add_argument("--num-samples", type=at_least(2), default=500, help="samples for FID and accuracy (FID is biased at small N)")
+    p.add_argument(
+        "--num-samples", type=at_least(2), default=500, help="samples for FID and accuracy (FID is biased at small N)"
+    )
     p.add_argument("--grid", help="also write a sample grid PNG here (default none)")
     p.add_argument("--out", help="also write the metrics JSON here (default none: print only)")
     p.set_defaults(func=cmd_image_eval)
@@ -742,8 +917,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_gates)
 
-    p = sub.add_parser("consolidate", help="a sharded (torchrun) checkpoint as one weights file, written piece by "
-                                            "piece")
+    p = sub.add_parser(
+        "consolidate", help="a sharded (torchrun) checkpoint as one weights file, written piece by piece"
+    )
     p.add_argument("checkpoint", help="sharded checkpoint, or a run directory (its newest checkpoint)")
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.set_defaults(func=cmd_consolidate)
@@ -765,11 +941,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results directory of `move experiment`")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("designs-table", help="MoVE vs the other memory designs: one table from a text experiment, "
-                                              "its standard model's decay budgets, a knowledge probe and move bench")
+    p = sub.add_parser(
+        "designs-table",
+        help="MoVE vs the other memory designs: one table from a text experiment, "
+        "its standard model's decay budgets, a knowledge probe and move bench",
+    )
     p.add_argument("--text", required=True, help="results of the text experiment (every design, one size)")
-    p.add_argument("--time", required=True, help="results of the standard-only experiment with decay budgets "
-                                                 "around the text runs' length (equal-time comparison)")
+    p.add_argument(
+        "--time",
+        required=True,
+        help="results of the standard-only experiment with decay budgets "
+        "around the text runs' length (equal-time comparison)",
+    )
     p.add_argument("--knowledge", required=True, help="results of the knowledge-probe experiment")
     p.add_argument("--bench", required=True, help="cpu_bench.json of `move bench --shape small` with every design")
     p.add_argument("--out", help="also write the table to this markdown file (default print only)")
@@ -778,12 +961,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training-step, decode and memory cost of value memory, side by side")
     p.add_argument("--out", default="benchmarks", help="where to write <device>_bench.md / .json")
     p.add_argument("--quick", action="store_true", help="tiny shapes (seconds; for smoke tests)")
-    p.add_argument("--shape", choices=("default", "small"), default="default",
-                   help="default: 6 layers x 384 at vocabularies 8,192 and 32,768; small: the CPU experiments' "
-                        "shape (4 x 128, vocabulary 2,048, 16 x 128 tokens per step)")
+    p.add_argument(
+        "--shape",
+        choices=("default", "small"),
+        default="default",
+        help="default: 6 layers x 384 at vocabularies 8,192 and 32,768; small: the CPU experiments' "
+        "shape (4 x 128, vocabulary 2,048, 16 x 128 tokens per step)",
+    )
     p.add_argument("--no-save", action="store_true", help="print only")
-    p.add_argument("--configs", nargs="+", help="subset of configurations (standard is always the baseline) "
-                                                "(default standard, LaVE and MoVE; the other designs on request)")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        help="subset of configurations (standard is always the baseline) "
+        "(default standard, LaVE and MoVE; the other designs on request)",
+    )
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default 7)")
     p.add_argument("--profile", action="store_true", help="instead: op-level torch.profiler breakdown vs standard")
     p.add_argument("--profile-vocab", type=int, default=0, help="vocabulary for --profile (default the first)")
@@ -813,8 +1004,16 @@ def main(argv=None) -> int:
 
 # Commands whose work runs in library loops (evaluation, sampling, tokenising) show
 # those loops' bars; the training commands have the trainer's and the experiment's own.
-SHOWS_PROGRESS = {"prepare", "eval", "image-encode", "image-sample", "image-eval", "knowledge-prepare",
-                  "knowledge-eval", "export-hf"}
+SHOWS_PROGRESS = {
+    "prepare",
+    "eval",
+    "image-encode",
+    "image-sample",
+    "image-eval",
+    "knowledge-prepare",
+    "knowledge-eval",
+    "export-hf",
+}
 
 
 def run_command(args) -> None:
@@ -832,5 +1031,6 @@ def run_command(args) -> None:
 def describe_error(e: Exception) -> str:
     if isinstance(e, OSError) and not isinstance(e, UserError):
         where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror or e.__class__.__name__} (the file system refused; nothing already written was removed)"
+        reason = e.strerror or e.__class__.__name__
+        return f"{where}{reason} (the file system refused; nothing already written was removed)"
     return str(e)

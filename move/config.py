@@ -5,13 +5,13 @@ just another `ModelConfig` (more layers or width, `value_memory="standard"`).
 """
 
 import math
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import tomli_w
 
 from move.errors import ConfigError
+from move.readers import read_toml
 
 VALUE_MEMORY_VARIANTS = ("standard", "lave", "move")
 # Other token-indexed memory designs, compared with MoVE on the same GPT
@@ -19,8 +19,14 @@ VALUE_MEMORY_VARIANTS = ("standard", "lave", "move")
 # layer and the value residual. They run on MHA/GQA attention.
 OTHER_MEMORY_DESIGNS = ("bigram", "pkm", "value_residual")
 MEMORY_KINDS = VALUE_MEMORY_VARIANTS + OTHER_MEMORY_DESIGNS
-MEMORY_LABELS = {"standard": "standard", "lave": "LaVE", "move": "MoVE", "bigram": "hashed bigram",
-                 "pkm": "PKM", "value_residual": "value residual"}
+MEMORY_LABELS = {
+    "standard": "standard",
+    "lave": "LaVE",
+    "move": "MoVE",
+    "bigram": "hashed bigram",
+    "pkm": "PKM",
+    "value_residual": "value residual",
+}
 SIZED_BY_DENSITY = ("lave", "move", "bigram", "pkm")  # value_residual has no table to size
 ATTENTION_KINDS = ("mha", "mla")
 # nanochat's LaVE gate reads only the first 32 channels of the block input.
@@ -74,15 +80,22 @@ class ModelConfig(SerialConfig):
     n_head: int = option(4, "attention heads")
     n_kv_head: int = option(0, "key/value heads for grouped-query attention (0: n_head, plain MHA)")
     attention: str = option("mha", "mha (MHA/GQA) or mla (multi-head latent attention)")
-    kv_latent_dim: int = option(0, "MLA: width d_c of the cached KV latent (0: 4 x head_dim, rounded up to a "
-                                   "multiple of n_head)")
+    kv_latent_dim: int = option(
+        0, "MLA: width d_c of the cached KV latent (0: 4 x head_dim, rounded up to a multiple of n_head)"
+    )
     rope_head_dim: int = option(0, "MLA: width of the decoupled RoPE key/query part (0: head_dim / 2)")
-    value_memory: str = option("standard", "standard, lave, move, or another memory design: bigram (hashed "
-                                           "bigram embeddings), pkm (product-key memory), value_residual")
+    value_memory: str = option(
+        "standard",
+        "standard, lave, move, or another memory design: bigram (hashed "
+        "bigram embeddings), pkm (product-key memory), value_residual",
+    )
     # LaVE gets k tables per participating layer; MoVE gets M = k * (number of LaVE
     # layers) slots, i.e. the same value-memory parameters.
-    memory_density: int = option(1, "memory density k (xk): LaVE tables per layer, MoVE slots M = k x LaVE layers; "
-                                    "bigram and pkm tables get MoVE xk's value-memory parameters")
+    memory_density: int = option(
+        1,
+        "memory density k (xk): LaVE tables per layer, MoVE slots M = k x LaVE layers; "
+        "bigram and pkm tables get MoVE xk's value-memory parameters",
+    )
     memory_slots: int = option(0, "MoVE: the number of slots M directly (0: from the density)")
     move_gate_g0: bool = option(True, "MoVE: gate g0 on the standard value path (false: the no-g0 ablation)")
     lave_full_gates: bool = option(False, "LaVE ablation: full-width routers d_model -> H(k+1) and a gate g0")
@@ -196,13 +209,14 @@ class ModelConfig(SerialConfig):
         if self.attention == "mla" and self.rope_width % 2:
             raise ConfigError(f"rope_head_dim={self.rope_width} must be even")
         if self.attention == "mla" and self.value_memory == "move" and self.kv_latent_width % self.n_head:
-            raise ConfigError(f"MLA+MoVE needs kv_latent_dim (d_c={self.kv_latent_width}) divisible by n_head={self.n_head}")
+            raise ConfigError(
+                f"MLA+MoVE needs kv_latent_dim (d_c={self.kv_latent_width}) divisible by n_head={self.n_head}"
+            )
         if self.value_memory == "lave" and self.n_embd < LAVE_GATE_CHANNELS and not self.lave_full_gates:
             raise ConfigError(f"LaVE gates read {LAVE_GATE_CHANNELS} channels; n_embd={self.n_embd} is smaller")
         if self.logit_softcap < 0:
             raise ConfigError(f"logit_softcap must be >= 0, got {self.logit_softcap}")
         return self
-
 
 
 DEFAULT_PRESET = "small"
@@ -221,9 +235,9 @@ LABEL_DROPOUT = 0.1  # class-conditional images: probability of the null class i
 # guidance), GPT-B 12 layers x 768 with 12 heads (111M), GPT-L 24 x 1024 with 16 (343M)
 # (LlamaGen, Sun et al. 2024, Table 2); relu^2 MLPs of 4 x width have the parameters of
 # LlamaGen's SwiGLU of 8/3 x width (GPT-B: 111.6M; GPT-L: 337.6M, 1.6% under 343M because
-# LlamaGen rounds its SwiGLU width up to a multiple of 256: 2,816 instead of 2,731). The image presets' vocabulary (codes + classes + null)
-# and context (the 256 image tokens; the class token takes position 0) are what
-# `move image-encode` of such data gives.
+# LlamaGen rounds its SwiGLU width up to a multiple of 256: 2,816 instead of 2,731). The image
+# presets' vocabulary (codes + classes + null) and context (the 256 image tokens; the class
+# token takes position 0) are what `move image-encode` of such data gives.
 MODEL_PRESETS: dict[str, dict] = {
     # seconds on a CPU; used by tests
     "tiny": dict(vocab_size=512, seq_len=64, n_layer=2, n_embd=64, n_head=2),
@@ -265,7 +279,9 @@ class OptimConfig:
     lr_matrix: float = option(0.02, "Muon learning rate of the matrices")
     lr_adamw_matrix: float = option(0.003, "AdamW learning rate of the matrices (optimizer adamw; image conv nets)")
     lr_embedding: float = option(0.2, "AdamW rate of the token embedding, scaled by (d_model/768)^-0.5")
-    lr_value_memory: float = option(0.2, "AdamW rate of the value memory (bank, LaVE tables), scaled like the embedding")
+    lr_value_memory: float = option(
+        0.2, "AdamW rate of the value memory (bank, LaVE tables), scaled like the embedding"
+    )
     lr_lm_head: float = option(0.004, "AdamW rate of the output head, scaled like the embedding")
     lr_memory_control: float = option(0.02, "AdamW rate of the other memory designs' scalars and product sub-keys")
     weight_decay: float = option(0.0, "decoupled weight decay")
@@ -279,8 +295,9 @@ class OptimConfig:
     # evidence study (README "Findings": paired with the paper-faithful rate on
     # Shakespeare, x4 gains 0.012 bpb at 1M tokens, x1/x8 no worse); false is the
     # paper-faithful setting.
-    value_memory_lr_per_slot: bool = option(True, "divide the value-memory rate by the slots a layer mixes "
-                                                  "(MoVE: M, LaVE: k); false: the paper's rate")
+    value_memory_lr_per_slot: bool = option(
+        True, "divide the value-memory rate by the slots a layer mixes (MoVE: M, LaVE: k); false: the paper's rate"
+    )
 
     def validate(self) -> "OptimConfig":
         require_finite(self)
@@ -325,8 +342,19 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         require_finite(self)
-        require_positive(self, ["steps", "batch_size", "grad_accum", "eval_every", "eval_tokens", "checkpoint_every",
-                                "keep_checkpoints", "log_every"])
+        require_positive(
+            self,
+            [
+                "steps",
+                "batch_size",
+                "grad_accum",
+                "eval_every",
+                "eval_tokens",
+                "checkpoint_every",
+                "keep_checkpoints",
+                "log_every",
+            ],
+        )
         if self.peak_tflops < 0:
             raise ConfigError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
         if self.value_memory_dtype not in ("float32", "bfloat16"):
@@ -377,15 +405,12 @@ def read_run_config(path) -> dict:
     ModelConfig fields (over the preset) and a flat [train] table of TrainConfig and
     OptimConfig fields. Unknown keys are refused; values are checked when the run is built."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    for where, keys, allowed in (("the top level", raw, RUN_CONFIG_KEYS),
-                                 ("[model]", raw.get("model", {}), set(ModelConfig.__dataclass_fields__)),
-                                 ("[train]", raw.get("train", {}), TrainConfig.flat_keys())):
+    raw = read_toml(path, "config file")
+    for where, keys, allowed in (
+        ("the top level", raw, RUN_CONFIG_KEYS),
+        ("[model]", raw.get("model", {}), set(ModelConfig.__dataclass_fields__)),
+        ("[train]", raw.get("train", {}), TrainConfig.flat_keys()),
+    ):
         if not isinstance(keys, dict):
             raise ConfigError(f"{path}: {where} must be a table")
         unknown = sorted(set(keys) - allowed)
@@ -397,13 +422,23 @@ def read_run_config(path) -> dict:
 def run_config_text(data: str, preset: str, label_dropout: float, model: ModelConfig, train: TrainConfig) -> str:
     """The effective config of a run in the format read_run_config reads, every field
     resolved, so `move train --config <run>/config.toml --out <new>` launches it again."""
-    header = ("# The effective configuration of this run (preset, data and flags resolved), written when it started.\n"
-              "# Launch it again: move train --config <this file> --out <new run directory> (flags override it).\n")
-    return header + tomli_w.dumps({"data": str(data), "preset": preset, "label_dropout": label_dropout,
-                                   "model": model.to_dict(), "train": train.to_flat()})
+    header = (
+        "# The effective configuration of this run (preset, data and flags resolved), written when it started.\n"
+        "# Launch it again: move train --config <this file> --out <new run directory> (flags override it).\n"
+    )
+    return header + tomli_w.dumps(
+        {
+            "data": str(data),
+            "preset": preset,
+            "label_dropout": label_dropout,
+            "model": model.to_dict(),
+            "train": train.to_flat(),
+        }
+    )
 
 
 # ---- the image pipeline's conv nets (move/model/vqvae.py, classifier.py) ----
+
 
 @dataclass
 class VQConfig(SerialConfig):
@@ -418,15 +453,15 @@ class VQConfig(SerialConfig):
     def validate(self) -> "VQConfig":
         require_finite(self)
         require_positive(self, ("image_size", "channels", "hidden", "codebook_size", "code_dim"))
-        if self.downsample < 0 or self.image_size % (2 ** self.downsample):
-            raise ConfigError(f"image_size {self.image_size} must be divisible by 2**downsample ({2 ** self.downsample})")
+        if self.downsample < 0 or self.image_size % (2**self.downsample):
+            raise ConfigError(f"image_size {self.image_size} must be divisible by 2**downsample ({2**self.downsample})")
         if self.codebook_size > 65535:
             raise ConfigError("codebook_size must fit in uint16 (<= 65535)")
         return self
 
     @property
     def grid(self) -> int:
-        return self.image_size // 2 ** self.downsample
+        return self.image_size // 2**self.downsample
 
 
 @dataclass

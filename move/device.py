@@ -1,7 +1,8 @@
 """Device choice and mixed precision, with no CUDA-only import anywhere.
 
-CUDA: bf16 autocast (weights and optimiser state stay fp32) and SDPA's flash
-kernels; Apple MPS: tolerated, fp32; otherwise CPU, fp32.
+CUDA: bf16 autocast (weights and optimiser state stay fp32) for training, evaluation
+and decoding, TF32 for the matmuls left in fp32, and SDPA's flash kernels; Apple
+MPS: tolerated, fp32; otherwise CPU, fp32.
 """
 
 import contextlib
@@ -11,12 +12,21 @@ import torch
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested != "auto":
-        return torch.device(requested)
+        return allow_tf32(torch.device(requested))
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return allow_tf32(torch.device("cuda"))
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def allow_tf32(device: torch.device) -> torch.device:
+    """On CUDA, let the fp32 matmuls that autocast leaves in fp32 (the optimiser's
+    Newton-Schulz, fp32 evaluation) use TF32 tensor cores: torch's default precision
+    "highest" is the only one changed, so a precision the user set stays."""
+    if device.type == "cuda" and torch.get_float32_matmul_precision() == "highest":
+        torch.set_float32_matmul_precision("high")
+    return device
 
 
 def autocast(device) -> contextlib.AbstractContextManager:
@@ -47,9 +57,10 @@ def evaluating(model):
 
 def _proc_status_kib(field: str) -> int | None:
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
     return None
@@ -87,9 +98,20 @@ def resident_memory_mb() -> float | None:
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, in
 # FLOP/s, matched against torch.cuda.get_device_name. PCIe parts clock lower.
 PEAK_BF16_FLOPS = (
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
-    ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
 )
 
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from move.errors import DataError, UserError
+from move.readers import read_json
 
 # Marker files: a directory holding one of these was written by move.
 RUN_MARKERS = ("run.json",)  # a training run
@@ -40,11 +41,11 @@ def read_manifest(directory, name: str, fmt: str, missing_hint: str) -> dict:
     if not path.is_file():
         raise DataError(f"{directory}: {missing_hint} ({name} missing)")
     try:
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") == fmt:
-            return manifest
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        pass
+        manifest = read_json(path, f"{fmt} manifest")
+    except DataError as e:
+        raise DataError(f"{e} (not a {fmt} manifest)") from None
+    if isinstance(manifest, dict) and manifest.get("format") == fmt:
+        return manifest
     raise DataError(f"{path}: not a {fmt} manifest")
 
 
@@ -60,16 +61,23 @@ def existing_data(out_dir, force: bool, recipe: dict, recorded) -> dict | None:
     if force or not out_dir.exists():
         return None
     try:
-        manifest = json.loads((out_dir / DATA_MARKERS[0]).read_text())
+        manifest = read_json(out_dir / DATA_MARKERS[0], "manifest")
         theirs = recorded(manifest)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise DataError(f"{out_dir} already exists and its manifest is unreadable; pass --force to replace it") from None
+    except (UserError, ValueError, KeyError, TypeError, AttributeError):
+        raise DataError(
+            f"{out_dir} already exists and its manifest is unreadable; pass --force to replace it"
+        ) from None
     if theirs == recipe:
         return manifest
-    differences = "; ".join(f"{k}: {theirs.get(k)!r}, not {recipe.get(k)!r}"
-                            for k in sorted(set(recipe) | set(theirs)) if recipe.get(k) != theirs.get(k))
-    raise DataError(f"{out_dir} already holds data prepared with other options ({differences}); "
-                    f"pass --force to replace it or choose another --out")
+    differences = "; ".join(
+        f"{k}: {theirs.get(k)!r}, not {recipe.get(k)!r}"
+        for k in sorted(set(recipe) | set(theirs))
+        if recipe.get(k) != theirs.get(k)
+    )
+    raise DataError(
+        f"{out_dir} already holds data prepared with other options ({differences}); "
+        f"pass --force to replace it or choose another --out"
+    )
 
 
 def check_replaceable(path, markers: tuple[str, ...], what: str) -> None:
@@ -79,8 +87,10 @@ def check_replaceable(path, markers: tuple[str, ...], what: str) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is a file, not {what}; choose another output path")
     if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in markers):
-        raise UserError(f"{path} exists and is not {what} written by move (no {' or '.join(markers)}); move replaces "
-                        f"only its own output: choose another path or remove it yourself")
+        raise UserError(
+            f"{path} exists and is not {what} written by move (no {' or '.join(markers)}); move replaces "
+            f"only its own output: choose another path or remove it yourself"
+        )
 
 
 def pid_alive(pid: int) -> bool:
@@ -154,8 +164,10 @@ class DirectoryLock:
         except BlockingIOError:
             owner = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise UserError(f"{directory} is being written by another move process (pid {owner}); "
-                            f"wait for it to finish or choose another {what}") from None
+            raise UserError(
+                f"{directory} is being written by another move process (pid {owner}); "
+                f"wait for it to finish or choose another {what}"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
 

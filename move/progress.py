@@ -30,5 +30,12 @@ def progress_shown() -> bool:
 
 def progress(iterable=None, desc: str = "", total: int | None = None, unit: str = "it"):
     """tqdm over `iterable`, displayed only inside shown() and on a terminal."""
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True,
-                disable=None if progress_shown() else True)
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if progress_shown() else True,
+    )

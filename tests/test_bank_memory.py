@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from move.training.checkpoint import load_model, save_checkpoint
 from move.config import ModelConfig
 from move.errors import CheckpointError
 from move.model.gpt import GPT
 from move.model.sampling import generate
+from move.training.checkpoint import load_model, save_checkpoint
 
 MMAP_PROBE = """
 import json, sys, torch
@@ -27,8 +27,9 @@ print(json.dumps({"rss_growth_mb": resident_memory_mb() - before, "tokens": out.
 
 def test_mmap_bank_generates_identically_with_resident_memory_below_the_bank(tmp_path):
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=16384, seq_len=32, n_layer=2, n_embd=64, n_head=2, value_memory="move",
-                         memory_slots=64)
+    config = ModelConfig(
+        vocab_size=16384, seq_len=32, n_layer=2, n_embd=64, n_head=2, value_memory="move", memory_slots=64
+    )
     model = GPT(config)
     bank_mb = model.bank.weight.numel() * 4 / 2**20
     assert bank_mb > 200
@@ -37,8 +38,9 @@ def test_mmap_bank_generates_identically_with_resident_memory_below_the_bank(tmp
     expected = generate(load_model(tmp_path / "ck")[0], torch.tensor([[1, 2, 3]]), 6, temperature=0).tolist()
     growth = {}
     for mode in ("mmap", "full"):
-        proc = subprocess.run([sys.executable, "-c", MMAP_PROBE, str(tmp_path / "ck"), mode], capture_output=True,
-                              text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", MMAP_PROBE, str(tmp_path / "ck"), mode], capture_output=True, text=True, check=True
+        )
         result = json.loads(proc.stdout)
         assert result["tokens"] == expected
         growth[mode] = result["rss_growth_mb"]
@@ -73,8 +75,7 @@ def test_table_adamw_is_adamw_on_fp32_and_keeps_fp32_state_for_bf16():
     bf16.grad = grads[0].to(torch.bfloat16)
     opt.step()
     assert opt.state[bf16]["exp_avg"].dtype == torch.float32 and bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(bf16.float(), start - 0.1 * torch.sign(grads[0]),
-                               rtol=0, atol=0.05)
+    torch.testing.assert_close(bf16.float(), start - 0.1 * torch.sign(grads[0]), rtol=0, atol=0.05)
 
 
 class RowsOf:
@@ -92,6 +93,7 @@ def test_row_adam_is_sparse_adam_on_the_touched_rows(dtype):
     """RowAdam on a dense buffer at the touched rows == torch.optim.SparseAdam on the
     same rows as a sparse gradient (the lazy semantics: untouched rows and their
     moments stay as they are); a bf16 table keeps fp32 moments and rounds once."""
+    from move.model.value_tables import RowSet
     from move.training.row_adam import RowAdam
 
     torch.manual_seed(0)
@@ -100,12 +102,13 @@ def test_row_adam_is_sparse_adam_on_the_touched_rows(dtype):
     table = RowsOf()
     opt_ours = RowAdam([ours], {id(ours): table}, lr=0.1, betas=(0.8, 0.95), eps=1e-10)
     opt_ref = torch.optim.SparseAdam([ref], lr=0.1, betas=(0.8, 0.95), eps=1e-10)
-    for rows in ([2, 7, 9], [7, 9, 11], [], [2, 30]):  # a step may touch nothing: step still counts
+    # rows come one per looked-up token (repeats, as a RowSet); a step may touch nothing: it still counts
+    for occurrences in ([2, 7, 9, 7], [11, 7, 9, 11, 11], [], [2, 30]):
         g = torch.randn(50, 3, 4)
-        rows = torch.tensor(rows, dtype=torch.long)
+        rows = torch.tensor(sorted(set(occurrences)), dtype=torch.long)
         ours.grad = torch.zeros_like(ours)
         ours.grad[rows] = g[rows].to(dtype)
-        table.rows = rows
+        table.rows = RowSet.of(torch.tensor(occurrences, dtype=torch.long))
         ref.grad = torch.sparse_coo_tensor(rows[None], g[rows].to(dtype).float(), start.shape)
         opt_ours.step()
         opt_ref.step()
@@ -129,8 +132,14 @@ def test_bf16_bank_trains_with_half_the_bank_memory(prepared_dir, tmp_path, mode
     for dtype in ("float32", "bfloat16"):
         torch.manual_seed(0)
         model = GPT(model_config_from_preset("tiny", vocab_size=data.tokenizer.vocab_size, value_memory="move"))
-        config = TrainConfig(steps=8, batch_size=4, eval_every=8, eval_tokens=1024, value_memory_dtype=dtype,
-                             optim=OptimConfig(value_memory_optimizer=mode))
+        config = TrainConfig(
+            steps=8,
+            batch_size=4,
+            eval_every=8,
+            eval_tokens=1024,
+            value_memory_dtype=dtype,
+            optim=OptimConfig(value_memory_optimizer=mode),
+        )
         task = TextTask(data, model.config.seq_len, 4, 0, 1024)
         prepare_model(model, config)
         summary = Trainer(model, task, config, tmp_path / f"{dtype}-{mode}", quiet=True).run()

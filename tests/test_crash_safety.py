@@ -14,17 +14,45 @@ import time
 import torch
 
 import move.training.checkpoint
-from move.training.checkpoint import load_state_dict
 from move.cli import main
+from move.training.checkpoint import load_state_dict
 from move.training.trainer import checkpoint_dirs
 
-RUN_FLAGS = ["--preset", "tiny", "--variant", "move", "--density", "2", "--steps", "30", "--batch-size", "4",
-             "--eval-every", "5", "--eval-tokens", "1024", "--checkpoint-every", "3", "--keep-checkpoints", "2"]
+RUN_FLAGS = [
+    "--preset",
+    "tiny",
+    "--variant",
+    "move",
+    "--density",
+    "2",
+    "--steps",
+    "30",
+    "--batch-size",
+    "4",
+    "--eval-every",
+    "5",
+    "--eval-tokens",
+    "1024",
+    "--checkpoint-every",
+    "3",
+    "--keep-checkpoints",
+    "2",
+]
 
 
 def train_command(data, run, resume=False):
-    return [sys.executable, "-m", "move", "train", "--data", str(data), "--out", str(run), *RUN_FLAGS,
-            *(["--resume"] if resume else [])]
+    return [
+        sys.executable,
+        "-m",
+        "move",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        *RUN_FLAGS,
+        *(["--resume"] if resume else []),
+    ]
 
 
 def final_state(run):
@@ -37,7 +65,9 @@ def final_state(run):
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(prepared_dir, tmp_path):
     reference = tmp_path / "reference"
-    proc = subprocess.Popen(train_command(prepared_dir, reference), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_command(prepared_dir, reference), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     while not (reference / "run.json").exists() and proc.poll() is None:
         time.sleep(0.01)
     started = time.time()
@@ -46,10 +76,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(prepared_dir, tm
     run = tmp_path / "killed"
     rng = random.Random(1234)
     kills_mid_run = 0
-    for attempt in range(12):
+    for _attempt in range(12):
         started = (run / "run.json").exists()
-        proc = subprocess.Popen(train_command(prepared_dir, run, resume=started), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            train_command(prepared_dir, run, resume=started),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if rng.random() < 0.25:  # anywhere, imports and set-up included
             time.sleep(rng.uniform(0.0, 1.5))
         else:  # somewhere in training: wait for the run to exist, then a random moment
@@ -65,8 +99,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(prepared_dir, tm
             break
     assert kills_mid_run >= 2, "the kills should land while the run is training"
     if not (run / "summary.json").exists():
-        finish = subprocess.run(train_command(prepared_dir, run, resume=(run / "run.json").exists()),
-                                capture_output=True, text=True)
+        finish = subprocess.run(
+            train_command(prepared_dir, run, resume=(run / "run.json").exists()), capture_output=True, text=True
+        )
         assert finish.returncode == 0, finish.stderr[-2000:]
     weights, records = final_state(run)
     ref_weights, ref_records = final_state(reference)
@@ -102,8 +137,12 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(prepared_di
 def test_sigterm_on_the_command_line_exits_0_with_a_checkpoint(prepared_dir, tmp_path):
     run = tmp_path / "run"
     flags = [f if f != "30" else "100000" for f in RUN_FLAGS]
-    proc = subprocess.Popen([sys.executable, "-m", "move", "train", "--data", str(prepared_dir), "--out", str(run),
-                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "move", "train", "--data", str(prepared_dir), "--out", str(run), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not checkpoint_dirs(run) if (run / "checkpoints").exists() else True:
         assert time.time() < deadline

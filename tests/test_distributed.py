@@ -33,8 +33,22 @@ from move.training.trainer import prepare_model
 
 # --eval-tokens 2304: 36 windows of 64 in 9 batches of 4 (per rank), an odd number,
 # so the two-process evaluation splits unevenly and pads one rank
-COMMON = ["--preset", "tiny", "--batch-size", "8", "--eval-tokens", "2304", "--optimizer", "adamw",
-          "--lr-value-memory", "0.02", "--lr-embedding", "0.02", "--seed", "3"]
+COMMON = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "8",
+    "--eval-tokens",
+    "2304",
+    "--optimizer",
+    "adamw",
+    "--lr-value-memory",
+    "0.02",
+    "--lr-embedding",
+    "0.02",
+    "--seed",
+    "3",
+]
 VARIANTS = {
     "standard": ["--variant", "standard"],
     "lave-exact": ["--variant", "lave", "--value-memory-optimizer", "exact"],
@@ -57,8 +71,16 @@ def torchrun_launch(args, module="move", fault=None, wait=True, nproc=2):
     env.pop("MOVE_INJECT_FAULT", None)
     if fault:
         env["MOVE_INJECT_FAULT"] = fault
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--max-restarts=0",
-               "-m", module, *map(str, args)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--max-restarts=0",
+        "-m",
+        module,
+        *map(str, args),
+    ]
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -128,8 +150,9 @@ def assert_same_metrics(run_a, run_b, keys):
 
 # pkm-lazy (~20 s) is slow: the default suite stays under 10 minutes, and bigram-exact
 # already covers the designs' sharded lookup, move-lazy and lave-lazy the sharded RowAdam
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v == "pkm-lazy" else v
-                                     for v in VARIANTS])
+@pytest.mark.parametrize(
+    "variant", [pytest.param(v, marks=pytest.mark.slow) if v == "pkm-lazy" else v for v in VARIANTS]
+)
 def test_two_processes_equal_one(tmp_path, prepared_dir, variant):
     """Per-rank batch B/2 on 2 processes == batch B on one: weights, optimiser
     state and the logged losses; MoVE and LaVE tables are row-sharded."""
@@ -173,8 +196,22 @@ def failed_job(tmp_path_factory, prepared_dir):
     """A sharded MoVE job on 2 processes whose rank 1 fails in the middle of step 6,
     after checkpoints at steps 2 and 4."""
     run = tmp_path_factory.mktemp("failing") / "run"
-    args = ["--data", prepared_dir, *COMMON, *VARIANTS["move-lazy"], "--steps", 8, "--eval-every", 2,
-            "--checkpoint-every", 2, "--keep-checkpoints", 3, "--out", run]
+    args = [
+        "--data",
+        prepared_dir,
+        *COMMON,
+        *VARIANTS["move-lazy"],
+        "--steps",
+        8,
+        "--eval-every",
+        2,
+        "--checkpoint-every",
+        2,
+        "--keep-checkpoints",
+        3,
+        "--out",
+        run,
+    ]
     result = torchrun(args, fault="1:6")
     return run, args, result
 
@@ -203,13 +240,44 @@ def test_two_process_checkpoint_resumes_with_one(tmp_path, failed_job, prepared_
     assert_same_metrics(run, reference, ["train_loss", "val_bpb"])
 
 
+@pytest.mark.parametrize("optimizer", ["exact", "lazy"])
+def test_bf16_bank_resumes_from_a_sharded_checkpoint(tmp_path, prepared_dir, optimizer):
+    """A bf16 bank keeps fp32 Adam moments; the sharded (DCP) checkpoint of 2 processes,
+    failed in step 4 and resumed by 2, continues exactly as one uninterrupted process."""
+    args = ["--data", prepared_dir, *COMMON, "--variant", "move", "--density", "2"]
+    args += ["--value-memory-optimizer", optimizer, "--value-memory-dtype", "bfloat16"]
+    args += ["--steps", 4, "--eval-every", 2, "--checkpoint-every", 2]
+    run = tmp_path / "two"
+    assert torchrun([*args, "--out", run], fault="1:4").returncode != 0
+    resumed = torchrun([*args, "--out", run, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = tmp_path / "one"
+    assert main(["train", *map(str, args), "--out", str(reference)]) == 0
+    assert_same_state(run / "checkpoints" / "step_000004", reference / "checkpoints" / "step_000004")
+    assert_same_metrics(run, reference, ["train_loss", "val_bpb"])
+
+
 def test_checkpoints_reshard_from_one_to_two_to_three_processes(tmp_path, prepared_dir, monkeypatch):
     """One process stopped after step 4 (a one-file checkpoint), two stopped after
     step 8 (sharded, each rank its rows), three to step 12 (each reading its own rows
     of what two wrote), all planned for 12 steps (the same schedule): the same weights,
     moments and losses as one uninterrupted process."""
-    args = ["--data", prepared_dir, *COMMON, *VARIANTS["move-exact"], "--batch-size", 12, "--steps", 12,
-            "--eval-every", 4, "--checkpoint-every", 4, "--keep-checkpoints", 5]
+    args = [
+        "--data",
+        prepared_dir,
+        *COMMON,
+        *VARIANTS["move-exact"],
+        "--batch-size",
+        12,
+        "--steps",
+        12,
+        "--eval-every",
+        4,
+        "--checkpoint-every",
+        4,
+        "--keep-checkpoints",
+        5,
+    ]
     args = [str(a) for a in args]
     run, reference = tmp_path / "run", tmp_path / "reference"
     with monkeypatch.context() as m:
@@ -221,7 +289,10 @@ def test_checkpoints_reshard_from_one_to_two_to_three_processes(tmp_path, prepar
     assert is_sharded(read_header(run / "checkpoints" / "step_000008"))
     assert not is_sharded(read_header(run / "checkpoints" / "step_000004"))
     assert sorted(p.name for p in (run / "checkpoints" / "step_000008" / "dcp").iterdir()) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     result = torchrun([*args, "--out", run, "--resume"], nproc=3)
     assert result.returncode == 0, result.stderr[-3000:]
     assert main(["train", *args, "--out", str(reference)]) == 0
@@ -234,8 +305,22 @@ def test_a_crash_while_saving_leaves_no_checkpoint_and_the_run_resumes(tmp_path,
     directory carries the step's name (the pieces stay in a temporary one, removed on
     resume), and a resume continues from the checkpoint before."""
     run = tmp_path / "run"
-    args = ["--data", prepared_dir, *COMMON, *VARIANTS["move-exact"], "--steps", 6, "--eval-every", 2,
-            "--checkpoint-every", 2, "--keep-checkpoints", 5, "--out", run]
+    args = [
+        "--data",
+        prepared_dir,
+        *COMMON,
+        *VARIANTS["move-exact"],
+        "--steps",
+        6,
+        "--eval-every",
+        2,
+        "--checkpoint-every",
+        2,
+        "--keep-checkpoints",
+        5,
+        "--out",
+        run,
+    ]
     result = torchrun(args, fault="0:4:save")
     assert result.returncode != 0 and "injected fault on rank 0 at step 4" in result.stderr
     assert (run / "checkpoints" / ".step_000004.tmp-sharded" / "dcp" / ".metadata").is_file()
@@ -300,10 +385,17 @@ def test_gpu_smoke_script_on_cpu(tmp_path, prepared_dir):
     args = ["--allow-cpu", "--vocab-size", "512", "--steps", "2", "--batch-size", "4", "--data", str(prepared_dir)]
     assert smoke([*args, "--presets", "tiny", "small", "--variants", "standard", "move_x1", "--out", str(out)]) == 0
     assert smoke([*args, "--presets", "tiny", "--variants", "move_x4", "--nproc", "2", "--out", str(out / "two")]) == 0
-    rows = [line.split(" | ") for line in (out / "smoke.md").read_text().splitlines() if line.startswith("| tiny")
-            or line.startswith("| small")]
-    assert [(r[0], r[1]) for r in rows] == [("| tiny", "standard"), ("| tiny", "move_x1"), ("| small", "standard"),
-                                            ("| small", "move_x1")]
+    rows = [
+        line.split(" | ")
+        for line in (out / "smoke.md").read_text().splitlines()
+        if line.startswith(("| tiny", "| small"))
+    ]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("| tiny", "standard"),
+        ("| tiny", "move_x1"),
+        ("| small", "standard"),
+        ("| small", "move_x1"),
+    ]
     assert all(r[6] == "n/a" and float(r[8]) > 0 for r in rows)  # no MFU on a CPU; a planned memory
     assert json.loads((out / "two" / "tiny" / "move_x4" / "summary.json").read_text())["world_size"] == 2
 
@@ -321,8 +413,20 @@ def test_sigterm_stops_every_rank_at_the_same_step(tmp_path, prepared_dir):
     """SIGTERM to torchrun reaches both ranks; they agree on the step to stop at,
     write one checkpoint and exit; the run resumes from it."""
     run = tmp_path / "run"
-    args = ["--data", prepared_dir, *COMMON, *VARIANTS["move-exact"], "--steps", 100000, "--eval-every", 2,
-            "--checkpoint-every", 1000, "--out", run]
+    args = [
+        "--data",
+        prepared_dir,
+        *COMMON,
+        *VARIANTS["move-exact"],
+        "--steps",
+        100000,
+        "--eval-every",
+        2,
+        "--checkpoint-every",
+        1000,
+        "--out",
+        run,
+    ]
     job = torchrun_launch(["train", *args], wait=False)
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
@@ -334,14 +438,33 @@ def test_sigterm_stops_every_rank_at_the_same_step(tmp_path, prepared_dir):
     (checkpoint,) = (run / "checkpoints").iterdir()
     _, header = load_state_dict(checkpoint)
     assert header["meta"]["step"] >= 2
-    assert main(["train", *map(str, args[:-2]), "--steps", str(header["meta"]["step"] + 1), "--out", str(run),
-                 "--resume"]) == 0
+    assert (
+        main(["train", *map(str, args[:-2]), "--steps", str(header["meta"]["step"] + 1), "--out", str(run), "--resume"])
+        == 0
+    )
 
 
 def test_mfu_is_training_flops_over_peak(tmp_path, prepared_dir):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(prepared_dir), *COMMON, "--steps", "2", "--eval-every", "2",
-                 "--peak-tflops", "0.5", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(prepared_dir),
+                *COMMON,
+                "--steps",
+                "2",
+                "--eval-every",
+                "2",
+                "--peak-tflops",
+                "0.5",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((run / "summary.json").read_text())
     expected = summary["accounting"]["training_flops_per_token"] * summary["tok_per_s"] / 0.5e12
     assert summary["mfu"] == pytest.approx(expected, rel=1e-9)
@@ -353,9 +476,29 @@ def test_distributed_benchmark_runs(tmp_path):
     """benchmarks' sharded / FSDP2 / replicated comparison, at toy size: all three
     modes train the same model (equal losses), sharding moves and holds less."""
     out = tmp_path / "dist"
-    result = torchrun_launch(["--vocab", 4096, "--n-layer", 1, "--n-embd", 64, "--n-head", 2, "--seq-len", 16,
-                              "--batch-size", 2, "--steps", 3, "--rounds", 1, "--out", out],
-                             module="move.experiments.dist_bench")
+    result = torchrun_launch(
+        [
+            "--vocab",
+            4096,
+            "--n-layer",
+            1,
+            "--n-embd",
+            64,
+            "--n-head",
+            2,
+            "--seq-len",
+            16,
+            "--batch-size",
+            2,
+            "--steps",
+            3,
+            "--rounds",
+            1,
+            "--out",
+            out,
+        ],
+        module="move.experiments.dist_bench",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     modes = json.loads(out.with_suffix(".json").read_text())["modes"]
     assert set(modes) == {"sharded", "fsdp2", "replicated"}
@@ -384,7 +527,9 @@ def _sharded_table_worker(rank, world, init_file, ids_per_rank, out_dir):
     gates = torch.full((1, idx.shape[1], 2, 3), 0.5)
     (mix_values(v, slots, gates, gate_g0=False) * (rank + 1)).sum().backward()
     table.reduce_shard_grads()
-    torch.save({"rows": slots.values.detach(), "grad": table.weight.grad, "start": table.shard.start}, f"{out_dir}/{rank}.pt")
+    torch.save(
+        {"rows": slots.values.detach(), "grad": table.weight.grad, "start": table.shard.start}, f"{out_dir}/{rank}.pt"
+    )
     dist.destroy_process_group()
 
 
@@ -409,18 +554,18 @@ def test_sharded_table_rows_and_gradients(tmp_path):
     for rank in range(2):
         out = torch.load(tmp_path / f"{rank}.pt")
         start = out["start"]
-        torch.testing.assert_close(out["grad"], expected_grad[start:start + len(out["grad"])])
+        torch.testing.assert_close(out["grad"], expected_grad[start : start + len(out["grad"])])
 
 
 def test_compiled_training_equals_eager(tmp_path, prepared_dir):
     """--compile true (torch.compile of the training forward; the value-memory
     gather and fast mix stay eager) trains the same model as eager mode."""
-    args = ["train", "--data", str(prepared_dir), *COMMON, *VARIANTS["move-exact"], "--steps", "3",
-            "--eval-every", "3"]
+    args = ["train", "--data", str(prepared_dir), *COMMON, *VARIANTS["move-exact"], "--steps", "3", "--eval-every", "3"]
     assert main([*args, "--out", str(tmp_path / "eager")]) == 0
     assert main([*args, "--compile", "true", "--out", str(tmp_path / "compiled")]) == 0
-    assert_same_state(tmp_path / "eager" / "checkpoints" / "step_000003",
-                      tmp_path / "compiled" / "checkpoints" / "step_000003")
+    assert_same_state(
+        tmp_path / "eager" / "checkpoints" / "step_000003", tmp_path / "compiled" / "checkpoints" / "step_000003"
+    )
     assert_same_metrics(tmp_path / "eager", tmp_path / "compiled", ["train_loss", "val_bpb"])
 
 
@@ -439,7 +584,9 @@ def test_image_helpers_under_torchrun(tmp_path, command, extra):
     assert main([command, *args, "--out", str(tmp_path / "one")]) == 0
     result = torchrun_launch([command, *args, "--out", tmp_path / "two"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_state(tmp_path / "one" / "checkpoints" / "step_000004", tmp_path / "two" / "checkpoints" / "step_000004")
+    assert_same_state(
+        tmp_path / "one" / "checkpoints" / "step_000004", tmp_path / "two" / "checkpoints" / "step_000004"
+    )
 
 
 def test_no_rank_ever_holds_a_whole_table(tmp_path):
@@ -450,8 +597,9 @@ def test_no_rank_ever_holds_a_whole_table(tmp_path):
     table (what checkpoints used to do) or a whole table per rank would break."""
     for variant in ("move", "standard"):
         for extra in ([], ["--resume"]):
-            result = torchrun_launch(["--out", tmp_path, "--variant", variant, *extra],
-                                     module="move.experiments.dist_memory")
+            result = torchrun_launch(
+                ["--out", tmp_path, "--variant", variant, *extra], module="move.experiments.dist_memory"
+            )
             assert result.returncode == 0, result.stderr[-3000:]
 
     def peak(variant, phase, rank):
@@ -460,10 +608,13 @@ def test_no_rank_ever_holds_a_whole_table(tmp_path):
     for rank in (0, 1):
         share = peak("move", "startup", rank)["memory_share_mb"]  # the rank's rows: weights, gradient, 2 moments
         assert share == 512
-        bounds = {"startup": 0.25 * 1.25 * share + 32,  # its rows' weights (a whole table: 2x that)
-                  "steps": 1.25 * share, "resume_steps": 1.25 * share,
-                  "resume": 1.5 * share,  # + one stored piece read before it is copied in
-                  "save": 2.0 * share}  # + DCP's serialisation copies of the pieces being written
+        bounds = {
+            "startup": 0.25 * 1.25 * share + 32,  # its rows' weights (a whole table: 2x that)
+            "steps": 1.25 * share,
+            "resume_steps": 1.25 * share,
+            "resume": 1.5 * share,  # + one stored piece read before it is copied in
+            "save": 2.0 * share,
+        }  # + DCP's serialisation copies of the pieces being written
         for phase, bound in bounds.items():
             extra = peak("move", phase, rank)["peak_mb"] - peak("standard", phase, rank)["peak_mb"]
             assert extra <= bound, (phase, rank, extra, bound)

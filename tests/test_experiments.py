@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from move.training.checkpoint import load_state_dict
 from move.errors import ConfigError
 from move.experiments.report import write_experiment_report
 from move.experiments.runner import Experiment, run_experiment
 from move.experiments.stats import paired_difference, summarize_values
+from move.training.checkpoint import load_state_dict
 from move.training.trainer import checkpoint_dirs
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (tables)
@@ -73,6 +73,7 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, prepared_dir, capsys):
     final_weights, _ = load_state_dict(checkpoint_dirs(victim)[-1])
     (victim / "summary.json").unlink()
     import shutil
+
     shutil.rmtree(checkpoint_dirs(victim)[-1])
     run_experiment(path, out)
     assert "tiny/move_x1/seed1: resuming" in capsys.readouterr().out
@@ -81,8 +82,15 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, prepared_dir, capsys):
 
     write_experiment_report(out)
     report = (out / "report.md").read_text()
-    for name in ("| tiny |", "| tiny-deeper |", "MoVE x1", "MoVE no-g0 x1", "Δ vs standard [95% CI]",
-                 "MoVE without g0", "(n=2)"):
+    for name in (
+        "| tiny |",
+        "| tiny-deeper |",
+        "MoVE x1",
+        "MoVE no-g0 x1",
+        "Δ vs standard [95% CI]",
+        "MoVE without g0",
+        "(n=2)",
+    ):
         assert name in report, name
     for png in ("curves_tiny.png", "curves_tiny-deeper.png", "scaling_val_bpb.png"):
         assert (out / png).stat().st_size > 1000
@@ -122,8 +130,18 @@ def test_sizes_and_variants_may_set_their_own_learning_rates_and_nothing_else(tm
     assert_refused(path, text.replace('"move:1" = {', '"move:4" = {'), "not a variant of the grid")
 
 
-@pytest.mark.parametrize("name", ["shakespeare-cpu", "news-cpu", "mnist-cpu", "fashion-mnist-cpu", "paper-d12",
-                                  "shakespeare-budgets", "news-budgets"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "shakespeare-cpu",
+        "news-cpu",
+        "mnist-cpu",
+        "fashion-mnist-cpu",
+        "paper-d12",
+        "shakespeare-budgets",
+        "news-budgets",
+    ],
+)
 def test_shipped_experiment_files_parse(name):
     from pathlib import Path
 
@@ -135,6 +153,7 @@ def test_decay_budget_branch_equals_a_run_of_that_length_from_scratch(tmp_path, 
     """A warmup-stable-decay run branched in its stable phase and decayed to budget b
     is exactly the run that was planned for b steps from the start: same weights,
     same logged losses (the learning rate is constant until the branch point)."""
+
     def grid(steps, budgets):
         path = tmp_path / f"wsd{steps}.toml"
         path.write_text(f"""
@@ -167,6 +186,7 @@ warmdown_frac = 0.25
     theirs, _ = load_state_dict(checkpoint_dirs(scratch)[-1])
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     from move.training.trainer import read_metrics
+
     assert [m["train_loss"] for m in read_metrics(branch)] == [m["train_loss"] for m in read_metrics(scratch)]
     assert [m["step"] for m in read_metrics(branch)] == [2, 4, 6, 8]  # the shared stable phase is carried over
 
@@ -194,7 +214,9 @@ def test_a_comment_edit_keeps_finished_runs_and_a_grid_edit_is_refused(tmp_path,
     out = tmp_path / "results"
     run_experiment(path, out)
     capsys.readouterr()
-    path.write_text("# a comment\n" + path.read_text().replace('name = "tiny-grid"', 'name = "tiny-grid"\ndescription = "x"'))
+    path.write_text(
+        "# a comment\n" + path.read_text().replace('name = "tiny-grid"', 'name = "tiny-grid"\ndescription = "x"')
+    )
     run_experiment(path, out)
     assert "training" not in capsys.readouterr().out  # nothing retrained
     path.write_text(path.read_text().replace("steps = 4", "steps = 5"))
@@ -209,12 +231,24 @@ def test_setup_keeps_data_of_the_same_recipe_and_refuses_data_of_another(tmp_pat
     import hashlib
 
     data = tmp_path / "data"
-    prepare = ["prepare", "--corpus", "txt", "--path", str(text_folder), "--passage-tokens", "64",
-               "--val-fraction", "0.25", "--out", str(data)]
+    prepare = [
+        "prepare",
+        "--corpus",
+        "txt",
+        "--path",
+        str(text_folder),
+        "--passage-tokens",
+        "64",
+        "--val-fraction",
+        "0.25",
+        "--out",
+        str(data),
+    ]
 
     def experiment(vocab):
         path = tmp_path / f"grid{vocab}.toml"
-        path.write_text(f"""
+        path.write_text(
+            f"""
 name = "setup-check"
 data = "{data}"
 preset = "tiny"
@@ -228,7 +262,8 @@ eval_tokens = 256
 [[setup]]
 creates = "{data}/manifest.json"
 command = {[*prepare, "--vocab-size", str(vocab)]!r}
-""".replace("'", '"'))
+""".replace("'", '"')
+        )
         return path
 
     digest = lambda: hashlib.sha256(b"".join(p.read_bytes() for p in sorted(data.iterdir()))).hexdigest()
@@ -247,10 +282,28 @@ def test_every_variant_of_a_grid_gets_its_own_look_in_the_plots():
     marker, ablation = dashes, and the same variant looks the same in every plot."""
     from move.training.curves import variant_style
 
-    names = ["standard", "lave_x1", "lave_x2", "lave-full_x1", "move_x1", "move_x2", "move_x4", "move_x8",
-             "move-nog0_x1", "small-deeper/standard"]
-    looks = [(tuple(variant_style(n)["color"]) if not isinstance(variant_style(n)["color"], str)
-              else variant_style(n)["color"], variant_style(n)["marker"], variant_style(n)["linestyle"]) for n in names]
+    names = [
+        "standard",
+        "lave_x1",
+        "lave_x2",
+        "lave-full_x1",
+        "move_x1",
+        "move_x2",
+        "move_x4",
+        "move_x8",
+        "move-nog0_x1",
+        "small-deeper/standard",
+    ]
+    looks = [
+        (
+            tuple(variant_style(n)["color"])
+            if not isinstance(variant_style(n)["color"], str)
+            else variant_style(n)["color"],
+            variant_style(n)["marker"],
+            variant_style(n)["linestyle"],
+        )
+        for n in names
+    ]
     assert len(set(looks)) == len(names)
     assert variant_style("move_x4 (n=3)") == variant_style("move_x4")
     darkness = [sum(variant_style(f"move_x{k}")["color"][:3]) for k in (1, 2, 4, 8)]

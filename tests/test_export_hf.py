@@ -7,15 +7,24 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from move.training.checkpoint import save_checkpoint  # noqa: E402
 from move.config import model_config_from_preset  # noqa: E402
 from move.export.hf import export_hf  # noqa: E402
 from move.model.gpt import GPT  # noqa: E402
 from move.model.sampling import generate  # noqa: E402
 from move.text.prepare import load_prepared  # noqa: E402
+from move.training.checkpoint import save_checkpoint  # noqa: E402
 
-VARIANTS = [("standard", "mha"), ("lave", "mha"), ("move", "mha"), ("standard", "mla"), ("lave", "mla"), ("move", "mla"),
-            ("bigram", "mha"), ("pkm", "mha"), ("value_residual", "mha")]
+VARIANTS = [
+    ("standard", "mha"),
+    ("lave", "mha"),
+    ("move", "mha"),
+    ("standard", "mla"),
+    ("lave", "mla"),
+    ("move", "mla"),
+    ("bigram", "mha"),
+    ("pkm", "mha"),
+    ("value_residual", "mha"),
+]
 
 
 def export_random_model(tmp_path, prepared_dir, monkeypatch, variant, attention, meta=None):
@@ -46,19 +55,21 @@ def export_random_model(tmp_path, prepared_dir, monkeypatch, variant, attention,
 def test_exported_model_generates_the_same_tokens(tmp_path, prepared_dir, monkeypatch, variant, attention):
     """The HF tokenizer adds BOS as `move sample` does, and greedy generate() (KV cache)
     gives the project's sampler's tokens."""
-    model, tokenizer, hf_model, hf_tokenizer, _ = export_random_model(tmp_path, prepared_dir, monkeypatch, variant,
-                                                                      attention)
+    model, tokenizer, hf_model, hf_tokenizer, _ = export_random_model(
+        tmp_path, prepared_dir, monkeypatch, variant, attention
+    )
     text = "First Citizen: Before we proceed any further"
     prompt = hf_tokenizer(text, return_tensors="pt")
-    assert prompt["input_ids"][0].tolist() == [tokenizer.bos_id] + tokenizer.encode(text)
+    assert prompt["input_ids"][0].tolist() == [tokenizer.bos_id, *tokenizer.encode(text)]
     ours = generate(model, prompt["input_ids"], 12, temperature=0)
     theirs = hf_model.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert theirs.tolist() == ours.tolist()
 
 
 @pytest.mark.parametrize("variant,attention", VARIANTS, ids=[f"{v}-{a}" for v, a in VARIANTS])
-def test_left_padded_batches_generate_what_each_prompt_generates_alone(tmp_path, prepared_dir, monkeypatch, variant,
-                                                                       attention):
+def test_left_padded_batches_generate_what_each_prompt_generates_alone(
+    tmp_path, prepared_dir, monkeypatch, variant, attention
+):
     _, _, hf_model, hf_tokenizer, _ = export_random_model(tmp_path, prepared_dir, monkeypatch, variant, attention)
     texts = ["First Citizen: Before we proceed", "KING", "To be, or not to be, that is the question"]
     batch = hf_tokenizer(texts, return_tensors="pt", padding=True)
@@ -88,8 +99,14 @@ def test_generation_runs_each_token_through_the_model_once(tmp_path, prepared_di
 def test_the_export_has_a_model_card_and_shareable_file_modes(tmp_path, prepared_dir, monkeypatch):
     from move.model.accounting import count_params
 
-    model, _, _, _, out = export_random_model(tmp_path, prepared_dir, monkeypatch, "move", "mha",
-                                              meta={"step": 7, "task": {"source": "txt", "train_tokens": 1234, "data": str(prepared_dir)}})
+    model, _, _, _, out = export_random_model(
+        tmp_path,
+        prepared_dir,
+        monkeypatch,
+        "move",
+        "mha",
+        meta={"step": 7, "task": {"source": "txt", "train_tokens": 1234, "data": str(prepared_dir)}},
+    )
     card = (out / "README.md").read_text()
     assert "MoVE" in card and "checkpoint step: 7" in card and "txt (1234 training tokens)" in card
     assert f"| value_memory | {count_params(model)['value_memory']:,} |" in card

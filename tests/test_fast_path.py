@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
+from test_model import SHAPES, VOCAB, make_config, randomized
 
 from move.model.gpt import GPT
 from move.training.optim import OptimConfig, build_optimizers, clip_grad_norm
-from test_model import SHAPES, VOCAB, make_config, randomized
 
 
 def grads_after_backward(model, mode, idx, micro_batches=1):
@@ -21,9 +21,17 @@ def grads_after_backward(model, mode, idx, micro_batches=1):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("variant,extra", [("move", {}), ("move", {"move_gate_g0": False}),
-                                           ("lave", {"memory_density": 2}), ("lave", {"lave_full_gates": True}),
-                                           ("bigram", {}), ("pkm", {})])
+@pytest.mark.parametrize(
+    "variant,extra",
+    [
+        ("move", {}),
+        ("move", {"move_gate_g0": False}),
+        ("lave", {"memory_density": 2}),
+        ("lave", {"lave_full_gates": True}),
+        ("bigram", {}),
+        ("pkm", {}),
+    ],
+)
 def test_fast_path_matches_reference_forward_and_gradients(shape, variant, extra):
     if variant in ("bigram", "pkm") and shape == "mla":
         pytest.skip("the other memory designs run on MHA/GQA")
@@ -43,7 +51,7 @@ def test_dense_mode_reuses_one_gradient_buffer_and_zeroes_only_touched_rows():
     model = randomized(GPT(make_config("mha", "move")))
     model.set_value_memory_grad_mode("dense")
     pointers = set()
-    for step in range(3):
+    for _step in range(3):
         idx = torch.randint(0, VOCAB, (2, 6))
         model(idx, targets=idx).backward()
         grad = model.bank.weight.grad
@@ -68,8 +76,10 @@ def test_optimizer_steps_match_reference_adamw(optimizer_mode):
     models["fast"].set_value_memory_grad_mode("dense")
     # AdamW for the matrices too: Muon's orthogonalisation would amplify the
     # float-rounding differences of the two paths beyond a tight tolerance
-    opts = {"ref": build_optimizers(models["ref"], OptimConfig(optimizer="adamw")),
-            "fast": build_optimizers(models["fast"], OptimConfig(optimizer="adamw", value_memory_optimizer=optimizer_mode))}
+    opts = {
+        "ref": build_optimizers(models["ref"], OptimConfig(optimizer="adamw")),
+        "fast": build_optimizers(models["fast"], OptimConfig(optimizer="adamw", value_memory_optimizer=optimizer_mode)),
+    }
     batches = [torch.tensor([[1, 2, 3, 4], [5, 1, 2, 3]])] + [torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]])] * 2
     after_first = None
     for idx in batches:
@@ -103,7 +113,9 @@ def test_clipping_over_touched_rows_equals_clipping_the_whole_buffer(max_norm):
     idx = torch.randint(0, VOCAB, (2, 6))
     model(idx, targets=idx).backward()
     rows = touched_rows(model)
-    assert rows[id(model.bank.weight)].tolist() == sorted(set(idx.flatten().tolist()))
+    touched = rows[id(model.bank.weight)]  # one id per token, sorted; the first of each run marked
+    assert touched.ids.tolist() == sorted(idx.flatten().tolist())
+    assert touched.ids[touched.first].tolist() == sorted(set(idx.flatten().tolist()))
     params = list(model.parameters())
     whole = [p.grad.clone() for p in params]
     norm_rows = clip_grad_norm(params, max_norm, rows)

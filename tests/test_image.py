@@ -14,16 +14,17 @@ from move.image.prepare import load_prepared_images
 from move.image.sampling import class_grid_labels, guided_logits, sample_image_tokens, save_grid
 from move.image.tasks import GenerationTask, ReconstructionTask, conditional_sequences, image_nll_bits
 from move.image.tokenizers import PixelQuantizer, as_float
-from move.model.vqvae import VQVAE, VQConfig
 from move.model.gpt import GPT
+from move.model.vqvae import VQVAE, VQConfig
 from move.training.optim import OptimConfig
-from move.training.trainer import Trainer, TrainConfig
+from move.training.trainer import TrainConfig, Trainer
 
 
 def image_gpt(data, variant="move", seed=0, **overrides):
     torch.manual_seed(seed)
-    config = model_config_from_preset("tiny", vocab_size=data.layout.vocab_size, seq_len=data.tokens_per_image,
-                                      value_memory=variant, **overrides)
+    config = model_config_from_preset(
+        "tiny", vocab_size=data.layout.vocab_size, seq_len=data.tokens_per_image, value_memory=variant, **overrides
+    )
     return GPT(config)
 
 
@@ -102,8 +103,9 @@ def test_digits_pipeline_lowers_nll(tmp_path, digits_tokens):
     task = GenerationTask(data, batch_size=32, seed=0, eval_images=359)
     before = image_nll_bits(model, data, "test", 359)
     assert before == pytest.approx(np.log2(17), abs=0.3)  # near uniform over 17 levels at init
-    summary = Trainer(model, task, TrainConfig(steps=40, eval_every=40, checkpoint_every=40), tmp_path / "run",
-                      quiet=True).run()
+    summary = Trainer(
+        model, task, TrainConfig(steps=40, eval_every=40, checkpoint_every=40), tmp_path / "run", quiet=True
+    ).run()
     assert summary["val_nll_bits"] < before - 1.0
 
 
@@ -112,8 +114,13 @@ def trained_digits_model(tmp_path_factory, digits_tokens):
     data = load_prepared_images(digits_tokens)
     model = image_gpt(data, "move")
     task = GenerationTask(data, batch_size=32, seed=0, eval_images=100)
-    Trainer(model, task, TrainConfig(steps=30, eval_every=30, checkpoint_every=30),
-            tmp_path_factory.mktemp("run") / "r", quiet=True).run()
+    Trainer(
+        model,
+        task,
+        TrainConfig(steps=30, eval_every=30, checkpoint_every=30),
+        tmp_path_factory.mktemp("run") / "r",
+        quiet=True,
+    ).run()
     return model.eval(), data
 
 
@@ -122,12 +129,17 @@ def test_cfg_scale_one_is_plain_conditional_and_zero_is_unconditional(trained_di
     labels = torch.tensor([0, 3, 7, 9])
     null = torch.full_like(labels, data.layout.num_classes)
     kw = dict(layout=data.layout, n_tokens=64, temperature=1.0, seed=5)
-    assert torch.equal(sample_image_tokens(model, labels, cfg_scale=1.0, **kw),
-                       sample_image_tokens(model, labels, cfg_scale=None, **kw))
-    assert torch.equal(sample_image_tokens(model, labels, cfg_scale=0.0, **kw),
-                       sample_image_tokens(model, null, cfg_scale=None, **kw))
-    assert not torch.equal(sample_image_tokens(model, labels, cfg_scale=3.0, **kw),
-                           sample_image_tokens(model, labels, cfg_scale=None, **kw))
+    assert torch.equal(
+        sample_image_tokens(model, labels, cfg_scale=1.0, **kw),
+        sample_image_tokens(model, labels, cfg_scale=None, **kw),
+    )
+    assert torch.equal(
+        sample_image_tokens(model, labels, cfg_scale=0.0, **kw), sample_image_tokens(model, null, cfg_scale=None, **kw)
+    )
+    assert not torch.equal(
+        sample_image_tokens(model, labels, cfg_scale=3.0, **kw),
+        sample_image_tokens(model, labels, cfg_scale=None, **kw),
+    )
 
 
 def test_guided_logits_formula():
@@ -145,7 +157,7 @@ def test_doubled_batch_cache_matches_separate_full_passes(trained_digits_model):
     both = torch.cat([cond, uncond])
     cache = model.new_cache(4, 64)
     with torch.no_grad():
-        stepwise = torch.cat([model(both[:, t:t + 1], cache=cache) for t in range(64)], dim=1)
+        stepwise = torch.cat([model(both[:, t : t + 1], cache=cache) for t in range(64)], dim=1)
         assert torch.allclose(stepwise[:2], model(cond), atol=1e-4)
         assert torch.allclose(stepwise[2:], model(uncond), atol=1e-4)
 
@@ -164,7 +176,7 @@ def test_class_position_reads_the_class_row(digits_tokens, variant):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".router." in name or not p.any():  # open the gates (identity at init) and the
-                p.normal_(0, 0.5)                   # zero-initialised output projections
+                p.normal_(0, 0.5)  # zero-initialised output projections
     K, c = data.layout.codebook_size, 4
     x, _ = conditional_sequences(data.tokens("test")[:3], np.array([c, 7, 10]), data.layout)  # class 4, 7, null
     with torch.no_grad():
@@ -216,7 +228,7 @@ def test_grid_has_one_row_per_class_labelled_and_enlarged(tmp_path):
         margin = width - (4 * 9 + 1) * scale
         pixels = np.asarray(im.convert("L"))
         assert (pixels[:, :margin] < 128).any()  # the names are written in it
-        first = pixels[scale: scale + 8 * scale, margin + scale: margin + 9 * scale]  # the first image, enlarged
+        first = pixels[scale : scale + 8 * scale, margin + scale : margin + 9 * scale]  # the first image, enlarged
         assert np.array_equal(first[::scale, ::scale], images[0, 0].numpy())
 
 

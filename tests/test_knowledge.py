@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from move.knowledge.corpus import (ATTRIBUTES, HELD_OUT_OPENER, KnowledgeConfig, held_out_documents, make_facts,
-                                   make_names, prepare_knowledge, sentence, training_documents)
+from move.knowledge.corpus import (
+    ATTRIBUTES,
+    HELD_OUT_OPENER,
+    KnowledgeConfig,
+    held_out_documents,
+    make_facts,
+    make_names,
+    prepare_knowledge,
+    sentence,
+    training_documents,
+)
 from move.knowledge.recall import load_knowledge, recall
 from move.text.prepare import load_prepared
 
@@ -52,7 +61,10 @@ class LookupModel(torch.nn.Module):
         self.vocab, self.uniform, self.answers = data.tokenizer.vocab_size, uniform, {}
         tok = data.tokenizer
         for person, attribute, value in knowledge["facts"]:
-            prompt = [tok.bos_id] + tok.encode(sentence(knowledge["held_out_opener"], knowledge["names"][person], attribute))
+            prompt = [
+                tok.bos_id,
+                *tok.encode(sentence(knowledge["held_out_opener"], knowledge["names"][person], attribute)),
+            ]
             self.answers[tuple(prompt)] = tok.encode(value)[0]
 
     def forward(self, x):
@@ -83,10 +95,34 @@ def test_tiny_run_stores_knowledge(knowledge_data, tmp_path):
     from move.cli import main
 
     data, _ = knowledge_data
-    assert main(["train", "--data", str(data.directory), "--out", str(tmp_path / "run"), "--preset", "tiny",
-                 "--variant", "move", "--steps", "40", "--batch-size", "16", "--eval-every", "40",
-                 "--eval-tokens", "2048", "--checkpoint-every", "40"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data.directory),
+                "--out",
+                str(tmp_path / "run"),
+                "--preset",
+                "tiny",
+                "--variant",
+                "move",
+                "--steps",
+                "40",
+                "--batch-size",
+                "16",
+                "--eval-every",
+                "40",
+                "--eval-tokens",
+                "2048",
+                "--checkpoint-every",
+                "40",
+            ]
+        )
+        == 0
+    )
     import json
+
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"]["modality"] == "knowledge"
     assert summary["recall_accuracy"] > summary["chance_accuracy"] and summary["knowledge_bits"] > 0

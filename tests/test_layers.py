@@ -38,7 +38,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -75,4 +75,14 @@ def test_layers_contract_holds():
 def test_version_is_exposed():
     assert move.__version__ and move.__version__[0].isdigit()
     out = subprocess.run([sys.executable, "-m", "move", "--version"], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip() == f"move {move.__version__}"
+    assert out.returncode == 0 and out.stdout.strip() == f"move {move.__version__} ({move.DISTRIBUTION})"
+
+
+def test_tree_passes_ruff_lint_and_format_check():
+    """ruff, configured in pyproject.toml: lint rules and the formatter's style."""
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
+    if ruff is None:
+        pytest.skip("ruff is not installed (it comes with the test extras: pip install -e '.[test]')")
+    for command in ([ruff, "check", "."], [ruff, "format", "--check", "."]):
+        result = subprocess.run(command, cwd=PACKAGE.parent, capture_output=True, text=True)
+        assert result.returncode == 0, (command, result.stdout[-3000:])

@@ -63,15 +63,42 @@ def test_tensorboard_events_are_written_and_readable(tmp_path, prepared_dir):
     from move.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", "--data", str(prepared_dir), "--out", str(run), "--preset", "tiny", "--variant", "move",
-                 "--steps", "4", "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "512",
-                 "--checkpoint-every", "4", "--loggers", "tensorboard", "--log-every", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(prepared_dir),
+                "--out",
+                str(run),
+                "--preset",
+                "tiny",
+                "--variant",
+                "move",
+                "--steps",
+                "4",
+                "--batch-size",
+                "2",
+                "--eval-every",
+                "2",
+                "--eval-tokens",
+                "512",
+                "--checkpoint-every",
+                "4",
+                "--loggers",
+                "tensorboard",
+                "--log-every",
+                "1",
+            ]
+        )
+        == 0
+    )
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]
     assert "val_bpb" in tags and "vm/layer1/g0_mean" in tags and "vm/rows_touched_frac" in tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]  # --log-every 1: every step
-    assert [e.value for e in events.Scalars("train/lr_multiplier")][0] == 1.0
+    assert next(e.value for e in events.Scalars("train/lr_multiplier")) == 1.0
     logged = [e.value for e in events.Scalars("val_bpb")]
     expected = [json.loads(line)["val_bpb"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == pytest.approx(expected)
@@ -83,8 +110,30 @@ def test_wandb_offline_run_is_written(tmp_path, prepared_dir, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "run"
-    assert main(["train", "--data", str(prepared_dir), "--out", str(run), "--preset", "tiny", "--steps", "2",
-                 "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "512", "--loggers", "wandb"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(prepared_dir),
+                "--out",
+                str(run),
+                "--preset",
+                "tiny",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--eval-every",
+                "2",
+                "--eval-tokens",
+                "512",
+                "--loggers",
+                "wandb",
+            ]
+        )
+        == 0
+    )
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
@@ -93,8 +142,32 @@ def test_gates_command_plots_and_reports_per_layer_and_head(tmp_path, prepared_d
     from move.evaluation.gates import gate_summary
 
     run = tmp_path / "run"
-    assert main(["train", "--data", str(prepared_dir), "--out", str(run), "--preset", "tiny", "--variant", "move",
-                 "--density", "3", "--steps", "6", "--batch-size", "2", "--eval-every", "6", "--eval-tokens", "512"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(prepared_dir),
+                "--out",
+                str(run),
+                "--preset",
+                "tiny",
+                "--variant",
+                "move",
+                "--density",
+                "3",
+                "--steps",
+                "6",
+                "--batch-size",
+                "2",
+                "--eval-every",
+                "6",
+                "--eval-tokens",
+                "512",
+            ]
+        )
+        == 0
+    )
     text = tmp_path / "t.txt"
     text.write_text("Fair is foul, and foul is fair: hover through the fog and filthy air.\n")
     assert main(["gates", str(run), "--text", str(text), "--out", str(tmp_path / "g.png")]) == 0
@@ -106,7 +179,7 @@ def test_gates_command_plots_and_reports_per_layer_and_head(tmp_path, prepared_d
     heads, slots = model.config.kv_heads, model.config.n_slots
     assert len(report["g0"]) == len(model.config.memory_layers()) and len(report["g0"][0]) == heads
     assert len(report["slots"][0]) == slots and report["tokens"][0] == "<bos>"
-    idx = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(text.read_text())])
+    idx = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(text.read_text())]])
     gates = collect_gates(model, idx)[report["layers"][0]][0]  # recomputed independently
     assert report["memory"][0] == pytest.approx(gates[..., 1:].sum(-1).mean(0).tolist(), rel=1e-5)
     assert gate_summary(model, idx)["g0"] == report["g0"]

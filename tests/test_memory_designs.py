@@ -8,6 +8,7 @@ import tomllib
 
 import pytest
 import torch
+from test_model import VOCAB, assert_flops_match_a_flop_counter, make_config, randomized
 
 from move.config import ModelConfig
 from move.errors import ConfigError
@@ -16,7 +17,6 @@ from move.model.diagnostics import value_memory_diagnostics
 from move.model.gpt import GPT
 from move.model.layers import rms_norm
 from move.model.memory_designs import BigramHashEmbedding, ProductKeyMemory, bigram_hash, previous_tokens
-from test_model import VOCAB, assert_flops_match_a_flop_counter, make_config, randomized
 
 DESIGNS = ["bigram", "pkm", "value_residual"]
 SHAPES = ["mha", "gqa"]
@@ -51,9 +51,14 @@ def test_every_block_input_gets_its_scaled_bigram_row():
         block.register_forward_hook(lambda m, args, out: outputs.append(out))
     model(idx)
     table, rows = model.bigram.table.weight.flatten(1), model.config.bigram_rows
-    expected_rows = torch.stack([torch.stack([
-        table[naive_bigram_row(int(idx[b, t - 1]) if t else None, int(idx[b, t]), rows)] for t in range(9)])
-        for b in range(2)])
+    expected_rows = torch.stack(
+        [
+            torch.stack(
+                [table[naive_bigram_row(int(idx[b, t - 1]) if t else None, int(idx[b, t]), rows)] for t in range(9)]
+            )
+            for b in range(2)
+        ]
+    )
     previous = rms_norm(model.wte(idx))
     for layer in range(3):
         expected = previous + model.bigram.scales[layer] * expected_rows
@@ -75,7 +80,7 @@ def test_bigram_starts_as_the_standard_model_with_the_same_seed():
 def naive_product_key_read(memory: ProductKeyMemory, x: torch.Tensor) -> torch.Tensor:
     """Every one of the n_keys^2 full keys [K1_i, K2_j] scored, the top-k of all of them
     taken, softmax-weighted rows summed over heads: what product keys must equal."""
-    H, k, n, dk = memory.heads, memory.topk, memory.n_keys, memory.key_dim
+    H, k, dk = memory.heads, memory.topk, memory.key_dim
     values = memory.table.weight.flatten(1)
     out = torch.zeros(*x.shape[:2], values.shape[1])
     for b, t in itertools.product(range(x.shape[0]), range(x.shape[1])):
@@ -166,8 +171,16 @@ def closed_form(c: ModelConfig) -> dict:
     budget = V * c.memory_density * len(range((L - 1) % 2, L, 2)) * kv * hd  # MoVE xk's bank
     attention = d * c.n_head * hd * 2 + 2 * d * kv * hd
     mlp = 8 * d * d
-    groups = dict(token_embedding=V * d, lm_head=V * d, transformer_matrices=L * (attention + mlp),
-                  routers=0, memory_control=0, value_memory=0, value_mixing=0, memory_addressing=0)
+    groups = dict(
+        token_embedding=V * d,
+        lm_head=V * d,
+        transformer_matrices=L * (attention + mlp),
+        routers=0,
+        memory_control=0,
+        value_memory=0,
+        value_mixing=0,
+        memory_addressing=0,
+    )
     if c.value_memory == "bigram":
         groups.update(value_memory=(budget // d) * d, memory_control=L)
     elif c.value_memory == "value_residual":
@@ -175,9 +188,14 @@ def closed_form(c: ModelConfig) -> dict:
     elif c.value_memory == "pkm":
         H, k = c.pkm_heads, c.pkm_topk
         n = max(k, int((budget // d) ** 0.5))  # top-k needs at least k sub-keys
-        groups.update(transformer_matrices=L * attention + (L - 1) * mlp, routers=d * H * 2 * hd,
-                      memory_control=H * 2 * n * hd, value_memory=n * n * d,
-                      value_mixing=2 * H * k * d, memory_addressing=2 * H * 2 * n * hd)
+        groups.update(
+            transformer_matrices=L * attention + (L - 1) * mlp,
+            routers=d * H * 2 * hd,
+            memory_control=H * 2 * n * hd,
+            value_memory=n * n * d,
+            value_mixing=2 * H * k * d,
+            memory_addressing=2 * H * 2 * n * hd,
+        )
     return groups
 
 
@@ -235,11 +253,11 @@ def test_diagnostics_report_each_designs_own_quantities():
     assert found["vm/rows_touched_frac"] == pytest.approx(len(read) / rows)
     assert found["vm/layer2/bigram_scale"] == pytest.approx(0.1) and found["vm/row_norm_max"] == 0  # zero table
     residual = value_memory_diagnostics(GPT(make_config("mha", "value_residual")), idx)
-    assert residual == {f"vm/layer{l}/{w}_values_weight": 0.5 for l in (1, 2) for w in ("own", "first")}
+    assert residual == {f"vm/layer{layer}/{w}_values_weight": 0.5 for layer in (1, 2) for w in ("own", "first")}
     pkm = GPT(make_config("mha", "pkm", pkm_topk=2, pkm_heads=1))
     found = value_memory_diagnostics(pkm, idx)
     # 8 positions, 1 head, top-2: at most 16 distinct rows read
-    assert 0 < found["vm/rows_touched_frac"] * pkm.config.pkm_keys ** 2 <= 16
+    assert 0 < found["vm/rows_touched_frac"] * pkm.config.pkm_keys**2 <= 16
 
 
 # ---------------------------------------------------------------- the comparison table
@@ -269,19 +287,23 @@ def test_designs_table_compares_at_equal_params_and_at_equal_measured_time(tmp_p
     from move.cli import main
     from move.experiments.runner import run_experiment
 
-    text = run_experiment(tiny_experiment(tmp_path / "text.toml", "text", prepared_dir, ["standard", "bigram:1"], 4),
-                          tmp_path / "text")
-    time = run_experiment(tiny_experiment(tmp_path / "time.toml", "time", prepared_dir, ["standard"], 6, (4, 5)),
-                          tmp_path / "time")
+    text = run_experiment(
+        tiny_experiment(tmp_path / "text.toml", "text", prepared_dir, ["standard", "bigram:1"], 4), tmp_path / "text"
+    )
+    time = run_experiment(
+        tiny_experiment(tmp_path / "time.toml", "time", prepared_dir, ["standard"], 6, (4, 5)), tmp_path / "time"
+    )
     knowledge = tmp_path / "knowledge"  # a stand-in: the table reads only knowledge_bits
     for variant, bits in (("standard", 10.0), ("bigram_x1", 30.0)):
         for seed in (0, 1):
             run = knowledge / "runs" / "N40" / variant / f"seed{seed}"
             run.mkdir(parents=True)
             (run / "summary.json").write_text(json.dumps({"knowledge_bits": bits + seed, "steps": 4}))
-    (knowledge / "experiment.toml").write_text(tiny_experiment(tmp_path / "k.toml", "k", prepared_dir,
-                                                               ["standard", "bigram:1"], 4).read_text()
-                                               .replace("[sizes.tiny]", "[sizes.N40]"))
+    (knowledge / "experiment.toml").write_text(
+        tiny_experiment(tmp_path / "k.toml", "k", prepared_dir, ["standard", "bigram:1"], 4)
+        .read_text()
+        .replace("[sizes.tiny]", "[sizes.N40]")
+    )
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"512": {"standard": {"train_ratio": 1.0}, "bigram_x1": {"train_ratio": 1.25}}}))
 
@@ -289,10 +311,27 @@ def test_designs_table_compares_at_equal_params_and_at_equal_measured_time(tmp_p
         return json.loads((run_dir / "summary.json").read_text())["val_bpb"]
 
     for seed in (0, 1):  # the 4-step budget of the longer run is the text experiment's standard run
-        assert bpb(time / "runs/tiny/standard" / f"seed{seed}/decay/steps_000004") == \
-            bpb(text / "runs/tiny/standard" / f"seed{seed}")
-    assert main(["designs-table", "--text", str(text), "--time", str(time), "--knowledge", str(knowledge),
-                 "--bench", str(bench), "--out", str(tmp_path / "table.md")]) == 0
+        assert bpb(time / "runs/tiny/standard" / f"seed{seed}/decay/steps_000004") == bpb(
+            text / "runs/tiny/standard" / f"seed{seed}"
+        )
+    assert (
+        main(
+            [
+                "designs-table",
+                "--text",
+                str(text),
+                "--time",
+                str(time),
+                "--knowledge",
+                str(knowledge),
+                "--bench",
+                str(bench),
+                "--out",
+                str(tmp_path / "table.md"),
+            ]
+        )
+        == 0
+    )
     row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| hashed"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     design = {s: bpb(text / "runs/tiny/bigram_x1" / f"seed{s}") for s in (0, 1)}

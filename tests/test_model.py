@@ -9,7 +9,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from move.training.checkpoint import header_checksum, load_model, save_checkpoint
 from move.api import build_model
 from move.config import OTHER_MEMORY_DESIGNS, ModelConfig, TrainConfig
 from move.errors import CheckpointError, ConfigError, TokenRangeError
@@ -17,6 +16,7 @@ from move.model.accounting import count_params, forward_flops_per_token
 from move.model.gpt import GPT
 from move.model.layers import rms_norm
 from move.model.sampling import compiled_decode_step, decode_step, generate
+from move.training.checkpoint import header_checksum, load_model, save_checkpoint
 from move.training.trainer import prepare_model
 
 VOCAB = 50
@@ -51,10 +51,16 @@ def capture_memory_calls(model):
         memory = block.attn.value_memory
         if memory is None:
             continue
-        hooks.append(block.attn.register_forward_pre_hook(
-            lambda mod, inp, memory=memory: block_inputs.__setitem__(memory, inp[0])))
-        hooks.append(memory.register_forward_hook(
-            lambda mod, inp, out: calls.append((mod, (block_inputs[mod], inp[0], inp[2], inp[3]), out))))
+        hooks.append(
+            block.attn.register_forward_pre_hook(
+                lambda mod, inp, memory=memory: block_inputs.__setitem__(memory, inp[0])
+            )
+        )
+        hooks.append(
+            memory.register_forward_hook(
+                lambda mod, inp, out: calls.append((mod, (block_inputs[mod], inp[0], inp[2], inp[3]), out))
+            )
+        )
     return calls, hooks
 
 
@@ -70,7 +76,7 @@ def naive_move_mix(x, v, idx, router_w, bank_spec, heads, slots, gate_g0):
         acc = g[0] * v[b, t, h] if gate_g0 else v[b, t, h].clone()
         for i in range(slots):
             gi = g[i + 1] if gate_g0 else g[i]
-            acc = acc + gi * bank_spec[idx[b, t], i, h * width:(h + 1) * width]
+            acc = acc + gi * bank_spec[idx[b, t], i, h * width : (h + 1) * width]
         out[b, t, h] = acc
     return out
 
@@ -89,7 +95,7 @@ def test_move_mixing_matches_naive_formula(shape, gate_g0, grad):
     assert len(calls) == config.n_layer
     H, M = config.kv_heads, config.n_slots
     bank_spec = model.bank.weight.permute(0, 2, 1, 3).reshape(VOCAB, M, -1)  # (vocab, M, d_v)
-    for layer, (module, (x, v, idx_in, _), out) in enumerate(calls):
+    for layer, (module, (x, v, _idx_in, _), out) in enumerate(calls):
         attn = model.blocks[layer].attn
         # the value the memory is mixed into is the standard value (MLA: the normed latent)
         if shape == "mla":
@@ -112,7 +118,7 @@ def test_lave_mixing_matches_naive_formula(shape, grad):
         model(idx)
     assert [c[0] for c in calls] == [model.blocks[i].attn.value_memory for i in (1, 3)]  # i % 2 == (L-1) % 2
     H, k = config.kv_heads, 2
-    for module, (x, v, idx_in, _), out in calls:
+    for module, (x, v, _idx_in, _), out in calls:
         expected = v.clone()
         for b, t, h, j in itertools.product(range(2), range(5), range(H), range(k)):
             gate = 2 * torch.sigmoid(module.router.weight.view(H, k, 32)[h, j] @ x[b, t, :32])
@@ -176,7 +182,7 @@ def test_cached_decoding_equals_full_forward(shape, variant, static):
     cache = model.new_cache(2, 12, static=static)
     with torch.no_grad():  # decoding: router stacked with the value projection, mix_inference
         pieces = [model(idx[:, :4], cache=cache), model(idx[:, 4:7], cache=cache)]  # prefill, then a chunk
-        pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 12)]  # then token by token
+        pieces += [model(idx[:, t : t + 1], cache=cache) for t in range(7, 12)]  # then token by token
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
@@ -221,8 +227,14 @@ def closed_form_params(c: ModelConfig) -> dict:
         width = kv * hd
     else:
         routers = memory = slots = width = 0
-    return dict(token_embedding=V * d, lm_head=V * d, transformer_matrices=L * (attn + mlp),
-                routers=routers, value_memory=memory, mixing_flops=L_mem * 2 * slots * width)
+    return dict(
+        token_embedding=V * d,
+        lm_head=V * d,
+        transformer_matrices=L * (attn + mlp),
+        routers=routers,
+        value_memory=memory,
+        mixing_flops=L_mem * 2 * slots * width,
+    )
 
 
 CONFIGS = [make_config(s, v) for s in SHAPES for v in VARIANTS] + [
@@ -281,18 +293,21 @@ def test_mismatched_checkpoint_is_refused_with_the_mismatch_named(tmp_path):
     header = json.loads(header_path.read_text())
     header["model_config"]["rope_base"] = 500.0  # an edit by hand: refused, it would change the results silently
     header_path.write_text(json.dumps(header))
-    with pytest.raises(CheckpointError, match="config.json: checksum mismatch"):
+    with pytest.raises(CheckpointError, match=r"config\.json: checksum mismatch"):
         load_model(tmp_path / "ck")
     header["model_config"]["rope_base"] = 10000.0
     header["model_config"]["memory_slots"] = 7  # on disk M=2: routers 4*(2+1) x 64
     header["header_sha256"] = header_checksum(header)  # (as a deliberate rewrite would)
     header_path.write_text(json.dumps(header))
-    with pytest.raises(CheckpointError, match=r"shape mismatch for blocks.0.attn.value_memory.router.weight: checkpoint \(12, 64\) vs model \(32, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch for blocks.0.attn.value_memory.router.weight: checkpoint \(12, 64\) vs model \(32, 64\)",
+    ):
         load_model(tmp_path / "ck")
     header["model_config"]["value_memory"] = "standard"
     header["header_sha256"] = header_checksum(header)
     header_path.write_text(json.dumps(header))
-    with pytest.raises(CheckpointError, match="unexpected tensor bank.weight"):
+    with pytest.raises(CheckpointError, match=r"unexpected tensor bank\.weight"):
         load_model(tmp_path / "ck")
 
 
@@ -327,9 +342,16 @@ def test_token_ids_out_of_range_are_refused_where_they_enter():
         generate(model, torch.tensor([[-1]]), 2)
 
 
-@pytest.mark.parametrize("fields", [dict(), dict(value_memory="move", memory_density=2), dict(value_memory="lave"),
-                                    dict(value_memory="move", attention="mla")],
-                         ids=["standard", "move", "lave", "mla-move"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(),
+        dict(value_memory="move", memory_density=2),
+        dict(value_memory="lave"),
+        dict(value_memory="move", attention="mla"),
+    ],
+    ids=["standard", "move", "lave", "mla-move"],
+)
 def test_the_training_forward_breaks_the_graph_only_at_the_excluded_value_memory_functions(fields):
     """No host synchronisation (an id range check read back with int()) and nothing
     else dynamo cannot trace in the training forward: a standard model is one graph,
@@ -347,14 +369,17 @@ def test_the_training_forward_breaks_the_graph_only_at_the_excluded_value_memory
         assert torch._dynamo.explain(model)(x).graph_break_count == 0
 
 
-@pytest.mark.parametrize("bad,message", [
-    (dict(n_embd=65), "does not divide n_embd"),
-    (dict(n_kv_head=3), "does not divide n_head"),
-    (dict(attention="mla", kv_latent_dim=50, value_memory="move"), "divisible by n_head"),
-    (dict(value_memory="moe"), "unknown value_memory"),
-    (dict(n_layer=0), "n_layer must be positive"),
-    (dict(memory_slots=-1), "memory_slots must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (dict(n_embd=65), "does not divide n_embd"),
+        (dict(n_kv_head=3), "does not divide n_head"),
+        (dict(attention="mla", kv_latent_dim=50, value_memory="move"), "divisible by n_head"),
+        (dict(value_memory="moe"), "unknown value_memory"),
+        (dict(n_layer=0), "n_layer must be positive"),
+        (dict(memory_slots=-1), "memory_slots must be >= 0"),
+    ],
+)
 def test_impossible_configs_are_refused(bad, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig(**{**dict(vocab_size=VOCAB, n_embd=64, n_head=4), **bad}).validate()
@@ -372,12 +397,18 @@ def test_greedy_generation_equals_repeated_full_forward(shape):
     assert torch.equal(out, seq)
 
 
-@pytest.mark.parametrize("shape,variant", [
-    ("mha", "move"),
-    pytest.param("mla", "move", marks=pytest.mark.slow), pytest.param("gqa", "lave", marks=pytest.mark.slow),
-    pytest.param("mha", "standard", marks=pytest.mark.slow), pytest.param("mha", "bigram", marks=pytest.mark.slow),
-    pytest.param("mha", "pkm", marks=pytest.mark.slow), pytest.param("mha", "value_residual", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "shape,variant",
+    [
+        ("mha", "move"),
+        pytest.param("mla", "move", marks=pytest.mark.slow),
+        pytest.param("gqa", "lave", marks=pytest.mark.slow),
+        pytest.param("mha", "standard", marks=pytest.mark.slow),
+        pytest.param("mha", "bigram", marks=pytest.mark.slow),
+        pytest.param("mha", "pkm", marks=pytest.mark.slow),
+        pytest.param("mha", "value_residual", marks=pytest.mark.slow),
+    ],
+)
 def test_compiled_decoding_step_equals_eager_and_compiles_once(shape, variant):
     """The compiled single-token step against a static cache gives the eager step's
     logits at every position, from one graph (a position baked into the graph would
@@ -392,12 +423,89 @@ def test_compiled_decoding_step_equals_eager_and_compiles_once(shape, variant):
             model(idx[:, :4], cache=eager_cache)
             model(idx[:, :4], cache=compiled_cache)
             for t in range(4, 10):
-                eager = decode_step(model, idx[:, t:t + 1], eager_cache)
-                compiled = compiled_decode_step(model, idx[:, t:t + 1], compiled_cache)
+                eager = decode_step(model, idx[:, t : t + 1], eager_cache)
+                compiled = compiled_decode_step(model, idx[:, t : t + 1], compiled_cache)
                 torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     prompt = idx[:, :3]
-    assert torch.equal(generate(model, prompt, 5, temperature=0, compiled=True), generate(model, prompt, 5, temperature=0))
+    assert torch.equal(
+        generate(model, prompt, 5, temperature=0, compiled=True), generate(model, prompt, 5, temperature=0)
+    )
+
+
+def test_compiled_generate_serves_many_lengths_in_one_process_from_one_graph():
+    """A notebook or server calls generate(compiled=True) with a new length each time:
+    cache lengths are bucketed (powers of two from STATIC_CACHE_MIN), so the lengths of
+    one bucket share one graph, and 10 lengths neither recompile nor reach dynamo's
+    recompile limit (8), which fullgraph turns into an error."""
+    from move.model.sampling import STATIC_CACHE_MIN, static_cache_length
+
+    assert [static_cache_length(n) for n in (1, STATIC_CACHE_MIN, STATIC_CACHE_MIN + 1)] == [
+        STATIC_CACHE_MIN,
+        STATIC_CACHE_MIN,
+        2 * STATIC_CACHE_MIN,
+    ]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = randomized(GPT(make_config("mha", "move")), std=0.1).eval()
+    prompt = torch.randint(0, VOCAB, (1, 3))
+    for n in range(2, 12):
+        assert torch.equal(generate(model, prompt, n, temperature=0, compiled=True), generate(model, prompt, n, 0))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("variant", ["standard", "lave", "move", *OTHER_MEMORY_DESIGNS])
+def test_backward_inside_autocast_works_for_every_variant(variant):
+    """Many user loops call loss.backward() inside the autocast block; the tables'
+    custom backwards must accept the low-precision gradients it produces."""
+    model = randomized(GPT(make_config("mha", variant)), std=0.1)
+    prepare_model(model, TrainConfig())
+    idx = torch.randint(0, VOCAB, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, targets=idx)
+        loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("t_q,offset", [(6, 0), (1, 5), (2, 4)])
+def test_padding_mla_values_to_the_query_width_changes_nothing(t_q, offset):
+    """On CUDA MLA's narrower values are zero-padded to the query width so that SDPA
+    can use its flash kernel: the same output as unpadded attention, in every branch
+    (causal prefill, one cached query, a chunk appended to a cache)."""
+    from move.model.attention import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, t_q, 4, 24, generator=g)
+    k, v = torch.randn(2, offset + t_q, 4, 24, generator=g), torch.randn(2, offset + t_q, 4, 16, generator=g)
+    padded = causal_attention(q, k, v, offset, pad_values=True)
+    assert padded.shape == (2, t_q, 4, 16)
+    torch.testing.assert_close(padded, causal_attention(q, k, v, offset, pad_values=False), rtol=1e-5, atol=1e-6)
+
+
+def test_bank_rows_are_cast_once_per_forward_under_autocast():
+    """MoVE's gathered rows are shared by every layer: under autocast they are cast to
+    bf16 once (forward and backward together), not once per layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CastsOfBankRows(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.count = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy and tuple(args[0].shape) == self.shape:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = randomized(GPT(make_config("mha", "move", n_layer=4, memory_density=2)), std=0.1)
+    prepare_model(model, TrainConfig())
+    idx = torch.randint(0, VOCAB, (2, 8))
+    heads, slots, width = model.bank.weight.shape[1:]
+    with CastsOfBankRows((2, 8, heads, slots, width)) as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, targets=idx).backward()
+    assert casts.count == 1
 
 
 def test_sampling_is_seeded_and_respects_top_k():
@@ -419,8 +527,8 @@ def test_a_table_shard_draws_exactly_its_rows_of_the_whole_table():
     rows = 3 * ROW_BLOCK + 17
     whole = torch.empty(rows, 2, 3)
     _init_rows(whole, 7, "bank", 0.5)
-    assert whole.abs().max() <= 0.5 and abs(whole.std().item() - 0.5 / 3 ** 0.5) < 0.01
-    assert not torch.equal(whole[:ROW_BLOCK], whole[ROW_BLOCK:2 * ROW_BLOCK])  # blocks are not repeats
+    assert whole.abs().max() <= 0.5 and abs(whole.std().item() - 0.5 / 3**0.5) < 0.01
+    assert not torch.equal(whole[:ROW_BLOCK], whole[ROW_BLOCK : 2 * ROW_BLOCK])  # blocks are not repeats
     for world in (2, 3, 7):
         per_rank = -(-rows // world)
         for rank in range(world):
@@ -447,6 +555,6 @@ def test_a_model_built_empty_and_sharded_initialises_like_the_whole_model(varian
         expected = reference[key]
         if value.shape != expected.shape:  # a sharded table: rank 1's rows
             start = -(-expected.shape[0] // 3)
-            expected = expected[start:start + value.shape[0]]
+            expected = expected[start : start + value.shape[0]]
         assert torch.equal(value, expected), key
     assert torch.equal(sharded._rotary(3, "cpu")[0], whole._rotary(3, "cpu")[0])  # rebuilt, not left empty

@@ -7,7 +7,10 @@ from move.training.muon import Muon, newton_schulz
 
 def run(optimizer_class, steps=4, **kwargs):
     g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(24, 40, generator=g)), torch.nn.Parameter(torch.randn(40, 24, generator=g))]
+    params = [
+        torch.nn.Parameter(torch.randn(24, 40, generator=g)),
+        torch.nn.Parameter(torch.randn(40, 24, generator=g)),
+    ]
     opt = optimizer_class(params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01, **kwargs)
     for _ in range(steps):
         for p in params:

@@ -72,7 +72,7 @@ def test_another_seed_gives_other_weights_and_the_same_seed_the_same():
 def test_deeper_baseline_shares_its_first_layers_and_memory_is_on_the_documented_scale():
     shallow = api.build_model("tiny", seed=3, **TINY)
     deeper = api.build_model("tiny", seed=3, **{**TINY, "n_layer": 5})
-    common = {n: t for n, t in shallow.state_dict().items()}
+    common = dict(shallow.state_dict().items())
     theirs = deeper.state_dict()
     assert all(torch.equal(t, theirs[n]) for n, t in common.items())
     move = api.build_model("tiny", seed=3, **TINY, value_memory="move", memory_density=8)
@@ -94,10 +94,14 @@ def test_move_train_path_pairs_variants(request, tmp_path, data_fixture):
     data = str(request.getfixturevalue(data_fixture))
     common = ["--data", data, "--preset", "tiny", "--seed", "5", "--n-layer", "3"]
     models = {}
-    for name, flags in {"standard": [], "lave": ["--variant", "lave"], "move": ["--variant", "move", "--density", "2"],
-                        "mla-standard": ["--attention", "mla", "--kv-latent-dim", "64"],
-                        "mla-move": ["--attention", "mla", "--kv-latent-dim", "64", "--variant", "move"],
-                        "pkm": ["--variant", "pkm"]}.items():
+    for name, flags in {
+        "standard": [],
+        "lave": ["--variant", "lave"],
+        "move": ["--variant", "move", "--density", "2"],
+        "mla-standard": ["--attention", "mla", "--kv-latent-dim", "64"],
+        "mla-move": ["--attention", "mla", "--kv-latent-dim", "64", "--variant", "move"],
+        "pkm": ["--variant", "pkm"],
+    }.items():
         model, _, _ = build_run(run_spec_from(parsed_train_args(*common, *flags, "--out", str(tmp_path / name))))
         models[name] = model
     assert_shares_every_standard_tensor(models["standard"], models["lave"])
@@ -108,7 +112,8 @@ def test_move_train_path_pairs_variants(request, tmp_path, data_fixture):
 
 def test_experiment_runs_pair_variants_within_a_seed(tmp_path, prepared_dir):
     toml = tmp_path / "grid.toml"
-    toml.write_text(textwrap.dedent(f"""
+    toml.write_text(
+        textwrap.dedent(f"""
         name = "pairing"
         data = "{prepared_dir}"
         preset = "tiny"
@@ -119,14 +124,15 @@ def test_experiment_runs_pair_variants_within_a_seed(tmp_path, prepared_dir):
         steps = 1
         [sizes.base]
         n_layer = 3
-    """))
+    """)
+    )
     experiment = Experiment.load(toml)
     by_seed: dict[int, dict] = {}
     for spec in experiment.runs():
         model, _, _ = build_run(experiment.run_spec(spec))
         by_seed.setdefault(spec.seed, {})[spec.variant] = model
     for models in by_seed.values():
-        for variant, model in models.items():
+        for model in models.values():
             assert_shares_every_standard_tensor(models["standard"], model)
     assert not torch.equal(by_seed[0]["standard"].wte.weight, by_seed[1]["standard"].wte.weight)
 
@@ -141,8 +147,24 @@ def test_a_run_spec_trains_through_the_api_like_move_train(tmp_path, prepared_di
     spec = RunSpec(data=str(prepared_dir), preset="tiny", model={"value_memory": "move"}, train=TrainConfig(**fields))
     summary = api.run(spec, out=tmp_path / "api", quiet=True)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in fields.items()]
-    assert main(["train", "--data", str(prepared_dir), "--preset", "tiny", "--variant", "move", *flags,
-                 "--out", str(tmp_path / "cli")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(prepared_dir),
+                "--preset",
+                "tiny",
+                "--variant",
+                "move",
+                *flags,
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
+
     def logged(run):  # every record but the measured speed
         return [{k: v for k, v in m.items() if k != "tok_per_s"} for m in read_metrics(run)]
 

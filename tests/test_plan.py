@@ -16,14 +16,18 @@ from move.config import OptimConfig, TrainConfig, model_config_from_preset
 from move.device import PEAK_BF16_FLOPS
 from move.training.plan import GPU_MARGIN, advice, fits, plan_run
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def measured_plan(*argv) -> dict:
     """`move plan --measure --json` in a fresh process: the resident high-water mark is its own."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "move", "plan", *argv, "--device", "cpu", "--measure", "2", "--json"],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "move", "plan", *argv, "--device", "cpu", "--measure", "2", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -41,14 +45,31 @@ def move_plan(capsys, *argv) -> tuple[int, str, str]:
 SMALL = ["--preset", "small", "--n-embd", "256", "--vocab-size", "4096", "--seq-len", "256", "--batch-size", "8"]
 
 
-@pytest.mark.parametrize("shape", [
-    ["--variant", "move", "--density", "4"],  # the bank, exact optimiser
-    ["--attention", "mla", "--variant", "lave", "--density", "2", "--optimizer", "adamw"],
-    pytest.param(["--n-kv-head", "2", "--variant", "move", "--density", "2", "--value-memory-optimizer", "lazy",
-                  "--grad-accum", "2"], marks=pytest.mark.slow),
-    pytest.param(["--variant", "pkm", "--density", "4"], marks=pytest.mark.slow),  # the other memory designs
-    pytest.param(["--variant", "bigram", "--density", "4"], marks=pytest.mark.slow),
-], ids=["move-x4", "mla-lave-x2-adamw", "gqa-move-x2-lazy-accum", "pkm-x4", "bigram-x4"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ["--variant", "move", "--density", "4"],  # the bank, exact optimiser
+        ["--attention", "mla", "--variant", "lave", "--density", "2", "--optimizer", "adamw"],
+        pytest.param(
+            [
+                "--n-kv-head",
+                "2",
+                "--variant",
+                "move",
+                "--density",
+                "2",
+                "--value-memory-optimizer",
+                "lazy",
+                "--grad-accum",
+                "2",
+            ],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(["--variant", "pkm", "--density", "4"], marks=pytest.mark.slow),  # the other memory designs
+        pytest.param(["--variant", "bigram", "--density", "4"], marks=pytest.mark.slow),
+    ],
+    ids=["move-x4", "mla-lave-x2-adamw", "gqa-move-x2-lazy-accum", "pkm-x4", "bigram-x4"],
+)
 def test_the_memory_estimate_is_within_20_percent_of_the_measured_peak(shape):
     out = measured_plan(*SMALL, *shape)
     measured, planned = out["measured_peak_bytes"], out["memory_total_bytes"]
@@ -60,8 +81,24 @@ def test_paper_scale_answers_for_move_x4_on_8_h100(capsys):
     """d12 / d20 / d32 MoVE x4 at nanochat's batch (256 x 2,048 tokens per step) on 8 x 80 GB."""
     bank_params = {"d12": 65536 * 24 * 768, "d20": 65536 * 40 * 1280, "d32": 65536 * 64 * 2048}  # V x M x width
     for preset, bank in bank_params.items():
-        argv = ["--preset", preset, "--variant", "move", "--density", "4", "--processes", "8",
-                "--gpu-memory", "80GB", "--card", "H100", "--batch-size", "256", "--steps", "5000"]
+        argv = [
+            "--preset",
+            preset,
+            "--variant",
+            "move",
+            "--density",
+            "4",
+            "--processes",
+            "8",
+            "--gpu-memory",
+            "80GB",
+            "--card",
+            "H100",
+            "--batch-size",
+            "256",
+            "--steps",
+            "5000",
+        ]
         out = json.loads(move_plan(capsys, *argv, "--json")[1])
         assert out["params"]["value_memory"] == bank
         assert out["micro_batch"] == 32 and out["bf16"] is True
@@ -119,18 +156,22 @@ def test_muon_keeps_one_moment_per_matrix_and_adamw_two():
 
 def test_known_cards_give_their_data_sheet_peak(capsys):
     sheet = dict(PEAK_BF16_FLOPS)
-    out = json.loads(move_plan(capsys, "--preset", "small", "--vocab-size", "512", "--card", "a100", "--mfu", "0.5",
-                               "--json")[1])
+    out = json.loads(
+        move_plan(capsys, "--preset", "small", "--vocab-size", "512", "--card", "a100", "--mfu", "0.5", "--json")[1]
+    )
     assert out["hours"] == pytest.approx(out["tokens"] * out["flops_per_token"] / (sheet["A100"] * 0.5) / 3600)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--gpu-memory", "eighty"], "not a memory size"),
-    (["--mfu", "1.5"], "must be in (0, 1]"),
-    (["--card", "TPU"], "unknown card 'TPU'"),
-    (["--processes", "3", "--batch-size", "16"], "must divide evenly over 3 processes"),
-    (["--processes", "2", "--measure", "1"], "--measure trains in this one process"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gpu-memory", "eighty"], "not a memory size"),
+        (["--mfu", "1.5"], "must be in (0, 1]"),
+        (["--card", "TPU"], "unknown card 'TPU'"),
+        (["--processes", "3", "--batch-size", "16"], "must divide evenly over 3 processes"),
+        (["--processes", "2", "--measure", "1"], "--measure trains in this one process"),
+    ],
+)
 def test_bad_plan_requests_get_one_line(capsys, argv, message):
     status, out, err = move_plan(capsys, "--preset", "small", "--vocab-size", "512", *argv)
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1 and not out

@@ -10,11 +10,14 @@ from move.config import LAVE_GATE_CHANNELS, MODEL_PRESETS, model_config_from_pre
 from move.model.accounting import count_params
 from move.model.gpt import GPT
 
-VARIANTS = {"standard": {}, "lave:1": dict(value_memory="lave", memory_density=1),
-            "lave:2": dict(value_memory="lave", memory_density=2),
-            **{f"move:{k}": dict(value_memory="move", memory_density=k) for k in (1, 2, 4, 8, 32)},
-            "move-nog0:1": dict(value_memory="move", move_gate_g0=False),
-            "lave-full:1": dict(value_memory="lave", lave_full_gates=True)}
+VARIANTS = {
+    "standard": {},
+    "lave:1": dict(value_memory="lave", memory_density=1),
+    "lave:2": dict(value_memory="lave", memory_density=2),
+    **{f"move:{k}": dict(value_memory="move", memory_density=k) for k in (1, 2, 4, 8, 32)},
+    "move-nog0:1": dict(value_memory="move", move_gate_g0=False),
+    "lave-full:1": dict(value_memory="lave", lave_full_gates=True),
+}
 
 
 def attention_fields(preset: str, kind: str) -> dict:
@@ -51,8 +54,14 @@ def expected_counts(preset: str, variant: dict, kind: str) -> dict:
             routers = lave_layers * d * heads_with_value * (k + 1)
         else:
             routers = lave_layers * LAVE_GATE_CHANNELS * heads_with_value * k
-    counts = {"token_embedding": V * d, "lm_head": V * d, "transformer_matrices": L * per_layer,
-              "routers": routers, "memory_control": 0, "value_memory": memory}
+    counts = {
+        "token_embedding": V * d,
+        "lm_head": V * d,
+        "transformer_matrices": L * per_layer,
+        "routers": routers,
+        "memory_control": 0,
+        "value_memory": memory,
+    }
     return {**counts, "total": sum(counts.values())}
 
 
@@ -66,10 +75,16 @@ def test_every_preset_builds_for_every_variant_and_attention(preset, variant, ki
     assert count_params(model) == expected_counts(preset, VARIANTS[variant], kind)
 
 
-@pytest.mark.parametrize("preset, paper_millions, tolerance", [
-    ("d12", 186, 0.005), ("d20", 561, 0.005), ("d32", 1880, 0.005),  # nanochat D12/D20/D32 (the paper)
-    ("gpt-b", 111, 0.01), ("gpt-l", 343, 0.02),  # LlamaGen GPT-B / GPT-L
-])
+@pytest.mark.parametrize(
+    "preset, paper_millions, tolerance",
+    [
+        ("d12", 186, 0.005),
+        ("d20", 561, 0.005),
+        ("d32", 1880, 0.005),  # nanochat D12/D20/D32 (the paper)
+        ("gpt-b", 111, 0.01),
+        ("gpt-l", 343, 0.02),  # LlamaGen GPT-B / GPT-L
+    ],
+)
 def test_paper_presets_have_the_papers_sizes(preset, paper_millions, tolerance):
     with torch.device("meta"):
         total = count_params(GPT(model_config_from_preset(preset)))["total"]

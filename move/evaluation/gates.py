@@ -32,11 +32,18 @@ def gate_summary(model, idx: torch.Tensor) -> dict:
 def plot_gate_summary(summary: dict, tokens: list[str], path) -> None:
     n_tok = min(len(tokens), 40)
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
-    for ax, key, title in ((axes[0][0], "g0", "g0 (standard value kept), mean over positions"),
-                           (axes[0][1], "memory", "memory weight (sum of slot gates), mean over positions")):
+    for ax, key, title in (
+        (axes[0][0], "g0", "g0 (standard value kept), mean over positions"),
+        (axes[0][1], "memory", "memory weight (sum of slot gates), mean over positions"),
+    ):
         im = ax.imshow(np.array(summary[key]), aspect="auto", cmap="viridis")
-        ax.set(xlabel="head", ylabel="layer", title=title, yticks=range(len(summary["layers"])),
-               yticklabels=summary["layers"])
+        ax.set(
+            xlabel="head",
+            ylabel="layer",
+            title=title,
+            yticks=range(len(summary["layers"])),
+            yticklabels=summary["layers"],
+        )
         fig.colorbar(im, ax=ax)
     ax = axes[1][0]
     for layer, slots in zip(summary["layers"], summary["slots"]):
@@ -45,8 +52,13 @@ def plot_gate_summary(summary: dict, tokens: list[str], path) -> None:
     ax.legend(fontsize=7)
     ax = axes[1][1]
     im = ax.imshow(np.array(summary["per_token_memory"])[:, :n_tok], aspect="auto", cmap="magma")
-    ax.set(title="memory weight per token (mean over heads)", ylabel="layer", yticks=range(len(summary["layers"])),
-           yticklabels=summary["layers"], xticks=range(n_tok))
+    ax.set(
+        title="memory weight per token (mean over heads)",
+        ylabel="layer",
+        yticks=range(len(summary["layers"])),
+        yticklabels=summary["layers"],
+        xticks=range(n_tok),
+    )
     ax.set_xticklabels([t.replace("\n", "\\n")[:8] for t in tokens[:n_tok]], rotation=90, fontsize=7)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()

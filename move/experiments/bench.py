@@ -26,7 +26,7 @@ import torch
 from move.config import ModelConfig
 from move.device import autocast, peak_memory_mb, pick_device, reset_peak_memory, resident_memory_mb
 from move.model.gpt import GPT
-from move.model.sampling import compiled_decode_step, decode_step
+from move.model.sampling import compiled_decode_step, decode_step, static_cache_length
 from move.training.optim import OptimConfig, Optimizers, prepare_for_training
 
 # name -> (model fields, value-memory path, value-memory optimiser, bank storage dtype)
@@ -96,8 +96,9 @@ class BenchShape:
     skip_at_large_vocab: tuple = ("move_x8", "move_x8_ref", "move_x8_lazy")
 
 
-QUICK = BenchShape(n_layer=2, n_embd=64, n_head=2, seq_len=32, batch_size=2, vocab_sizes=(512,), warmup=1,
-                   rounds=2, decode_tokens=4)
+QUICK = BenchShape(
+    n_layer=2, n_embd=64, n_head=2, seq_len=32, batch_size=2, vocab_sizes=(512,), warmup=1, rounds=2, decode_tokens=4
+)
 # the shape of the CPU experiments (the `small` preset, Shakespeare's 2,048 tokens, 16 x 128 per
 # step): the step-time ratios that compare memory designs at equal measured time
 SMALL = BenchShape(n_layer=4, n_embd=128, n_head=4, seq_len=128, batch_size=16, vocab_sizes=(2048,), rounds=15)
@@ -107,12 +108,26 @@ SHAPES = {"default": BenchShape, "small": lambda: SMALL, "quick": lambda: QUICK}
 class Subject:
     """One configuration, ready to step."""
 
-    def __init__(self, shape: BenchShape, vocab: int, device: torch.device, fields: dict, path: str,
-                 optimizer_mode: str, bank_dtype: str):
+    def __init__(
+        self,
+        shape: BenchShape,
+        vocab: int,
+        device: torch.device,
+        fields: dict,
+        path: str,
+        optimizer_mode: str,
+        bank_dtype: str,
+    ):
         torch.manual_seed(0)
         self.device = device
-        config = ModelConfig(vocab_size=vocab, seq_len=shape.seq_len, n_layer=shape.n_layer, n_embd=shape.n_embd,
-                             n_head=shape.n_head, **fields)
+        config = ModelConfig(
+            vocab_size=vocab,
+            seq_len=shape.seq_len,
+            n_layer=shape.n_layer,
+            n_embd=shape.n_embd,
+            n_head=shape.n_head,
+            **fields,
+        )
         self.model = GPT(config).to(device)
         prepare_for_training(self.model, path, optimizer_mode, bank_dtype)
         self.optimizers = Optimizers(self.model, OptimConfig(value_memory_optimizer=optimizer_mode))
@@ -131,11 +146,12 @@ class Subject:
 
     @torch.no_grad()
     def decode_per_token(self, batch: int, compiled: bool = False) -> float:
-        """Seconds per generated token after a 16-token prefill; compiled: the step is
-        compiled against a static cache (the prefill stays eager, as in generate)."""
+        """Seconds per generated token after a 16-token prefill, as generate (and so
+        `move sample`) runs it: under autocast, and compiled against a static cache of
+        the bucketed length (the prefill stays eager)."""
         model, n = self.model, self.shape.decode_tokens
         prompt = self.idx[:1, :16].expand(batch, 16).contiguous()
-        cache = model.new_cache(batch, 16 + n, static=compiled)
+        cache = model.new_cache(batch, static_cache_length(16 + n) if compiled else 16 + n, static=compiled)
         step = compiled_decode_step if compiled else decode_step
         with autocast(self.device):
             model(prompt, cache=cache)
@@ -185,8 +201,10 @@ def bench_vocab(shape: BenchShape, vocab: int, device: torch.device, names: list
             s.decode_per_token(1, compiled=True)
             s.decode_per_token(8, compiled=True)
     compiled = ("decode_b1_compiled", "decode_b8_compiled")
-    times = {name: {k: [] for k in ("train", "decode_b1", "decode_b8") + (compiled if name in COMPILED_DECODE else ())}
-             for name in names}
+    times = {
+        name: {k: [] for k in ("train", "decode_b1", "decode_b8") + (compiled if name in COMPILED_DECODE else ())}
+        for name in names
+    }
     order = list(subjects)
     rng = random.Random(0)
     for r in range(shape.rounds):
@@ -204,11 +222,18 @@ def bench_vocab(shape: BenchShape, vocab: int, device: torch.device, names: list
     for name, s in subjects.items():
         medians = {k: statistics.median(v) for k, v in times[name].items()}
         # ratios paired within a round, then the median: robust to slow phases of the machine
-        ratios = {f"{k}_ratio": statistics.median(a / b for a, b in zip(v, times["standard"][k]))
-                  for k, v in times[name].items()}
-        result[name] = {**medians, **ratios, "persistent_mb": s.persistent_mb(), "step_peak_mb": step_peak_mb(s),
-                        "value_memory_params": sum(t.weight.numel() for t in s.model.value_tables()),
-                        "bank_bytes": sum(t.weight.numel() * t.weight.element_size() for t in s.model.value_tables())}
+        ratios = {
+            f"{k}_ratio": statistics.median(a / b for a, b in zip(v, times["standard"][k]))
+            for k, v in times[name].items()
+        }
+        result[name] = {
+            **medians,
+            **ratios,
+            "persistent_mb": s.persistent_mb(),
+            "step_peak_mb": step_peak_mb(s),
+            "value_memory_params": sum(t.weight.numel() for t in s.model.value_tables()),
+            "bank_bytes": sum(t.weight.numel() * t.weight.element_size() for t in s.model.value_tables()),
+        }
     del subjects
     return result
 
@@ -222,39 +247,56 @@ def check_targets(results: dict) -> list[str]:
             if limit is None:  # fast path speed-up over the reference path
                 speedup = r[name]["train"] / r[base]["train"]
                 ok = speedup >= 1.5
-                lines.append(f"vocab {vocab}: fast path {speedup:.2f}x faster than reference at {base} "
-                             f"(target >= 1.5x): {'met' if ok else f'MISSED by {1.5 - speedup:.2f}x'}")
+                lines.append(
+                    f"vocab {vocab}: fast path {speedup:.2f}x faster than reference at {base} "
+                    f"(target >= 1.5x): {'met' if ok else f'MISSED by {1.5 - speedup:.2f}x'}"
+                )
                 continue
             ratio = r[name][f"{what}_ratio"] if base == "standard" else r[name][what] / r[base][what]
             if what == "bank_bytes":
-                lines.append(f"vocab {vocab}: bf16 bank / fp32 bank bytes = {ratio:.3f} (target <= 0.5): "
-                             f"{'met' if ratio <= 0.5 else 'MISSED'}")
+                lines.append(
+                    f"vocab {vocab}: bf16 bank / fp32 bank bytes = {ratio:.3f} (target <= 0.5): "
+                    f"{'met' if ratio <= 0.5 else 'MISSED'}"
+                )
                 continue
             ok = ratio <= limit
-            lines.append(f"vocab {vocab}: {what} {name}/{base} = {ratio:.3f}x (target <= {limit:.2f}x): "
-                         f"{'met' if ok else f'MISSED by {100 * (ratio / limit - 1):.1f}%'}")
+            lines.append(
+                f"vocab {vocab}: {what} {name}/{base} = {ratio:.3f}x (target <= {limit:.2f}x): "
+                f"{'met' if ok else f'MISSED by {100 * (ratio / limit - 1):.1f}%'}"
+            )
     return lines
 
 
 def format_results(results: dict, shape: BenchShape, device: str) -> str:
     precision = "bf16 autocast" if device.startswith("cuda") else "fp32"
-    out = [f"# move bench ({device}, {torch.get_num_threads()} CPU threads, {precision})", "",
-           f"Model: {shape.n_layer} layers, width {shape.n_embd}, {shape.n_head} heads; training batch "
-           f"{shape.batch_size} x {shape.seq_len}; medians of {shape.rounds} interleaved rounds after "
-           f"{shape.warmup} warm-up steps; \"x std\" is the median over rounds of the ratio to standard in the "
-           "same round. Configurations run in a shuffled order each round.", ""]
+    out = [
+        f"# move bench ({device}, {torch.get_num_threads()} CPU threads, {precision})",
+        "",
+        f"Model: {shape.n_layer} layers, width {shape.n_embd}, {shape.n_head} heads; training batch "
+        f"{shape.batch_size} x {shape.seq_len}; medians of {shape.rounds} interleaved rounds after "
+        f'{shape.warmup} warm-up steps; "x std" is the median over rounds of the ratio to standard in the '
+        "same round. Configurations run in a shuffled order each round.",
+        "",
+    ]
     for vocab, r in results.items():
-        out += [f"## vocab {vocab}", "",
-                "| config | value-memory params | train step ms | x std | decode b1 ms/tok | x std "
-                "| decode b8 ms/tok | x std | compiled b1 ms/tok | x std | compiled b8 ms/tok | x std "
-                "| params+grads+optim MB | step peak RSS growth MB |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"## vocab {vocab}",
+            "",
+            "| config | value-memory params | train step ms | x std | decode b1 ms/tok | x std "
+            "| decode b8 ms/tok | x std | compiled b1 ms/tok | x std | compiled b8 ms/tok | x std "
+            "| params+grads+optim MB | step peak RSS growth MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, m in r.items():
             peak = "n/a" if m["step_peak_mb"] is None else f"{m['step_peak_mb']:.0f}"
-            decode = " | ".join(f"{1e3 * m[k]:.2f} | {m[k + '_ratio']:.3f}" if k in m else "- | -"
-                                for k in ("decode_b1", "decode_b8", "decode_b1_compiled", "decode_b8_compiled"))
-            out.append(f"| {name} | {m['value_memory_params']:,} | {1e3 * m['train']:.1f} | {m['train_ratio']:.3f} "
-                       f"| {decode} | {m['persistent_mb']:.0f} | {peak} |")
+            decode = " | ".join(
+                f"{1e3 * m[k]:.2f} | {m[k + '_ratio']:.3f}" if k in m else "- | -"
+                for k in ("decode_b1", "decode_b8", "decode_b1_compiled", "decode_b8_compiled")
+            )
+            out.append(
+                f"| {name} | {m['value_memory_params']:,} | {1e3 * m['train']:.1f} | {m['train_ratio']:.3f} "
+                f"| {decode} | {m['persistent_mb']:.0f} | {peak} |"
+            )
         out.append("")
     out += ["## Targets", ""] + [f"- {line}" for line in check_targets(results)] + [""]
     return "\n".join(out)
@@ -266,8 +308,9 @@ def run_bench(shape: BenchShape, out_dir, names=None, device: str = "auto", log=
     names = ["standard"] + [n for n in names or VALUE_MEMORY_CONFIGS if n != "standard"]  # ratios are to standard
     # every compiled configuration and batch size is one more graph of the same step function;
     # past dynamo's default limit (8) it would silently fall back to eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                               4 * len(COMPILED_DECODE) * len(shape.vocab_sizes))
+    torch._dynamo.config.recompile_limit = max(
+        torch._dynamo.config.recompile_limit, 4 * len(COMPILED_DECODE) * len(shape.vocab_sizes)
+    )
     results = {vocab: bench_vocab(shape, vocab, device, names, log) for vocab in shape.vocab_sizes}
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = format_results(results, shape, f"{device.type}: {label}")
@@ -275,7 +318,9 @@ def run_bench(shape: BenchShape, out_dir, names=None, device: str = "auto", log=
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{device.type}_bench.md").write_text(report)
-        (out_dir / f"{device.type}_bench.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+        (out_dir / f"{device.type}_bench.json").write_text(
+            json.dumps({str(k): v for k, v in results.items()}, indent=2)
+        )
     print(report)
     return results
 
@@ -299,10 +344,15 @@ def run_profile(shape: BenchShape, vocab: int, names: list[str], steps: int, out
     torch.set_flush_denormal(True)
     device = pick_device(device)
     names = ["standard"] + [n for n in names if n != "standard"]
-    out = [f"# move bench --profile (vocab {vocab}, {device.type}, {torch.get_num_threads()} threads)", "",
-           f"Model as in the benchmark ({shape.n_layer} layers, width {shape.n_embd}, batch {shape.batch_size} x "
-           f"{shape.seq_len}); torch.profiler self time per step (decode: per 32-token batch-1 decode), "
-           f"mean of {steps} steps. Ops whose time differs most from standard first.", ""]
+    out = [
+        f"# move bench --profile (vocab {vocab}, {device.type}, {torch.get_num_threads()} threads)",
+        "",
+        f"Model as in the benchmark ({shape.n_layer} layers, width {shape.n_embd}, batch {shape.batch_size} x "
+        f"{shape.seq_len}); torch.profiler self time per step (decode: per 32-token batch-1 decode), "
+        f"mean of {steps} steps. Ops whose time differs most from standard first.",
+        "",
+    ]
+
     def profiled(name: str, what: str) -> dict:
         subject = Subject(shape, vocab, device, *CONFIGS[name])
         return dict(profile_ops(subject, what, steps))
@@ -312,12 +362,17 @@ def run_profile(shape: BenchShape, vocab: int, names: list[str], steps: int, out
             base = profiled("standard", what)  # profiled right before each configuration: same machine state
             ops = profiled(name, what)
             total, base_total = sum(ops.values()), sum(base.values())
-            out += [f"## {what}: {name} vs standard ({total:.1f} ms vs {base_total:.1f} ms, "
-                    f"{total - base_total:+.1f} ms)", "", "| op | standard ms | " + name + " ms | difference ms |",
-                    "|---|---|---|---|"]
+            out += [
+                f"## {what}: {name} vs standard ({total:.1f} ms vs {base_total:.1f} ms, {total - base_total:+.1f} ms)",
+                "",
+                "| op | standard ms | " + name + " ms | difference ms |",
+                "|---|---|---|---|",
+            ]
             keys = sorted(set(ops) | set(base), key=lambda k: -abs(ops.get(k, 0) - base.get(k, 0)))[:12]
-            out += [f"| `{k}` | {base.get(k, 0):.2f} | {ops.get(k, 0):.2f} | {ops.get(k, 0) - base.get(k, 0):+.2f} |"
-                    for k in keys]
+            out += [
+                f"| `{k}` | {base.get(k, 0):.2f} | {ops.get(k, 0):.2f} | {ops.get(k, 0) - base.get(k, 0):+.2f} |"
+                for k in keys
+            ]
             out.append("")
     report = "\n".join(out)
     if out_dir is not None:

@@ -8,7 +8,6 @@ report is a markdown table (validation bpb, parameters by group, FLOPs per token
 measured tokens/s and peak memory) plus the validation curves in one PNG.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from move.errors import ConfigError
 from move.files import atomic_write_json
 from move.image.evaluate import evaluate_generator
 from move.image.prepare import load_prepared_images
+from move.readers import read_json_object
 from move.recipes import RunSpec, parse_variant, resolve_checkpoint, start_training
 from move.training.checkpoint import load_model
 from move.training.curves import plot_runs
@@ -31,9 +31,9 @@ class ImageEvalSpec:
     cfg_scale: float = 1.5
 
 
-
-def run_comparison(base: RunSpec, variants: list[str], out, force: bool = False,
-                   image_eval: ImageEvalSpec | None = None) -> dict:
+def run_comparison(
+    base: RunSpec, variants: list[str], out, force: bool = False, image_eval: ImageEvalSpec | None = None
+) -> dict:
     """Train `base` once per variant ("move:4", ...) into out/<variant>, then report."""
     out = Path(out)
     parsed = [parse_variant(s) for s in variants]  # validate all before training any
@@ -43,7 +43,7 @@ def run_comparison(base: RunSpec, variants: list[str], out, force: bool = False,
         summary_path = run_dir / "summary.json"
         if summary_path.exists() and not force:
             print(f"{name}: complete, skipped ({summary_path})")
-            summaries[name] = json.loads(summary_path.read_text())
+            summaries[name] = read_json_object(summary_path, "run summary")
             continue
         resume = (run_dir / "run.json").exists() and not force
         trainer = start_training(base.with_model(**fields), run_dir, resume=resume, force=force)
@@ -64,7 +64,7 @@ def image_sample_metrics(run_dir: Path, data_dir, spec: ImageEvalSpec, force: bo
     path = run_dir / "sample_metrics.json"
     settings = {"fid_samples": spec.fid_samples, "cfg_scale": spec.cfg_scale}
     if path.exists() and not force:
-        cached = json.loads(path.read_text())
+        cached = read_json_object(path, "sample metrics file")
         if all(cached.get(k) == v for k, v in settings.items()):
             return cached
     if not spec.classifier:
@@ -72,15 +72,23 @@ def image_sample_metrics(run_dir: Path, data_dir, spec: ImageEvalSpec, force: bo
     model, _ = load_model(resolve_checkpoint(run_dir), "cpu")
     data = load_prepared_images(data_dir)
     print(f"{run_dir.name}: sampling {spec.fid_samples} images for FID and class accuracy")
-    metrics = evaluate_generator(model, data, resolve_checkpoint(spec.classifier), spec.fid_samples, spec.cfg_scale,
-                                 grid_path=run_dir / "samples.png")
+    metrics = evaluate_generator(
+        model,
+        data,
+        resolve_checkpoint(spec.classifier),
+        spec.fid_samples,
+        spec.cfg_scale,
+        grid_path=run_dir / "samples.png",
+    )
     atomic_write_json(path, metrics)
     return metrics
 
 
 def format_image_table(summaries: dict[str, dict]) -> str:
-    head = ("| run | val NLL bits/token | FID | class accuracy | value-memory params | total params "
-            "| train FLOPs/token | tok/s | peak MB |")
+    head = (
+        "| run | val NLL bits/token | FID | class accuracy | value-memory params | total params "
+        "| train FLOPs/token | tok/s | peak MB |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, s in summaries.items():
         p = s["accounting"]["params"]
@@ -94,8 +102,10 @@ def format_image_table(summaries: dict[str, dict]) -> str:
 
 def format_table(summaries: dict[str, dict]) -> str:
     base = summaries.get("standard", {}).get("val_bpb")
-    head = ("| run | val bpb | Δ vs standard | value-memory params | router params | total params "
-            "| train FLOPs/token | tok/s | Δ tok/s | peak MB |")
+    head = (
+        "| run | val bpb | Δ vs standard | value-memory params | router params | total params "
+        "| train FLOPs/token | tok/s | Δ tok/s | peak MB |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     base_speed = summaries.get("standard", {}).get("tok_per_s")
     for name, s in summaries.items():
@@ -113,7 +123,9 @@ def format_table(summaries: dict[str, dict]) -> str:
 def write_report(out: Path, summaries: dict[str, dict]) -> None:
     any_summary = next(iter(summaries.values()))
     image = any_summary["task"]["modality"] == "image"
-    metric, title = ("val_nll_bits", "validation NLL (bits per image token)") if image else ("val_bpb", "validation bits per byte")
+    metric, title = (
+        ("val_nll_bits", "validation NLL (bits per image token)") if image else ("val_bpb", "validation bits per byte")
+    )
     curves = {name: read_metrics(out / name) for name in summaries}
     plot_runs(curves, metric, out / f"{metric}.png", title=title)
     table = format_image_table(summaries) if image else format_table(summaries)
@@ -130,8 +142,9 @@ def write_report(out: Path, summaries: dict[str, dict]) -> None:
         s = any_summary
         lines += [
             "",
-            f"Images: {s['task']['dataset']}, {s['task']['codebook_size']} codes on a {'x'.join(map(str, s['task']['grid']))} "
-            f"grid. FID from {s['fid_samples']} class-balanced samples (guidance scale {s['cfg_scale']}) against the first "
+            f"Images: {s['task']['dataset']}, {s['task']['codebook_size']} codes on a "
+            f"{'x'.join(map(str, s['task']['grid']))} grid. FID from {s['fid_samples']} class-balanced samples "
+            f"(guidance scale {s['cfg_scale']}) against the first "
             f"{s['fid_samples']} test images with the Inception-v3 FID network; FID at this sample count is biased "
             "upwards and only comparable between rows of this table. Class accuracy: the project's classifier on "
             f"the samples (its own test accuracy: {s['classifier_test_accuracy']:.4f}).",

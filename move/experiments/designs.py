@@ -12,15 +12,13 @@ four committed measurements.
   process, the shape of the text runs).
 """
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from move.errors import UserError
 from move.experiments.budgets import collect_budgets
 from move.experiments.report import display, load_results, variant_order
 from move.experiments.stats import paired_difference, summarize_values
+from move.readers import read_json_object
 
 
 def interpolate_budgets(budgets: dict[int, float], steps: float) -> float:
@@ -62,7 +60,7 @@ def designs_table(text_out, time_out, knowledge_out, bench_json, metric: str = "
     variants = sorted((v for s, v in text if s == size), key=variant_order)
     if "standard" not in variants:
         raise UserError(f"{text_out}: no standard runs to compare with")
-    bench = json.loads(Path(bench_json).read_text())
+    bench = read_json_object(bench_json, "benchmark file")
     if len(bench) != 1:
         raise UserError(f"{bench_json}: expected one vocabulary (move bench --shape small)")
     (bench,) = bench.values()
@@ -75,8 +73,15 @@ def designs_table(text_out, time_out, knowledge_out, bench_json, metric: str = "
     base_flops = standard_record["accounting"]["forward_flops_per_token"]["total"]
     base_params = standard_record["accounting"]["params"]["total"]
 
-    head = ["method", "extra params", "forward FLOPs/token (x std)", "train step (x std, measured)",
-            f"validation bpb ({steps} steps)", "Δ vs standard, equal params", "Δ vs standard, equal time"]
+    head = [
+        "method",
+        "extra params",
+        "forward FLOPs/token (x std)",
+        "train step (x std, measured)",
+        f"validation bpb ({steps} steps)",
+        "Δ vs standard, equal params",
+        "Δ vs standard, equal time",
+    ]
     head += [f"stored bits, {corpus}" for corpus in corpora]
     rows = []
     for variant in variants:
@@ -98,8 +103,18 @@ def designs_table(text_out, time_out, knowledge_out, bench_json, metric: str = "
         for corpus in corpora:
             seeds = knowledge[corpus].get(variant)
             bits.append(summarize_values(seeds.values()).format(0) if seeds else "not run")
-        rows.append([display(variant), f"{extra:+,}", f"{flops / base_flops:.3f}", f"{ratio:.3f}",
-                     summarize_values(values.values()).format(), equal_params, equal_time, *bits])
+        rows.append(
+            [
+                display(variant),
+                f"{extra:+,}",
+                f"{flops / base_flops:.3f}",
+                f"{ratio:.3f}",
+                summarize_values(values.values()).format(),
+                equal_params,
+                equal_time,
+                *bits,
+            ]
+        )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -47,8 +47,15 @@ MODES = ("sharded", "fsdp2", "replicated")
 class Mode:
     def __init__(self, name: str, args, device):
         torch.manual_seed(0)
-        config = ModelConfig(vocab_size=args.vocab, seq_len=args.seq_len, n_layer=args.n_layer, n_embd=args.n_embd,
-                             n_head=args.n_head, value_memory="move", memory_density=args.density)
+        config = ModelConfig(
+            vocab_size=args.vocab,
+            seq_len=args.seq_len,
+            n_layer=args.n_layer,
+            n_embd=args.n_embd,
+            n_head=args.n_head,
+            value_memory="move",
+            memory_density=args.density,
+        )
         self.name, self.device = name, device
         self.model = GPT(config).to(device)
         self.model.set_value_memory_grad_mode("autograd" if name == "fsdp2" else "dense")
@@ -62,12 +69,14 @@ class Mode:
         # AdamW for the matrices and modest rates: Muon's bf16 orthogonalisation and large
         # Adam steps would amplify the modes' different fp32 summation orders into
         # visibly different losses, hiding the check that they train the same model
-        self.optimizers = Optimizers(self.model, OptimConfig(optimizer="adamw", lr_value_memory=0.02,
-                                                             lr_embedding=0.02))
+        self.optimizers = Optimizers(
+            self.model, OptimConfig(optimizer="adamw", lr_value_memory=0.02, lr_embedding=0.02)
+        )
         s = distributed.current()
         g = torch.Generator().manual_seed(1 + s.rank)  # each rank its own batch
-        self.batches = [torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=g)
-                        for _ in range(4)]
+        self.batches = [
+            torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=g) for _ in range(4)
+        ]
         self.bank = self.model.bank
         self.row_bytes = self.bank.weight[0].numel() * self.bank.weight.element_size()
         # a ring all-reduce (or all-gather + reduce-scatter) of the whole bank, sent + received
@@ -129,17 +138,24 @@ def main(argv=None) -> None:
         times = {name: [] for name in modes}
         for mode in modes.values():  # warm-up: allocations, first-touch of the Adam state
             mode.step(0)
-        for r in range(args.rounds):
+        for _r in range(args.rounds):
             for name, mode in modes.items():
                 times[name] += [mode.step(i) for i in range(args.steps)]
         s = distributed.current()
-        result = {"world_size": s.world_size, "device": str(device), "args": vars(args),
-                  "modes": {name: {"step_s_median": statistics.median(times[name]),
-                                   "value_memory_comm_mb_per_step": statistics.mean(m.comm_bytes) / 2**20,
-                                   "value_memory_held_mb": m.held_bytes() / 2**20,
-                                   "max_loss_diff_to_sharded": max(abs(a - b) for a, b in
-                                                                   zip(m.losses, modes["sharded"].losses))}
-                            for name, m in modes.items()}}
+        result = {
+            "world_size": s.world_size,
+            "device": str(device),
+            "args": vars(args),
+            "modes": {
+                name: {
+                    "step_s_median": statistics.median(times[name]),
+                    "value_memory_comm_mb_per_step": statistics.mean(m.comm_bytes) / 2**20,
+                    "value_memory_held_mb": m.held_bytes() / 2**20,
+                    "max_loss_diff_to_sharded": max(abs(a - b) for a, b in zip(m.losses, modes["sharded"].losses)),
+                }
+                for name, m in modes.items()
+            },
+        }
         if s.is_main:
             report(result, args.out)
 
@@ -147,21 +163,32 @@ def main(argv=None) -> None:
 def report(result: dict, out: str) -> None:
     sharded, replicated = result["modes"]["sharded"], result["modes"]["replicated"]
     a = result["args"]
-    lines = [f"# Value memory across {result['world_size']} processes: row-sharded vs FSDP2 vs replicated", "",
-             f"MoVE x{a['density']}, vocab {a['vocab']:,}, {a['n_layer']} layers, d_model {a['n_embd']}, "
-             f"seq {a['seq_len']}, batch {a['batch_size']} per rank, device {result['device']}; "
-             f"median of {a['rounds']} x {a['steps']} steps per mode, rounds interleaved.", "",
-             "| mode | step time (s) | vs sharded | value-memory traffic per step and rank (MiB) | "
-             "value memory held per rank (MiB) | max loss difference to sharded |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Value memory across {result['world_size']} processes: row-sharded vs FSDP2 vs replicated",
+        "",
+        f"MoVE x{a['density']}, vocab {a['vocab']:,}, {a['n_layer']} layers, d_model {a['n_embd']}, "
+        f"seq {a['seq_len']}, batch {a['batch_size']} per rank, device {result['device']}; "
+        f"median of {a['rounds']} x {a['steps']} steps per mode, rounds interleaved.",
+        "",
+        "| mode | step time (s) | vs sharded | value-memory traffic per step and rank (MiB) | "
+        "value memory held per rank (MiB) | max loss difference to sharded |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in result["modes"].items():
-        lines.append(f"| {name} | {m['step_s_median']:.3f} | {m['step_s_median'] / sharded['step_s_median']:.2f}x | "
-                     f"{m['value_memory_comm_mb_per_step']:.1f} | {m['value_memory_held_mb']:.1f} | "
-                     f"{m['max_loss_diff_to_sharded']:.1e} |")
-    lines += ["", f"sharded / replicated: step time {sharded['step_s_median'] / replicated['step_s_median']:.2f}x, "
-              f"traffic {sharded['value_memory_comm_mb_per_step'] / replicated['value_memory_comm_mb_per_step']:.3f}x, "
-              f"memory {sharded['value_memory_held_mb'] / replicated['value_memory_held_mb']:.2f}x. FSDP2 holds "
-              "the same shard between steps, but materialises the whole bank and a whole-bank gradient in every "
-              "step and moves whole-bank bytes.", ""]
+        lines.append(
+            f"| {name} | {m['step_s_median']:.3f} | {m['step_s_median'] / sharded['step_s_median']:.2f}x | "
+            f"{m['value_memory_comm_mb_per_step']:.1f} | {m['value_memory_held_mb']:.1f} | "
+            f"{m['max_loss_diff_to_sharded']:.1e} |"
+        )
+    lines += [
+        "",
+        f"sharded / replicated: step time {sharded['step_s_median'] / replicated['step_s_median']:.2f}x, "
+        f"traffic {sharded['value_memory_comm_mb_per_step'] / replicated['value_memory_comm_mb_per_step']:.3f}x, "
+        f"memory {sharded['value_memory_held_mb'] / replicated['value_memory_held_mb']:.2f}x. FSDP2 holds "
+        "the same shard between steps, but materialises the whole bank and a whole-bank gradient in every "
+        "step and moves whole-bank bytes.",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     if out:
@@ -173,4 +200,4 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None

@@ -56,9 +56,14 @@ class Phases:
         reset_peak_memory("cpu")
         start = time.perf_counter()
         result = fn()
-        record = {"phase": name, "rank": self.rank, "peak_mb": peak_memory_mb("cpu"), "seconds":
-                  time.perf_counter() - start, "baseline_mb": self.baseline_mb,
-                  "memory_share_mb": self.share_bytes / 2**20}
+        record = {
+            "phase": name,
+            "rank": self.rank,
+            "peak_mb": peak_memory_mb("cpu"),
+            "seconds": time.perf_counter() - start,
+            "baseline_mb": self.baseline_mb,
+            "memory_share_mb": self.share_bytes / 2**20,
+        }
         (self.out / f"{name}_rank{self.rank}.json").write_text(json.dumps(record))
         return result
 
@@ -67,8 +72,9 @@ def train_steps(model, optimizers, config: ModelConfig, train: TrainConfig, step
     s = distributed.current()
     generator = torch.Generator().manual_seed(1 + s.rank)
     for _ in range(steps):
-        tokens = torch.randint(config.vocab_size, (train.batch_size // s.world_size, config.seq_len + 1),
-                               generator=generator)
+        tokens = torch.randint(
+            config.vocab_size, (train.batch_size // s.world_size, config.seq_len + 1), generator=generator
+        )
         with autocast("cpu"):
             loss = model(tokens[:, :-1], targets=tokens[:, 1:])
         loss.backward()
@@ -84,18 +90,25 @@ def main(argv=None) -> int:
         s = distributed.current()
         out = Path(args.out) / args.variant
         out.mkdir(parents=True, exist_ok=True)
-        config = ModelConfig(vocab_size=args.vocab, seq_len=args.seq_len, n_layer=args.n_layer, n_embd=args.n_embd,
-                             n_head=4, value_memory=args.variant, memory_density=args.density)
+        config = ModelConfig(
+            vocab_size=args.vocab,
+            seq_len=args.seq_len,
+            n_layer=args.n_layer,
+            n_embd=args.n_embd,
+            n_head=4,
+            value_memory=args.variant,
+            memory_density=args.density,
+        )
         # no DDP: the dense gradients are not averaged across ranks, which changes nothing
         # of what is measured here (how much memory the value memory's life takes)
-        train = TrainConfig(batch_size=args.batch_size, steps=args.steps, device="cpu",
-                            optim=OptimConfig(optimizer="adamw"))
+        train = TrainConfig(
+            batch_size=args.batch_size, steps=args.steps, device="cpu", optim=OptimConfig(optimizer="adamw")
+        )
         torch.manual_seed(0)
         rows = -(-args.vocab // s.world_size) if args.variant == "move" else 0
         share = rows * config.n_slots * config.memory_width * (4 + 4 + 8)  # weights, gradient, two moments (fp32)
         phases = Phases(out, s.rank, resident_memory_mb(), share)
-        model = phases.run("resume_startup" if args.resume else "startup",
-                           lambda: build_training_model(config, train))
+        model = phases.run("resume_startup" if args.resume else "startup", lambda: build_training_model(config, train))
         optimizers = Optimizers(model, train.optim)
         checkpoint = out / "ckpt"
         if args.resume:
@@ -103,8 +116,10 @@ def main(argv=None) -> int:
             phases.run("resume_steps", lambda: train_steps(model, optimizers, config, train, args.steps))
             return 0
         phases.run("steps", lambda: train_steps(model, optimizers, config, train, args.steps))
-        phases.run("save", lambda: save_sharded_checkpoint(checkpoint, model, optimizers, {"step": args.steps},
-                                                           {"step": args.steps}))
+        phases.run(
+            "save",
+            lambda: save_sharded_checkpoint(checkpoint, model, optimizers, {"step": args.steps}, {"step": args.steps}),
+        )
     return 0
 
 

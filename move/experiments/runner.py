@@ -53,7 +53,6 @@ import dataclasses
 import shutil
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,13 +61,27 @@ from tqdm import tqdm
 from move.config import ModelConfig
 from move.errors import ConfigError
 from move.experiments.compare import ImageEvalSpec, image_sample_metrics
-from move.recipes import RunSpec
-from move.recipes import parse_variant, start_training
+from move.readers import read_toml
+from move.recipes import RunSpec, parse_variant, start_training
 from move.training.optim import decay_start
 from move.training.trainer import TrainConfig, checkpoint_dirs
 
-TOP_LEVEL = {"name", "description", "expected_minutes", "data", "preset", "seeds", "data_seed", "variants", "train",
-             "sizes", "image", "setup", "decay_budgets", "variant_train"}
+TOP_LEVEL = {
+    "name",
+    "description",
+    "expected_minutes",
+    "data",
+    "preset",
+    "seeds",
+    "data_seed",
+    "variants",
+    "train",
+    "sizes",
+    "image",
+    "setup",
+    "decay_budgets",
+    "variant_train",
+}
 IMAGE_KEYS = {"classifier", "fid_samples", "cfg_scale"}
 TRAIN_KEYS = (TrainConfig.flat_keys() - {"seed", "data_seed"}) | {"label_dropout"}  # the grid sets the seeds
 MODEL_KEYS = set(ModelConfig.__dataclass_fields__) - {"value_memory", "memory_density"}
@@ -123,13 +136,7 @@ class Experiment:
     @classmethod
     def load(cls, path) -> "Experiment":
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the experiment file ({e.strerror})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_toml(path, "experiment file"), str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "experiment") -> "Experiment":
@@ -142,7 +149,11 @@ class Experiment:
         for key in ("name", "data", "seeds", "variants"):
             if key not in raw:
                 raise ConfigError(f"{source}: missing {key!r}")
-        if not raw["seeds"] or not all(isinstance(s, int) for s in raw["seeds"]) or len(set(raw["seeds"])) != len(raw["seeds"]):
+        if (
+            not raw["seeds"]
+            or not all(isinstance(s, int) for s in raw["seeds"])
+            or len(set(raw["seeds"])) != len(raw["seeds"])
+        ):
             raise ConfigError(f"{source}: seeds must be a non-empty list of distinct integers")
         refuse_unknown(raw.get("train", {}), TRAIN_KEYS, "[train]")
         refuse_unknown(raw.get("image", {}), IMAGE_KEYS, "[image]")
@@ -158,12 +169,22 @@ class Experiment:
             refuse_unknown(step, {"creates", "command"}, "[[setup]]")
             if not isinstance(step.get("command"), list) or "creates" not in step:
                 raise ConfigError(f"{source}: each [[setup]] needs `command` (a list) and `creates`")
-        experiment = cls(name=raw["name"], data=raw["data"], preset=raw.get("preset", "small"), seeds=raw["seeds"],
-                         variants=raw["variants"], sizes=sizes, train=raw.get("train", {}),
-                         data_seed=raw.get("data_seed", 0), description=raw.get("description", ""),
-                         expected_minutes=raw.get("expected_minutes", 0), image=raw.get("image", {}),
-                         setup=raw.get("setup", []), decay_budgets=raw.get("decay_budgets", []),
-                         variant_train=raw.get("variant_train", {}))
+        experiment = cls(
+            name=raw["name"],
+            data=raw["data"],
+            preset=raw.get("preset", "small"),
+            seeds=raw["seeds"],
+            variants=raw["variants"],
+            sizes=sizes,
+            train=raw.get("train", {}),
+            data_seed=raw.get("data_seed", 0),
+            description=raw.get("description", ""),
+            expected_minutes=raw.get("expected_minutes", 0),
+            image=raw.get("image", {}),
+            setup=raw.get("setup", []),
+            decay_budgets=raw.get("decay_budgets", []),
+            variant_train=raw.get("variant_train", {}),
+        )
         experiment.runs()  # validates every variant name
         experiment.check_budgets(source)
         return experiment
@@ -180,9 +201,11 @@ class Experiment:
             raise ConfigError(f"{source}: decay_budgets need warmdown_frac > 0 and budgets below steps={config.steps}")
         for budget in budgets:
             if not config.optim.warmup_steps <= self.branch_step(budget) <= stable_until:
-                raise ConfigError(f"{source}: budget {budget} branches at step {self.branch_step(budget)}, "
-                                  f"outside the stable phase [{config.optim.warmup_steps}, {stable_until}] "
-                                  f"of the {config.steps}-step run")
+                raise ConfigError(
+                    f"{source}: budget {budget} branches at step {self.branch_step(budget)}, "
+                    f"outside the stable phase [{config.optim.warmup_steps}, {stable_until}] "
+                    f"of the {config.steps}-step run"
+                )
 
     def runs(self) -> list[GridRun]:
         specs = []
@@ -192,8 +215,17 @@ class Experiment:
                 for variant in overrides.get("variants", self.variants):
                     name, fields = parse_variant(variant)
                     rates = {**overrides.get("train", {}), **self.variant_train.get(variant, {})}
-                    specs.append(GridRun(size, variant, name, seed, {**model_fields, **fields},
-                                         overrides.get("data", self.data), rates))
+                    specs.append(
+                        GridRun(
+                            size,
+                            variant,
+                            name,
+                            seed,
+                            {**model_fields, **fields},
+                            overrides.get("data", self.data),
+                            rates,
+                        )
+                    )
         return specs
 
     @property
@@ -204,9 +236,13 @@ class Experiment:
     def run_spec(self, run: GridRun) -> RunSpec:
         """What `build_run` needs for one cell of the grid."""
         train = TrainConfig.from_flat({**self.train, **run.rates, "data_seed": self.data_seed})
-        return RunSpec(data=run.data, preset=self.preset, model=run.fields,
-                       train=dataclasses.replace(train, seed=run.seed),
-                       label_dropout=self.train.get("label_dropout", 0.1))
+        return RunSpec(
+            data=run.data,
+            preset=self.preset,
+            model=run.fields,
+            train=dataclasses.replace(train, seed=run.seed),
+            label_dropout=self.train.get("label_dropout", 0.1),
+        )
 
 
 PROSE_KEYS = ("description", "expected_minutes")
@@ -215,10 +251,7 @@ PROSE_KEYS = ("description", "expected_minutes")
 def grid_of(path) -> dict:
     """What decides an experiment's results: the parsed file without its prose, so
     an edited comment or description does not make finished runs foreign."""
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read the experiment file ({e})") from None
+    raw = read_toml(path, "experiment file")
     return {k: v for k, v in raw.items() if k not in PROSE_KEYS}
 
 
@@ -237,7 +270,7 @@ def run_setup(experiment: Experiment) -> None:
             if (out / "run.json").exists():
                 command.append("--resume")
         print(f"setup: move {' '.join(command)}", flush=True)
-        if subprocess.run([sys.executable, "-m", "move", *command]).returncode != 0:
+        if subprocess.run([sys.executable, "-m", "move", *command], check=False).returncode != 0:
             raise ConfigError(f"setup step failed: move {' '.join(command)}")
         if not Path(step["creates"]).exists():
             raise ConfigError(f"setup step `move {' '.join(command)}` did not create {step['creates']}")
@@ -277,12 +310,21 @@ def run_budget_branch(experiment: Experiment, spec: GridRun, run_dir: Path, budg
         return True
     source = run_dir / "checkpoints" / f"step_{experiment.branch_step(budget):06d}"
     if not resume_possible(branch) and not source.is_dir():
-        raise ConfigError(f"{run_dir} has no checkpoint at step {experiment.branch_step(budget)} to branch the "
-                          f"{budget}-step budget from (was it trained without decay_budgets?); rerun with --force")
+        raise ConfigError(
+            f"{run_dir} has no checkpoint at step {experiment.branch_step(budget)} to branch the "
+            f"{budget}-step budget from (was it trained without decay_budgets?); rerun with --force"
+        )
     resume = resume_possible(branch)  # a branch killed before its first checkpoint restarts from source
     bar.write(f"    {spec.key}: decay to {budget} steps from step {experiment.branch_step(budget)}")
-    trainer = start_training(experiment.run_spec(spec).with_train(steps=budget), branch, resume=resume,
-                             force=not resume, quiet=True, branch_from=None if resume else source, progress=bar)
+    trainer = start_training(
+        experiment.run_spec(spec).with_train(steps=budget),
+        branch,
+        resume=resume,
+        force=not resume,
+        quiet=True,
+        branch_from=None if resume else source,
+        progress=bar,
+    )
     return "stopped_at" not in trainer.run()
 
 
@@ -294,8 +336,10 @@ def run_experiment(path, out=None, force: bool = False) -> Path | None:
     out.mkdir(parents=True, exist_ok=True)
     copy = out / "experiment.toml"
     if copy.exists() and not force and grid_of(copy) != grid_of(path):
-        raise ConfigError(f"{out} holds results of a different experiment (its grid, data or training settings "
-                          f"differ); use another --out or --force")
+        raise ConfigError(
+            f"{out} holds results of a different experiment (its grid, data or training settings "
+            f"differ); use another --out or --force"
+        )
     shutil.copyfile(path, copy)
     run_setup(experiment)
     specs = experiment.runs()
@@ -309,8 +353,15 @@ def run_experiment(path, out=None, force: bool = False) -> Path | None:
                 resume = (run_dir / "run.json").exists() and not force
                 bar.write(f"[{i}/{len(specs)}] {spec.key}: {'resuming' if resume else 'training'}")
                 keep = frozenset(experiment.branch_step(b) for b in experiment.decay_budgets)
-                summary = start_training(experiment.run_spec(spec), run_dir, resume=resume, force=force, quiet=True,
-                                         keep_steps=keep, progress=bar).run()
+                summary = start_training(
+                    experiment.run_spec(spec),
+                    run_dir,
+                    resume=resume,
+                    force=force,
+                    quiet=True,
+                    keep_steps=keep,
+                    progress=bar,
+                ).run()
                 if "stopped_at" in summary:
                     bar.write(f"stopped during {spec.key}; rerun the same command to continue")
                     return None

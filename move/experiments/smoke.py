@@ -16,7 +16,6 @@ refuses to run unless --allow-cpu (the test suite runs it that way on the tiny p
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -26,10 +25,15 @@ import torch
 
 from move.config import TrainConfig, model_config_from_preset
 from move.errors import UserError
+from move.readers import read_json_object
 from move.training.plan import fits, plan_run
 
-VARIANTS = {"standard": ["--variant", "standard"], "lave_x1": ["--variant", "lave", "--density", "1"],
-            "move_x1": ["--variant", "move", "--density", "1"], "move_x4": ["--variant", "move", "--density", "4"]}
+VARIANTS = {
+    "standard": ["--variant", "standard"],
+    "lave_x1": ["--variant", "lave", "--density", "1"],
+    "move_x1": ["--variant", "move", "--density", "1"],
+    "move_x4": ["--variant", "move", "--density", "4"],
+}
 
 
 def parse_args(argv=None):
@@ -53,9 +57,32 @@ def train_command(args, preset: str, variant: str, run_dir: Path) -> list[str]:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "-m", "move"]
     extra = [f for f in args.train_flags if f != "--"]
     vocab = ["--vocab-size", str(args.vocab_size)] if args.vocab_size else []
-    return [*launcher, "train", "--data", args.data, "--preset", preset, *vocab, *VARIANTS[variant], "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--eval-every", str(args.steps), "--eval-tokens", "65536", "--checkpoint-every", str(args.steps),
-            "--keep-checkpoints", "1", "--out", str(run_dir), "--force", *extra]
+    return [
+        *launcher,
+        "train",
+        "--data",
+        args.data,
+        "--preset",
+        preset,
+        *vocab,
+        *VARIANTS[variant],
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--eval-every",
+        str(args.steps),
+        "--eval-tokens",
+        "65536",
+        "--checkpoint-every",
+        str(args.steps),
+        "--keep-checkpoints",
+        "1",
+        "--out",
+        str(run_dir),
+        "--force",
+        *extra,
+    ]
 
 
 def planned_bytes(args, preset: str, variant: str, on_gpu: bool):
@@ -69,17 +96,24 @@ def planned_bytes(args, preset: str, variant: str, on_gpu: bool):
 
 
 def table(device_name: str, args, rows: dict) -> str:
-    lines = [f"# GPU smoke: {', '.join(args.presets)}, {args.steps} steps, global batch {args.batch_size}, "
-             f"{args.nproc} process(es)", "", f"device: {device_name}; torch {torch.__version__}", "",
-             "| preset | variant | params (M) | value memory (M) | tok/s | tok/s vs standard | MFU | "
-             "peak memory (GiB) | planned (GiB) | measured / planned | val bpb |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU smoke: {', '.join(args.presets)}, {args.steps} steps, global batch {args.batch_size}, "
+        f"{args.nproc} process(es)",
+        "",
+        f"device: {device_name}; torch {torch.__version__}",
+        "",
+        "| preset | variant | params (M) | value memory (M) | tok/s | tok/s vs standard | MFU | "
+        "peak memory (GiB) | planned (GiB) | measured / planned | val bpb |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (preset, name), (plan, s) in rows.items():
         planned = f"{plan.memory_total / 2**30:.2f}"
         if s is None:
-            lines.append(f"| {preset} | {name} | {plan.params['total'] / 1e6:.1f} | "
-                         f"{plan.params['value_memory'] / 1e6:.1f} | skipped: the plan does not fit the card | "
-                         f"| | | {planned} | | |")
+            lines.append(
+                f"| {preset} | {name} | {plan.params['total'] / 1e6:.1f} | "
+                f"{plan.params['value_memory'] / 1e6:.1f} | skipped: the plan does not fit the card | "
+                f"| | | {planned} | | |"
+            )
             continue
         base = (rows.get((preset, "standard")) or (None, None))[1]
         params = s["accounting"]["params"]
@@ -88,13 +122,18 @@ def table(device_name: str, args, rows: dict) -> str:
         memory = f"{peak / 1024:.2f}" if peak else "n/a"
         measured = f"{peak * 2**20 / plan.memory_total:.2f}" if peak else "n/a"
         ratio = f"{s['tok_per_s'] / base['tok_per_s']:.3f}" if base else "n/a"
-        lines.append(f"| {preset} | {name} | {params['total'] / 1e6:.1f} | {params['value_memory'] / 1e6:.1f} | "
-                     f"{s['tok_per_s']:,.0f} | {ratio} | {mfu} | {memory} | {planned} | {measured} | "
-                     f"{s['val_bpb']:.3f} |")
-    lines += ["", "tok/s is measured over the training steps only (the first steps include warm-up and, "
-              "with --compile, compilation); MFU uses the card's data-sheet dense bf16 peak. Peak memory: "
-              "the CUDA allocator's peak (the CPU: the process's resident high-water mark); planned: "
-              "`move plan` for the same run, per process."]
+        lines.append(
+            f"| {preset} | {name} | {params['total'] / 1e6:.1f} | {params['value_memory'] / 1e6:.1f} | "
+            f"{s['tok_per_s']:,.0f} | {ratio} | {mfu} | {memory} | {planned} | {measured} | "
+            f"{s['val_bpb']:.3f} |"
+        )
+    lines += [
+        "",
+        "tok/s is measured over the training steps only (the first steps include warm-up and, "
+        "with --compile, compilation); MFU uses the card's data-sheet dense bf16 peak. Peak memory: "
+        "the CUDA allocator's peak (the CPU: the process's resident high-water mark); planned: "
+        "`move plan` for the same run, per process.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -107,8 +146,23 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not (Path(args.data) / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "move", "prepare", "--corpus", "shakespeare", "--vocab-size", "8192",
-                        "--passage-tokens", "2048", "--out", args.data], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "move",
+                "prepare",
+                "--corpus",
+                "shakespeare",
+                "--vocab-size",
+                "8192",
+                "--passage-tokens",
+                "2048",
+                "--out",
+                args.data,
+            ],
+            check=True,
+        )
     on_gpu = torch.cuda.is_available()
     device_bytes = torch.cuda.get_device_properties(0).total_memory if on_gpu else None
     rows = {}
@@ -118,16 +172,18 @@ def main(argv=None) -> int:
             run_dir = out / preset / variant
             summary_path = run_dir / "summary.json"
             if device_bytes and not fits(plan, device_bytes) and not summary_path.is_file():
-                print(f"== {preset} {variant}: skipped, the plan needs {plan.memory_total / 2**30:.1f} GiB per "
-                      f"process", flush=True)
+                print(
+                    f"== {preset} {variant}: skipped, the plan needs {plan.memory_total / 2**30:.1f} GiB per process",
+                    flush=True,
+                )
                 rows[preset, variant] = (plan, None)
                 continue
             if not summary_path.is_file():
                 print(f"== {preset} {variant}", flush=True)
-                result = subprocess.run(train_command(args, preset, variant, run_dir), env={**os.environ})
+                result = subprocess.run(train_command(args, preset, variant, run_dir), env={**os.environ}, check=False)
                 if result.returncode:
                     raise UserError(f"{preset} {variant}: move train exited with status {result.returncode}")
-            rows[preset, variant] = (plan, json.loads(summary_path.read_text()))
+            rows[preset, variant] = (plan, read_json_object(summary_path, "run summary"))
     text = table(device_name, args, rows)
     (out / "smoke.md").write_text(text)
     print(text)

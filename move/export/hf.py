@@ -28,12 +28,14 @@ from move.files import EXPORT_MARKERS, check_replaceable, replace_directory, tem
 from move.model.accounting import count_params
 from move.text.tokenizer import Tokenizer
 from move.training.checkpoint import first_non_finite, load_model, tokenizer_source
+from move.training.trainer import read_metrics
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `move` package
 
 # project module -> file name in the export; imports between them are rewritten
 MODEL_FILES = {
     "move.errors": "move_errors.py",
+    "move.readers": "move_readers.py",  # config.py reads run configs with it
     "move.config": "move_config.py",
     "move.model.layers": "move_layers.py",
     "move.model.row_shard": "move_row_shard.py",
@@ -73,29 +75,50 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
     for module, file in MODEL_FILES.items():
         (tmp / file).write_text(_relative_source(module))
     shutil.copyfile(Path(__file__).parent / "hf_modeling_template.py", tmp / "modeling_move.py")
-    save_file({f"gpt.{k}": v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {f"gpt.{k}": v.contiguous() for k, v in model.state_dict().items()},
+        tmp / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     bos = tokenizer.hf.id_to_token(tokenizer.bos_id)
     config = {
-        "architectures": ["MoveForCausalLM"], "model_type": "move",
+        "architectures": ["MoveForCausalLM"],
+        "model_type": "move",
         "auto_map": {"AutoConfig": "modeling_move.MoveConfig", "AutoModelForCausalLM": "modeling_move.MoveForCausalLM"},
-        "move_config": model.config.to_dict(), "vocab_size": model.config.vocab_size,
-        "bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.bos_id, "eos_token_id": None,
-        "use_cache": True, "torch_dtype": "float32", "source_checkpoint": str(Path(checkpoint).resolve()),
+        "move_config": model.config.to_dict(),
+        "vocab_size": model.config.vocab_size,
+        "bos_token_id": tokenizer.bos_id,
+        "pad_token_id": tokenizer.bos_id,
+        "eos_token_id": None,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "source_checkpoint": str(Path(checkpoint).resolve()),
         "source_sha256": header["sha256"],
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     # Every training passage starts with BOS, and `move sample` puts it before the prompt:
     # the exported tokenizer adds it too. Batches are padded on the left (with BOS, masked).
     with_bos = HFTokenizer.from_str(tokenizer.hf.to_str())
-    with_bos.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                            special_tokens=[(bos, tokenizer.bos_id)])
+    with_bos.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_id)]
+    )
     with_bos.save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "pad_token": bos, "add_bos_token": True,
-        "padding_side": "left", "model_max_length": model.config.seq_len}, indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": tokenizer.bos_id,
-                                                            "pad_token_id": tokenizer.bos_id, "use_cache": True}))
+    (tmp / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": bos,
+                "pad_token": bos,
+                "add_bos_token": True,
+                "padding_side": "left",
+                "model_max_length": model.config.seq_len,
+            },
+            indent=2,
+        )
+    )
+    (tmp / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.bos_id, "use_cache": True})
+    )
     (tmp / "README.md").write_text(model_card(model, header, checkpoint))
     for file in tmp.iterdir():
         file.chmod(0o644)
@@ -110,34 +133,46 @@ def model_card(model, header: dict, checkpoint) -> str:
     c = model.config
     task = header.get("meta", {}).get("task", {})
     step = header.get("meta", {}).get("step")
-    metrics_file = Path(checkpoint).parent.parent / "metrics.jsonl"
-    metrics = {}
-    if metrics_file.is_file():
-        records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-        metrics = next((r for r in reversed(records) if r.get("step") == step), {})
-    variant = {"standard": "standard attention values",
-               "lave": f"LaVE x{c.memory_density}: per-layer value embeddings on layers {c.lave_layers}",
-               "move": f"MoVE: a global bank of M = {c.n_slots} value slot(s) per token, mixed into every layer",
-               "bigram": f"hashed bigram embeddings: {c.bigram_rows:,} rows added before every block",
-               "pkm": f"a product-key memory of {c.pkm_keys ** 2:,} rows in place of layer {c.pkm_layer}'s MLP",
-               "value_residual": "value residual: every layer mixes the first layer's values into its own",
-               }[c.value_memory]
-    lines = [f"# MoVE-project GPT ({c.value_memory}, {c.attention.upper()})", "",
-             "Exported by `move export-hf`. Load it with",
-             "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and",
-             "`AutoTokenizer.from_pretrained(path, trust_remote_code=True)`: the flag lets transformers read",
-             "this folder's config, which is custom code; the tokenizer itself is a plain",
-             "`PreTrainedTokenizerFast` (`PreTrainedTokenizerFast.from_pretrained(path)` needs no flag). It adds",
-             "the BOS token the model was trained with. Batched generation: pad on the left (the tokenizer",
-             "does) and pass the attention mask; each row then generates what it would alone.",
-             "", "## Architecture", "",
-             f"- {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads ({c.kv_heads} key/value heads), "
-             f"{c.attention.upper()} attention, context {c.seq_len} tokens, vocabulary {c.vocab_size:,}",
-             f"- value memory: {variant}", "", "## Parameters by group", "", "| group | parameters |", "|---|---|"]
+    records = read_metrics(Path(checkpoint).parent.parent)  # [] outside a run directory
+    metrics = next((r for r in reversed(records) if r.get("step") == step), {})
+    variant = {
+        "standard": "standard attention values",
+        "lave": f"LaVE x{c.memory_density}: per-layer value embeddings on layers {c.lave_layers}",
+        "move": f"MoVE: a global bank of M = {c.n_slots} value slot(s) per token, mixed into every layer",
+        "bigram": f"hashed bigram embeddings: {c.bigram_rows:,} rows added before every block",
+        "pkm": f"a product-key memory of {c.pkm_keys**2:,} rows in place of layer {c.pkm_layer}'s MLP",
+        "value_residual": "value residual: every layer mixes the first layer's values into its own",
+    }[c.value_memory]
+    lines = [
+        f"# MoVE-project GPT ({c.value_memory}, {c.attention.upper()})",
+        "",
+        "Exported by `move export-hf` (the `mixture-of-value-embeddings` package). Load it with",
+        "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and",
+        "`AutoTokenizer.from_pretrained(path, trust_remote_code=True)`: the flag lets transformers read",
+        "this folder's config, which is custom code; the tokenizer itself is a plain",
+        "`PreTrainedTokenizerFast` (`PreTrainedTokenizerFast.from_pretrained(path)` needs no flag). It adds",
+        "the BOS token the model was trained with. Batched generation: pad on the left (the tokenizer",
+        "does) and pass the attention mask; each row then generates what it would alone.",
+        "",
+        "## Architecture",
+        "",
+        f"- {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads ({c.kv_heads} key/value heads), "
+        f"{c.attention.upper()} attention, context {c.seq_len} tokens, vocabulary {c.vocab_size:,}",
+        f"- value memory: {variant}",
+        "",
+        "## Parameters by group",
+        "",
+        "| group | parameters |",
+        "|---|---|",
+    ]
     lines += [f"| {group} | {count:,} |" for group, count in count_params(model).items()]
-    lines += ["", "## Training", "",
-              f"- data: {task.get('source', 'unknown')} ({task.get('train_tokens', 'unknown')} training tokens)",
-              f"- checkpoint step: {step if step is not None else 'unknown'}"]
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- data: {task.get('source', 'unknown')} ({task.get('train_tokens', 'unknown')} training tokens)",
+        f"- checkpoint step: {step if step is not None else 'unknown'}",
+    ]
     shown = {k: v for k, v in metrics.items() if k in ("val_bpb", "train_loss", "tokens", "val_nll_bits")}
     lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in shown.items()]
     lines += ["", f"Source checkpoint: `{Path(checkpoint).resolve()}`", ""]

@@ -66,8 +66,9 @@ class MoveForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         """The weights come from the checkpoint; GPT.init_weights already ran."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask=None, labels=None, use_cache=None,
-                **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask=None, labels=None, use_cache=None, **kwargs
+    ) -> CausalLMOutputWithPast:
         """Without a cache: logits for every position. With one (generation): only the
         tokens the cache has not seen are run, and their logits returned; generate may
         pass the whole sequence or just the new tokens, both work."""

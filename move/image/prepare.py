@@ -24,6 +24,7 @@ from move.errors import DataError
 from move.files import existing_data, read_manifest, replace_directory, temporary_sibling
 from move.image.datasets import ImageDataset, load_image_dataset
 from move.image.tokenizers import tokenizer_from_spec
+from move.readers import fields_of, inner_file_name, parse_json
 from move.training.checkpoint import read_verified
 
 FORMAT = "move-image-data"
@@ -37,6 +38,7 @@ SPLITS = ("train", "test")
 @dataclass(frozen=True)
 class ClassTokens:
     """Where class and null-class tokens sit in the vocabulary."""
+
     codebook_size: int
     num_classes: int
 
@@ -67,7 +69,9 @@ def encode_dataset(dataset: ImageDataset, tokenizer, source: dict, out_dir, forc
     if kept is not None:
         return kept
     if tuple(dataset.shape) != tuple(getattr(tokenizer, "image_shape", dataset.shape)):
-        raise DataError(f"the tokenizer expects images of shape {tokenizer.image_shape}, the dataset has {dataset.shape}")
+        raise DataError(
+            f"the tokenizer expects images of shape {tokenizer.image_shape}, the dataset has {dataset.shape}"
+        )
     tmp = temporary_sibling(out_dir)
     splits = {}
     try:
@@ -77,7 +81,10 @@ def encode_dataset(dataset: ImageDataset, tokenizer, source: dict, out_dir, forc
             files = {f"{split}_tokens.npy": _npy_bytes(tokens), f"{split}_labels.npy": _npy_bytes(labels)}
             for name, data in files.items():
                 (tmp / name).write_bytes(data)
-            splits[split] = {"examples": len(labels), "sha256": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
+            splits[split] = {
+                "examples": len(labels),
+                "sha256": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()},
+            }
         manifest = {
             "format": FORMAT,
             "dataset": {"name": dataset.name, **source},
@@ -146,7 +153,7 @@ def decoding_from_checkpoint(checkpoint, header: dict) -> PreparedImages | None:
     token arrays), from the checkpoint's own copy; None for checkpoints without one."""
     if DECODING not in header.get("sha256", {}):
         return None
-    manifest = json.loads(read_verified(Path(checkpoint), DECODING, header))
+    manifest = parse_json(read_verified(Path(checkpoint), DECODING, header), Path(checkpoint) / DECODING)
     return PreparedImages(directory=Path(checkpoint), manifest=manifest, arrays={})
 
 
@@ -162,18 +169,20 @@ def load_prepared_images(directory) -> PreparedImages:
     directory = Path(directory)
     manifest = read_manifest(directory, MANIFEST, FORMAT, "no prepared image data; run `move image-encode` first")
     arrays = {}
-    for split in SPLITS:
-        for name, digest in manifest["splits"][split]["sha256"].items():
-            file = directory / name
-            if not file.is_file():
-                raise DataError(f"{file}: missing shard")
-            data = file.read_bytes()
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise DataError(f"{file}: checksum does not match the manifest (corrupted shard)")
-            arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
-        tokens, labels = arrays[f"{split}_tokens.npy"], arrays[f"{split}_labels.npy"]
-        if len(tokens) != len(labels) or len(labels) != manifest["splits"][split]["examples"]:
-            raise DataError(f"{directory}: {split} tokens, labels and manifest disagree in count")
-        if tokens.size and tokens.max() >= manifest["codebook_size"]:
-            raise DataError(f"{directory}: {split} tokens exceed the codebook size {manifest['codebook_size']}")
+    where = directory / MANIFEST
+    with fields_of(where):  # a manifest with the right format field can still be damaged
+        for split in SPLITS:
+            for name, digest in manifest["splits"][split]["sha256"].items():
+                file = directory / inner_file_name(name, where)
+                if not file.is_file():
+                    raise DataError(f"{file}: missing shard")
+                data = file.read_bytes()
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise DataError(f"{file}: checksum does not match the manifest (corrupted shard)")
+                arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+            tokens, labels = arrays[f"{split}_tokens.npy"], arrays[f"{split}_labels.npy"]
+            if len(tokens) != len(labels) or len(labels) != manifest["splits"][split]["examples"]:
+                raise DataError(f"{directory}: {split} tokens, labels and manifest disagree in count")
+            if tokens.size and tokens.max() >= manifest["codebook_size"]:
+                raise DataError(f"{directory}: {split} tokens exceed the codebook size {manifest['codebook_size']}")
     return PreparedImages(directory, manifest, arrays)

@@ -26,8 +26,16 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
 
 
 @torch.no_grad()
-def sample_image_tokens(model, labels: torch.Tensor, layout: ClassTokens, n_tokens: int, cfg_scale: float | None = 1.5,
-                        temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> torch.Tensor:
+def sample_image_tokens(
+    model,
+    labels: torch.Tensor,
+    layout: ClassTokens,
+    n_tokens: int,
+    cfg_scale: float | None = 1.5,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> torch.Tensor:
     """labels (B,) class indices, or layout.num_classes for the null class ->
     image tokens (B, n_tokens). cfg_scale None: no unconditional half (plain
     conditional sampling)."""
@@ -71,8 +79,14 @@ def grid_scale(height: int) -> int:
     return max(1, math.ceil(GRID_CELL_PIXELS / height))
 
 
-def save_grid(images: torch.Tensor, columns: int, path, scale: int | None = None, pad: int = 1,
-              row_labels: list[str] | None = None) -> None:
+def save_grid(
+    images: torch.Tensor,
+    columns: int,
+    path,
+    scale: int | None = None,
+    pad: int = 1,
+    row_labels: list[str] | None = None,
+) -> None:
     """uint8 images (N, C, H, W) -> one PNG, `columns` per row, with a padding line
     between cells, each pixel enlarged `scale` times (default: cells of about
     GRID_CELL_PIXELS), and row_labels (class names) written in a left margin.
@@ -83,7 +97,7 @@ def save_grid(images: torch.Tensor, columns: int, path, scale: int | None = None
     canvas = np.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), 255, dtype=np.uint8)
     for i, image in enumerate(images.cpu().numpy()):
         r, k = divmod(i, columns)
-        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = image
+        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = image
     picture = Image.fromarray(canvas[0] if c == 1 else canvas.transpose(1, 2, 0)).convert("RGB")
     scale = scale or grid_scale(h)
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)

@@ -42,7 +42,7 @@ class ExampleLoader:
     def next_batch(self):
         s = self.sampler
         uniforms = np.random.default_rng([s.seed, s.epoch, s.cursor]).random(s.batch_size * s.world_size)
-        return self.make_batch(s.next_indices(), uniforms[s.rank * s.batch_size:(s.rank + 1) * s.batch_size])
+        return self.make_batch(s.next_indices(), uniforms[s.rank * s.batch_size : (s.rank + 1) * s.batch_size])
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -52,8 +52,13 @@ class ExampleLoader:
 
 
 def _dataset_description(dataset: ImageDataset, eval_images: int) -> dict:
-    return {"dataset": dataset.name, "image_shape": list(dataset.shape), "num_classes": dataset.num_classes,
-            "train_images": len(dataset.train_labels), "eval_images": min(eval_images, len(dataset.test_labels))}
+    return {
+        "dataset": dataset.name,
+        "image_shape": list(dataset.shape),
+        "num_classes": dataset.num_classes,
+        "train_images": len(dataset.train_labels),
+        "eval_images": min(eval_images, len(dataset.test_labels)),
+    }
 
 
 class ReconstructionTask:
@@ -71,7 +76,9 @@ class ReconstructionTask:
     def check_model(self, model) -> None:
         c = model.config
         if (c.channels, c.image_size, c.image_size) != tuple(self.dataset.shape):
-            raise DataError(f"VQ-VAE for {c.channels}x{c.image_size}x{c.image_size} images, dataset has {self.dataset.shape}")
+            raise DataError(
+                f"VQ-VAE for {c.channels}x{c.image_size}x{c.image_size} images, dataset has {self.dataset.shape}"
+            )
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -81,15 +88,19 @@ class ReconstructionTask:
             images = self.dataset.test_images[: self.eval_images]
             squared_error, counts = 0.0, torch.zeros(model.config.codebook_size)
             for i in range(0, len(images), EVAL_BATCH):
-                x = as_float(images[i:i + EVAL_BATCH]).to(device)
+                x = as_float(images[i : i + EVAL_BATCH]).to(device)
                 ids = model.encode(x)
                 squared_error += F.mse_loss(model.decode(ids), x, reduction="sum").item()
                 counts += torch.bincount(ids.flatten().cpu(), minlength=model.config.codebook_size).float()
         mse = squared_error / images.size
         p = counts / counts.sum()
         entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
-        return {"recon_mse": mse, "psnr_db": 10 * math.log10(1 / max(mse, 1e-12)),
-                "codebook_usage": (counts > 0).float().mean().item(), "code_perplexity": math.exp(entropy)}
+        return {
+            "recon_mse": mse,
+            "psnr_db": 10 * math.log10(1 / max(mse, 1e-12)),
+            "codebook_usage": (counts > 0).float().mean().item(),
+            "code_perplexity": math.exp(entropy),
+        }
 
     def describe(self) -> dict:
         return {"modality": "image-tokenizer", **_dataset_description(self.dataset, self.eval_images)}
@@ -108,9 +119,13 @@ class ClassificationTask:
 
     def check_model(self, model) -> None:
         c = model.config
-        if (c.channels, c.image_size, c.image_size) != tuple(self.dataset.shape) or c.num_classes != self.dataset.num_classes:
-            raise DataError(f"classifier for {c.num_classes} classes of {c.channels}x{c.image_size}x{c.image_size} "
-                            f"images; the dataset has {self.dataset.num_classes} classes of {self.dataset.shape}")
+        if (c.channels, c.image_size, c.image_size) != tuple(
+            self.dataset.shape
+        ) or c.num_classes != self.dataset.num_classes:
+            raise DataError(
+                f"classifier for {c.num_classes} classes of {c.channels}x{c.image_size}x{c.image_size} "
+                f"images; the dataset has {self.dataset.num_classes} classes of {self.dataset.shape}"
+            )
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -137,8 +152,16 @@ class GenerationTask:
     """Class-conditional image-token modelling; labels are replaced by the null
     class with probability label_dropout (classifier-free guidance)."""
 
-    def __init__(self, data: PreparedImages, batch_size: int, seed: int, eval_images: int,
-                 label_dropout: float = 0.1, rank=0, world_size=1):
+    def __init__(
+        self,
+        data: PreparedImages,
+        batch_size: int,
+        seed: int,
+        eval_images: int,
+        label_dropout: float = 0.1,
+        rank=0,
+        world_size=1,
+    ):
         if not 0 <= label_dropout < 1:
             raise DataError(f"label_dropout must be in [0, 1), got {label_dropout}")
         self.data, self.eval_images, self.batch_size = data, eval_images, batch_size
@@ -162,8 +185,10 @@ class GenerationTask:
     def check_model(self, model) -> None:
         c = model.config
         if c.vocab_size != self.layout.vocab_size:
-            raise DataError(f"model vocab_size {c.vocab_size}, the image data needs {self.layout.vocab_size} "
-                            f"({self.layout.codebook_size} codes + {self.layout.num_classes} classes + null)")
+            raise DataError(
+                f"model vocab_size {c.vocab_size}, the image data needs {self.layout.vocab_size} "
+                f"({self.layout.codebook_size} codes + {self.layout.num_classes} classes + null)"
+            )
         if c.seq_len < self.tokens_per_example:
             raise DataError(f"model seq_len {c.seq_len} is shorter than an image ({self.tokens_per_example} tokens)")
 
@@ -173,11 +198,18 @@ class GenerationTask:
 
     def describe(self) -> dict:
         m = self.data.manifest
-        return {"modality": "image", "data": str(self.data.directory.resolve()), "dataset": m["dataset"]["name"],
-                "tokenizer": m["tokenizer"], "codebook_size": m["codebook_size"], "grid": m["grid"],
-                "num_classes": self.layout.num_classes, "label_dropout": self.label_dropout,
-                "train_images": int(len(self.data.labels("train"))),
-                "eval_images": min(self.eval_images, len(self.data.labels("test")))}
+        return {
+            "modality": "image",
+            "data": str(self.data.directory.resolve()),
+            "dataset": m["dataset"]["name"],
+            "tokenizer": m["tokenizer"],
+            "codebook_size": m["codebook_size"],
+            "grid": m["grid"],
+            "num_classes": self.layout.num_classes,
+            "label_dropout": self.label_dropout,
+            "train_images": len(self.data.labels("train")),
+            "eval_images": min(self.eval_images, len(self.data.labels("test"))),
+        }
 
 
 @torch.no_grad()
@@ -190,7 +222,7 @@ def image_nll_bits(model, data: PreparedImages, split: str, max_images: int, bat
         tokens, labels = data.tokens(split)[:max_images], data.labels(split)[:max_images]
         total, count = 0.0, 0
         for i, counts in progress(split_for_ranks(range(0, len(labels), batch_size)), "image NLL", unit="batch"):
-            x, y = conditional_sequences(tokens[i:i + batch_size], labels[i:i + batch_size], data.layout)
+            x, y = conditional_sequences(tokens[i : i + batch_size], labels[i : i + batch_size], data.layout)
             logits = model(x.to(device))[..., : data.layout.codebook_size].float()
             if counts:
                 total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()

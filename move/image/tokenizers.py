@@ -66,13 +66,23 @@ class VQTokenizer:
     def encode(self, images) -> torch.Tensor:
         images = np.asarray(images)
         if tuple(images.shape[1:]) != self.image_shape:
-            raise DataError(f"images of shape {tuple(images.shape[1:])} do not fit a VQ-VAE trained on {self.image_shape}")
-        return torch.cat([self.model.encode(as_float(images[i:i + ENCODE_BATCH]).to(self.device)).cpu()
-                          for i in progress(range(0, len(images), ENCODE_BATCH), "encoding images", unit="batch")])
+            raise DataError(
+                f"images of shape {tuple(images.shape[1:])} do not fit a VQ-VAE trained on {self.image_shape}"
+            )
+        return torch.cat(
+            [
+                self.model.encode(as_float(images[i : i + ENCODE_BATCH]).to(self.device)).cpu()
+                for i in progress(range(0, len(images), ENCODE_BATCH), "encoding images", unit="batch")
+            ]
+        )
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.cat([as_uint8(self.model.decode(tokens[i:i + ENCODE_BATCH].to(self.device))).cpu()
-                          for i in range(0, len(tokens), ENCODE_BATCH)])
+        return torch.cat(
+            [
+                as_uint8(self.model.decode(tokens[i : i + ENCODE_BATCH].to(self.device))).cpu()
+                for i in range(0, len(tokens), ENCODE_BATCH)
+            ]
+        )
 
     def spec(self) -> dict:
         return {"kind": "vqvae", "checkpoint": str(self.checkpoint.resolve()), "weights_sha256": self.weights_sha256}

@@ -29,9 +29,48 @@ from move.files import existing_data
 from move.text.prepare import write_prepared
 from move.text.tokenizer import Tokenizer
 
-SYLLABLES = ["ka", "lo", "ri", "ta", "mi", "no", "su", "ve", "da", "ro", "pe", "zu", "fa", "ni", "go", "le", "ba",
-             "xo", "wi", "ju", "ke", "so", "ma", "te", "vi", "ha", "du", "ly", "qo", "ne", "bi", "co", "fe", "gu",
-             "hi", "jo", "ku", "lu", "mo", "pa"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "ri",
+    "ta",
+    "mi",
+    "no",
+    "su",
+    "ve",
+    "da",
+    "ro",
+    "pe",
+    "zu",
+    "fa",
+    "ni",
+    "go",
+    "le",
+    "ba",
+    "xo",
+    "wi",
+    "ju",
+    "ke",
+    "so",
+    "ma",
+    "te",
+    "vi",
+    "ha",
+    "du",
+    "ly",
+    "qo",
+    "ne",
+    "bi",
+    "co",
+    "fe",
+    "gu",
+    "hi",
+    "jo",
+    "ku",
+    "lu",
+    "mo",
+    "pa",
+]
 ATTRIBUTES = {  # attribute -> (relation cue, value set)
     "city": ("was born in", [f"city{i}" for i in range(32)]),
     "year": ("was born in the year", [str(1900 + i) for i in range(64)]),
@@ -78,8 +117,11 @@ def make_names(config: KnowledgeConfig) -> list[str]:
 
 def make_facts(config: KnowledgeConfig) -> list[Fact]:
     rng = np.random.default_rng([config.seed, 2])
-    return [Fact(p, a, values[rng.integers(len(values))])
-            for p in range(config.individuals) for a, (_, values) in ATTRIBUTES.items()]
+    return [
+        Fact(p, a, values[rng.integers(len(values))])
+        for p in range(config.individuals)
+        for a, (_, values) in ATTRIBUTES.items()
+    ]
 
 
 def sentence(opener: str, name: str, attribute: str, value: str | None = None) -> str:
@@ -95,8 +137,11 @@ def training_documents(config: KnowledgeConfig) -> list[tuple[str, str]]:
     rng = np.random.default_rng([config.seed, 3])
     docs = []
     for p in range(config.individuals):
-        lines = [sentence(o, names[p], f.attribute, f.value) for f in facts[p * len(ATTRIBUTES):(p + 1) * len(ATTRIBUTES)]
-                 for o in OPENERS[:-1]]
+        lines = [
+            sentence(o, names[p], f.attribute, f.value)
+            for f in facts[p * len(ATTRIBUTES) : (p + 1) * len(ATTRIBUTES)]
+            for o in OPENERS[:-1]
+        ]
         docs.append((f"person{p}", "\n".join(lines[i] for i in rng.permutation(len(lines))) + "\n"))
     return docs
 
@@ -104,9 +149,17 @@ def training_documents(config: KnowledgeConfig) -> list[tuple[str, str]]:
 def held_out_documents(config: KnowledgeConfig) -> list[tuple[str, str]]:
     """The held-out phrasing of every fact (for validation loss)."""
     names, facts = make_names(config), make_facts(config)
-    return [(f"test{p}", "\n".join(sentence(HELD_OUT_OPENER, names[p], f.attribute, f.value)
-                                   for f in facts[p * len(ATTRIBUTES):(p + 1) * len(ATTRIBUTES)]) + "\n")
-            for p in range(config.individuals)]
+    return [
+        (
+            f"test{p}",
+            "\n".join(
+                sentence(HELD_OUT_OPENER, names[p], f.attribute, f.value)
+                for f in facts[p * len(ATTRIBUTES) : (p + 1) * len(ATTRIBUTES)]
+            )
+            + "\n",
+        )
+        for p in range(config.individuals)
+    ]
 
 
 def vocabulary(config: KnowledgeConfig) -> list[str]:
@@ -114,7 +167,7 @@ def vocabulary(config: KnowledgeConfig) -> list[str]:
     words += [w for name in make_names(config) for w in name.split()]
     for cue, values in ATTRIBUTES.values():
         words += cue.split() + values
-    return words + ["."]
+    return [*words, "."]
 
 
 def prepare_knowledge(config: KnowledgeConfig, out_dir, force: bool = False) -> dict:
@@ -128,12 +181,16 @@ def prepare_knowledge(config: KnowledgeConfig, out_dir, force: bool = False) -> 
     if kept is not None:
         return kept
     tokenizer = Tokenizer.word_level(vocabulary(config))
-    docs = lambda: training_documents(config) + held_out_documents(config)  # noqa: E731
-    split_of = lambda doc_id: "val" if doc_id.startswith("test") else "train"  # noqa: E731
-    record = {"options": options,
-              "split_rule": "val = every fact under the held-out opener; train = the other openers"}
+    docs = lambda: training_documents(config) + held_out_documents(config)
+    split_of = lambda doc_id: "val" if doc_id.startswith("test") else "train"
+    record = {"options": options, "split_rule": "val = every fact under the held-out opener; train = the other openers"}
     facts = make_facts(config)
-    knowledge = {"config": asdict(config), "names": make_names(config), "held_out_opener": HELD_OUT_OPENER,
-                 "facts": [[f.person, f.attribute, f.value] for f in facts]}
-    return write_prepared(docs, split_of, tokenizer, 256, out_dir, record,
-                          extra_files={KNOWLEDGE_FILE: json.dumps(knowledge, indent=2)})
+    knowledge = {
+        "config": asdict(config),
+        "names": make_names(config),
+        "held_out_opener": HELD_OUT_OPENER,
+        "facts": [[f.person, f.attribute, f.value] for f in facts],
+    }
+    return write_prepared(
+        docs, split_of, tokenizer, 256, out_dir, record, extra_files={KNOWLEDGE_FILE: json.dumps(knowledge, indent=2)}
+    )

@@ -13,7 +13,6 @@ only (the probe asks which value, not whether the next word is a value):
                   stored fact.
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -22,16 +21,16 @@ import torch
 from move.device import evaluating
 from move.errors import DataError
 from move.knowledge.corpus import ATTRIBUTES, KNOWLEDGE_FILE, sentence
+from move.readers import read_json_object
 
 PROMPT_BATCH = 512
 
 
 def load_knowledge(data_dir) -> dict:
     path = Path(data_dir) / KNOWLEDGE_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: missing or unreadable knowledge file ({e.__class__.__name__})") from None
+    if not path.is_file():
+        raise DataError(f"{path}: missing or unreadable knowledge file (no such file)")
+    return read_json_object(path, "knowledge file")
 
 
 @torch.no_grad()
@@ -45,19 +44,22 @@ def recall(model, tokenizer, knowledge: dict) -> dict:
             facts = [(p, v) for p, a, v in knowledge["facts"] if a == attribute]
             value_ids = torch.tensor([tokenizer.encode(v)[0] for v in values], device=device)
             index = {v: i for i, v in enumerate(values)}
-            prompts = [[tokenizer.bos_id] + tokenizer.encode(sentence(opener, names[p], attribute)) for p, _ in facts]
+            prompts = [[tokenizer.bos_id, *tokenizer.encode(sentence(opener, names[p], attribute))] for p, _ in facts]
             target = torch.tensor([index[v] for _, v in facts], device=device)
             log_p = []
             for i in range(0, len(prompts), PROMPT_BATCH):
-                x = torch.tensor(prompts[i:i + PROMPT_BATCH], device=device)  # equal lengths within an attribute
+                x = torch.tensor(prompts[i : i + PROMPT_BATCH], device=device)  # equal lengths within an attribute
                 log_p.append(torch.log_softmax(model(x)[:, -1, value_ids].float(), dim=-1))
             log_p = torch.cat(log_p)
             p_correct = log_p.gather(1, target[:, None]).squeeze(1)
-            correct = (log_p.argmax(dim=1) == target)
+            correct = log_p.argmax(dim=1) == target
             prior = math.log2(len(values))
             bits = (prior + p_correct / math.log(2)).clamp(min=0)
-            per_attribute[attribute] = {"accuracy": correct.float().mean().item(), "chance": 1 / len(values),
-                                        "bits": bits.sum().item()}
+            per_attribute[attribute] = {
+                "accuracy": correct.float().mean().item(),
+                "chance": 1 / len(values),
+                "bits": bits.sum().item(),
+            }
             totals["facts"] += len(facts)
             totals["correct"] += int(correct.sum())
             totals["probability"] += p_correct.exp().sum().item()
@@ -65,6 +67,12 @@ def recall(model, tokenizer, knowledge: dict) -> dict:
             totals["bits_exact"] += prior * int(correct.sum())
             totals["chance"] += len(facts) / len(values)
     n = totals["facts"]
-    return {"recall_accuracy": totals["correct"] / n, "recall_probability": totals["probability"] / n,
-            "chance_accuracy": totals["chance"] / n, "knowledge_bits": totals["bits"],
-            "knowledge_bits_exact": totals["bits_exact"], "facts": n, "per_attribute": per_attribute}
+    return {
+        "recall_accuracy": totals["correct"] / n,
+        "recall_probability": totals["probability"] / n,
+        "chance_accuracy": totals["chance"] / n,
+        "knowledge_bits": totals["bits"],
+        "knowledge_bits_exact": totals["bits_exact"],
+        "facts": n,
+        "per_attribute": per_attribute,
+    }

@@ -16,7 +16,9 @@ from move.model.memory_designs import ValueResidual
 from move.model.value_memory import LayerValueMemory, MemoryInputs
 
 
-def causal_attention(q, k, v, cache_offset, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def causal_attention(
+    q, k, v, cache_offset, key_mask: torch.Tensor | None = None, pad_values: bool | None = None
+) -> torch.Tensor:
     """q (B,Tq,H,D), k (B,Tk,Hkv,D), v (B,Tk,Hkv,Dv) -> (B,Tq,H,Dv).
 
     The queries sit at positions cache_offset..cache_offset+Tq-1 of the keys. An int
@@ -27,8 +29,21 @@ def causal_attention(q, k, v, cache_offset, key_mask: torch.Tensor | None = None
     attends to. Every query still attends to itself, so a padding query (whose output
     nobody reads) gets a finite value instead of a softmax over nothing, whose NaN
     would reach real tokens through a zero attention weight (0 x NaN = NaN).
+    pad_values (default: on CUDA) pads v to q's width when it is narrower (MLA), so
+    that SDPA can choose its flash kernel.
     """
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    width = v.size(-1)
+    if pad_values is None:
+        pad_values = q.is_cuda
+    if pad_values and q.size(-1) > width:
+        # SDPA's flash kernel needs one head width for q, k and v, and MLA's queries and
+        # keys (no-position part + RoPE part, 192 at the MLA presets) are wider than its
+        # values (128). Zero columns appended to v add zero columns to the output, cut
+        # off below: the same result from the flash kernel, for 1.5x the P.V product
+        # (DeepSeek-V3's own prefill pads v the same way). Off the GPU the math kernel
+        # takes unequal widths, so nothing is padded there.
+        v = F.pad(v, (0, q.size(-1) - width))
     gqa = q.size(1) != k.size(1)
     t_q, t_k = q.size(2), k.size(2)
     keys_end_with_queries = isinstance(cache_offset, int)
@@ -44,7 +59,7 @@ def causal_attention(q, k, v, cache_offset, key_mask: torch.Tensor | None = None
             mask = (mask & key_mask[:, None, :]) | (keys[None, :] == q_pos[:, None])  # (B, Tq, Tk)
             mask = mask[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return y.transpose(1, 2)
+    return y[..., :width].transpose(1, 2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,8 +87,9 @@ class CausalSelfAttention(nn.Module):
             v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         else:
             v, gate_logits = self.value_memory.project(x, self.c_v, cache, self.layer_idx)
-            v = self.value_memory(v.view(B, T, self.n_kv_head, self.head_dim), gate_logits, memory.idx,
-                                  memory.bank_slots)
+            v = self.value_memory(
+                v.view(B, T, self.n_kv_head, self.head_dim), gate_logits, memory.idx, memory.bank_slots
+            )
         if self.keeps_first_values:
             memory.first_values = v
         elif self.value_residual is not None:
@@ -128,13 +144,15 @@ class MultiHeadLatentAttention(nn.Module):
             latent, gate_logits = self.value_memory.project(x, self.c_kv_down, cache, self.layer_idx)
             latent = rms_norm(latent)
         if self.value_memory is not None and self.memory_in_latent:
-            latent = self.value_memory(latent.view(B, T, H, -1), gate_logits, memory.idx,
-                                       memory.bank_slots).reshape(B, T, -1)
+            latent = self.value_memory(latent.view(B, T, H, -1), gate_logits, memory.idx, memory.bank_slots).reshape(
+                B, T, -1
+            )
         k_rope = apply_rotary(self.c_k_rope(x).view(B, T, 1, r), cos, sin)
         lave_values = None
         if self.value_memory is not None and not self.memory_in_latent:
-            lave_values = self.value_memory(self.c_v_up(latent).view(B, T, H, hd), gate_logits, memory.idx,
-                                            memory.bank_slots)
+            lave_values = self.value_memory(
+                self.c_v_up(latent).view(B, T, H, hd), gate_logits, memory.idx, memory.bank_slots
+            )
         offset = 0
         if cache is not None:
             offset = cache.pos

@@ -16,17 +16,19 @@ def _layer_records(model, idx: torch.Tensor) -> dict[int, tuple[torch.Tensor, fl
     """{layer: (gates (B, T, H, S + g0), memory share)} of one forward on idx.
     The memory share is ||v' - v|| / ||v||: how far value memory (and g0) moved the
     layer's values, 0 for a layer whose memory is silent."""
-    records, hooks = {}, []
+    records = {}
 
     def record(module, args, out, layer):
         v, gate_logits = args[0].float(), args[1]
         share = ((out.float() - v).norm() / v.norm().clamp_min(1e-12)).item()
         records[layer] = (module.gate_values(gate_logits).float().cpu(), share)
 
-    for layer, block in enumerate(model.blocks):
-        for module in block.modules():
-            if isinstance(module, LayerValueMemory):
-                hooks.append(module.register_forward_hook(lambda m, a, o, layer=layer: record(m, a, o, layer)))
+    hooks = [
+        module.register_forward_hook(lambda m, a, o, layer=layer: record(m, a, o, layer))
+        for layer, block in enumerate(model.blocks)
+        for module in block.modules()
+        if isinstance(module, LayerValueMemory)
+    ]
     try:
         with evaluating(model):
             model(idx)

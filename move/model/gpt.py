@@ -16,10 +16,16 @@ from move.config import ModelConfig
 from move.errors import ConfigError, TokenRangeError
 from move.model.attention import CausalSelfAttention, MultiHeadLatentAttention
 from move.model.layers import MLP, KVCache, StaticKVCache, rms_norm, rotary_tables
-from move.model.memory_designs import (BIGRAM_SCALE_INIT, VALUE_RESIDUAL_INIT, BigramHashEmbedding,
-                                       ProductKeyMemory, ValueResidual, previous_tokens)
+from move.model.memory_designs import (
+    BIGRAM_SCALE_INIT,
+    VALUE_RESIDUAL_INIT,
+    BigramHashEmbedding,
+    ProductKeyMemory,
+    ValueResidual,
+    previous_tokens,
+)
 from move.model.value_memory import MemoryInputs
-from move.model.value_tables import GRAD_MODES, ValueTable
+from move.model.value_tables import GRAD_MODES, Slots, ValueTable
 
 
 def _init_named(weight: torch.Tensor, init_seed: int, name: str, law: str, scale: float) -> None:
@@ -52,10 +58,11 @@ def _init_rows(weight: torch.Tensor, init_seed: int, name: str, scale: float, fi
     for block in range(first_row // ROW_BLOCK, -(-(first_row + rows) // ROW_BLOCK)):
         digest = hashlib.sha256(f"{init_seed}/{name}/rows{block}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        values = torch.empty((ROW_BLOCK, *weight.shape[1:]), dtype=torch.float32).uniform_(-scale, scale,
-                                                                                           generator=generator)
+        values = torch.empty((ROW_BLOCK, *weight.shape[1:]), dtype=torch.float32).uniform_(
+            -scale, scale, generator=generator
+        )
         begin, end = max(block * ROW_BLOCK, first_row), min((block + 1) * ROW_BLOCK, first_row + rows)
-        weight[begin - first_row:end - first_row].copy_(values[begin - block * ROW_BLOCK:end - block * ROW_BLOCK])
+        weight[begin - first_row : end - first_row].copy_(values[begin - block * ROW_BLOCK : end - block * ROW_BLOCK])
 
 
 class Block(nn.Module):
@@ -131,12 +138,13 @@ class GPT(nn.Module):
             elif isinstance(module, BigramHashEmbedding):
                 nn.init.constant_(module.scales, BIGRAM_SCALE_INIT)
             elif isinstance(module, ProductKeyMemory):
-                _init_named(module.sub_keys, init_seed, f"{name}.sub_keys", "uniform",
-                            math.sqrt(3) / math.sqrt(module.key_dim))
+                _init_named(
+                    module.sub_keys, init_seed, f"{name}.sub_keys", "uniform", math.sqrt(3) / math.sqrt(module.key_dim)
+                )
             elif isinstance(module, ValueResidual):
                 nn.init.constant_(module.lambdas, VALUE_RESIDUAL_INIT)
             elif isinstance(module, nn.Linear):
-                if name.endswith("c_proj") or name.endswith("router"):
+                if name.endswith(("c_proj", "router")):
                     nn.init.zeros_(module.weight)
                 elif name == "lm_head":
                     _init_named(module.weight, init_seed, name, "normal", 0.001)
@@ -168,12 +176,18 @@ class GPT(nn.Module):
         torch.compile's graph; training data is checked once when it is loaded."""
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             raise TokenRangeError(
-                f"token ids must lie in [0, {self.config.vocab_size}), got range "
-                f"[{int(idx.min())}, {int(idx.max())}]"
+                f"token ids must lie in [0, {self.config.vocab_size}), got range [{int(idx.min())}, {int(idx.max())}]"
             )
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, reduction: str = "mean",
-                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        idx,
+        targets=None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ):
         """idx (B, T) -> logits (B, T, V), or the cross-entropy loss if targets are
         given (targets == -1 are ignored; reduction='none' gives per-token nats).
 
@@ -191,7 +205,7 @@ class GPT(nn.Module):
         else:
             cos, sin = self._rotary(int(positions.max()) + 1, idx.device)
             cos, sin = cos[0, positions], sin[0, positions]  # (B, T, 1, rotary_dim / 2)
-        memory = MemoryInputs(idx, self.bank(idx) if self.bank is not None else None)  # one gather for all layers
+        memory = MemoryInputs(idx, self.bank_slots(idx))
         x = rms_norm(self.wte(idx))
         bigram = self.bigram_embeddings(idx, cache, positions).to(x.dtype) if self.bigram is not None else None
         for layer, block in enumerate(self.blocks):
@@ -206,8 +220,24 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
+        )
         return loss.view(B, T) if reduction == "none" else loss
+
+    def bank_slots(self, idx) -> Slots | None:
+        """MoVE's bank rows for idx, gathered once for all layers. Under autocast they
+        are cast to its dtype here, once per forward: each layer's mix would otherwise
+        cast the same rows again (at d12 x4 a multi-GB tensor, 12 times forward and
+        backward). The gradient path does not change: it goes through the table's fast
+        path (fp32 sums) or, on the reference path, through this cast."""
+        if self.bank is None:
+            return None
+        slots = self.bank(idx)
+        device = idx.device.type
+        if torch.is_autocast_enabled(device):
+            slots = slots._replace(values=slots.values.to(torch.get_autocast_dtype(device)))
+        return slots
 
     def bigram_embeddings(self, idx, cache: KVCache | None, positions) -> torch.Tensor:
         """The hashed bigram rows of idx; a cache remembers the ids, so decoding a

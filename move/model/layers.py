@@ -69,12 +69,13 @@ class KVCache:
         end = self.pos + x.size(1)
         buf = self.buffers[layer].get(name)
         if buf is None or buf.size(1) < end:
-            grown = x.new_zeros((self.batch_size, max(end, self.max_len, 2 * (0 if buf is None else buf.size(1))),
-                                 *x.shape[2:]))
+            grown = x.new_zeros(
+                (self.batch_size, max(end, self.max_len, 2 * (0 if buf is None else buf.size(1))), *x.shape[2:])
+            )
             if buf is not None:
-                grown[:, :self.pos] = buf[:, :self.pos]
+                grown[:, : self.pos] = buf[:, : self.pos]
             buf = self.buffers[layer][name] = grown
-        buf[:, self.pos:end] = x
+        buf[:, self.pos : end] = x
         return buf[:, :end]
 
     def span(self, length: int):

@@ -50,8 +50,9 @@ BIGRAM_SCALE_INIT = 0.1
 VALUE_RESIDUAL_INIT = 0.5
 
 
-def previous_tokens(idx: torch.Tensor, before: torch.Tensor | None = None,
-                    positions: torch.Tensor | None = None) -> torch.Tensor:
+def previous_tokens(
+    idx: torch.Tensor, before: torch.Tensor | None = None, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """The id of each token's predecessor, -1 at a sequence's first position.
     idx (B, T); before (B,): the token preceding idx[:, 0] when decoding continues a
     cached sequence; positions (B, T): each token's position in its own row (left-padded
@@ -94,7 +95,7 @@ class ProductKeyMemory(nn.Module):
         self.key_dim = config.head_dim  # the width of one half of a query
         self.query = nn.Linear(config.n_embd, self.heads * 2 * self.key_dim, bias=False)
         self.sub_keys = nn.Parameter(torch.empty(self.heads, 2, self.n_keys, self.key_dim))
-        self.table = ValueTable(self.n_keys ** 2, 1, 1, config.n_embd)
+        self.table = ValueTable(self.n_keys**2, 1, 1, config.n_embd)
 
     def address(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d) -> the rows each head reads (B, T, H, k) and their weights."""

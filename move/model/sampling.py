@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from move.device import evaluating
+from move.device import autocast, evaluating
 from move.errors import ConfigError
 
 
@@ -57,22 +57,45 @@ def decode_step(model, token: torch.Tensor, cache) -> torch.Tensor:
 # not fall back to eager pieces silently (a memory model without autograd is one graph).
 compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
 
+# generate(compiled=True) sizes its static cache in buckets, powers of two from this
+# one: every length of a bucket reuses one graph (a length baked into each graph would
+# recompile per call, and dynamo's recompile limit, 8 by default, then ends a long-lived
+# process). A bucket costs at most twice the cache memory and attention over its
+# whole buffer; 1M tokens take 15 buckets.
+STATIC_CACHE_MIN = 64
+
+
+def static_cache_length(length: int) -> int:
+    """The bucket of a cache of `length` positions: the next power of two >= length,
+    at least STATIC_CACHE_MIN."""
+    return max(STATIC_CACHE_MIN, 1 << max(0, length - 1).bit_length())
+
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, compiled: bool = False) -> torch.Tensor:
+def generate(
+    model,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    compiled: bool = False,
+) -> torch.Tensor:
     """prompt (B, T0) of equal-length prompts -> (B, T0 + max_new_tokens).
 
     The prompt is prefilled in one forward; each new token then costs one
     single-position forward against the cache. compiled: that step is
     torch.compile'd against a static cache (worth it for long generations: the first
-    call compiles, tens of seconds on a CPU); the prefill stays eager.
+    call compiles, tens of seconds on a CPU); the prefill stays eager. The cache is
+    sized by bucket (static_cache_length), so calls of other lengths reuse the graph.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens, seed)
     model.check_token_ids(prompt)
-    with evaluating(model):
+    with evaluating(model), autocast(prompt.device):  # bf16 on CUDA, as training; nothing elsewhere
         generator = torch.Generator(device=prompt.device).manual_seed(seed)
-        cache = model.new_cache(prompt.size(0), prompt.size(1) + max_new_tokens, static=compiled)
+        length = prompt.size(1) + max_new_tokens
+        cache = model.new_cache(prompt.size(0), static_cache_length(length) if compiled else length, static=compiled)
         step = compiled_decode_step if compiled else decode_step
         out = prompt
         logits = model(prompt, cache=cache)[:, -1]

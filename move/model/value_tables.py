@@ -22,14 +22,14 @@ A table sharded across processes (shard_rows) keeps only its own rows; the row
 gradients wait in `pending` until reduce_shard_grads sends them to their owners.
 """
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from move.errors import ConfigError
 from move.model.row_shard import RowShard, sum_rows
-
 
 GRAD_MODES = ("autograd", "dense")
 
@@ -41,6 +41,39 @@ class Slots(NamedTuple):
     values: torch.Tensor  # (B, T, heads, slots, width)
     carrier: torch.Tensor | None = None  # scalar whose gradient triggers the bank backward
     record: "MixRecord | None" = None
+
+
+class RowSet(NamedTuple):
+    """The rows of a table a step touched, in a form of fixed size that no host has to
+    read: every occurrence of a row id (one per looked-up token), sorted, and a mask
+    of the first of each run of equal ids. torch.unique would give the distinct rows,
+    but its output size depends on the data, which on a GPU waits for the device (a
+    host sync in every step). A consumer that must count each row once (a norm) weights
+    by `first`; one that writes (zeroing, Adam's update) may visit a row several times,
+    writing the same value each time."""
+
+    ids: torch.Tensor  # (n,) sorted, repeats kept
+    first: torch.Tensor  # (n,) bool: the first occurrence of its id
+
+    @classmethod
+    def of(cls, ids: torch.Tensor) -> "RowSet":
+        ids = torch.sort(ids.flatten()).values
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[1:] = ids[1:] != ids[:-1]
+        return cls(ids, first)
+
+
+def sum_repeated_rows(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row ids (n,), sums (n, ...)): the values of each distinct id (n,) summed into
+    one slot, in order of first appearance of the sorted ids; the slots past the last
+    distinct id hold zeros at row 0, so adding them anywhere changes nothing. The size
+    is fixed by n, not by the data: no host sync (sum_rows in row_shard.py gives the
+    compact form, at the price of one)."""
+    order = torch.sort(ids, stable=True).indices  # stable: each slot sums in the original order
+    rows = RowSet.of(ids)
+    slot = torch.cumsum(rows.first, 0) - 1
+    sums = torch.zeros_like(values).index_add_(0, slot, values[order])
+    return torch.zeros_like(ids).index_copy_(0, slot, rows.ids), sums
 
 
 class MixRecord:
@@ -76,7 +109,10 @@ class _GatherRows(torch.autograd.Function):
         grads = torch.stack(record.grads, dim=-2).float()  # (B,T,H,L,D)
         record.gates.clear()
         record.grads.clear()
-        grad_slots = gates.transpose(-1, -2) @ grads  # (B,T,H,S,D)
+        # a backward called inside an autocast block runs under it: keep this product fp32,
+        # as the table's fp32 gradient buffer needs
+        with torch.autocast(idx.device.type, enabled=False):
+            grad_slots = gates.transpose(-1, -2) @ grads  # (B,T,H,S,D)
         table.take_row_grads(idx.flatten(), grad_slots.flatten(0, 1))
         return None, None, None, None
 
@@ -144,7 +180,8 @@ class ValueTable(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, heads, slots, width_per_head))
         self.zero_init = zero_init  # GPT.init_weights: zeros instead of the value projection's scale
         self.grad_mode = "dense"
-        self.touched: list[torch.Tensor] = []
+        self.touched: list[torch.Tensor] = []  # the ids whose gradient rows were written, per backward
+        self._touched_rows: RowSet | None = None  # touched, merged (touched_rows)
         self.shard: RowShard | None = None  # set by shard_rows(): weight then holds this rank's rows only
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # sharded: (ids, grads) not yet sent
 
@@ -154,7 +191,7 @@ class ValueTable(nn.Module):
         if self.grad_mode == "autograd":
             raise ConfigError("a sharded value-memory table needs the fast path (value_memory_path fast)")
         self.shard = RowShard(self.weight.shape[0], rank, world_size, group)
-        self.weight = nn.Parameter(self.weight.data[self.shard.start:self.shard.stop].clone())
+        self.weight = nn.Parameter(self.weight.data[self.shard.start : self.shard.stop].clone())
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows of the full table for token ids idx (any shape)."""
@@ -205,18 +242,19 @@ class ValueTable(nn.Module):
         if self.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
             self.pending.append(sum_rows(ids, grads))  # fp32: partial sums are rounded once, at the owner
         elif self.weight.dtype == torch.float32:
-            self.add_dense_grad(ids, grads, rows=torch.unique(ids))
+            self.add_dense_grad(ids, grads, touched=ids)
         else:
-            rows, summed = sum_rows(ids, grads)
-            self.add_dense_grad(rows, summed.to(self.weight.dtype), rows=rows)
+            rows, summed = sum_repeated_rows(ids, grads)
+            self.add_dense_grad(rows, summed.to(self.weight.dtype), touched=ids)
 
-    def add_dense_grad(self, ids: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor) -> None:
+    def add_dense_grad(self, ids: torch.Tensor, grads: torch.Tensor, touched: torch.Tensor) -> None:
         """Add grads (n, ...) at ids (n,) of the dense buffer (repeated ids accumulate);
-        rows: the distinct ids, remembered as touched."""
+        touched: the ids of the rows written (repeats allowed)."""
         if self.weight.grad is None:  # allocated once, then reused: only touched rows are ever zeroed
             self.weight.grad = torch.zeros_like(self.weight)
         self.weight.grad.index_add_(0, ids, grads)
-        self.touched.append(rows)
+        self.touched.append(touched)
+        self._touched_rows = None
 
     def reduce_shard_grads(self) -> None:
         """Sharded tables, after the step's backward(s): send the row gradients to
@@ -225,25 +263,27 @@ class ValueTable(nn.Module):
         is stepped like the unsharded table (whose gradient is never None)."""
         heads, slots, width = self.weight.shape[1:]
         ids = torch.cat([self.weight.new_zeros(0, dtype=torch.long)] + [r for r, _ in self.pending])
-        grads = torch.cat([self.weight.new_zeros(0, heads, slots, width, dtype=torch.float32)]
-                          + [g for _, g in self.pending])
+        grads = torch.cat(
+            [self.weight.new_zeros(0, heads, slots, width, dtype=torch.float32)] + [g for _, g in self.pending]
+        )
         self.pending.clear()
         rows, grad_rows = self.shard.reduce_grads(*sum_rows(ids, grads))  # micro-batches may share rows
-        self.add_dense_grad(rows, grad_rows.to(self.weight.dtype), rows=rows)
+        self.add_dense_grad(rows, grad_rows.to(self.weight.dtype), touched=rows)
 
-    def touched_rows(self) -> torch.Tensor | None:
-        """The distinct rows of the dense gradient written since the last zeroing.
-        Each backward appends its (already distinct) rows; several micro-batches are
-        merged once, here, and the merged list is kept for the next caller."""
-        if len(self.touched) > 1:
-            self.touched[:] = [torch.cat(self.touched).unique()]
-        return self.touched[0] if self.touched else None
+    def touched_rows(self) -> RowSet | None:
+        """The rows of the dense gradient written since the last zeroing, as a RowSet
+        (no host sync); the micro-batches' ids are merged once and kept for the next
+        caller (clipping, then lazy Adam, then zeroing)."""
+        if self._touched_rows is None and self.touched:
+            self._touched_rows = RowSet.of(torch.cat(self.touched))
+        return self._touched_rows
 
     def zero_touched_grad(self) -> None:
         """Zero the rows written since the last call, keeping the buffer."""
         if self.touched and self.weight.grad is not None:
-            self.weight.grad.index_fill_(0, self.touched_rows(), 0)
+            self.weight.grad.index_fill_(0, self.touched_rows().ids, 0)  # a repeated row is zeroed twice
         self.touched.clear()
+        self._touched_rows = None
 
 
 # Not traced by torch.compile, like ValueTable.forward.

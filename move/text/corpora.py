@@ -8,7 +8,9 @@ order so document ids, and with them the train/val split, are reproducible.
 
 Text files that are not valid UTF-8 are skipped with a warning (one bad file in a
 large folder should not stop a run); a source that yields no document at all is
-an error.
+an error. Local files are hostile input (move.readers): a UTF-8 byte-order mark is
+dropped, and a JSONL line that is too long, too deeply nested or holds a number too
+long to convert, or a parquet file that breaks mid-way, is refused in one line.
 """
 
 import csv
@@ -17,10 +19,11 @@ import io
 import json
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from move.errors import ConfigError, DataError
+from move.readers import iter_lines, parse_json
 
 BUNDLED = ("shakespeare", "news", "bible")
 LOCAL = ("txt", "jsonl", "parquet")
@@ -89,27 +92,26 @@ def _warn(message: str) -> None:
 def _txt(path: Path) -> Iterator[tuple[str, str]]:
     for file in _files(path, ".txt"):
         try:
-            yield str(file.relative_to(path) if path.is_dir() else file.name), file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not text
+            yield str(file.relative_to(path) if path.is_dir() else file.name), text
         except UnicodeDecodeError:
             _warn(f"skipping {file}: not UTF-8 text")
 
 
 def _jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
     for file in _files(path, ".jsonl"):
-        try:
-            with open(file, encoding="utf-8") as f:
-                for n, line in enumerate(f):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise DataError(f"{file}:{n + 1}: not valid JSON") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                        raise DataError(f"{file}:{n + 1}: no string field {field!r}")
-                    yield f"{file.name}:{n}", record[field]
-        except UnicodeDecodeError:
-            _warn(f"skipping {file}: not UTF-8 text")
+        for number, raw in iter_lines(file):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                _warn(f"skipping {file} from line {number}: not UTF-8 text")
+                break
+            if not line.strip():
+                continue
+            record = parse_json(line, f"{file}:{number}")
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise DataError(f"{file}:{number}: no string field {field!r}")
+            yield f"{file.name}:{number - 1}", record[field]
 
 
 def _parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
@@ -124,8 +126,19 @@ def _parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
         if field not in pf.schema_arrow.names:
             raise DataError(f"{file}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
         n = 0
-        for batch in pf.iter_batches(columns=[field]):
-            for text in batch.column(0).to_pylist():
+        batches = pf.iter_batches(columns=[field])
+        while True:
+            try:  # a file can be damaged past its footer: a page that does not decode, text that is not UTF-8
+                batch = next(batches, None)
+                texts = batch.column(0).to_pylist() if batch is not None else None
+            except (ArrowException, OSError, UnicodeDecodeError) as e:
+                reason = (str(e).splitlines() or [e.__class__.__name__])[0]
+                raise DataError(f"{file}: unreadable after row {n:,} ({reason})") from None
+            if texts is None:
+                break
+            for text in texts:
+                if text is not None and not isinstance(text, str):
+                    raise DataError(f"{file}: row {n:,} of column {field!r} is {type(text).__name__}, not text")
                 if text:
                     yield f"{file.name}:{n}", text
                 n += 1
@@ -138,7 +151,9 @@ def iter_documents(source: str, path: str | None = None, field: str = "text") ->
     if source in LOCAL and not path:
         raise ConfigError(f"corpus {source!r} needs --path")
     readers = {
-        "shakespeare": _shakespeare, "news": _news, "bible": _bible,
+        "shakespeare": _shakespeare,
+        "news": _news,
+        "bible": _bible,
         "txt": lambda: _txt(Path(path)),
         "jsonl": lambda: _jsonl(Path(path), field),
         "parquet": lambda: _parquet(Path(path), field),

@@ -12,8 +12,16 @@ from move.training.sampler import EpochSampler
 
 
 class BatchLoader:
-    def __init__(self, tokens: np.ndarray, bos_id: int, batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        bos_id: int,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.tokens, self.seq_len = tokens, seq_len
         starts = np.flatnonzero(np.asarray(tokens) == bos_id)
         self.starts = starts[starts + seq_len + 1 <= len(tokens)]
@@ -24,7 +32,7 @@ class BatchLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (batch_size, seq_len) int64, this rank's slice."""
         starts = self.starts[self.sampler.next_indices()]
-        rows = np.stack([np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        rows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 
@@ -42,8 +50,8 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: 
     n_windows = n // seq_len
     if n_windows == 0:
         raise DataError(f"evaluation needs more than {seq_len} tokens, got {len(tokens)}")
-    data = torch.from_numpy(np.asarray(tokens[:n_windows * seq_len + 1], dtype=np.int64))
+    data = torch.from_numpy(np.asarray(tokens[: n_windows * seq_len + 1], dtype=np.int64))
     x = data[:-1].view(n_windows, seq_len)
     y = data[1:].view(n_windows, seq_len)
     for i in range(0, n_windows, batch_size):
-        yield x[i:i + batch_size], y[i:i + batch_size]
+        yield x[i : i + batch_size], y[i : i + batch_size]

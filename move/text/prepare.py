@@ -12,6 +12,7 @@ tokens, each starting with BOS, so every training sequence can start at a
 meaningful BOS position and every token of a long work is still seen.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ from move.config import option
 from move.errors import ConfigError, DataError
 from move.files import existing_data, read_manifest, replace_directory, temporary_sibling
 from move.progress import progress
+from move.readers import fields_of, inner_file_name
 from move.text.corpora import iter_documents
 from move.text.tokenizer import Tokenizer
 
@@ -81,7 +83,7 @@ class PassageGrouper:
                 out.append(self.current)
                 self.current = []
             while len(tokens) - start > self.size:
-                out.append(tokens[start:start + self.size])
+                out.append(tokens[start : start + self.size])
                 start += self.size
         rest = len(tokens) - start
         if len(self.current) + rest > self.size:
@@ -130,6 +132,9 @@ def encode_document(tokenizer: Tokenizer, text: str, passage_tokens: int) -> lis
     return ids
 
 
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
@@ -164,7 +169,7 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
     kept = existing_data(out_dir, force, asdict(o), lambda manifest: manifest["options"])
     if kept is not None:
         return kept
-    docs = lambda: iter_documents(o.source, o.path, o.field)  # noqa: E731 - re-readable stream
+    docs = lambda: iter_documents(o.source, o.path, o.field)
     doc_ids = [d for d, _ in docs()]
     if len(set(doc_ids)) != len(doc_ids):
         raise DataError(f"corpus {o.source!r} has duplicate document ids")
@@ -174,24 +179,41 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
     if o.tokenizer == "gpt2":
         tokenizer = Tokenizer.gpt2()
     else:
+
         def training_text():
             budget = o.tokenizer_chars
             for doc_id, text in docs():
                 if doc_id not in val_ids and budget > 0:
                     budget -= len(text)
                     yield text
+
         tokenizer = Tokenizer.train(training_text(), o.vocab_size)
 
-    split_of = lambda doc_id: "tail" if single else "val" if doc_id in val_ids else "train"  # noqa: E731
-    rule = ("a single document: its last ceil(val_fraction x passages) passages are validation, the rest training"
-            if single else "sha256(document id) < val_fraction, at least one document per side")
-    return write_prepared(docs, split_of, tokenizer, o.passage_tokens, out_dir,
-                          {"options": asdict(o), "split_rule": rule, "val_documents": sorted(val_ids),
-                           "val_fraction": o.val_fraction})
+    split_of = lambda doc_id: "tail" if single else "val" if doc_id in val_ids else "train"
+    rule = (
+        "a single document: its last ceil(val_fraction x passages) passages are validation, the rest training"
+        if single
+        else "sha256(document id) < val_fraction, at least one document per side"
+    )
+    return write_prepared(
+        docs,
+        split_of,
+        tokenizer,
+        o.passage_tokens,
+        out_dir,
+        {"options": asdict(o), "split_rule": rule, "val_documents": sorted(val_ids), "val_fraction": o.val_fraction},
+    )
 
 
-def write_prepared(docs, split_of, tokenizer: Tokenizer, passage_tokens: int, out_dir: Path, record: dict,
-                   extra_files: dict[str, str] | None = None) -> dict:
+def write_prepared(
+    docs,
+    split_of,
+    tokenizer: Tokenizer,
+    passage_tokens: int,
+    out_dir: Path,
+    record: dict,
+    extra_files: dict[str, str] | None = None,
+) -> dict:
     """Tokenise documents (a re-readable stream of (id, text)) into a prepared
     directory, built in a temporary sibling and swapped into place atomically.
     `split_of` maps a document id to "train" or "val"; `record` is merged into the
@@ -213,15 +235,17 @@ def _write_into(tmp: Path, docs, split_of, tokenizer: Tokenizer, passage_tokens:
     stats = {s: dict(file=f"{s}.bin", tokens=0, documents=0, text_bytes=0) for s in SPLITS}
     token_bytes = tokenizer.token_bytes()
     hashes = {s: hashlib.sha256() for s in SPLITS}
-    files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
-    try:
+    with contextlib.ExitStack() as stack:
+        files = {s: stack.enter_context(open(tmp / f"{s}.bin", "wb")) for s in SPLITS}
         for doc_id, text in progress(docs(), "tokenising", unit="doc"):
             split = split_of(doc_id)
             if split == "tail":
                 total = sum(1 for _ in document_passages(tokenizer, text, passage_tokens))
                 if total < 2:
-                    raise DataError(f"document {doc_id!r} is too short to give both a training and a validation "
-                                    f"passage; add text or documents")
+                    raise DataError(
+                        f"document {doc_id!r} is too short to give both a training and a validation "
+                        f"passage; add text or documents"
+                    )
                 first_val = total - max(1, math.ceil(record.get("val_fraction", 0.1) * total))
             else:
                 first_val = None
@@ -234,7 +258,7 @@ def _write_into(tmp: Path, docs, split_of, tokenizer: Tokenizer, passage_tokens:
                 files[where].write(data)
                 hashes[where].update(data)
                 stats[where]["tokens"] += len(data) // np.dtype(dtype).itemsize
-            for where in ((split,) if first_val is None else SPLITS):
+            for where in (split,) if first_val is None else SPLITS:
                 stats[where]["documents"] += 1
             if first_val is None:
                 stats[split]["text_bytes"] += len(text.encode("utf-8"))
@@ -244,9 +268,6 @@ def _write_into(tmp: Path, docs, split_of, tokenizer: Tokenizer, passage_tokens:
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())
-    finally:
-        for f in files.values():
-            f.close()
     for s in SPLITS:
         stats[s]["sha256"] = hashes[s].hexdigest()
     tokenizer.save(tmp)
@@ -280,28 +301,41 @@ def load_prepared(directory) -> PreparedData:
     and that the tokenizer on disk is the one the tokens were made with."""
     directory = Path(directory)
     manifest = read_manifest(directory, MANIFEST, FORMAT, "no prepared data; run `move prepare` first")
-    missing = [k for k in ("tokenizer_sha256", "dtype", "splits") if k not in manifest]
-    missing += [f"splits.{s}.{k}" for s in SPLITS for k in ("file", "tokens", "sha256")
-                if k not in manifest.get("splits", {}).get(s, {})]
-    if missing:
-        raise DataError(f"{directory}/{MANIFEST}: damaged manifest, missing {', '.join(missing)}")
-    tokenizer = Tokenizer.load(directory)
-    if tokenizer.fingerprint() != manifest["tokenizer_sha256"]:
-        raise DataError(f"{directory}: tokenizer.json does not match the tokenizer the data was prepared with")
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    for split in SPLITS:
-        info = manifest["splits"][split]
-        file = directory / info["file"]
-        if not file.is_file():
-            raise DataError(f"{file}: missing shard")
-        if file.stat().st_size != info["tokens"] * itemsize:
-            raise DataError(f"{file}: size {file.stat().st_size} bytes, manifest says {info['tokens']} tokens x {itemsize}")
-        data = file.read_bytes()
-        if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise DataError(f"{file}: checksum does not match the manifest (corrupted shard)")
-        # the one range check of training ids: the model's forward does not repeat it per step
-        tokens = np.frombuffer(data, dtype=manifest["dtype"])
-        if tokens.size and int(tokens.max()) >= tokenizer.vocab_size:
-            raise DataError(f"{file}: token id {int(tokens.max())} is outside the tokenizer's vocabulary "
-                            f"of {tokenizer.vocab_size}")
+    with fields_of(directory / MANIFEST):  # the right format field, yet damaged
+        missing = [k for k in ("tokenizer_sha256", "dtype", "splits") if k not in manifest]
+        missing += [
+            f"splits.{s}.{k}"
+            for s in SPLITS
+            for k in ("file", "tokens", "sha256")
+            if k not in manifest.get("splits", {}).get(s, {})
+        ]
+        if missing:
+            raise DataError(f"{directory}/{MANIFEST}: damaged manifest, missing {', '.join(missing)}")
+        tokenizer = Tokenizer.load(directory)
+        if tokenizer.fingerprint() != manifest["tokenizer_sha256"]:
+            raise DataError(f"{directory}: tokenizer.json does not match the tokenizer the data was prepared with")
+        if manifest["dtype"] not in TOKEN_DTYPES:
+            raise DataError(f"{directory}/{MANIFEST}: token dtype {manifest['dtype']!r} is not one of {TOKEN_DTYPES}")
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        for split in SPLITS:
+            info = manifest["splits"][split]
+            if not isinstance(info["tokens"], int) or not isinstance(info["sha256"], str):
+                raise DataError(f"{directory}/{MANIFEST}: damaged manifest (splits.{split})")
+            file = directory / inner_file_name(info["file"], f"{directory}/{MANIFEST}")
+            if not file.is_file():
+                raise DataError(f"{file}: missing shard")
+            if file.stat().st_size != info["tokens"] * itemsize:
+                raise DataError(
+                    f"{file}: size {file.stat().st_size} bytes, manifest says {info['tokens']} tokens x {itemsize}"
+                )
+            data = file.read_bytes()
+            if hashlib.sha256(data).hexdigest() != info["sha256"]:
+                raise DataError(f"{file}: checksum does not match the manifest (corrupted shard)")
+            # the one range check of training ids: the model's forward does not repeat it per step
+            tokens = np.frombuffer(data, dtype=manifest["dtype"])
+            if tokens.size and int(tokens.max()) >= tokenizer.vocab_size:
+                raise DataError(
+                    f"{file}: token id {int(tokens.max())} is outside the tokenizer's vocabulary "
+                    f"of {tokenizer.vocab_size}"
+                )
     return PreparedData(directory, manifest, tokenizer)

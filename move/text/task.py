@@ -12,25 +12,39 @@ from move.text.prepare import PreparedData
 
 
 class TextTask:
-    def __init__(self, data: PreparedData, seq_len: int, batch_size: int, seed: int, eval_tokens: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        data: PreparedData,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        eval_tokens: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.data, self.seq_len, self.batch_size, self.eval_tokens = data, seq_len, batch_size, eval_tokens
         for split in ("train", "val"):  # checked now, not minutes in at the first evaluation
             tokens = data.manifest["splits"][split]["tokens"]
             if tokens < seq_len + 1:
-                raise DataError(f"{data.directory}: the {split} split has {tokens} tokens, fewer than one window of "
-                                f"{seq_len + 1}; prepare more text (or a larger --val-fraction)")
+                raise DataError(
+                    f"{data.directory}: the {split} split has {tokens} tokens, fewer than one window of "
+                    f"{seq_len + 1}; prepare more text (or a larger --val-fraction)"
+                )
         self.tokens_per_example = seq_len
-        self.loader = BatchLoader(data.tokens("train"), data.tokenizer.bos_id, batch_size, seq_len, seed, rank, world_size)
+        self.loader = BatchLoader(
+            data.tokens("train"), data.tokenizer.bos_id, batch_size, seq_len, seed, rank, world_size
+        )
         self.token_bytes = torch.from_numpy(data.tokenizer.token_bytes())
 
     def check_model(self, model) -> None:
         # Larger would run, but the extra rows would never be trained and the run's
         # accounting would count them: a model built for other data is a mistake.
         if model.config.vocab_size != self.data.tokenizer.vocab_size:
-            raise DataError(f"model vocab_size {model.config.vocab_size} does not match the data's tokenizer "
-                            f"({self.data.tokenizer.vocab_size} tokens); build the model with "
-                            f"vocab_size={self.data.tokenizer.vocab_size}")
+            raise DataError(
+                f"model vocab_size {model.config.vocab_size} does not match the data's tokenizer "
+                f"({self.data.tokenizer.vocab_size} tokens); build the model with "
+                f"vocab_size={self.data.tokenizer.vocab_size}"
+            )
 
     def evaluate(self, model) -> dict:
         batches = eval_windows(self.data.tokens("val"), self.seq_len, self.eval_tokens, self.batch_size)
@@ -42,7 +56,11 @@ class TextTask:
 
     def describe(self) -> dict:
         m = self.data.manifest
-        return {"modality": "text", "data": str(Path(self.data.directory).resolve()), "source": m["options"]["source"],
-                "tokenizer_sha256": m["tokenizer_sha256"], "train_tokens": m["splits"]["train"]["tokens"],
-                "eval_tokens": min(self.eval_tokens, m["splits"]["val"]["tokens"] - 1)}
-
+        return {
+            "modality": "text",
+            "data": str(Path(self.data.directory).resolve()),
+            "source": m["options"]["source"],
+            "tokenizer_sha256": m["tokenizer_sha256"],
+            "train_tokens": m["splits"]["train"]["tokens"],
+            "eval_tokens": min(self.eval_tokens, m["splits"]["val"]["tokens"] - 1),
+        }

@@ -13,8 +13,8 @@ import hashlib
 import importlib.util
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
@@ -22,11 +22,13 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from move.errors import ConfigError, DataError
 from move.progress import progress_shown
+from move.readers import decode_text, read_bytes
 
 BOS = "<|bos|>"
 UNK = "<|unk|>"  # word-level tokenizers only
 GPT2_BOS = "<|endoftext|>"  # GPT-2 has one special token; it doubles as BOS
 FILENAME = "tokenizer.json"
+TOKENIZER_MAX_BYTES = 512 * 2**20  # the largest public tokenizer.json files are tens of MB
 
 
 def _byte_level(tokenizer: HFTokenizer) -> HFTokenizer:
@@ -56,12 +58,16 @@ class Tokenizer:
         if vocab_size < len(alphabet) + 1:
             raise ConfigError(f"vocab_size must be at least {len(alphabet) + 1} (256 bytes + BOS), got {vocab_size}")
         hf = _byte_level(HFTokenizer(models.BPE()))
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=alphabet,
-                                      show_progress=progress_shown())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=alphabet, show_progress=progress_shown()
+        )
         hf.train_from_iterator(texts, trainer=trainer)
         if hf.get_vocab_size() < vocab_size:  # the corpus ran out of merges: say so, the data records the real size
-            print(f"warning: asked for a vocabulary of {vocab_size:,} tokens, the corpus gave {hf.get_vocab_size():,} "
-                  f"(no more merges to learn)", file=sys.stderr)
+            print(
+                f"warning: asked for a vocabulary of {vocab_size:,} tokens, the corpus gave {hf.get_vocab_size():,} "
+                f"(no more merges to learn)",
+                file=sys.stderr,
+            )
         return cls(hf)
 
     @classmethod
@@ -91,10 +97,12 @@ class Tokenizer:
         file = path / FILENAME if path.is_dir() else path
         if not file.is_file():
             raise DataError(f"no tokenizer at {file}")
+        text = decode_text(read_bytes(file, TOKENIZER_MAX_BYTES, "tokenizer file"), file)  # a BOM is dropped
         try:
-            return cls(HFTokenizer.from_file(str(file)))
+            return cls(HFTokenizer.from_str(text.removeprefix("\ufeff")))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise DataError(f"{file}: not a tokenizer ({str(e).splitlines()[0]})") from None
+            reason = (str(e).splitlines() or [e.__class__.__name__])[0]
+            raise DataError(f"{file}: not a tokenizer ({reason})") from None
 
     def save(self, directory) -> Path:
         file = Path(directory) / FILENAME

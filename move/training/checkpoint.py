@@ -32,6 +32,7 @@ from move.errors import CheckpointError, ConfigError, UserError
 from move.model.classifier import ImageClassifier
 from move.model.gpt import GPT
 from move.model.vqvae import VQVAE
+from move.readers import inner_file_name, parse_json, read_bytes
 
 FORMAT = "move-checkpoint"
 VERSION = 2  # 2: the header carries a checksum of itself (header_sha256)
@@ -79,8 +80,14 @@ def first_non_finite(state_dict: dict) -> str | None:
     return None
 
 
-def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | None = None,
-                    state_dict: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+def save_checkpoint(
+    path,
+    model,
+    meta: dict | None = None,
+    train_state: dict | None = None,
+    state_dict: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Atomically write checkpoint directory `path` (replacing an older one of that
     name). state_dict: the weights to write instead of model.state_dict() (a
     distributed job passes its gathered, unsharded one)."""
@@ -104,25 +111,33 @@ def save_checkpoint(path, model, meta: dict | None = None, train_state: dict | N
         for name, data in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # e.g. a nested tokenizer checkpoint
             write_synced(tmp / name, data)
-        write_header(tmp, model.kind, model.config.to_dict(), meta or {},
-                     {name: sha256(data) for name, data in files.items()})
+        write_header(
+            tmp, model.kind, model.config.to_dict(), meta or {}, {name: sha256(data) for name, data in files.items()}
+        )
         put_in_place(tmp, path)
     except OSError as e:  # disk full, quota, permissions: the previous checkpoints are untouched
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
-                              f"earlier checkpoints are intact") from None
+        raise CheckpointError(
+            f"{path}: could not write the checkpoint ({e.strerror or e}); earlier checkpoints are intact"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def write_header(directory: Path, model_kind: str, model_config: dict, meta: dict, checksums: dict,
-                 **fields) -> None:
+def write_header(directory: Path, model_kind: str, model_config: dict, meta: dict, checksums: dict, **fields) -> None:
     """config.json of a checkpoint being written: what it holds, the SHA-256 of every
     other file, extra fields (a sharded layout's), and a checksum of itself."""
-    header = {"format": FORMAT, "version": VERSION, **fields, "model_kind": model_kind,
-              "model_config": model_config, "meta": meta, "sha256": checksums}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        **fields,
+        "model_kind": model_kind,
+        "model_config": model_config,
+        "meta": meta,
+        "sha256": checksums,
+    }
     header["header_sha256"] = header_checksum(header)
     write_synced(directory / CONFIG, json.dumps(header, indent=2).encode())
 
@@ -153,15 +168,38 @@ def read_header(path) -> dict:
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise CheckpointError(f"{path}: not a checkpoint (no {CONFIG})")
-    try:
-        header = json.loads((path / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}/{CONFIG}: corrupt JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    header = parse_json(read_bytes(path / CONFIG, what="checkpoint header"), path / CONFIG)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} (format field is {header.get('format') if isinstance(header, dict) else None!r})")
-    if header.get("version", 1) >= 2 and header.get("header_sha256") != header_checksum(header):
+        raise CheckpointError(
+            f"{path}: not a {FORMAT} (format field is {header.get('format') if isinstance(header, dict) else None!r})"
+        )
+    version = header.get("version", 1)
+    if not isinstance(version, int) or (version >= 2 and header.get("header_sha256") != header_checksum(header)):
         raise CheckpointError(f"{path}/{CONFIG}: checksum mismatch (the file was edited or damaged)")
+    check_header_fields(header, path / CONFIG)
     return header
+
+
+# The fields a header must have, with their types: a header whose checksum matches
+# (someone who can write the directory can recompute it) may still be hostile.
+HEADER_FIELDS = {"model_kind": str, "model_config": dict, "sha256": dict}
+OPTIONAL_HEADER_FIELDS = {"meta": dict, "layout": str}
+
+
+def check_header_fields(header: dict, where) -> None:
+    for name, kind in HEADER_FIELDS.items():
+        if not isinstance(header.get(name), kind):
+            raise CheckpointError(f"{where}: damaged header ({name} missing or not a {kind.__name__})")
+    for name, kind in OPTIONAL_HEADER_FIELDS.items():
+        if name in header and not isinstance(header[name], kind):
+            raise CheckpointError(f"{where}: damaged header ({name} is not a {kind.__name__})")
+    for name, digest in header["sha256"].items():
+        inner_file_name(name, where)
+        if not isinstance(digest, str):
+            raise CheckpointError(f"{where}: damaged header (the checksum of {name} is not text)")
+    meta = header.get("meta", {})
+    if not isinstance(meta.get("task", {}), dict) or not isinstance(meta.get("step", 0), int):
+        raise CheckpointError(f"{where}: damaged header (meta.task or meta.step)")
 
 
 def training_data(header: dict) -> str | None:
@@ -232,7 +270,7 @@ def load_state_dict(path) -> tuple[dict, dict]:
         model_keys = {k: v for k, v in stored_tensors(path).items() if k.startswith("model.")}
         state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in model_keys.items()}
         dcp.load(state, checkpoint_id=path / DCP_DIR, no_dist=True)
-        return {k[len("model."):]: v for k, v in state.items()}, header
+        return {k[len("model.") :]: v for k, v in state.items()}, header
     data = read_verified(path, WEIGHTS, header)
     try:
         return load_safetensors_bytes(data), header
@@ -250,8 +288,9 @@ def load_train_state(path) -> dict:
     try:
         return torch.load(io.BytesIO(data), weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}/{TRAIN_STATE}: refused, it holds more than tensors and plain data "
-                              f"({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{path}/{TRAIN_STATE}: refused, it holds more than tensors and plain data ({str(e).splitlines()[0][:200]})"
+        ) from None
 
 
 def check_compatible(model, state_dict: dict, source) -> None:
@@ -262,11 +301,14 @@ def check_compatible(model, state_dict: dict, source) -> None:
     if missing:
         raise CheckpointError(f"{source}: tensor {missing[0]} missing from checkpoint ({len(missing)} missing)")
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]} in checkpoint ({len(unexpected)} unexpected)")
+        raise CheckpointError(
+            f"{source}: unexpected tensor {unexpected[0]} in checkpoint ({len(unexpected)} unexpected)"
+        )
     for name, tensor in own.items():
         if tuple(state_dict[name].shape) != tuple(tensor.shape):
             raise CheckpointError(
-                f"{source}: shape mismatch for {name}: checkpoint {tuple(state_dict[name].shape)} vs model {tuple(tensor.shape)}"
+                f"{source}: shape mismatch for {name}: checkpoint {tuple(state_dict[name].shape)} "
+                f"vs model {tuple(tensor.shape)}"
             )
 
 
@@ -280,6 +322,19 @@ def config_mismatch(a, b) -> str | None:
 
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16}  # BF16 is handled on its own
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the limit the safetensors library itself sets
+
+
+def _valid_tensor_entry(info, data_bytes: int) -> bool:
+    """A safetensors header entry {dtype, shape, data_offsets} whose range lies in the file."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and 0 <= n < 2**40 for n in shape):
+        return False
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(n, int) for n in offsets):
+        return False
+    return 0 <= offsets[0] <= offsets[1] <= data_bytes
 
 
 def mapped_tensor(file: Path, name: str) -> torch.Tensor:
@@ -288,12 +343,17 @@ def mapped_tensor(file: Path, name: str) -> torch.Tensor:
 
     safetensors layout: 8-byte little-endian header length, JSON header giving each
     tensor's dtype, shape and byte range, then the data."""
+    size = file.stat().st_size
     with open(file, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    if name not in header:
+        if not 0 < header_len <= min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{file}: not a safetensors file (header length {header_len:,})")
+        header = parse_json(f.read(header_len), f"{file} (header)")
+    if not isinstance(header, dict) or name not in header:
         raise CheckpointError(f"{file}: no tensor {name}")
     info = header[name]
+    if not _valid_tensor_entry(info, size - 8 - header_len):
+        raise CheckpointError(f"{file}: the header's entry for {name} is malformed")
     start, end = info["data_offsets"]
     itemsize = 2 if info["dtype"] == "BF16" else np.dtype(SAFETENSORS_DTYPES.get(info["dtype"], np.uint8)).itemsize
     if end - start != itemsize * int(np.prod(info["shape"])):
@@ -303,8 +363,13 @@ def mapped_tensor(file: Path, name: str) -> torch.Tensor:
         return torch.from_numpy(words).view(torch.bfloat16)
     if info["dtype"] not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{file}: cannot memory-map {name} of dtype {info['dtype']}")
-    array = np.memmap(file, dtype=SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=8 + header_len + start,
-                      shape=tuple(info["shape"]))
+    array = np.memmap(
+        file,
+        dtype=SAFETENSORS_DTYPES[info["dtype"]],
+        mode="r",
+        offset=8 + header_len + start,
+        shape=tuple(info["shape"]),
+    )
     return torch.from_numpy(array)
 
 
@@ -337,15 +402,17 @@ def load_model(path, device="cpu", mmap_bank: bool = False, kind: str = "gpt"):
         if config.value_memory != "move":
             raise CheckpointError(f"{path}: --mmap-bank needs a MoVE checkpoint, this one is {config.value_memory}")
         if is_sharded(header):
-            raise CheckpointError(f"{path}: a sharded (torchrun) checkpoint; --mmap-bank maps one file: "
-                                  f"`move consolidate {path} --out DIR` writes it")
+            raise CheckpointError(
+                f"{path}: a sharded (torchrun) checkpoint; --mmap-bank maps one file: "
+                f"`move consolidate {path} --out DIR` writes it"
+            )
         if streamed_sha256(path / WEIGHTS) != header.get("sha256", {}).get(WEIGHTS):
             raise CheckpointError(f"{path / WEIGHTS}: checksum mismatch (truncated or corrupted)")
         with warnings.catch_warnings():  # read-only memmap: torch warns it is not writable; we never write it
             warnings.simplefilter("ignore", UserWarning)
             bank = mapped_tensor(path / WEIGHTS, "bank.weight")
         with safe_open(path / WEIGHTS, framework="pt") as f:
-            state_dict = {k: f.get_tensor(k) for k in f.keys() if k != "bank.weight"}
+            state_dict = {k: f.get_tensor(k) for k in f.keys() if k != "bank.weight"}  # noqa: SIM118 - safe_open is not iterable
         state_dict["bank.weight"] = bank
     with torch.device("meta"):  # no memory for weights that are about to be replaced
         model = model_class(config)

@@ -6,7 +6,7 @@ import re
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import matplotlib.pyplot as plt
 
 # One look per variant, the same in every plot: the family picks the hue (standard black,
 # LaVE oranges, MoVE blues), the density the shade (darker = more memory) and the
@@ -25,11 +25,15 @@ def variant_style(name: str) -> dict:
     family, ablation, density = match.group(1), match.group(2), int(match.group(3) or 1)
     deeper = "deeper" in name or "wider" in name  # a compute-matched dense baseline
     if family == "standard":
-        return dict(color="dimgray" if deeper else "black", marker="v" if deeper else "o",
-                    linestyle="-." if deeper else "-")
+        return dict(
+            color="dimgray" if deeper else "black", marker="v" if deeper else "o", linestyle="-." if deeper else "-"
+        )
     shade = 0.45 + 0.55 * min(1.0, math.log2(density) / 3)  # x1 light .. x8 and more darkest
-    return dict(color=plt.get_cmap(FAMILY_COLORMAPS[family])(shade), marker=DENSITY_MARKERS.get(density, "*"),
-                linestyle="--" if ablation else "-")
+    return dict(
+        color=plt.get_cmap(FAMILY_COLORMAPS[family])(shade),
+        marker=DENSITY_MARKERS.get(density, "*"),
+        linestyle="--" if ablation else "-",
+    )
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -95,8 +99,15 @@ def plot_scaling(points: list[dict], key: str, path, title: str = "") -> None:
     for p in points:
         style = variant_style(p["label"])
         for ax, x in zip(axes, (p["memory_params"], p["flops"])):
-            ax.errorbar([x], [p["mean"]], yerr=[p["std"]], fmt=style["marker"], color=style["color"], capsize=3,
-                        label=p["label"])
+            ax.errorbar(
+                [x],
+                [p["mean"]],
+                yerr=[p["std"]],
+                fmt=style["marker"],
+                color=style["color"],
+                capsize=3,
+                label=p["label"],
+            )
     axes[0].set_xscale("symlog", linthresh=1e4)
     axes[0].set(xlabel="value-memory parameters", ylabel=key, title=f"{title}: memory axis")
     axes[1].set(xlabel="training FLOPs per token", ylabel=key, title=f"{title}: compute axis")
@@ -113,8 +124,9 @@ def plot_knowledge(lines: dict[str, list[tuple]], path) -> None:
     for label, points in lines.items():
         points = sorted(points)
         style = {**variant_style(label), "linestyle": "--" if "2 token" in label else "-"}
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], capsize=3,
-                    label=label, **style)
+        ax.errorbar(
+            [p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], capsize=3, label=label, **style
+        )
     ax.set(xlabel="people in the corpus (N)", ylabel="stored knowledge (bits)", xscale="log")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -122,7 +134,9 @@ def plot_knowledge(lines: dict[str, list[tuple]], path) -> None:
     plt.close(fig)
 
 
-def plot_budget_bands(lines: dict[str, dict[int, list[tuple[float, float]]]], path, ylabel: str, title: str = "") -> None:
+def plot_budget_bands(
+    lines: dict[str, dict[int, list[tuple[float, float]]]], path, ylabel: str, title: str = ""
+) -> None:
     """Final metric against training tokens: lines maps a variant to {budget: [(tokens,
     value) per seed]}; the line is the mean, the band the lowest to the highest seed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))

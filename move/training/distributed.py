@@ -75,7 +75,7 @@ def launched_by_torchrun() -> bool:
 def distributed_job(requested_device: str = "auto"):
     """Set up the process group when launched by torchrun (a no-op for one
     process) and tear it down on the way out. Yields the device this rank uses."""
-    global _state
+    global _state  # noqa: PLW0603 - one process group per process: module state is what torch.distributed keeps too
     device = pick_device(requested_device)
     if not launched_by_torchrun():
         yield device
@@ -131,8 +131,9 @@ def wrap_ddp(model, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(sharded_tables(model)))
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   forward_sync_buffers=False)
+    return DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
+    )
 
 
 def split_for_ranks(items: list) -> list[tuple[object, bool]]:
@@ -145,8 +146,10 @@ def split_for_ranks(items: list) -> list[tuple[object, bool]]:
     if not items:
         return []
     rounds = -(-len(items) // s.world_size)
-    return [(items[i], True) if i < len(items) else (items[0], False)
-            for i in range(s.rank, rounds * s.world_size, s.world_size)]
+    return [
+        (items[i], True) if i < len(items) else (items[0], False)
+        for i in range(s.rank, rounds * s.world_size, s.world_size)
+    ]
 
 
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
@@ -170,7 +173,7 @@ def barrier() -> None:
 def _slice_rows(table, full: torch.Tensor, what: str) -> torch.Tensor:
     if full.shape[0] != table.shard.num_rows:
         raise CheckpointError(f"{what}: the checkpoint has {full.shape[0]} rows, the model {table.shard.num_rows}")
-    return full[table.shard.start:table.shard.stop].clone()
+    return full[table.shard.start : table.shard.stop].clone()
 
 
 def local_state_dict(model, full: dict) -> dict:
@@ -205,8 +208,7 @@ def _map_row_states(optimizer, model, state: dict, fn) -> dict:
 
 def local_optimizer_state(optimizer, model, full: dict) -> dict:
     """This rank's part of an unsharded optimizer state dict."""
-    return _map_row_states(optimizer, model, full,
-                           lambda table, value: _slice_rows(table, value, "optimizer state"))
+    return _map_row_states(optimizer, model, full, lambda table, value: _slice_rows(table, value, "optimizer state"))
 
 
 def maybe_inject_fault(step: int, point: str = "step") -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from move.config import parse_loggers
 from move.errors import ConfigError
 
+
 class Trackers:
     def __init__(self, spec: str, run_dir: Path, config: dict):
         self.writers = []
@@ -27,8 +28,14 @@ class Trackers:
                     raise ConfigError("--loggers wandb needs `pip install wandb`") from None
                 os.environ.setdefault("WANDB_MODE", "offline")
                 os.environ.setdefault("WANDB_SILENT", "true")
-                run = wandb.init(project="move", name=run_dir.name, dir=str(run_dir), config=config,
-                                 id=f"{run_dir.name}-{abs(hash(str(run_dir.resolve()))) % 10**8}", resume="allow")
+                run = wandb.init(
+                    project="move",
+                    name=run_dir.name,
+                    dir=str(run_dir),
+                    config=config,
+                    id=f"{run_dir.name}-{abs(hash(str(run_dir.resolve()))) % 10**8}",
+                    resume="allow",
+                )
                 self.writers.append(("wandb", run))
 
     def log(self, record: dict, step: int) -> None:

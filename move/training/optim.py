@@ -27,8 +27,8 @@ from move.config import OptimConfig
 from move.errors import CheckpointError, ConfigError
 from move.model.accounting import param_group
 from move.model.gpt import GPT
-from move.training.distributed import (all_reduce_, current, local_optimizer_state,
-                                       shard_value_memory, sharded_tables)
+from move.model.value_tables import RowSet
+from move.training.distributed import all_reduce_, current, local_optimizer_state, shard_value_memory, sharded_tables
 from move.training.muon import Muon
 from move.training.row_adam import RowAdam
 from move.training.table_adamw import TableAdamW
@@ -36,8 +36,9 @@ from move.training.table_adamw import TableAdamW
 
 def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
     if not isinstance(model, GPT):  # the small conv nets of the image pipeline: plain AdamW
-        optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr_adamw_matrix, betas=(0.9, 0.95),
-                                      weight_decay=oc.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=oc.lr_adamw_matrix, betas=(0.9, 0.95), weight_decay=oc.weight_decay
+        )
         for g in optimizer.param_groups:
             g["initial_lr"] = g["lr"]
         return [optimizer]
@@ -67,8 +68,9 @@ def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
     else:
         adam_groups.append(dict(params=matrices, lr=oc.lr_adamw_matrix))
     adam_groups = [g for g in adam_groups if g["params"]]
-    optimizers.append(torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10,
-                                        weight_decay=oc.weight_decay, fused=fused))
+    optimizers.append(
+        torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=oc.weight_decay, fused=fused)
+    )
     for opt in optimizers:
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
@@ -86,18 +88,22 @@ def value_memory_grad_mode(path: str, optimizer_mode: str) -> str:
     return "dense"  # both optimiser modes read the persistent buffer (lazy: at the touched rows)
 
 
-def touched_rows(model) -> dict[int, torch.Tensor]:
+def touched_rows(model) -> dict[int, RowSet]:
     """{id(table weight): rows} for fast-path tables whose dense gradient buffer is
     zero outside the rows this step touched."""
     if not isinstance(model, GPT):
         return {}
-    return {id(t.weight): t.touched_rows() for t in model.value_tables()
-            if t.grad_mode == "dense" and t.touched and t.weight.grad is not None}
+    return {
+        id(t.weight): t.touched_rows()
+        for t in model.value_tables()
+        if t.grad_mode == "dense" and t.touched and t.weight.grad is not None
+    }
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | None = None,
-                   sharded: frozenset[int] = frozenset()) -> torch.Tensor:
+def clip_grad_norm(
+    parameters, max_norm: float, rows: dict[int, torch.Tensor] | None = None, sharded: frozenset[int] = frozenset()
+) -> torch.Tensor:
     """Global-norm clipping. `rows` (see touched_rows) lets a
     fast-path table's norm and rescaling read only its touched rows instead of the
     whole bank-sized buffer (the result is the same: the other rows are zero).
@@ -106,17 +112,27 @@ def clip_grad_norm(parameters, max_norm: float, rows: dict[int, torch.Tensor] | 
     replicated. Returns the norm before clipping."""
     rows = rows or {}
     grads = [(id(p), p.grad) for p in parameters if p.grad is not None]
-    # a fast-path table's touched rows, read once for the norm and rescaled in place for the copy back
-    touched = {k: g.index_select(0, rows[k]) for k, g in grads if k in rows}
-    squares = [(k, torch.linalg.vector_norm(touched.get(k, g), dtype=torch.float32).square()) for k, g in grads]
+    # a fast-path table's touched rows, read once for the norm and rescaled in place for the copy back;
+    # a row the step touched several times is read as often, and counted once (RowSet.first)
+    touched = {k: g.index_select(0, rows[k].ids) for k, g in grads if k in rows}
+
+    def square(key, g):
+        if key not in rows:
+            return torch.linalg.vector_norm(g, dtype=torch.float32).square()
+        per_row = torch.linalg.vector_norm(touched[key].flatten(1), dim=1, dtype=torch.float32).square()
+        return (per_row * rows[key].first).sum()
+
+    squares = [(k, square(k, g)) for k, g in grads]
     square = torch.stack([s for k, s in squares if k not in sharded] or [torch.zeros(())]).sum()
     if sharded:
-        square = square + all_reduce_(torch.stack([s for k, s in squares if k in sharded] or [square.new_zeros(())]).sum())
+        square = square + all_reduce_(
+            torch.stack([s for k, s in squares if k in sharded] or [square.new_zeros(())]).sum()
+        )
     norm = square.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for key, g in grads:
         if key in rows:
-            g.index_copy_(0, rows[key], touched[key].mul_(scale.to(g.dtype)))
+            g.index_copy_(0, rows[key].ids, touched[key].mul_(scale.to(g.dtype)))
         else:
             g.mul_(scale.to(g.dtype))
     return norm
@@ -143,8 +159,9 @@ def set_lr(optimizers, multiplier: float) -> None:
             g["lr"] = g["initial_lr"] * multiplier
 
 
-def prepare_for_training(model, value_memory_path: str = "fast", value_memory_optimizer: str = "exact",
-                         value_memory_dtype: str = "float32") -> None:
+def prepare_for_training(
+    model, value_memory_path: str = "fast", value_memory_optimizer: str = "exact", value_memory_dtype: str = "float32"
+) -> None:
     """Set how a GPT's value memory is stored and differentiated, and, under torchrun,
     keep only this rank's rows of every table. Call once, before building Optimizers;
     models without value memory (the image conv nets) need nothing."""
@@ -157,8 +174,8 @@ def prepare_for_training(model, value_memory_path: str = "fast", value_memory_op
 
 
 def split_state_key(key: str) -> tuple[str, str]:
-    """"optim.<parameter name>.<entry>" (Optimizers.named_state) -> (name, entry)."""
-    name, _, entry = key[len("optim."):].rpartition(".")
+    """ "optim.<parameter name>.<entry>" (Optimizers.named_state) -> (name, entry)."""
+    name, _, entry = key[len("optim.") :].rpartition(".")
     return name, entry
 
 
@@ -190,8 +207,12 @@ class Optimizers:
         """Clip to max_norm (default: the config's grad_clip; 0 = only measure);
         -> the global gradient norm before clipping."""
         max_norm = self.config.grad_clip if max_norm is None else max_norm
-        return clip_grad_norm(list(self.model.parameters()), max_norm or float("inf"), touched_rows(self.model),
-                              frozenset(id(t.weight) for t in self.sharded_tables))
+        return clip_grad_norm(
+            list(self.model.parameters()),
+            max_norm or float("inf"),
+            touched_rows(self.model),
+            frozenset(id(t.weight) for t in self.sharded_tables),
+        )
 
     def step(self) -> None:
         for opt in self.optimizers:
@@ -203,8 +224,12 @@ class Optimizers:
         state (moments, momentum, step counts) under names, as checkpoints store it; a
         sharded table's entries are this rank's rows (the live tensors, not copies)."""
         names = {id(p): name for name, p in self.model.named_parameters()}
-        return {f"optim.{names[id(p)]}.{entry}": value for opt in self.optimizers
-                for p, entries in opt.state.items() for entry, value in entries.items()}
+        return {
+            f"optim.{names[id(p)]}.{entry}": value
+            for opt in self.optimizers
+            for p, entries in opt.state.items()
+            for entry, value in entries.items()
+        }
 
     def load_named_state(self, named: dict) -> None:
         """Load named_state's layout through each optimiser's own load_state_dict (which
@@ -220,9 +245,13 @@ class Optimizers:
             if name not in params or id(params[name]) not in owners:
                 raise CheckpointError(f"optimiser state for {name!r}, which this model does not train")
             p, table = params[name], tables.get(id(params[name]))
-            if (table is not None and torch.is_tensor(value) and value.dim() == p.dim()
-                    and value.shape[0] == table.shard.num_rows):
-                value = value[table.shard.start:table.shard.stop]
+            if (
+                table is not None
+                and torch.is_tensor(value)
+                and value.dim() == p.dim()
+                and value.shape[0] == table.shard.num_rows
+            ):
+                value = value[table.shard.start : table.shard.stop]
             entries.setdefault(id(p), {})[entry] = value
         for opt in self.optimizers:
             state = opt.state_dict()
@@ -240,5 +269,10 @@ class Optimizers:
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The optimisers' persistent tensors (moments, momentum buffers)."""
-        return [v for opt in self.optimizers for state in opt.state.values() for v in state.values()
-                if torch.is_tensor(v) and v.dim() > 0]
+        return [
+            v
+            for opt in self.optimizers
+            for state in opt.state.values()
+            for v in state.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        ]

@@ -38,7 +38,7 @@ from move.model.gpt import GPT
 from move.training.optim import Optimizers
 from move.training.trainer import prepare_model
 
-GIB = 1024 ** 3
+GIB = 1024**3
 # The peak of a step exceeds the saved activations: the backward pass holds the gradients
 # flowing back through them while it frees them, and the allocator keeps freed blocks a
 # while. Measured on CPU (fp32) for four shapes (widths 256-512, 4-8 layers, vocabularies
@@ -109,8 +109,9 @@ def plan_run(config: ModelConfig, train: TrainConfig, processes: int = 1, bf16: 
     if processes < 1:
         raise ConfigError(f"processes must be >= 1, got {processes}")
     if train.batch_size % processes:  # the Trainer's rule (per_rank_batch)
-        raise ConfigError(f"batch_size {train.batch_size} is the global batch and must divide evenly over "
-                          f"{processes} processes")
+        raise ConfigError(
+            f"batch_size {train.batch_size} is the global batch and must divide evenly over {processes} processes"
+        )
     with torch.device("meta"):
         params = count_params(GPT(config))
     tables = params["value_memory"]
@@ -158,8 +159,10 @@ def advice(plan: RunPlan, device_bytes: int) -> list[str]:
         if t.batch_size % (factor * plan.processes) == 0:
             smaller = replan(replace(t, batch_size=t.batch_size // factor, grad_accum=t.grad_accum * factor))
             if fits(smaller, device_bytes):
-                lines.append(f"--batch-size {smaller.train.batch_size} --grad-accum {smaller.train.grad_accum} "
-                             f"(same tokens per step): {gib(smaller.memory_total)}")
+                lines.append(
+                    f"--batch-size {smaller.train.batch_size} --grad-accum {smaller.train.grad_accum} "
+                    f"(same tokens per step): {gib(smaller.memory_total)}"
+                )
                 break
         factor *= 2
     if plan.params["value_memory"]:
@@ -167,8 +170,10 @@ def advice(plan: RunPlan, device_bytes: int) -> list[str]:
             if t.batch_size % n == 0:
                 wider = replan(processes=n)
                 if fits(wider, device_bytes):
-                    lines.append(f"--processes {n} (each holds 1/{n} of the value memory and of the batch): "
-                                 f"{gib(wider.memory_total)}")
+                    lines.append(
+                        f"--processes {n} (each holds 1/{n} of the value memory and of the batch): "
+                        f"{gib(wider.memory_total)}"
+                    )
                     break
         if t.value_memory_dtype == "float32":
             half = replan(replace(t, value_memory_dtype="bfloat16"))
@@ -180,8 +185,10 @@ def advice(plan: RunPlan, device_bytes: int) -> list[str]:
             lines.append(f"--optimizer muon (one moment per matrix): {gib(muon.memory_total)}")
     if not lines:
         floor = replan(replace(t, batch_size=plan.processes, grad_accum=t.grad_accum * plan.micro_batch))
-        lines.append(f"no single change fits: even one sequence per micro-batch needs {gib(floor.memory_total)}; "
-                     f"combine more processes, a bf16 bank and a shorter --seq-len, or a larger device")
+        lines.append(
+            f"no single change fits: even one sequence per micro-batch needs {gib(floor.memory_total)}; "
+            f"combine more processes, a bf16 bank and a shorter --seq-len, or a larger device"
+        )
     return lines
 
 
@@ -222,23 +229,35 @@ def variant_label(c: ModelConfig) -> str:
     return f"{name}{density}, {c.attention.upper()}"
 
 
-def plan_text(plan: RunPlan, device_bytes: int | None = None, peak_tflops: float | None = None,
-              mfu: float | None = None, card: str = "") -> str:
+def plan_text(
+    plan: RunPlan,
+    device_bytes: int | None = None,
+    peak_tflops: float | None = None,
+    mfu: float | None = None,
+    card: str = "",
+) -> str:
     """What `move plan` prints: sizes, FLOPs, memory per process, tokens and time."""
     c, t, p = plan.config, plan.train, plan.params
-    lines = [f"{variant_label(c)}: {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads, vocabulary "
-             f"{c.vocab_size:,}, context {c.seq_len:,}",
-             f"{plan.processes} process(es) x {plan.micro_batch} sequences per micro-batch, {t.grad_accum} "
-             f"micro-batch(es) per step: {t.batch_size * t.grad_accum * c.seq_len:,} tokens per step", "",
-             "parameters"]
+    lines = [
+        f"{variant_label(c)}: {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads, vocabulary "
+        f"{c.vocab_size:,}, context {c.seq_len:,}",
+        f"{plan.processes} process(es) x {plan.micro_batch} sequences per micro-batch, {t.grad_accum} "
+        f"micro-batch(es) per step: {t.batch_size * t.grad_accum * c.seq_len:,} tokens per step",
+        "",
+        "parameters",
+    ]
     for group, n in p.items():
         if group != "total" and n:
             lines.append(f"  {group:<22}{n:>16,}  ({n / p['total']:.1%})")
-    lines += [f"  {'total':<22}{p['total']:>16,}", "",
-              f"training FLOPs per token  {plan.flops_per_token:,} (3 x forward; lookups free)",
-              f"tokens                    {plan.tokens:,} ({t.steps:,} steps; "
-              f"{plan.tokens / (p['total'] - p['value_memory']):.1f} per dense parameter)",
-              f"training FLOPs            {plan.tokens * plan.flops_per_token:.3e}", ""]
+    lines += [
+        f"  {'total':<22}{p['total']:>16,}",
+        "",
+        f"training FLOPs per token  {plan.flops_per_token:,} (3 x forward; lookups free)",
+        f"tokens                    {plan.tokens:,} ({t.steps:,} steps; "
+        f"{plan.tokens / (p['total'] - p['value_memory']):.1f} per dense parameter)",
+        f"training FLOPs            {plan.tokens * plan.flops_per_token:.3e}",
+        "",
+    ]
     shard = "the whole table" if plan.processes == 1 else f"1/{plan.processes} of its rows"
     lines.append(f"memory per process (value memory: {shard}; activations {'bf16' if plan.bf16 else 'fp32'})")
     for part, n in plan.memory.items():
@@ -247,16 +266,23 @@ def plan_text(plan: RunPlan, device_bytes: int | None = None, peak_tflops: float
     if device_bytes:
         usable = (1 - GPU_MARGIN) * device_bytes
         if fits(plan, device_bytes):
-            lines.append(f"fits {gib(device_bytes)} per device with {gib(usable - plan.memory_total)} to spare "
-                         f"(after a {GPU_MARGIN:.0%} margin for the CUDA context and fragmentation)")
+            lines.append(
+                f"fits {gib(device_bytes)} per device with {gib(usable - plan.memory_total)} to spare "
+                f"(after a {GPU_MARGIN:.0%} margin for the CUDA context and fragmentation)"
+            )
         else:
-            lines.append(f"WILL NOT FIT {gib(device_bytes)} per device: needs {gib(plan.memory_total)}, "
-                         f"{gib(usable)} usable after a {GPU_MARGIN:.0%} margin. Each of these fits:")
+            lines.append(
+                f"WILL NOT FIT {gib(device_bytes)} per device: needs {gib(plan.memory_total)}, "
+                f"{gib(usable)} usable after a {GPU_MARGIN:.0%} margin. Each of these fits:"
+            )
             lines += [f"  - {line}" for line in advice(plan, device_bytes)]
     if peak_tflops:
         where = f"{card}, " if card else ""
         hours = plan.hours(peak_tflops, mfu)
-        lines += ["", f"time: {hours:,.2f} h ({hours * 60:,.0f} min) of training at {mfu:.0%} MFU "
-                      f"({where}{peak_tflops:,.0f} TFLOP/s peak per device, {plan.processes} device(s); "
-                      f"evaluation not included)"]
+        lines += [
+            "",
+            f"time: {hours:,.2f} h ({hours * 60:,.0f} min) of training at {mfu:.0%} MFU "
+            f"({where}{peak_tflops:,.0f} TFLOP/s peak per device, {plan.processes} device(s); "
+            f"evaluation not included)",
+        ]
     return "\n".join(lines)

@@ -6,7 +6,9 @@ formula (eps added to sqrt(v) before the bias correction). SparseAdam needs a sp
 COO gradient, which it coalesces and walks with sparse bookkeeping every step; on CPU
 that cost more than the dense fused AdamW it was meant to beat. This optimiser reads
 the fast path's persistent dense gradient buffer at the rows the table reports as
-touched (ValueTable.touched_rows, already distinct): one index_select of parameters,
+touched (ValueTable.touched_rows: one id per looked-up token, so that no host sync is
+needed to find the distinct ones; a repeated row is computed again from the same
+values and written with the same result): one index_select of parameters,
 gradients and moments, torch's fused Adam kernel on those rows (one pass), one
 index_copy back: no sparse tensor, no coalescing. SparseAdam's formula is Adam's with
 eps / sqrt(1 - beta2^t) in place of eps, so the fused kernel gets that eps.
@@ -18,10 +20,10 @@ import math
 
 import torch
 
-from move.training.table_adamw import counted_fp32_state, step_count_tensor
+from move.training.table_adamw import Fp32StateOptimizer, counted_fp32_state, step_count_tensor
 
 
-class RowAdam(torch.optim.Optimizer):
+class RowAdam(Fp32StateOptimizer):
     """params: value-memory table weights; tables: {id(weight): its ValueTable}."""
 
     def __init__(self, params, tables: dict, lr: float, betas=(0.8, 0.95), eps: float = 1e-10):
@@ -37,16 +39,31 @@ class RowAdam(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = counted_fp32_state(self.state[p], p)  # as SparseAdam: every step with a gradient
-                rows = self.tables[id(p)].touched_rows()
-                if rows is None or rows.numel() == 0:
+                touched = self.tables[id(p)].touched_rows()
+                if touched is None or touched.ids.numel() == 0:
                     continue
+                # a row touched several times is updated as often from the same values: each
+                # copy computes the same result and index_copy_ writes it (no unique, no sync)
+                rows = touched.ids
                 m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 weights = p.index_select(0, rows).float()
                 m_rows, v_rows = m.index_select(0, rows), v.index_select(0, rows)
                 count = step_count_tensor(self.step_tensors, p, step)
-                torch._fused_adam_([weights], [p.grad.index_select(0, rows).float()], [m_rows], [v_rows], [], [count],
-                                   lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0,
-                                   eps=group["eps"] / math.sqrt(1 - beta2**step), amsgrad=False, maximize=False)
+                torch._fused_adam_(
+                    [weights],
+                    [p.grad.index_select(0, rows).float()],
+                    [m_rows],
+                    [v_rows],
+                    [],
+                    [count],
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=0.0,
+                    eps=group["eps"] / math.sqrt(1 - beta2**step),
+                    amsgrad=False,
+                    maximize=False,
+                )
                 m.index_copy_(0, rows, m_rows)
                 v.index_copy_(0, rows, v_rows)
                 p.index_copy_(0, rows, weights.to(p.dtype))

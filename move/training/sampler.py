@@ -35,7 +35,7 @@ class EpochSampler:
     def next_indices(self) -> np.ndarray:
         """This rank's slice of the next global batch."""
         indices = [self._next() for _ in range(self.batch_size * self.world_size)]
-        return np.asarray(indices[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
+        return np.asarray(indices[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}

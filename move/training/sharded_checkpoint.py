@@ -45,9 +45,23 @@ from torch.distributed.tensor import DTensor, Shard
 
 from move.errors import CheckpointError
 from move.training import distributed
-from move.training.checkpoint import (DCP_DIR, SHARDED_LAYOUT, TRAIN_STATE, WEIGHTS, first_non_finite, fsync_dir,
-                                      is_sharded, load_train_state, put_in_place, read_header, stored_tensors,
-                                      streamed_sha256, verify_files, write_header, write_synced)
+from move.training.checkpoint import (
+    DCP_DIR,
+    SHARDED_LAYOUT,
+    TRAIN_STATE,
+    WEIGHTS,
+    first_non_finite,
+    fsync_dir,
+    is_sharded,
+    load_train_state,
+    put_in_place,
+    read_header,
+    stored_tensors,
+    streamed_sha256,
+    verify_files,
+    write_header,
+    write_synced,
+)
 from move.training.optim import split_state_key
 
 
@@ -58,8 +72,9 @@ def _as_dtensor(table, local: torch.Tensor) -> DTensor:
     group = shard.group if shard.group is not None else dist.group.WORLD
     mesh = DeviceMesh.from_group(group, local.device.type)
     shape = torch.Size((shard.num_rows, *local.shape[1:]))
-    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape,
-                              stride=torch.empty(shape, device="meta").stride())
+    return DTensor.from_local(
+        local, mesh, [Shard(0)], run_check=False, shape=shape, stride=torch.empty(shape, device="meta").stride()
+    )
 
 
 def _is_row_state(table, value) -> bool:
@@ -72,8 +87,10 @@ def live_state(model, optimizers) -> dict:
     (sharded tables and their moments as DTensors): what a save writes, and what a
     load fills in place (the model's part)."""
     tables = distributed.sharded_tables(model)
-    state = {f"model.{k}": (_as_dtensor(tables[k], v.detach()) if k in tables else v.detach())
-             for k, v in model.state_dict().items()}
+    state = {
+        f"model.{k}": (_as_dtensor(tables[k], v.detach()) if k in tables else v.detach())
+        for k, v in model.state_dict().items()
+    }
     if optimizers is not None:
         params = dict(model.named_parameters())
         by_param = {id(t.weight): t for t in tables.values()}
@@ -84,14 +101,16 @@ def live_state(model, optimizers) -> dict:
 
 
 # ---------------------------------------------------------------------------- save
-def save_sharded_checkpoint(path, model, optimizers, meta: dict, train_state: dict,
-                            extra_files: dict[str, bytes] | None = None) -> Path | None:
+def save_sharded_checkpoint(
+    path, model, optimizers, meta: dict, train_state: dict, extra_files: dict[str, bytes] | None = None
+) -> Path | None:
     """Write checkpoint directory `path` from every rank (collective); -> path on rank 0."""
     path = Path(path)
     s = distributed.current()
     state = live_state(model, optimizers)
-    bad = first_non_finite({k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()
-                            if torch.is_tensor(v)})
+    bad = first_non_finite(
+        {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items() if torch.is_tensor(v)}
+    )
     if distributed.all_reduce_sum([float(bad is not None)], next(model.parameters()).device)[0]:
         raise CheckpointError(f"refusing to write {path}: non-finite values ({bad or 'on another rank'})")
     tmp = path.parent / f".{path.name}.tmp-sharded"
@@ -109,17 +128,20 @@ def save_sharded_checkpoint(path, model, optimizers, meta: dict, train_state: di
             for name, data in files.items():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 write_synced(tmp / name, data)
-            checksums = {f.relative_to(tmp).as_posix(): streamed_sha256(f) for f in sorted(tmp.rglob("*"))
-                         if f.is_file()}
-            write_header(tmp, model.kind, model.config.to_dict(), meta, checksums, layout=SHARDED_LAYOUT,
-                         world_size=s.world_size)
+            checksums = {
+                f.relative_to(tmp).as_posix(): streamed_sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()
+            }
+            write_header(
+                tmp, model.kind, model.config.to_dict(), meta, checksums, layout=SHARDED_LAYOUT, world_size=s.world_size
+            )
             fsync_dir(tmp / DCP_DIR)
             put_in_place(tmp, path)
     except OSError as e:
         if s.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
-                              f"earlier checkpoints are intact") from None
+        raise CheckpointError(
+            f"{path}: could not write the checkpoint ({e.strerror or e}); earlier checkpoints are intact"
+        ) from None
     distributed.barrier()  # no rank goes on (or rotates checkpoints away) before it exists
     return path if s.is_main else None
 
@@ -133,8 +155,9 @@ def check_sharded_compatible(model, path: Path, stored: dict) -> None:
     theirs = {k: v.size for k, v in stored.items() if k.startswith("model.")}
     for key in sorted(set(own) | set(theirs)):
         if own.get(key) != theirs.get(key):
-            raise CheckpointError(f"{path}: {key[len('model.'):]} is {theirs.get(key)} in the checkpoint, "
-                                  f"{own.get(key)} in the model")
+            raise CheckpointError(
+                f"{path}: {key[len('model.') :]} is {theirs.get(key)} in the checkpoint, {own.get(key)} in the model"
+            )
 
 
 def load_sharded_checkpoint(path, model, optimizers) -> dict:
@@ -162,8 +185,9 @@ def load_sharded_checkpoint(path, model, optimizers) -> dict:
     targets = _optimizer_targets(model, everything)
     state.update(targets)
     dcp.load(state, checkpoint_id=path / DCP_DIR, no_dist=not s.active)
-    optimizers.load_named_state({k: state[k].to_local() if isinstance(state[k], DTensor) else state[k]
-                                 for k in targets})
+    optimizers.load_named_state(
+        {k: state[k].to_local() if isinstance(state[k], DTensor) else state[k] for k in targets}
+    )
     return load_train_state(path)
 
 
@@ -184,8 +208,9 @@ def _optimizer_targets(model, stored: dict) -> dict:
         if not isinstance(meta, TensorStorageMetadata):
             targets[key] = 0
         elif table is not None and len(meta.size) == p.dim():  # a table's moments: this rank's rows
-            local = torch.zeros((table.shard.stop - table.shard.start, *meta.size[1:]), dtype=meta.properties.dtype,
-                                device=p.device)
+            local = torch.zeros(
+                (table.shard.stop - table.shard.start, *meta.size[1:]), dtype=meta.properties.dtype, device=p.device
+            )
             targets[key] = _as_dtensor(table, local)
         else:
             targets[key] = torch.zeros(meta.size, dtype=meta.properties.dtype)
@@ -193,8 +218,15 @@ def _optimizer_targets(model, stored: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- consolidate
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-                      torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def consolidate(src, out) -> Path:
@@ -208,7 +240,7 @@ def consolidate(src, out) -> Path:
     if not is_sharded(header):
         raise CheckpointError(f"{src}: already a one-file checkpoint (nothing to consolidate)")
     verify_files(src, header)
-    stored = {k[len("model."):]: v for k, v in stored_tensors(src).items() if k.startswith("model.")}
+    stored = {k[len("model.") :]: v for k, v in stored_tensors(src).items() if k.startswith("model.")}
     # widest elements first, so every tensor starts aligned to its element size
     stored = dict(sorted(stored.items(), key=lambda kv: (-kv[1].properties.dtype.itemsize, kv[0])))
     layout, offset = {}, 0
@@ -216,8 +248,11 @@ def consolidate(src, out) -> Path:
         if meta.properties.dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{src}: {name} has dtype {meta.properties.dtype}, which safetensors cannot hold")
         size = int(np.prod(meta.size)) * meta.properties.dtype.itemsize
-        layout[name] = {"dtype": SAFETENSORS_DTYPES[meta.properties.dtype], "shape": list(meta.size),
-                        "data_offsets": [offset, offset + size]}
+        layout[name] = {
+            "dtype": SAFETENSORS_DTYPES[meta.properties.dtype],
+            "shape": list(meta.size),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     table = json.dumps(layout, separators=(",", ":")).encode()
     table += b" " * (-len(table) % 8)  # the data starts 8-byte aligned
@@ -240,9 +275,13 @@ def consolidate(src, out) -> Path:
         for name in extra:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / name, tmp / name)
-        write_header(tmp, header["model_kind"], header["model_config"],
-                     {**header.get("meta", {}), "consolidated_from": str(src)},
-                     {n: streamed_sha256(tmp / n) for n in [WEIGHTS, *extra]})
+        write_header(
+            tmp,
+            header["model_kind"],
+            header["model_config"],
+            {**header.get("meta", {}), "consolidated_from": str(src)},
+            {n: streamed_sha256(tmp / n) for n in [WEIGHTS, *extra]},
+        )
         put_in_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,7 +38,26 @@ def counted_fp32_state(state: dict, p: torch.Tensor) -> dict:
     return state
 
 
-class TableAdamW(torch.optim.Optimizer):
+class Fp32StateOptimizer(torch.optim.Optimizer):
+    """An optimiser whose moments are fp32 whatever its parameters' dtype. torch's
+    load_state_dict casts floating-point state to the parameter's dtype (right for
+    torch's own optimisers, whose moments follow the parameter): for a bf16 table that
+    rounded the saved fp32 moments to bf16, and the fused kernels then refused the mix
+    of dtypes. Loading puts the saved fp32 moments back, exactly as they were saved."""
+
+    FP32_STATE = ("exp_avg", "exp_avg_sq")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            for key in self.FP32_STATE:
+                if key in saved:
+                    p = params[index]
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+
+class TableAdamW(Fp32StateOptimizer):
     def __init__(self, params, lr: float, betas=(0.8, 0.95), eps: float = 1e-10, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.step_tensors: dict[torch.Tensor, torch.Tensor] = {}  # see step_count_tensor
@@ -56,9 +75,21 @@ class TableAdamW(torch.optim.Optimizer):
                 for start in range(0, p.shape[0], CHUNK_ROWS):
                     rows = slice(start, start + CHUNK_ROWS)
                     weights = p[rows].float()  # a copy for bf16, the rows themselves (updated in place) for fp32
-                    torch._fused_adamw_([weights], [p.grad[rows].float()], [m[rows]], [v[rows]], [], [step],
-                                        lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                                        eps=group["eps"], amsgrad=False, maximize=False)
+                    torch._fused_adamw_(
+                        [weights],
+                        [p.grad[rows].float()],
+                        [m[rows]],
+                        [v[rows]],
+                        [],
+                        [step],
+                        lr=group["lr"],
+                        beta1=beta1,
+                        beta2=beta2,
+                        weight_decay=group["weight_decay"],
+                        eps=group["eps"],
+                        amsgrad=False,
+                        maximize=False,
+                    )
                     if p.dtype != torch.float32:
                         p[rows] = weights.to(p.dtype)
         return None

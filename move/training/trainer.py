@@ -46,14 +46,22 @@ from move.files import RUN_MARKERS, DirectoryLock, atomic_write_json, atomic_wri
 from move.model.accounting import summarize
 from move.model.diagnostics import value_memory_diagnostics
 from move.model.gpt import GPT
+from move.readers import iter_lines, parse_json, read_json
 from move.training import distributed
-from move.training.checkpoint import (check_compatible, config_mismatch, first_non_finite, is_sharded,
-                                      load_state_dict, load_train_state, read_header, save_checkpoint)
+from move.training.checkpoint import (
+    check_compatible,
+    config_mismatch,
+    first_non_finite,
+    is_sharded,
+    load_state_dict,
+    load_train_state,
+    read_header,
+    save_checkpoint,
+)
 from move.training.curves import plot_loss_curve
 from move.training.logging import Trackers
 from move.training.optim import Optimizers, decay_start, lr_multiplier, prepare_for_training, value_memory_grad_mode
 from move.training.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
-
 
 # Steps of each session (a start or a resume) that tokens/s and MFU leave out: the first
 # steps compile (torch.compile), fill caches and grow the allocator's pools.
@@ -73,13 +81,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     mid-write is dropped (resume rewrites the file up to its checkpoint)."""
     path = Path(run_dir) / "metrics.jsonl"
     records = []
-    lines = path.read_text().splitlines() if path.exists() else []
+    lines = [line for _, line in iter_lines(path)] if path.exists() else []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = parse_json(line, f"{path}:{i + 1}")
+        except UserError:
             if i < len(lines) - 1:
                 raise UserError(f"{path}: line {i + 1} is not JSON (the file was edited or damaged)") from None
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"{path}: line {i + 1} is not an evaluation record (the file was edited or damaged)")
+        records.append(record)
     return records
 
 
@@ -87,10 +99,10 @@ def read_run_record(run_dir: Path) -> dict:
     """run.json of a run directory (a one-line error if it is damaged)."""
     path = Path(run_dir) / "run.json"
     try:
-        record = json.loads(path.read_text())
+        record = read_json(path, "run record")
         if isinstance(record, dict) and {"model_config", "train_config"} <= record.keys():
             return record
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except UserError:
         pass
     raise UserError(f"{path}: unreadable or damaged run record; the run cannot be resumed (start it anew with --force)")
 
@@ -103,8 +115,9 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 def prepare_model(model, config: TrainConfig) -> None:
     """prepare_for_training with the value-memory settings of a TrainConfig."""
-    prepare_for_training(model, config.value_memory_path, config.optim.value_memory_optimizer,
-                         config.value_memory_dtype)
+    prepare_for_training(
+        model, config.value_memory_path, config.optim.value_memory_optimizer, config.value_memory_dtype
+    )
 
 
 def check_prepared(model, config: TrainConfig) -> None:
@@ -115,10 +128,15 @@ def check_prepared(model, config: TrainConfig) -> None:
     mode = value_memory_grad_mode(config.value_memory_path, config.optim.value_memory_optimizer)
     sharded = distributed.current().active
     for table in model.value_tables():
-        if (table.grad_mode != mode or table.weight.dtype != getattr(torch, config.value_memory_dtype)
-                or (table.shard is not None) != sharded):
-            raise ConfigError("the model's value memory is not set up for this training config: call "
-                              "move.training.trainer.prepare_model(model, config) before the Trainer")
+        if (
+            table.grad_mode != mode
+            or table.weight.dtype != getattr(torch, config.value_memory_dtype)
+            or (table.shard is not None) != sharded
+        ):
+            raise ConfigError(
+                "the model's value memory is not set up for this training config: call "
+                "move.training.trainer.prepare_model(model, config) before the Trainer"
+            )
 
 
 def rng_state() -> dict:
@@ -126,9 +144,11 @@ def rng_state() -> dict:
     loads with torch.load(weights_only=True): nothing read from disk runs code."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state()}
+    return {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -140,9 +160,20 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, model, task, config: TrainConfig, run_dir, resume: bool = False, force: bool = False,
-                 quiet: bool = False, branch_from: Path | None = None, keep_steps: frozenset = frozenset(),
-                 launch_config: str = "", progress: tqdm | None = None):
+    def __init__(
+        self,
+        model,
+        task,
+        config: TrainConfig,
+        run_dir,
+        resume: bool = False,
+        force: bool = False,
+        quiet: bool = False,
+        branch_from: Path | None = None,
+        keep_steps: frozenset = frozenset(),
+        launch_config: str = "",
+        progress: tqdm | None = None,
+    ):
         """branch_from: start a new run from this checkpoint of another run (weights,
         optimiser moments, data position, RNG, metrics so far) with this config's
         length: a warmup-stable-decay run branched in its stable phase decays to a
@@ -194,8 +225,12 @@ class Trainer:
             self.lock.release()
 
     def _run_record(self) -> dict:
-        return {"model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
-                "task": self.task.describe(), "accounting": summarize(self.model)}
+        return {
+            "model_config": self.model.config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "task": self.task.describe(),
+            "accounting": summarize(self.model),
+        }
 
     @property
     def stop_requested(self) -> bool:
@@ -227,7 +262,9 @@ class Trainer:
         check_replaceable(self.run_dir, RUN_MARKERS, "a training run")
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not force:
-                raise UserError(f"{self.run_dir} already holds a run; pass --resume to continue it or --force to replace it")
+                raise UserError(
+                    f"{self.run_dir} already holds a run; pass --resume to continue it or --force to replace it"
+                )
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.launch_config:
@@ -242,11 +279,15 @@ class Trainer:
         # through the dataclass, so fields added since the run started take their defaults;
         # the length and the execution details may change on resume
         free = ("steps", "compile", "peak_tflops", "loggers", "log_every")
-        saved_train = {k: v for k, v in TrainConfig.from_dict(record["train_config"]).to_dict().items() if k not in free}
+        saved_train = {
+            k: v for k, v in TrainConfig.from_dict(record["train_config"]).to_dict().items() if k not in free
+        }
         ours = {k: v for k, v in self.config.to_dict().items() if k not in free}
         for key in ours:
             if saved_train.get(key) != ours[key]:
-                raise UserError(f"{self.run_dir}: the run was started with {key}={saved_train.get(key)!r}, not {ours[key]!r}")
+                raise UserError(
+                    f"{self.run_dir}: the run was started with {key}={saved_train.get(key)!r}, not {ours[key]!r}"
+                )
 
     def _resume_latest(self) -> None:
         if self.dist.is_main:
@@ -328,14 +369,17 @@ class Trainer:
             model_state = {k: v.detach() for k, v in self.model.state_dict().items()}
             bad = first_non_finite(model_state)
             if bad:  # the loss and gradient were finite, yet the update was not (e.g. a huge weight decay)
-                raise NonFiniteLossError(f"non-finite weights ({bad}) at step {self.step}; nothing saved, the newest "
-                                         f"checkpoint is the last good state")
+                raise NonFiniteLossError(
+                    f"non-finite weights ({bad}) at step {self.step}; nothing saved, the newest "
+                    f"checkpoint is the last good state"
+                )
             train_state["optimizer_state"] = self.optimizers.named_state()
-            path = save_checkpoint(path, self.model, meta=meta, train_state=train_state, state_dict=model_state,
-                                   extra_files=extra_files)
+            path = save_checkpoint(
+                path, self.model, meta=meta, train_state=train_state, state_dict=model_state, extra_files=extra_files
+            )
         if not self.dist.is_main:
             return None
-        rotating = [d for d in checkpoint_dirs(self.run_dir) if int(d.name[len("step_"):]) not in self.keep_steps]
+        rotating = [d for d in checkpoint_dirs(self.run_dir) if int(d.name[len("step_") :]) not in self.keep_steps]
         for old in rotating[: -self.config.keep_checkpoints]:
             shutil.rmtree(old)
         return path
@@ -362,7 +406,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.last_inputs = x
             last = micro == c.grad_accum - 1  # DDP all-reduces on the last micro-batch only
-            with (self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()):
+            with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
                 with autocast(self.device):
                     loss = self.forward_model(x, targets=y)
                 (loss / c.grad_accum).backward()
@@ -370,8 +414,12 @@ class Trainer:
         distributed.maybe_inject_fault(self.step + 1)
         self.optimizers.reduce_shard_grads()
         # the global mean loss and how many ranks were asked to stop, summed in float64
-        stats = torch.stack([(total / c.grad_accum).double(),
-                             torch.full((), float(self.signal_received), dtype=torch.float64, device=self.device)])
+        stats = torch.stack(
+            [
+                (total / c.grad_accum).double(),
+                torch.full((), float(self.signal_received), dtype=torch.float64, device=self.device),
+            ]
+        )
         distributed.all_reduce_(stats)
         grad_norm = self.optimizers.clip()
         self.pending.append(torch.cat([stats[:1] / self.dist.world_size, grad_norm.double().reshape(1), stats[1:]]))
@@ -388,8 +436,10 @@ class Trainer:
         self.pending = []
         for i, (loss, grad_norm, _) in enumerate(rows):
             if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-                raise NonFiniteLossError(f"non-finite loss or gradient at step {first + i} (loss {loss}); "
-                                         f"the newest checkpoint is the last good state")
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {first + i} (loss {loss}); "
+                    f"the newest checkpoint is the last good state"
+                )
         self.train_losses.extend(loss for loss, _, _ in rows)
         self.stop_agreed = self.stop_agreed or any(votes > 0 for _, _, votes in rows)
 
@@ -456,8 +506,11 @@ class Trainer:
         path = self.run_dir / "summary.json"
         if self.step != self.config.steps or not path.is_file():
             return None
-        summary = json.loads(path.read_text())
-        return summary if summary.get("steps") == self.step else None
+        try:
+            summary = read_json(path, "run summary")
+        except UserError:
+            return None  # damaged: the run is finished again, which rewrites it
+        return summary if isinstance(summary, dict) and summary.get("steps") == self.step else None
 
     def _run(self) -> dict:
         c = self.config
@@ -467,8 +520,11 @@ class Trainer:
         reset_peak_memory(self.device)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         own_bar = self.progress is None
-        bar = tqdm(total=c.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True,
-                   desc=self.run_dir.name) if own_bar else self.progress
+        bar = (
+            tqdm(total=c.steps, initial=self.step, disable=self.quiet, dynamic_ncols=True, desc=self.run_dir.name)
+            if own_bar
+            else self.progress
+        )
         session_start = self.step
         window = (time.perf_counter(), self.step)  # the steps since the last sync point
         try:
@@ -481,11 +537,15 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 evaluate = self.step % c.eval_every == 0 or self.step == c.steps
-                checkpoint = (self.step % c.checkpoint_every == 0 or self.step == c.steps or self.step in self.keep_steps)
+                checkpoint = self.step % c.checkpoint_every == 0 or self.step == c.steps or self.step in self.keep_steps
                 # (a signal makes a sync point at once in one process; under torchrun the ranks
                 # agree at the next common one, as a sync point on one rank only could deadlock)
-                if not (evaluate or checkpoint or self.step % c.log_every == 0
-                        or (self.signal_received and not self.dist.active)):
+                if not (
+                    evaluate
+                    or checkpoint
+                    or self.step % c.log_every == 0
+                    or (self.signal_received and not self.dist.active)
+                ):
                     continue
                 # a sync point: the same steps on every rank, so the ranks agree on stopping
                 self._read_pending()
@@ -494,13 +554,20 @@ class Trainer:
                 loss = self.train_losses[-1]
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tok_per_s:.0f}")
                 if self.trackers.writers and self.step % c.log_every == 0:
-                    self.trackers.log({"train/loss": loss, "train/lr_multiplier": lr_multiplier(self.step - 1, c.steps,
-                                                                                                c.optim)}, self.step)
+                    self.trackers.log(
+                        {"train/loss": loss, "train/lr_multiplier": lr_multiplier(self.step - 1, c.steps, c.optim)},
+                        self.step,
+                    )
                 if evaluate:
                     record = self._log_eval()
                     if not self.quiet:  # (diagnostics go to metrics.jsonl and the trackers only)
-                        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                           for k, v in record.items() if not k.startswith("vm/")))
+                        bar.write(
+                            " ".join(
+                                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in record.items()
+                                if not k.startswith("vm/")
+                            )
+                        )
                 if checkpoint or self.stop_requested:
                     self.save()
                 window = (time.perf_counter(), self.step)  # evaluation and saving are not training time

@@ -1,0 +1,100 @@
+"""No host-device synchronisation in a single-process training step, for every
+variant, with and without gradient accumulation.
+
+On a GPU an op whose result size or value the host must read (unique, nonzero,
+bincount, .item()...) waits for the device to drain, leaving it idle while the host
+then launches the optimiser's kernels. On a CPU nothing waits, so the test counts
+the ops that would: a TorchDispatchMode sees every aten op of the step (forward,
+backward, clipping, optimiser) and records those that sync on CUDA."""
+
+import pytest
+import torch
+from test_model import VOCAB, make_config
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from move.config import OTHER_MEMORY_DESIGNS, OptimConfig
+from move.model.gpt import GPT
+from move.training.optim import Optimizers, prepare_for_training
+
+aten = torch.ops.aten
+# ops whose output shape or value depends on tensor contents: CUDA must finish first
+SYNCING = {
+    aten._local_scalar_dense,  # .item(), float(t), bool(t), .tolist()
+    aten.nonzero,
+    aten.nonzero_static,
+    aten.unique_consecutive,
+    aten._unique,
+    aten._unique2,
+    aten.unique_dim,
+    aten.bincount,
+    aten.masked_select,
+    aten.masked_scatter,
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        syncing = packet in SYNCING
+        if packet is aten.repeat_interleave:
+            syncing = kwargs.get("output_size") is None  # the output length is read from the repeats
+        if packet in (aten.index, aten.index_put, aten.index_put_):  # boolean-mask indexing runs nonzero
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", [])
+            syncing = any(t is not None and t.dtype == torch.bool for t in indices)
+        if syncing:
+            self.syncs.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_the_counter_sees_the_ops_that_sync():
+    x = torch.tensor([3, 1, 3, 2])
+    with SyncCounter() as counter:
+        torch.unique(x)
+        x.sum().item()
+        x[x > 1]
+        torch.repeat_interleave(x, x)
+        torch.repeat_interleave(x, x, output_size=9)
+        x.sort()
+    assert len(counter.syncs) == 4, counter.syncs
+
+
+VARIANTS = [
+    ("standard", {}, "exact"),
+    ("lave", {}, "exact"),
+    ("move", {"memory_density": 2}, "exact"),
+    ("move", {"memory_density": 2}, "lazy"),
+    ("move", {"attention": "mla", "kv_latent_dim": 48, "rope_head_dim": 8}, "exact"),
+    *[(design, {}, "exact") for design in OTHER_MEMORY_DESIGNS],
+]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("variant,extra,optimizer", VARIANTS, ids=[f"{v}-{o}-{len(e)}" for v, e, o in VARIANTS])
+@pytest.mark.parametrize("bank_dtype", ["float32", "bfloat16"])
+def test_a_training_step_never_syncs(variant, extra, optimizer, grad_accum, bank_dtype):
+    if bank_dtype == "bfloat16" and variant not in ("move", "lave"):
+        pytest.skip("the bank dtype applies to MoVE and LaVE tables")
+    config = make_config(**{"shape": "mha", "variant": variant, **extra})
+    model = GPT(config)
+    prepare_for_training(model, "fast", optimizer, bank_dtype)
+    optimizers = Optimizers(model, OptimConfig(value_memory_optimizer=optimizer, grad_clip=1.0))
+    batches = [torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(i)) for i in range(3 * 2)]
+
+    def step(micro_batches):
+        for idx in micro_batches:
+            loss = model(idx[:, :-1], targets=idx[:, 1:])
+            (loss / len(micro_batches)).backward()
+        optimizers.reduce_shard_grads()
+        optimizers.clip()
+        optimizers.step()
+
+    step(batches[:grad_accum])  # the first step creates the optimiser state
+    with SyncCounter() as counter:
+        for s in range(1, 3):
+            step(batches[s * grad_accum : (s + 1) * grad_accum])
+    assert counter.syncs == []
