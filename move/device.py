@@ -36,6 +36,23 @@ def autocast(device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+SYNC_DEBUG_ENV = "MOVE_CUDA_SYNC_DEBUG"  # "warn" or "error": torch.cuda.set_sync_debug_mode around each step
+
+
+@contextlib.contextmanager
+def sync_debug(device, mode: str | None):
+    """Run the block under torch.cuda.set_sync_debug_mode(mode) ("warn" or "error": an op
+    that waits for the device warns or raises); nothing off CUDA or without a mode."""
+    if not mode or torch.device(device).type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def synchronize(device) -> None:
     """Wait for the work queued on a CUDA device (a sync point's timing); nothing elsewhere."""
     device = torch.device(device)

@@ -376,28 +376,37 @@ def test_batch_must_split_evenly(tmp_path, prepared_dir):
 
 
 def test_gpu_smoke_script_on_cpu(tmp_path, prepared_dir):
-    """The GPU smoke runner, on the CPU with reduced presets (tiny and small, one
-    variant under torchrun): it trains, collects and tabulates, with the plan's memory
-    beside each run; MFU is n/a without a known peak."""
+    """The GPU smoke check's dry run on the CPU (tiny preset, a few steps): every stage
+    runs and checks what it checks on a GPU (the loss falls, a bf16 bank resumes after
+    a failure, --compile trains, compiled decoding keeps one graph over 10 lengths,
+    torchrun on 2 processes), and one JSON report names the device; the runs use the
+    preset's vocabulary unless told otherwise."""
     from move.experiments.smoke import main as smoke
+    from move.experiments.smoke import train_command
 
     out = tmp_path / "smoke"
-    args = ["--allow-cpu", "--vocab-size", "512", "--steps", "2", "--batch-size", "4", "--data", str(prepared_dir)]
-    assert smoke([*args, "--presets", "tiny", "small", "--variants", "standard", "move_x1", "--out", str(out)]) == 0
-    assert smoke([*args, "--presets", "tiny", "--variants", "move_x4", "--nproc", "2", "--out", str(out / "two")]) == 0
-    rows = [
-        line.split(" | ")
-        for line in (out / "smoke.md").read_text().splitlines()
-        if line.startswith(("| tiny", "| small"))
+    args = ["--allow-cpu", "--vocab-size", "512", "--steps", "8", "--batch-size", "4", "--data", str(prepared_dir)]
+    assert (
+        smoke([*args, "--presets", "tiny", "--variants", "standard", "move_x1", "--nproc", "2", "--out", str(out)]) == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["device"] == "cpu" and report["ok"] and report["failures"] == []
+    stages = [(r["stage"], r["variant"]) for r in report["runs"]]
+    assert stages == [
+        ("throughput", "standard"),
+        ("throughput", "move_x1"),
+        ("resume", "move_x4"),
+        ("compile", "move_x1"),
+        ("torchrun", "move_x4"),
     ]
-    assert [(r[0], r[1]) for r in rows] == [
-        ("| tiny", "standard"),
-        ("| tiny", "move_x1"),
-        ("| small", "standard"),
-        ("| small", "move_x1"),
-    ]
-    assert all(r[6] == "n/a" and float(r[8]) > 0 for r in rows)  # no MFU on a CPU; a planned memory
-    assert json.loads((out / "two" / "tiny" / "move_x4" / "summary.json").read_text())["world_size"] == 2
+    assert all(r["loss_falls"] and r["planned_gib"] > 0 and r["mfu"] is None for r in report["runs"])
+    assert report["decode"]["ok"] and report["decode"]["graphs"] == 1
+    assert "| resume | tiny | move_x4 |" in (out / "smoke.md").read_text()
+    assert json.loads((out / "tiny" / "torchrun2_move_x4" / "summary.json").read_text())["world_size"] == 2
+    # without --vocab-size a run has its preset's vocabulary, not the data's
+    parsed = type("Args", (), {"vocab_size": None, "steps": 8, "batch_size": 4, "data": "d", "train_flags": []})
+    command = train_command(parsed, "d12", "move_x4", tmp_path / "r")
+    assert command[command.index("--vocab-size") + 1] == "65536"
 
 
 def test_gpu_smoke_refuses_without_cuda(capsys):

@@ -499,7 +499,7 @@ def test_bank_rows_are_cast_once_per_forward_under_autocast():
                 self.count += 1
             return func(*args, **(kwargs or {}))
 
-    model = randomized(GPT(make_config("mha", "move", n_layer=4, memory_density=2)), std=0.1)
+    model = randomized(GPT(make_config("mha", "move", n_layer=4, memory_slots=3)), std=0.1)  # 3 slots, 4 layers
     prepare_model(model, TrainConfig())
     idx = torch.randint(0, VOCAB, (2, 8))
     heads, slots, width = model.bank.weight.shape[1:]

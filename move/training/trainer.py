@@ -26,6 +26,7 @@ Run directory:
 """
 
 import json
+import os
 import random
 import re
 import shutil
@@ -40,7 +41,15 @@ import torch
 from tqdm import tqdm
 
 from move.config import RUN_CONFIG_NAME, TrainConfig
-from move.device import autocast, peak_flops, peak_memory_mb, reset_peak_memory, synchronize
+from move.device import (
+    SYNC_DEBUG_ENV,
+    autocast,
+    peak_flops,
+    peak_memory_mb,
+    reset_peak_memory,
+    sync_debug,
+    synchronize,
+)
 from move.errors import CheckpointError, ConfigError, UserError
 from move.files import RUN_MARKERS, DirectoryLock, atomic_write_json, atomic_write_text, check_replaceable
 from move.model.accounting import summarize
@@ -527,10 +536,14 @@ class Trainer:
         )
         session_start = self.step
         window = (time.perf_counter(), self.step)  # the steps since the last sync point
+        # the GPU smoke test's check that a step never waits for the device (the first
+        # step of a session, which creates optimiser state and compiles, is left out)
+        debug_mode = os.environ.get(SYNC_DEBUG_ENV)
         try:
             while self.step < c.steps and not self.stop_requested:
                 try:
-                    self._train_step()
+                    with sync_debug(self.device, debug_mode if self.step > session_start else None):
+                        self._train_step()
                 except StepAborted:
                     self.save()
                     break
