@@ -1,4 +1,4 @@
-"""Muon with the Newton-Schulz orthogonalisation in a chosen dtype.
+"""Muon with the Newton-Schulz orthogonalisation in a chosen dtype, batched by shape.
 
 torch.optim.Muon always orthogonalises in bfloat16, which is right on GPUs (tensor
 cores) and ruinous on CPUs without native bf16 matrix units: on this project's 2-core
@@ -6,26 +6,39 @@ AMD EPYC (no AVX-512) a bf16 128x512 matmul took 9.7 ms against 0.93 ms in fp32,
 Muon's Newton-Schulz made a `small` training step 3.7x slower (1.9k vs 7.1k tokens/s
 with AdamW). This subclass keeps torch's Muon - its constructor, param groups,
 state ("momentum_buffer", so checkpoints are interchangeable) and update rule - and
-only runs the five Newton-Schulz iterations in `ns_dtype`: bf16 by default on CUDA
-(identical to torch.optim.Muon, tested), fp32 on CPU (more precise, not slower).
+changes two things:
+- the five Newton-Schulz iterations run in `ns_dtype`: bf16 by default on CUDA, fp32
+  on CPU (more precise, not slower);
+- the matrices of one shape (every layer's c_q, every layer's c_fc, ...) are
+  orthogonalised together, as one stack through batched matmuls: a d12 step (84
+  matrices of 4 shapes) dispatches 540 ops instead of 4,562, each a kernel launch the
+  GPU would wait for (benchmarks/muon_batched; the CPU step time is unchanged).
+  Equal to the matrix-by-matrix iteration up to rounding (tested against
+  torch.optim.Muon).
 """
+
+from collections import defaultdict
 
 import torch
 from torch.optim._muon import _adjust_lr
 
 
 def newton_schulz(update: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """The quintic Newton-Schulz iteration of torch.optim.Muon (Keller Jordan's), in `dtype`."""
+    """The quintic Newton-Schulz iteration of torch.optim.Muon (Keller Jordan's), in
+    `dtype`, for one matrix (rows, cols) or a stack of them (n, rows, cols)."""
     a, b, c = coefficients
     x = update.to(dtype)
-    tall = update.size(0) > update.size(1)
+    tall = update.size(-2) > update.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        if x.dim() == 3:
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        else:
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 def default_ns_dtype(device: torch.device) -> torch.dtype:
@@ -47,11 +60,17 @@ class Muon(torch.optim.Muon):
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
             lr, momentum = group["lr"], group["momentum"]
+            by_shape = defaultdict(list)  # (shape, device) -> [(param, its update)]
             for param, grad, buf in zip(params, grads, buffers):
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                dtype = self.ns_dtype or default_ns_dtype(param.device)
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
-                param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update.to(param.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+                by_shape[param.shape, param.device].append((param, update))
+            for (shape, device), members in by_shape.items():
+                dtype = self.ns_dtype or default_ns_dtype(device)
+                stack = torch.stack([update for _, update in members])
+                stack = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+                step_size = _adjust_lr(lr, group["adjust_lr_fn"], shape)
+                for (param, _), update in zip(members, stack):
+                    param.mul_(1 - lr * group["weight_decay"])
+                    param.add_(update.to(param.dtype), alpha=-step_size)
         return loss
