@@ -102,13 +102,13 @@ def test_row_adam_is_sparse_adam_on_the_touched_rows(dtype):
     table = RowsOf()
     opt_ours = RowAdam([ours], {id(ours): table}, lr=0.1, betas=(0.8, 0.95), eps=1e-10)
     opt_ref = torch.optim.SparseAdam([ref], lr=0.1, betas=(0.8, 0.95), eps=1e-10)
-    # rows come one per looked-up token (repeats, as a RowSet); a step may touch nothing: it still counts
+    # rows come as a RowSet of the looked-up ids (repeats; padded); a step may touch nothing: it still counts
     for occurrences in ([2, 7, 9, 7], [11, 7, 9, 11, 11], [], [2, 30]):
         g = torch.randn(50, 3, 4)
         rows = torch.tensor(sorted(set(occurrences)), dtype=torch.long)
         ours.grad = torch.zeros_like(ours)
         ours.grad[rows] = g[rows].to(dtype)
-        table.rows = RowSet.of(torch.tensor(occurrences, dtype=torch.long))
+        table.rows = RowSet.of(torch.tensor(occurrences, dtype=torch.long), num_rows=50)
         ref.grad = torch.sparse_coo_tensor(rows[None], g[rows].to(dtype).float(), start.shape)
         opt_ours.step()
         opt_ref.step()

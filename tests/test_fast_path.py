@@ -113,9 +113,10 @@ def test_clipping_over_touched_rows_equals_clipping_the_whole_buffer(max_norm):
     idx = torch.randint(0, VOCAB, (2, 6))
     model(idx, targets=idx).backward()
     rows = touched_rows(model)
-    touched = rows[id(model.bank.weight)]  # one id per token, sorted; the first of each run marked
-    assert touched.ids.tolist() == sorted(idx.flatten().tolist())
-    assert touched.ids[touched.first].tolist() == sorted(set(idx.flatten().tolist()))
+    touched = rows[id(model.bank.weight)]  # distinct ids first, then padding repeating the first
+    distinct = sorted(set(idx.flatten().tolist()))
+    assert len(touched.ids) == min(idx.numel(), VOCAB) and touched.first.sum() == len(distinct)
+    assert touched.ids.tolist() == distinct + [distinct[0]] * (len(touched.ids) - len(distinct))
     params = list(model.parameters())
     whole = [p.grad.clone() for p in params]
     norm_rows = clip_grad_norm(params, max_norm, rows)
@@ -126,3 +127,16 @@ def test_clipping_over_touched_rows_equals_clipping_the_whole_buffer(max_norm):
     assert torch.allclose(norm_rows, norm_whole, rtol=1e-6)
     for a, p in zip(clipped_rows, params):
         assert torch.allclose(a, p.grad, rtol=1e-6, atol=0)
+
+
+def test_row_set_holds_the_distinct_rows_in_a_buffer_bounded_by_the_table():
+    """RowSet: fixed size min(ids, rows) - no host sync to size it - distinct ids first."""
+    from move.model.value_tables import RowSet
+
+    ids = torch.tensor([[7, 3, 7], [3, 9, 7]])
+    rows = RowSet.of(ids, num_rows=100)
+    assert rows.ids.tolist() == [3, 7, 9, 3, 3, 3] and rows.first.tolist() == [True] * 3 + [False] * 3
+    bounded = RowSet.of(torch.tensor([1, 0, 1, 2, 0, 2, 1, 2]), num_rows=3)  # more lookups than rows
+    assert bounded.ids.tolist() == [0, 1, 2] and bounded.first.all()
+    empty = RowSet.of(torch.zeros(0, dtype=torch.long), num_rows=5)
+    assert empty.ids.numel() == 0

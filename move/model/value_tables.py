@@ -44,23 +44,32 @@ class Slots(NamedTuple):
 
 
 class RowSet(NamedTuple):
-    """The rows of a table a step touched, in a form of fixed size that no host has to
-    read: every occurrence of a row id (one per looked-up token), sorted, and a mask
-    of the first of each run of equal ids. torch.unique would give the distinct rows,
-    but its output size depends on the data, which on a GPU waits for the device (a
-    host sync in every step). A consumer that must count each row once (a norm) weights
-    by `first`; one that writes (zeroing, Adam's update) may visit a row several times,
-    writing the same value each time."""
+    """The distinct rows of a table a step touched, in a buffer whose size no host has
+    to read. torch.unique gives them too, but its output size depends on the data,
+    which on a GPU waits for the device: a host sync in every step. Here the size is
+    fixed by the shapes, min(ids looked up, rows of the table): the distinct ids come
+    first, sorted, marked by `first`, and the padding after them repeats the first
+    distinct id. A consumer that must count each row once (a norm) weights by `first`;
+    one that writes (zeroing, Adam's update) computes a padded entry from the same
+    values as entry 0 and writes the same result. Bounded by the table's rows, a
+    large batch costs no more than one pass over the table."""
 
-    ids: torch.Tensor  # (n,) sorted, repeats kept
-    first: torch.Tensor  # (n,) bool: the first occurrence of its id
+    ids: torch.Tensor  # (capacity,) the distinct ids, sorted, then padding
+    first: torch.Tensor  # (capacity,) bool: a distinct id (False: padding)
 
     @classmethod
-    def of(cls, ids: torch.Tensor) -> "RowSet":
+    def of(cls, ids: torch.Tensor, num_rows: int) -> "RowSet":
+        """The RowSet of ids (any shape, repeats allowed) of a table of num_rows rows."""
         ids = torch.sort(ids.flatten()).values
-        first = torch.ones_like(ids, dtype=torch.bool)
-        first[1:] = ids[1:] != ids[:-1]
-        return cls(ids, first)
+        capacity = min(ids.numel(), num_rows)
+        if capacity == 0:
+            return cls(ids[:0], ids[:0].bool())
+        new_run = torch.ones_like(ids, dtype=torch.bool)
+        new_run[1:] = ids[1:] != ids[:-1]
+        slot = torch.cumsum(new_run, 0) - 1  # the distinct id's place: < capacity
+        distinct = torch.zeros(capacity, dtype=ids.dtype, device=ids.device).scatter_(0, slot, ids)
+        first = torch.arange(capacity, device=ids.device) < slot[-1] + 1  # slot[-1] + 1 distinct ids
+        return cls(torch.where(first, distinct, distinct[0]), first)
 
 
 def sum_repeated_rows(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,10 +79,12 @@ def sum_repeated_rows(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Te
     is fixed by n, not by the data: no host sync (sum_rows in row_shard.py gives the
     compact form, at the price of one)."""
     order = torch.sort(ids, stable=True).indices  # stable: each slot sums in the original order
-    rows = RowSet.of(ids)
-    slot = torch.cumsum(rows.first, 0) - 1
+    ids = ids[order]
+    new_run = torch.ones_like(ids, dtype=torch.bool)
+    new_run[1:] = ids[1:] != ids[:-1]
+    slot = torch.cumsum(new_run, 0) - 1
     sums = torch.zeros_like(values).index_add_(0, slot, values[order])
-    return torch.zeros_like(ids).index_copy_(0, slot, rows.ids), sums
+    return torch.zeros_like(ids).index_copy_(0, slot, ids), sums
 
 
 class MixRecord:
@@ -275,13 +286,13 @@ class ValueTable(nn.Module):
         (no host sync); the micro-batches' ids are merged once and kept for the next
         caller (clipping, then lazy Adam, then zeroing)."""
         if self._touched_rows is None and self.touched:
-            self._touched_rows = RowSet.of(torch.cat(self.touched))
+            self._touched_rows = RowSet.of(torch.cat(self.touched), self.weight.shape[0])
         return self._touched_rows
 
     def zero_touched_grad(self) -> None:
         """Zero the rows written since the last call, keeping the buffer."""
         if self.touched and self.weight.grad is not None:
-            self.weight.grad.index_fill_(0, self.touched_rows().ids, 0)  # a repeated row is zeroed twice
+            self.weight.grad.index_fill_(0, self.touched_rows().ids, 0)  # padding zeroes its row again
         self.touched.clear()
         self._touched_rows = None
 

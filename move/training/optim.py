@@ -113,7 +113,7 @@ def clip_grad_norm(
     rows = rows or {}
     grads = [(id(p), p.grad) for p in parameters if p.grad is not None]
     # a fast-path table's touched rows, read once for the norm and rescaled in place for the copy back;
-    # a row the step touched several times is read as often, and counted once (RowSet.first)
+    # the RowSet's padding repeats a row: read again, counted once (RowSet.first)
     touched = {k: g.index_select(0, rows[k].ids) for k, g in grads if k in rows}
 
     def square(key, g):

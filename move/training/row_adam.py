@@ -6,8 +6,8 @@ formula (eps added to sqrt(v) before the bias correction). SparseAdam needs a sp
 COO gradient, which it coalesces and walks with sparse bookkeeping every step; on CPU
 that cost more than the dense fused AdamW it was meant to beat. This optimiser reads
 the fast path's persistent dense gradient buffer at the rows the table reports as
-touched (ValueTable.touched_rows: one id per looked-up token, so that no host sync is
-needed to find the distinct ones; a repeated row is computed again from the same
+touched (ValueTable.touched_rows: the distinct rows in a buffer of fixed size, so that
+no host sync is needed; its padding repeats a row, computed again from the same
 values and written with the same result): one index_select of parameters,
 gradients and moments, torch's fused Adam kernel on those rows (one pass), one
 index_copy back: no sparse tensor, no coalescing. SparseAdam's formula is Adam's with
@@ -42,8 +42,8 @@ class RowAdam(Fp32StateOptimizer):
                 touched = self.tables[id(p)].touched_rows()
                 if touched is None or touched.ids.numel() == 0:
                     continue
-                # a row touched several times is updated as often from the same values: each
-                # copy computes the same result and index_copy_ writes it (no unique, no sync)
+                # the padding of the RowSet repeats its first row: computed from the same values,
+                # it writes the same result (no unique, no host sync)
                 rows = touched.ids
                 m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 weights = p.index_select(0, rows).float()
