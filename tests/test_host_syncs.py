@@ -98,3 +98,31 @@ def test_a_training_step_never_syncs(variant, extra, optimizer, grad_accum, bank
         for s in range(1, 3):
             step(batches[s * grad_accum : (s + 1) * grad_accum])
     assert counter.syncs == []
+
+
+def test_syncs_under_torchrun_are_the_documented_ones(tmp_path):
+    """A row-sharded bank exchanges rows whose number depends on the batch, and reads
+    those counts on the host: per micro-batch the forward fetch (unique, bincount, the
+    exchanged counts read back) and the sum of its row gradients (unique); per step the
+    gradient exchange (merge unique, bincount, counts read back, the owner's unique).
+    4 x micro-batches + 4 per step and rank; on a CPU the reads back (tolist) are not
+    dispatched, so 3 x micro-batches + 3 are counted here (docs/gpu.md)."""
+    import collections
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).parent / "torchrun_sync_probe.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(probe), "2", "exact", tmp_path]
+    result = subprocess.run(
+        [str(c) for c in command], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    micro_batches = 2
+    expected = {"aten._unique2.default": 2 * micro_batches + 2, "aten.bincount.default": micro_batches + 1}
+    for r in ranks:
+        assert collections.Counter(r["syncs"]) == expected, r

@@ -11,7 +11,8 @@ step fails the run.
   compile     MoVE x1 with --compile: the loss falls; tok/s against eager
   decode      generate(compiled=True) over 10 lengths in one process: one graph per
               cache bucket, no recompile-limit failure
-  torchrun    MoVE x4 on every GPU present (when there are several)
+  torchrun    MoVE x4 on every GPU present (when there are several), under sync-debug
+              "warn": the row-sharded bank's syncs (8 per step, docs/gpu.md) are counted
 
     python -m move.experiments.smoke --out runs/gpu_smoke
 
@@ -95,9 +96,10 @@ def train_command(args, preset: str, variant: str, run_dir: Path, nproc: int = 1
     ]
 
 
-def train(command: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
-    """Run `move train` with every step under sync-debug mode "error" (a no-op off CUDA)."""
-    env = {**os.environ, "MOVE_CUDA_SYNC_DEBUG": "error"}
+def train(command: list[str], fault: str | None = None, sync_mode: str = "error") -> subprocess.CompletedProcess:
+    """Run `move train` with every step under CUDA sync-debug mode `sync_mode` (a no-op
+    off CUDA): "error" fails a step that waits for the device, "warn" reports it."""
+    env = {**os.environ, "MOVE_CUDA_SYNC_DEBUG": sync_mode}
     env.pop("MOVE_INJECT_FAULT", None)
     if fault:
         env["MOVE_INJECT_FAULT"] = fault
@@ -220,17 +222,19 @@ class Smoke:
         self.runs: list[dict] = []
         self.failures: list[str] = []
 
-    def train(self, stage, preset, variant, run_dir, nproc=1, extra=(), fault=None) -> bool:
+    def train(self, stage, preset, variant, run_dir, nproc=1, extra=(), fault=None, sync_mode="error") -> bool:
         """One `move train` of a stage, recorded; False (and a failure) if it did not
         finish or its loss did not fall."""
         plan, plan_tok_s = planned(self.args, preset, variant, self.on_gpu, nproc)
-        result = train(train_command(self.args, preset, variant, run_dir, nproc, extra), fault)
+        result = train(train_command(self.args, preset, variant, run_dir, nproc, extra), fault, sync_mode)
         try:
             summary = finished_run(result, run_dir)
         except UserError as e:
             self.failures.append(f"{stage} {preset} {variant}: {e}")
             return False
-        self.runs.append(run_record(stage, preset, variant, plan, plan_tok_s, summary))
+        record = run_record(stage, preset, variant, plan, plan_tok_s, summary)
+        record["sync_warnings"] = result.stderr.count("called a synchronizing CUDA operation")
+        self.runs.append(record)
         if not summary["loss_falls"]:
             self.failures.append(f"{stage} {preset} {variant}: the loss did not fall")
         return summary["loss_falls"]
@@ -300,7 +304,9 @@ def main(argv=None) -> int:
         if "decode" in args.stages and (decoded := smoke.decode(preset)) is not None:
             report["decode"] = decoded
         if "torchrun" in args.stages and nproc > 1:
-            smoke.train("torchrun", preset, "move_x4", out / preset / f"torchrun{nproc}_move_x4", nproc, ["--force"])
+            # a sharded bank syncs 8 times a step by design (docs/gpu.md): counted, not failed
+            run_dir = out / preset / f"torchrun{nproc}_move_x4"
+            smoke.train("torchrun", preset, "move_x4", run_dir, nproc, ["--force"], sync_mode="warn")
     report.update(runs=smoke.runs, failures=smoke.failures, ok=not smoke.failures)
     report["minutes"] = (time.perf_counter() - started) / 60
     atomic_write_json(out / "report.json", report)
