@@ -55,19 +55,25 @@ def read_text(path, max_bytes: int = MAX_TEXT_BYTES) -> str:
     return decode_text(read_bytes(path, max_bytes, "text file"), path)
 
 
-def parse_json(text: str | bytes, where):
-    """The JSON value of `text`; `where` names the file (and line) in the error."""
+def _parse(text: str | bytes, where, loads, syntax_error: type, kind: str, reason):
+    """loads(text) for a user's file, its failures as one-line DataErrors."""
     if isinstance(text, bytes):
         text = decode_text(text, where)
     try:
-        return json.loads(text.removeprefix("\ufeff"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        return loads(text.removeprefix("\ufeff"))
+    except syntax_error as e:  # before ValueError: both parsers' errors are ValueErrors
+        raise DataError(f"{where}: not valid {kind} ({reason(e)})") from None
     except (RecursionError, ValueError) as e:
         limit = _number_or_nesting(e)
         if limit is None:
             raise
-        raise DataError(f"{where}: not usable JSON ({limit})") from None
+        raise DataError(f"{where}: not usable {kind} ({limit})") from None
+
+
+def parse_json(text: str | bytes, where):
+    """The JSON value of `text`; `where` names the file (and line) in the error."""
+    reason = lambda e: f"{e.msg} at line {e.lineno}, column {e.colno}"
+    return _parse(text, where, json.loads, json.JSONDecodeError, "JSON", reason)
 
 
 def read_bytes(path, max_bytes: int = MAX_METADATA_BYTES, what: str = "file") -> bytes:
@@ -100,17 +106,7 @@ def read_json_object(path, what: str = "JSON file") -> dict:
 
 def parse_toml(text: str | bytes, where) -> dict:
     """The TOML document `text` as a dict."""
-    if isinstance(text, bytes):
-        text = decode_text(text, where)
-    try:
-        return tomllib.loads(text.removeprefix("\ufeff"))
-    except tomllib.TOMLDecodeError as e:
-        raise DataError(f"{where}: not valid TOML ({e})") from None
-    except (RecursionError, ValueError) as e:
-        limit = _number_or_nesting(e)
-        if limit is None:
-            raise
-        raise DataError(f"{where}: not usable TOML ({limit})") from None
+    return _parse(text, where, tomllib.loads, tomllib.TOMLDecodeError, "TOML", str)
 
 
 def read_toml(path, what: str = "TOML file") -> dict:

@@ -126,3 +126,28 @@ def test_syncs_under_torchrun_are_the_documented_ones(tmp_path):
     expected = {"aten._unique2.default": 2 * micro_batches + 2, "aten.bincount.default": micro_batches + 1}
     for r in ranks:
         assert collections.Counter(r["syncs"]) == expected, r
+
+
+@pytest.mark.parametrize("variant", ["standard", "move"])
+def test_compiled_training_does_not_recompile_after_the_first_step(variant):
+    """torch.compile'd training (dynamo with the eager backend: the tracing and guards
+    of --compile, without code generation) compiles its graphs in the first step and
+    reuses them for 50 more: nothing the model changes between steps (its rotary
+    tables, the tables' touched rows) may invalidate a guard."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = GPT(make_config("mha", variant, memory_density=2))
+    prepare_for_training(model, "fast", "exact", "float32")
+    optimizers = Optimizers(model, OptimConfig())
+    counter = CompileCounter()
+    forward = torch.compile(model, backend=counter)
+    g = torch.Generator().manual_seed(0)
+    frames = []
+    for _ in range(51):
+        idx = torch.randint(0, VOCAB, (2, 9), generator=g)
+        forward(idx[:, :-1], targets=idx[:, 1:]).backward()
+        optimizers.clip()
+        optimizers.step()
+        frames.append(counter.frame_count)
+    assert frames[-1] == frames[0], frames

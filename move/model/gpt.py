@@ -100,7 +100,13 @@ class GPT(nn.Module):
         self.bigram = BigramHashEmbedding(config) if config.value_memory == "bigram" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.rotary_dim = config.rope_width if config.attention == "mla" else config.head_dim
+        # built here, not in the first forward: a buffer registered while torch.compile
+        # traces the first step changes the module, and the second step recompiles. A
+        # model built on the meta device (checkpoint loading, sharding) gets its tables
+        # when it is materialised or in its first forward.
         self._rotary_len = 0
+        if not self.wte.weight.is_meta:
+            self._rotary(2 * config.seq_len, self.wte.weight.device)
         self.init_weights(init_seed)
 
     @torch.no_grad()
@@ -156,7 +162,8 @@ class GPT(nn.Module):
         """Allocate and initialise a model built on the meta device (after its tables
         were sharded, so each rank allocates and draws only its own rows)."""
         self.to_empty(device=device)
-        self._rotary_len = 0  # the rotary tables are rebuilt on first use
+        self._rotary_len = 0  # to_empty left the rotary tables unwritten: rebuild them now
+        self._rotary(2 * self.config.seq_len, device)
         self.init_weights(self.init_seed)
 
     def _rotary(self, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
