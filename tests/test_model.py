@@ -186,6 +186,41 @@ def test_cached_decoding_equals_full_forward(shape, variant, static):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
+class LowRankAdapted(torch.nn.Linear):
+    """A LoRA-like layer: its weight plus a low-rank update that is not in .weight."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__(base.in_features, base.out_features, bias=False)
+        self.weight = base.weight
+        g = torch.Generator().manual_seed(1)
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=g) * 0.3)
+        self.up = torch.nn.Parameter(torch.randn(base.out_features, rank, generator=g) * 0.3)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.down.T @ self.up.T
+
+
+@pytest.mark.parametrize("shape", ["mha", "mla"])
+@pytest.mark.parametrize("wrap", ["adapter", "hook"])
+def test_cached_decoding_honours_whatever_wraps_the_value_projection(shape, wrap):
+    """Decoding stacks the value projection with the router, which is right only for a
+    plain Linear: an adapter on the projection (LoRA) or a forward hook must still be
+    applied with a cache, or cached text differs from the full forward."""
+    model = randomized(GPT(make_config(shape, "move")), std=0.1)
+    name = "c_kv_down" if shape == "mla" else "c_v"
+    for block in model.blocks:
+        if wrap == "adapter":
+            setattr(block.attn, name, LowRankAdapted(getattr(block.attn, name)))
+        else:
+            getattr(block.attn, name).register_forward_hook(lambda m, args, out: out * 1.5 + 0.1)
+    idx = torch.randint(0, VOCAB, (2, 10))
+    full = model(idx)
+    cache = model.new_cache(2, 10)
+    with torch.no_grad():
+        pieces = [model(idx[:, :4], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
 def cache_bytes(config, T=8):
     model = GPT(config)
     cache = model.new_cache(1, T)

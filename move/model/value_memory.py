@@ -79,6 +79,14 @@ def mix_inference(v, slot_values, gate_logits, gate_g0: bool):
     return mixed.view(batch, length, heads, width)
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """Whether module(x) is exactly F.linear(x, module.weight): an nn.Linear itself,
+    without bias and without hooks of its own or global ones."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, nn.modules.module._global_forward_hooks)
+    hooks += (nn.modules.module._global_forward_pre_hooks,)
+    return type(module) is nn.Linear and module.bias is None and not any(hooks)
+
+
 class LayerValueMemory(nn.Module):
     """One layer's gates (and, for LaVE, its own tables).
 
@@ -105,9 +113,11 @@ class LayerValueMemory(nn.Module):
         """(projection(x), gate logits (B,T,H,S+g0)). Decoding with a cache, both come
         from one matmul of the two weights stacked once per cache (weights do not
         change while a cache decodes; with autograd on they are always two): a memory
-        layer then adds no matmul to a decoding step."""
+        layer then adds no matmul to a decoding step. Only plain nn.Linear modules are
+        stacked: a subclass or a wrapped module (a LoRA adapter, a quantised layer) or
+        one with forward hooks computes more than its weight, so it is called."""
         B, T, _ = x.shape
-        if cache is None or torch.is_grad_enabled():
+        if cache is None or torch.is_grad_enabled() or not (plain_linear(projection) and plain_linear(self.router)):
             return projection(x), self.router(x[..., : self.gate_channels]).view(B, T, self.heads, -1)
         stacked = cache.prepared(layer, "value_and_router", lambda: self.stacked_weight(projection))
         both = F.linear(x, stacked)
