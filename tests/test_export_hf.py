@@ -2,6 +2,8 @@
 and greedy generate() gives the project's own sampler's tokens (issue: ecosystem).
 Skipped when transformers is not installed (it is an optional extra)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -109,6 +111,12 @@ def test_the_export_has_a_model_card_and_shareable_file_modes(tmp_path, prepared
     )
     card = (out / "README.md").read_text()
     assert "MoVE" in card and "checkpoint step: 7" in card and "txt (1234 training tokens)" in card
+    front = card.split("---\n")[1]  # YAML metadata the Hub indexes
+    assert "library_name: transformers" in front and "pipeline_tag: text-generation" in front
+    # no path of this machine in any exported file (the card, config.json, code)
+    for path in (tmp_path, prepared_dir, Path.home(), Path(__file__).resolve().parent.parent):
+        for f in out.iterdir():
+            assert str(path) not in f.read_text(errors="replace"), (f.name, str(path))
     assert f"| value_memory | {count_params(model)['value_memory']:,} |" in card
     assert oct(out.stat().st_mode & 0o777) == "0o755"
     assert {oct(f.stat().st_mode & 0o777) for f in out.iterdir()} == {"0o644"}

@@ -92,7 +92,8 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
         "eos_token_id": None,
         "use_cache": True,
         "torch_dtype": "float32",
-        "source_checkpoint": str(Path(checkpoint).resolve()),
+        # the checkpoint's own name (a run's step_NNNNNN), never a path of this machine
+        "source_checkpoint": Path(checkpoint).resolve().name,
         "source_sha256": header["sha256"],
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -175,5 +176,22 @@ def model_card(model, header: dict, checkpoint) -> str:
     ]
     shown = {k: v for k, v in metrics.items() if k in ("val_bpb", "train_loss", "tokens", "val_nll_bits")}
     lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in shown.items()]
-    lines += ["", f"Source checkpoint: `{Path(checkpoint).resolve()}`", ""]
-    return "\n".join(lines)
+    lines += ["", f"Source checkpoint: `{Path(checkpoint).resolve().name}`", ""]
+    return card_metadata(c, task) + "\n".join(lines)
+
+
+def card_metadata(c, task: dict) -> str:
+    """The model card's YAML front matter, which the Hugging Face Hub indexes."""
+    tags = ["move", "value-memory", c.value_memory, c.attention]
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "pipeline_tag: text-generation",
+            "license: mit",
+            f"tags: [{', '.join(tags)}]",
+            f"datasets: [{task.get('source', 'unknown')}]",
+            "---",
+            "",
+        ]
+    )
