@@ -98,6 +98,23 @@ def test_generation_runs_each_token_through_the_model_once(tmp_path, prepared_di
     assert sum(positions) == sum(t0 + i for i in range(n)) and uncached.tolist() == cached.tolist()
 
 
+def test_loss_follows_the_num_items_in_batch_convention(tmp_path, prepared_dir, monkeypatch):
+    """transformers' Trainer, accumulating micro-batches, passes num_items_in_batch (the
+    step's target count) and sums the micro-batch losses: they must add up to the mean
+    over the whole batch, not to micro-batches times it."""
+    *_, hf_model, _, _ = export_random_model(tmp_path, prepared_dir, monkeypatch, "move", "mha")
+    ids = torch.randint(
+        0, hf_model.config.move_config["vocab_size"], (4, 12), generator=torch.Generator().manual_seed(0)
+    )
+    labels = ids.clone()
+    labels[0, 5:] = -100  # uneven targets per row, as padding makes them
+    with torch.no_grad():
+        mean = hf_model(ids, labels=labels).loss
+        items = int((labels[:, 1:] != -100).sum())
+        halves = sum(hf_model(ids[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=items).loss for i in (0, 2))
+    torch.testing.assert_close(halves, mean, rtol=1e-5, atol=1e-6)
+
+
 def test_the_export_has_a_model_card_and_shareable_file_modes(tmp_path, prepared_dir, monkeypatch):
     from move.model.accounting import count_params
 

@@ -92,7 +92,15 @@ class MoveForCausalLM(PreTrainedModel, GenerationMixin):
             cache.tokens_seen = total
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            # transformers' loss convention: with num_items_in_batch (the Trainer passes the
+            # target count of all micro-batches of a step) the sum over this batch divided by
+            # it, so accumulated micro-batches add up to the step's mean; else the mean
+            items = kwargs.get("num_items_in_batch")
+            pairs = (logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+            if items is None:
+                loss = F.cross_entropy(*pairs, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(*pairs, ignore_index=-100, reduction="sum") / items
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
