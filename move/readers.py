@@ -76,6 +76,17 @@ def parse_json(text: str | bytes, where):
     return _parse(text, where, json.loads, json.JSONDecodeError, "JSON", reason)
 
 
+def first_line(error: Exception) -> str:
+    """A library's error message cut to one line (its class name when it has none)."""
+    return (str(error).splitlines() or [error.__class__.__name__])[0]
+
+
+def _unreadable(path, what: str, error: OSError) -> DataError:
+    """The one-line error for a file the file system would not give us."""
+    reason = "a directory" if isinstance(error, IsADirectoryError) else error.strerror or error.__class__.__name__
+    return DataError(f"{path}: cannot read the {what} ({reason})")
+
+
 def read_bytes(path, max_bytes: int = MAX_METADATA_BYTES, what: str = "file") -> bytes:
     """A file's bytes, refused in one line when it is missing, unreadable or larger
     than max_bytes (checked before reading)."""
@@ -85,10 +96,8 @@ def read_bytes(path, max_bytes: int = MAX_METADATA_BYTES, what: str = "file") ->
         if size > max_bytes:
             raise DataError(f"{path}: cannot read the {what} ({size:,} bytes; a {what} has at most {max_bytes:,})")
         return path.read_bytes()
-    except IsADirectoryError:
-        raise DataError(f"{path}: cannot read the {what} (a directory)") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read the {what} ({e.strerror or e.__class__.__name__})") from None
+        raise _unreadable(path, what, e) from None
 
 
 def read_json(path, what: str = "JSON file"):
@@ -127,12 +136,8 @@ def iter_lines(path, max_line_bytes: int | None = None) -> Iterator[tuple[int, b
                 if len(line) > max_line_bytes and not line.endswith(b"\n"):
                     raise DataError(f"{path}:{number}: line longer than {max_line_bytes:,} bytes")
                 yield number, line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line
-    except IsADirectoryError:
-        raise DataError(f"{path}: a directory, not a text file") from None
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
     except OSError as e:
-        raise DataError(f"{path}: unreadable ({e.strerror or e.__class__.__name__})") from None
+        raise _unreadable(path, "text file", e) from None
 
 
 @contextmanager

@@ -593,3 +593,39 @@ def test_a_model_built_empty_and_sharded_initialises_like_the_whole_model(varian
             expected = expected[start : start + value.shape[0]]
         assert torch.equal(value, expected), key
     assert torch.equal(sharded._rotary(3, "cpu")[0], whole._rotary(3, "cpu")[0])  # rebuilt, not left empty
+
+
+def test_generate_decodes_under_the_devices_autocast(monkeypatch):
+    """generate (and so `move sample`) runs its forwards under move.device.autocast of
+    the prompt's device: bf16 on CUDA, as training; nothing on a CPU."""
+    import contextlib
+
+    import move.model.sampling as sampling
+
+    seen = []
+
+    def recording_autocast(device):
+        seen.append(torch.device(device))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(sampling, "autocast", recording_autocast)
+    model = randomized(GPT(make_config("mha", "move")), std=0.1)
+    generate(model, torch.randint(0, VOCAB, (1, 3)), 2, temperature=0)
+    assert seen == [torch.device("cpu")]
+
+
+def test_tf32_is_allowed_on_cuda_unless_the_user_chose_a_precision():
+    from move.device import allow_tf32
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")  # torch's default
+        allow_tf32(torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"
+        allow_tf32(torch.device("cuda"))  # a setting only: no CUDA device needed
+        assert torch.get_float32_matmul_precision() == "high"
+        torch.set_float32_matmul_precision("medium")  # the user's choice stays
+        allow_tf32(torch.device("cuda"))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)

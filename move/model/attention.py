@@ -40,9 +40,8 @@ def causal_attention(
         # SDPA's flash kernel needs one head width for q, k and v, and MLA's queries and
         # keys (no-position part + RoPE part, 192 at the MLA presets) are wider than its
         # values (128). Zero columns appended to v add zero columns to the output, cut
-        # off below: the same result from the flash kernel, for 1.5x the P.V product
-        # (DeepSeek-V3's own prefill pads v the same way). Off the GPU the math kernel
-        # takes unequal widths, so nothing is padded there.
+        # off below: the same result from the flash kernel, for 1.5x the P.V product.
+        # Off the GPU the math kernel takes unequal widths, so nothing is padded there.
         v = F.pad(v, (0, q.size(-1) - width))
     gqa = q.size(1) != k.size(1)
     t_q, t_k = q.size(2), k.size(2)

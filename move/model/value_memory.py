@@ -82,8 +82,12 @@ def mix_inference(v, slot_values, gate_logits, gate_g0: bool):
 def plain_linear(module: nn.Module) -> bool:
     """Whether module(x) is exactly F.linear(x, module.weight): an nn.Linear itself,
     without bias and without hooks of its own or global ones."""
-    hooks = (module._forward_hooks, module._forward_pre_hooks, nn.modules.module._global_forward_hooks)
-    hooks += (nn.modules.module._global_forward_pre_hooks,)
+    hooks = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        nn.modules.module._global_forward_hooks,
+        nn.modules.module._global_forward_pre_hooks,
+    )
     return type(module) is nn.Linear and module.bias is None and not any(hooks)
 
 

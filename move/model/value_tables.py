@@ -64,12 +64,18 @@ class RowSet(NamedTuple):
         capacity = min(ids.numel(), num_rows)
         if capacity == 0:
             return cls(ids[:0], ids[:0].bool())
-        new_run = torch.ones_like(ids, dtype=torch.bool)
-        new_run[1:] = ids[1:] != ids[:-1]
-        slot = torch.cumsum(new_run, 0) - 1  # the distinct id's place: < capacity
+        slot = distinct_slots(ids)  # < capacity
         distinct = torch.zeros(capacity, dtype=ids.dtype, device=ids.device).scatter_(0, slot, ids)
         first = torch.arange(capacity, device=ids.device) < slot[-1] + 1  # slot[-1] + 1 distinct ids
         return cls(torch.where(first, distinct, distinct[0]), first)
+
+
+def distinct_slots(sorted_ids: torch.Tensor) -> torch.Tensor:
+    """For sorted ids (n,): the place of each id among the distinct ones (0, 0, 1, 2,
+    2, ...), computed on the device (no unique, no host sync)."""
+    new_run = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new_run[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    return torch.cumsum(new_run, 0) - 1
 
 
 def sum_repeated_rows(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +86,7 @@ def sum_repeated_rows(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Te
     compact form, at the price of one)."""
     order = torch.sort(ids, stable=True).indices  # stable: each slot sums in the original order
     ids = ids[order]
-    new_run = torch.ones_like(ids, dtype=torch.bool)
-    new_run[1:] = ids[1:] != ids[:-1]
-    slot = torch.cumsum(new_run, 0) - 1
+    slot = distinct_slots(ids)
     sums = torch.zeros_like(values).index_add_(0, slot, values[order])
     return torch.zeros_like(ids).index_copy_(0, slot, ids), sums
 

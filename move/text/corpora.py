@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from move.errors import ConfigError, DataError
-from move.readers import iter_lines, parse_json
+from move.readers import first_line, iter_lines, parse_json
 
 BUNDLED = ("shakespeare", "news", "bible")
 LOCAL = ("txt", "jsonl", "parquet")
@@ -122,7 +122,7 @@ def _parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
         try:
             pf = pq.ParquetFile(file)
         except (ArrowException, OSError) as e:
-            raise DataError(f"{file}: not a parquet file ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{file}: not a parquet file ({first_line(e)})") from None
         if field not in pf.schema_arrow.names:
             raise DataError(f"{file}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
         n = 0
@@ -132,8 +132,7 @@ def _parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
                 batch = next(batches, None)
                 texts = batch.column(0).to_pylist() if batch is not None else None
             except (ArrowException, OSError, UnicodeDecodeError) as e:
-                reason = (str(e).splitlines() or [e.__class__.__name__])[0]
-                raise DataError(f"{file}: unreadable after row {n:,} ({reason})") from None
+                raise DataError(f"{file}: unreadable after row {n:,} ({first_line(e)})") from None
             if texts is None:
                 break
             for text in texts:

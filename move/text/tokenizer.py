@@ -22,7 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from move.errors import ConfigError, DataError
 from move.progress import progress_shown
-from move.readers import decode_text, read_bytes
+from move.readers import decode_text, first_line, read_bytes
 
 BOS = "<|bos|>"
 UNK = "<|unk|>"  # word-level tokenizers only
@@ -99,10 +99,9 @@ class Tokenizer:
             raise DataError(f"no tokenizer at {file}")
         text = decode_text(read_bytes(file, TOKENIZER_MAX_BYTES, "tokenizer file"), file)  # a BOM is dropped
         try:
-            return cls(HFTokenizer.from_str(text.removeprefix("\ufeff")))
+            return cls(HFTokenizer.from_str(text))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            reason = (str(e).splitlines() or [e.__class__.__name__])[0]
-            raise DataError(f"{file}: not a tokenizer ({reason})") from None
+            raise DataError(f"{file}: not a tokenizer ({first_line(e)})") from None
 
     def save(self, directory) -> Path:
         file = Path(directory) / FILENAME

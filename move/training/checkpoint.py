@@ -32,7 +32,7 @@ from move.errors import CheckpointError, ConfigError, UserError
 from move.model.classifier import ImageClassifier
 from move.model.gpt import GPT
 from move.model.vqvae import VQVAE
-from move.readers import inner_file_name, parse_json, read_bytes
+from move.readers import first_line, inner_file_name, parse_json, read_bytes
 
 FORMAT = "move-checkpoint"
 VERSION = 2  # 2: the header carries a checksum of itself (header_sha256)
@@ -289,7 +289,7 @@ def load_train_state(path) -> dict:
         return torch.load(io.BytesIO(data), weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}/{TRAIN_STATE}: refused, it holds more than tensors and plain data ({str(e).splitlines()[0][:200]})"
+            f"{path}/{TRAIN_STATE}: refused, it holds more than tensors and plain data ({first_line(e)[:200]})"
         ) from None
 
 

@@ -102,7 +102,7 @@ def touched_rows(model) -> dict[int, RowSet]:
 
 @torch.no_grad()
 def clip_grad_norm(
-    parameters, max_norm: float, rows: dict[int, torch.Tensor] | None = None, sharded: frozenset[int] = frozenset()
+    parameters, max_norm: float, rows: dict[int, RowSet] | None = None, sharded: frozenset[int] = frozenset()
 ) -> torch.Tensor:
     """Global-norm clipping. `rows` (see touched_rows) lets a
     fast-path table's norm and rescaling read only its touched rows instead of the
