@@ -541,12 +541,15 @@ def cmd_compare(args) -> None:
 def cmd_knowledge_prepare(args) -> None:
     from move.knowledge.corpus import KnowledgeConfig, prepare_knowledge
 
-    config = KnowledgeConfig(args.individuals, args.name_tokens, args.seed)
+    config = KnowledgeConfig(
+        args.individuals, args.name_tokens, args.seed, args.relations, args.values, args.cue_tokens, args.order
+    )
     verb = done_verb(args, "prepared")
     manifest = prepare_knowledge(config, args.out, force=args.force)
+    relations = f"{args.relations} relations of {args.values} values" if args.relations else "the 5 classic relations"
     print(
-        f"{verb} {args.out}: {args.individuals} individuals, names of {args.name_tokens} token(s), vocab "
-        f"{manifest['vocab_size']}, train {manifest['splits']['train']['tokens']:,} tokens"
+        f"{verb} {args.out}: {args.individuals} individuals, names of {args.name_tokens} token(s), {relations}, "
+        f"{args.order}, vocab {manifest['vocab_size']}, train {manifest['splits']['train']['tokens']:,} tokens"
     )
 
 
@@ -899,6 +902,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--individuals", type=at_least(2), default=1000, help="people in the synthetic biographies")
     p.add_argument("--name-tokens", type=at_least(1), default=1, help="tokens per name (1: each name its own token)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic facts")
+    p.add_argument(
+        "--relations", type=at_least(0), default=0, help="synthetic relations per person (0: the classic five)"
+    )
+    p.add_argument("--values", type=at_least(2), default=32, help="values per synthetic relation")
+    p.add_argument("--cue-tokens", type=at_least(1), default=1, help="words in a synthetic relation's cue")
+    p.add_argument(
+        "--order",
+        choices=["key-first", "query-first", "mixed"],
+        default="key-first",
+        help="key-first: '<name> <cue> <value>'; query-first: 'the <relation> of <name> is <value>'; mixed: either",
+    )
     p.add_argument("--out", required=True, help="knowledge data directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=cmd_knowledge_prepare)

@@ -99,6 +99,15 @@ class ModelConfig(SerialConfig):
     memory_slots: int = option(0, "MoVE: the number of slots M directly (0: from the density)")
     move_gate_g0: bool = option(True, "MoVE: gate g0 on the standard value path (false: the no-g0 ablation)")
     lave_full_gates: bool = option(False, "LaVE ablation: full-width routers d_model -> H(k+1) and a gate g0")
+    # symmetry breaking (issue: slots of a row move as one): both default to the paper
+    router_init_scale: float = option(
+        0.0,
+        "MoVE/LaVE: std of the gate logits at init, router N(0, s^2 / fan_in); 0: a zero router, "
+        "every gate exactly 1 (the paper)",
+    )
+    memory_init_scale: float = option(
+        1.0, "value-memory tables' init range as a multiple of the value projection's (1: the paper)"
+    )
     pkm_heads: int = option(4, "pkm: query heads, each reading its own top-k rows (Lample et al. 2019: 4)")
     pkm_topk: int = option(8, "pkm: rows each head reads per token (Lample et al. 2019: 32)")
     logit_softcap: float = option(15.0, "tanh soft-cap of the logits (0 disables)")
@@ -190,6 +199,9 @@ class ModelConfig(SerialConfig):
         require_positive(self, ["vocab_size", "seq_len", "n_layer", "n_embd", "n_head", "memory_density"])
         if self.rope_base <= 1:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
+        for name in ["router_init_scale", "memory_init_scale"]:
+            if not 0 <= getattr(self, name) <= 100:  # also refuses nan
+                raise ConfigError(f"{name} must lie in [0, 100], got {getattr(self, name)}")
         for name in ["n_kv_head", "kv_latent_dim", "rope_head_dim", "memory_slots"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = default), got {getattr(self, name)}")

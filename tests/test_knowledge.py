@@ -1,23 +1,27 @@
 """The knowledge-capacity probe: generator, recall evaluator, a tiny run."""
 
+import hashlib
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from move.errors import ConfigError
 from move.knowledge.corpus import (
     ATTRIBUTES,
     HELD_OUT_OPENER,
     KnowledgeConfig,
+    classic_relations,
     held_out_documents,
     make_facts,
     make_names,
     prepare_knowledge,
-    sentence,
+    relations_of,
     training_documents,
+    vocabulary,
 )
-from move.knowledge.recall import load_knowledge, recall
+from move.knowledge.recall import facts_in, load_knowledge, recall, relations_in
 from move.text.prepare import load_prepared
 
 PRIOR_BITS_PER_PERSON = sum(math.log2(len(values)) for _, values in ATTRIBUTES.values())
@@ -42,7 +46,64 @@ def test_train_and_test_phrasings_are_disjoint():
     # every fact is in the training text, only under other phrasings
     names = make_names(config)
     for f in make_facts(config):
-        assert sentence("we know that", names[f.person], f.attribute, f.value) in train
+        assert classic_relations()[f.attribute].phrase("we know that", names[f.person], "key-first", f.value) in train
+
+
+# sha256 of repr((training_documents, held_out_documents, vocabulary)) for
+# KnowledgeConfig(20, name_tokens, seed=5), computed with the code before relations
+# and orders were configurable: the default corpus must stay the same, token for token
+DEFAULT_CORPUS_SHA256 = {
+    1: "59b6a335a7587186a94f2c48d3497fa93f55279349c353411aeaff26947febfb",
+    2: "05dadbff045d9a6fc75ba89b20ab0dfcb4065e54b51f107c2a1384b15050f471",
+}
+
+
+@pytest.mark.parametrize("name_tokens", [1, 2])
+def test_default_corpus_is_the_first_studies_corpus(name_tokens):
+    config = KnowledgeConfig(individuals=20, name_tokens=name_tokens, seed=5)
+    text = repr((training_documents(config), held_out_documents(config), vocabulary(config)))
+    assert hashlib.sha256(text.encode()).hexdigest() == DEFAULT_CORPUS_SHA256[name_tokens]
+
+
+def test_query_first_writes_the_same_facts_with_the_query_before_the_name():
+    key_first = KnowledgeConfig(individuals=30, relations=6, values=8, order="key-first")
+    query_first = KnowledgeConfig(individuals=30, relations=6, values=8, order="query-first")
+    assert make_facts(key_first) == make_facts(query_first) and make_names(key_first) == make_names(query_first)
+    names = make_names(query_first)
+    train = {line for _, doc in training_documents(query_first) for line in doc.splitlines()}
+    assert len(train) == 30 * 6 * 3
+    for f in make_facts(query_first):
+        relation = f.attribute
+        assert f"records show that the {relation} of {names[f.person]} is {f.value} ." in train
+        assert f.value.startswith(relation + "v")  # each relation has values of its own
+    held_out = [line for _, doc in held_out_documents(query_first) for line in doc.splitlines()]
+    assert all(line.startswith("it is said that the r") for line in held_out)
+
+
+def test_mixed_order_uses_both_and_records_each_prompts_order(tmp_path):
+    config = KnowledgeConfig(individuals=40, relations=4, values=4, cue_tokens=2, order="mixed")
+    prepare_knowledge(config, tmp_path / "data")
+    knowledge = load_knowledge(tmp_path / "data")
+    orders = [order for *_, order in facts_in(knowledge)]
+    assert {"key-first", "query-first"} == set(orders)
+    held_out = [line for _, doc in held_out_documents(config) for line in doc.splitlines()]
+    names = knowledge["names"]
+    relations = relations_in(knowledge)
+    assert relations == relations_of(config) and relations["r2"].key_cue == "r2 r2w1"
+    for line, (person, relation, value, order) in zip(held_out, facts_in(knowledge), strict=True):
+        assert line == relations[relation].phrase("it is said that", names[person], order, value)
+    train = [line for _, doc in training_documents(config) for line in doc.splitlines()]
+    query_lines = sum(" of person" in line for line in train)
+    assert 0.35 < query_lines / len(train) < 0.65
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"order": "backwards"}, {"relations": -1}, {"relations": 2, "values": 1}, {"values": 8}, {"cue_tokens": 0}],
+)
+def test_bad_corpus_options_are_refused(fields):
+    with pytest.raises(ConfigError):
+        KnowledgeConfig(individuals=10, **fields).validate()
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +121,10 @@ class LookupModel(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # recall() reads the device from a parameter
         self.vocab, self.uniform, self.answers = data.tokenizer.vocab_size, uniform, {}
         tok = data.tokenizer
-        for person, attribute, value in knowledge["facts"]:
-            prompt = [
-                tok.bos_id,
-                *tok.encode(sentence(knowledge["held_out_opener"], knowledge["names"][person], attribute)),
-            ]
-            self.answers[tuple(prompt)] = tok.encode(value)[0]
+        relations = relations_in(knowledge)
+        for person, relation, value, order in facts_in(knowledge):
+            phrase = relations[relation].phrase(knowledge["held_out_opener"], knowledge["names"][person], order)
+            self.answers[(tok.bos_id, *tok.encode(phrase))] = tok.encode(value)[0]
 
     def forward(self, x):
         logits = torch.zeros(*x.shape, self.vocab)
@@ -81,6 +140,15 @@ def test_perfect_model_scores_every_fact(knowledge_data):
     assert result["recall_accuracy"] == 1.0 and result["facts"] == 40 * len(ATTRIBUTES)
     assert result["knowledge_bits"] == pytest.approx(40 * PRIOR_BITS_PER_PERSON, rel=1e-4)
     assert result["knowledge_bits_exact"] == pytest.approx(40 * PRIOR_BITS_PER_PERSON)
+
+
+def test_perfect_model_scores_every_fact_in_either_order(tmp_path):
+    config = KnowledgeConfig(individuals=25, relations=3, values=16, cue_tokens=2, order="mixed")
+    prepare_knowledge(config, tmp_path / "data")
+    data, knowledge = load_prepared(tmp_path / "data"), load_knowledge(tmp_path / "data")
+    result = recall(LookupModel(data, knowledge), data.tokenizer, knowledge)
+    assert result["recall_accuracy"] == 1.0 and result["facts"] == 25 * 3
+    assert result["knowledge_bits"] == pytest.approx(25 * 3 * 4, rel=1e-4)  # log2 16 bits a fact
 
 
 def test_uniform_model_is_at_chance_and_stores_nothing(knowledge_data):
@@ -126,3 +194,17 @@ def test_tiny_run_stores_knowledge(knowledge_data, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"]["modality"] == "knowledge"
     assert summary["recall_accuracy"] > summary["chance_accuracy"] and summary["knowledge_bits"] > 0
+
+
+def test_knowledge_files_from_before_relations_read_as_the_classic_five():
+    knowledge = {"facts": [[3, "city", "city7"], [3, "pet", "dog"]]}
+    assert relations_in(knowledge) == classic_relations()
+    assert facts_in(knowledge) == [(3, "city", "city7", "key-first"), (3, "pet", "dog", "key-first")]
+
+
+@pytest.mark.parametrize("knowledge", [{"facts": [[1]]}, {"facts": 5}, {"relations": {"r0": {"key_cue": "x"}}}])
+def test_malformed_knowledge_files_are_one_line_errors(knowledge):
+    from move.errors import DataError
+
+    with pytest.raises(DataError, match="malformed"):
+        relations_in(knowledge) if "relations" in knowledge else facts_in(knowledge)

@@ -84,6 +84,33 @@ def test_deeper_baseline_shares_its_first_layers_and_memory_is_on_the_documented
     assert abs(wte.std().item() - 1.0) < 0.05 and abs(wte.mean().item()) < 0.05  # N(0, 1)
 
 
+@pytest.mark.parametrize("variant", ["move x4", "lave x2"])
+def test_symmetry_breaking_inits_change_only_what_they_name(variant):
+    """router_init_scale draws the routers (gate logits of std ~s at unit-RMS input),
+    memory_init_scale widens the tables' range; every other tensor keeps its bits."""
+    fields = dict(**TINY, **MEMORY_VARIANTS[variant])
+    paper = api.build_model("tiny", seed=5, **fields).state_dict()
+    drawn = api.build_model("tiny", seed=5, router_init_scale=1.0, **fields)
+    wider = api.build_model("tiny", seed=5, memory_init_scale=2.0, **fields).state_dict()
+    for name, tensor in drawn.state_dict().items():
+        if name.endswith("router.weight"):
+            assert not tensor.eq(0).any() and paper[name].eq(0).all()
+        else:
+            assert torch.equal(tensor, paper[name]), name
+    for name, tensor in wider.items():
+        if "table" in name or name.startswith("bank"):
+            torch.testing.assert_close(tensor, 2 * paper[name], rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(tensor, paper[name]), name
+    router = drawn.blocks[-1].attn.value_memory.router
+    x = torch.nn.functional.rms_norm(torch.randn(8192, router.in_features), (router.in_features,))
+    logit_var = router(x).pow(2).mean().item()
+    weight_var = router.weight.pow(2).sum(1).mean().item()  # E[logit^2] for unit-variance inputs
+    assert logit_var == pytest.approx(weight_var, rel=0.05)
+    # s^2 = 1 in expectation; the estimate from n weights has relative sd sqrt(2/n): 4 sd allowed
+    assert weight_var == pytest.approx(1.0, abs=4 * (2 / router.weight.numel()) ** 0.5)
+
+
 def parsed_train_args(*flags):
     return build_parser().parse_args(["train", *flags])
 

@@ -1,8 +1,21 @@
 """A synthetic knowledge corpus in the spirit of the knowledge-capacity studies
-("Physics of Language Models, Part 3.3"): N fictional individuals, each with K
-attributes drawn from fixed value sets, written as sentences.
+("Physics of Language Models, Part 3.3"): N fictional individuals, each with one
+value per relation, drawn from the relation's value set, written as sentences.
 
-Every sentence is  [opener] <name> <relation cue> <value> .
+Relations: by default the five classic attributes (city, year, employer, field,
+pet, with multi-word cues such as "was born in"); with `relations = R` instead R
+synthetic relations "r<i>" of `values` single-token values each, cued by
+`cue_tokens` words.
+
+Order: every sentence is  [opener] <fact> .  with the fact written
+    key-first     <name> <relation cue> <value>        (the default)
+    query-first   the <relation> of <name> is <value>
+    mixed         each sentence (and each test prompt) one of the two, seeded.
+The order matters to a token-indexed memory read by causal gates: key-first, the
+gates at the name cannot know which relation will be asked, so the name's rows can
+only contribute one fixed mixture per layer and head; query-first, they can pick a
+slot per relation (docs/knowledge.md derives the bound).
+
 The openers are the paraphrase templates: the training text uses all but the
 last opener for every fact, the test prompts use only the held-out opener, so
 recall is measured in a context never seen in training - of a stored fact, not
@@ -12,8 +25,8 @@ so a name is exactly as many tokens as it was built from:
                       the person's facts in that token's rows)
     name_tokens = 2+  names are sequences of syllables shared by many people (no
                       single token identifies a person)
-Seeded and reproducible: the same (individuals, name_tokens, seed) gives the
-same people, facts and text.
+Seeded and reproducible: the same config gives the same people, facts and text;
+the default config gives the corpus of the first probe studies, token for token.
 """
 
 import itertools
@@ -78,9 +91,27 @@ ATTRIBUTES = {  # attribute -> (relation cue, value set)
     "field": ("studied", [f"field{i}" for i in range(16)]),
     "pet": ("owns a", ["cat", "dog", "horse", "parrot", "rabbit", "turtle", "snake", "goat"]),
 }
+QUERY_NOUNS = {"city": "city", "year": "year", "employer": "employer", "field": "field", "pet": "pet"}
 OPENERS = ["", "we know that", "records show that", "it is said that"]  # the last one is held out
 HELD_OUT_OPENER = OPENERS[-1]
 KNOWLEDGE_FILE = "knowledge.json"
+ORDERS = ("key-first", "query-first", "mixed")
+MAX_RELATIONS = 256
+MAX_VALUES = 4096
+
+
+@dataclass(frozen=True)
+class Relation:
+    key_cue: str  # key-first: "<name> <key_cue> <value>"
+    query_cue: str  # query-first: "the <query_cue> of <name> is <value>"
+    values: tuple[str, ...]
+
+    def phrase(self, opener: str, name: str, order: str, value: str | None = None) -> str:
+        """The sentence of a fact in the given order; without a value, the prompt
+        that asks for it."""
+        words = [opener] if opener else []
+        words += [name, self.key_cue] if order == "key-first" else ["the", self.query_cue, "of", name, "is"]
+        return " ".join(words) + ("" if value is None else f" {value} .")
 
 
 @dataclass
@@ -88,6 +119,10 @@ class KnowledgeConfig(SerialConfig):
     individuals: int = 1000
     name_tokens: int = 1
     seed: int = 0
+    relations: int = 0  # 0: the five classic attributes; R > 0: R synthetic relations
+    values: int = 32  # values per synthetic relation
+    cue_tokens: int = 1  # words in a synthetic relation's cue
+    order: str = "key-first"  # key-first | query-first | mixed
 
     def validate(self) -> "KnowledgeConfig":
         if self.individuals < 1:
@@ -96,7 +131,36 @@ class KnowledgeConfig(SerialConfig):
             raise ConfigError(f"name_tokens must be >= 1, got {self.name_tokens}")
         if self.name_tokens > 1 and len(SYLLABLES) ** self.name_tokens < self.individuals:
             raise ConfigError(f"{self.individuals} unique names need more than {self.name_tokens} syllables each")
+        if self.order not in ORDERS:
+            raise ConfigError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if not 0 <= self.relations <= MAX_RELATIONS:
+            raise ConfigError(f"relations must lie in [0, {MAX_RELATIONS}] (0: the classic five), got {self.relations}")
+        if not 2 <= self.values <= MAX_VALUES:
+            raise ConfigError(f"values must lie in [2, {MAX_VALUES}], got {self.values}")
+        if not 1 <= self.cue_tokens <= 8:
+            raise ConfigError(f"cue_tokens must lie in [1, 8], got {self.cue_tokens}")
+        if self.relations == 0 and (self.values, self.cue_tokens) != (32, 1):
+            raise ConfigError("values and cue_tokens set synthetic relations: give relations > 0 too")
         return self
+
+
+def classic_relations() -> dict[str, Relation]:
+    """The five attributes of the first probe studies."""
+    return {a: Relation(cue, QUERY_NOUNS[a], tuple(values)) for a, (cue, values) in ATTRIBUTES.items()}
+
+
+def relations_of(config: KnowledgeConfig) -> dict[str, Relation]:
+    """The relations a corpus asks about, by name, in the order facts are drawn."""
+    if config.relations == 0:
+        return classic_relations()
+    return {
+        f"r{i}": Relation(
+            " ".join(f"r{i}" if j == 0 else f"r{i}w{j}" for j in range(config.cue_tokens)),
+            " ".join(f"r{i}" if j == 0 else f"r{i}w{j}" for j in range(config.cue_tokens)),
+            tuple(f"r{i}v{k}" for k in range(config.values)),
+        )
+        for i in range(config.relations)
+    }
 
 
 @dataclass(frozen=True)
@@ -118,28 +182,37 @@ def make_names(config: KnowledgeConfig) -> list[str]:
 def make_facts(config: KnowledgeConfig) -> list[Fact]:
     rng = np.random.default_rng([config.seed, 2])
     return [
-        Fact(p, a, values[rng.integers(len(values))])
+        Fact(p, a, r.values[rng.integers(len(r.values))])
         for p in range(config.individuals)
-        for a, (_, values) in ATTRIBUTES.items()
+        for a, r in relations_of(config).items()
     ]
 
 
-def sentence(opener: str, name: str, attribute: str, value: str | None = None) -> str:
-    """The sentence of a fact; without a value, the prompt that asks for it."""
-    cue = ATTRIBUTES[attribute][0]
-    words = [opener, name, cue] if opener else [name, cue]
-    return " ".join(words) + ("" if value is None else f" {value} .")
+def sentence_orders(config: KnowledgeConfig, count: int, stream: int) -> list[str]:
+    """The order of each of `count` sentences: the config's, or (mixed) one of the two
+    per sentence, from its own seeded stream so that the other draws are unchanged."""
+    if config.order != "mixed":
+        return [config.order] * count
+    rng = np.random.default_rng([config.seed, stream])
+    return [ORDERS[i] for i in rng.integers(2, size=count)]
+
+
+def held_out_orders(config: KnowledgeConfig) -> list[str]:
+    """The order of each fact's held-out sentence (and recall prompt), fact by fact."""
+    return sentence_orders(config, config.individuals * len(relations_of(config)), 5)
 
 
 def training_documents(config: KnowledgeConfig) -> list[tuple[str, str]]:
     """One document per person: every fact under every training opener, shuffled."""
-    names, facts = make_names(config), make_facts(config)
+    names, facts, relations = make_names(config), make_facts(config), relations_of(config)
+    per_person = len(relations)
+    orders = iter(sentence_orders(config, len(facts) * (len(OPENERS) - 1), 4))
     rng = np.random.default_rng([config.seed, 3])
     docs = []
     for p in range(config.individuals):
         lines = [
-            sentence(o, names[p], f.attribute, f.value)
-            for f in facts[p * len(ATTRIBUTES) : (p + 1) * len(ATTRIBUTES)]
+            relations[f.attribute].phrase(o, names[p], next(orders), f.value)
+            for f in facts[p * per_person : (p + 1) * per_person]
             for o in OPENERS[:-1]
         ]
         docs.append((f"person{p}", "\n".join(lines[i] for i in rng.permutation(len(lines))) + "\n"))
@@ -148,13 +221,15 @@ def training_documents(config: KnowledgeConfig) -> list[tuple[str, str]]:
 
 def held_out_documents(config: KnowledgeConfig) -> list[tuple[str, str]]:
     """The held-out phrasing of every fact (for validation loss)."""
-    names, facts = make_names(config), make_facts(config)
+    names, facts, relations = make_names(config), make_facts(config), relations_of(config)
+    orders = held_out_orders(config)
+    per_person = len(relations)
     return [
         (
             f"test{p}",
             "\n".join(
-                sentence(HELD_OUT_OPENER, names[p], f.attribute, f.value)
-                for f in facts[p * len(ATTRIBUTES) : (p + 1) * len(ATTRIBUTES)]
+                relations[f.attribute].phrase(HELD_OUT_OPENER, names[p], orders[i], f.value)
+                for i, f in enumerate(facts[p * per_person : (p + 1) * per_person], start=p * per_person)
             )
             + "\n",
         )
@@ -165,8 +240,10 @@ def held_out_documents(config: KnowledgeConfig) -> list[tuple[str, str]]:
 def vocabulary(config: KnowledgeConfig) -> list[str]:
     words = [w for o in OPENERS for w in o.split()]
     words += [w for name in make_names(config) for w in name.split()]
-    for cue, values in ATTRIBUTES.values():
-        words += cue.split() + values
+    for r in relations_of(config).values():
+        words += r.key_cue.split() + list(r.values)
+    if config.order != "key-first":
+        words += ["the", "of", "is"] + [w for r in relations_of(config).values() for w in r.query_cue.split()]
     return [*words, "."]
 
 
@@ -189,7 +266,8 @@ def prepare_knowledge(config: KnowledgeConfig, out_dir, force: bool = False) -> 
         "config": asdict(config),
         "names": make_names(config),
         "held_out_opener": HELD_OUT_OPENER,
-        "facts": [[f.person, f.attribute, f.value] for f in facts],
+        "relations": {a: asdict(r) for a, r in relations_of(config).items()},
+        "facts": [[f.person, f.attribute, f.value, order] for f, order in zip(facts, held_out_orders(config))],
     }
     return write_prepared(
         docs, split_of, tokenizer, 256, out_dir, record, extra_files={KNOWLEDGE_FILE: json.dumps(knowledge, indent=2)}

@@ -1,7 +1,8 @@
 """Recall of stored facts, and the knowledge stored in bits.
 
-For every (person, attribute) the model reads the held-out phrasing up to the
-value, "it is said that <name> <cue>", and is scored on the attribute's value set
+For every (person, relation) the model reads the held-out phrasing up to the
+value, "it is said that <name> <cue>" (key-first) or "it is said that the
+<relation> of <name> is" (query-first), and is scored on the relation's value set
 only (the probe asks which value, not whether the next word is a value):
     probability   p(correct value), softmax over the value set
     accuracy      the correct value is the most likely one
@@ -20,7 +21,7 @@ import torch
 
 from move.device import evaluating
 from move.errors import DataError
-from move.knowledge.corpus import ATTRIBUTES, KNOWLEDGE_FILE, sentence
+from move.knowledge.corpus import KNOWLEDGE_FILE, Relation, classic_relations
 from move.readers import read_json_object
 
 PROMPT_BATCH = 512
@@ -33,6 +34,29 @@ def load_knowledge(data_dir) -> dict:
     return read_json_object(path, "knowledge file")
 
 
+def relations_in(knowledge: dict) -> dict[str, Relation]:
+    """The relations of a knowledge file; files written before relations were
+    configurable hold the five classic attributes."""
+    if "relations" not in knowledge:
+        return classic_relations()
+    try:
+        return {
+            a: Relation(str(r["key_cue"]), str(r["query_cue"]), tuple(map(str, r["values"])))
+            for a, r in knowledge["relations"].items()
+        }
+    except (TypeError, KeyError, AttributeError) as error:
+        raise DataError(f"knowledge file: malformed relations ({error!r})") from None
+
+
+def facts_in(knowledge: dict) -> list[tuple[int, str, str, str]]:
+    """(person, relation, value, order of its prompt) per fact; key-first where a file
+    written before orders were configurable does not say."""
+    try:
+        return [(int(f[0]), str(f[1]), str(f[2]), str(f[3]) if len(f) > 3 else "key-first") for f in knowledge["facts"]]
+    except (TypeError, KeyError, IndexError, ValueError) as error:
+        raise DataError(f"knowledge file: malformed facts ({error!r})") from None
+
+
 @torch.no_grad()
 def recall(model, tokenizer, knowledge: dict) -> dict:
     with evaluating(model):
@@ -40,17 +64,23 @@ def recall(model, tokenizer, knowledge: dict) -> dict:
         names, opener = knowledge["names"], knowledge["held_out_opener"]
         totals = {"facts": 0, "correct": 0, "probability": 0.0, "bits": 0.0, "bits_exact": 0.0, "chance": 0.0}
         per_attribute = {}
-        for attribute, (_, values) in ATTRIBUTES.items():
-            facts = [(p, v) for p, a, v in knowledge["facts"] if a == attribute]
+        all_facts = facts_in(knowledge)
+        for attribute, relation in relations_in(knowledge).items():
+            values = relation.values
+            facts = [(p, v, order) for p, a, v, order in all_facts if a == attribute]
             value_ids = torch.tensor([tokenizer.encode(v)[0] for v in values], device=device)
             index = {v: i for i, v in enumerate(values)}
-            prompts = [[tokenizer.bos_id, *tokenizer.encode(sentence(opener, names[p], attribute))] for p, _ in facts]
-            target = torch.tensor([index[v] for _, v in facts], device=device)
-            log_p = []
-            for i in range(0, len(prompts), PROMPT_BATCH):
-                x = torch.tensor(prompts[i : i + PROMPT_BATCH], device=device)  # equal lengths within an attribute
-                log_p.append(torch.log_softmax(model(x)[:, -1, value_ids].float(), dim=-1))
-            log_p = torch.cat(log_p)
+            prompts = [
+                [tokenizer.bos_id, *tokenizer.encode(relation.phrase(opener, names[p], order))] for p, _, order in facts
+            ]
+            target = torch.tensor([index[v] for _, v, _ in facts], device=device)
+            log_p = torch.empty(len(prompts), len(values), device=device)
+            for length in sorted({len(x) for x in prompts}):  # batches of equal-length prompts
+                rows = [i for i, x in enumerate(prompts) if len(x) == length]
+                for i in range(0, len(rows), PROMPT_BATCH):
+                    batch = rows[i : i + PROMPT_BATCH]
+                    x = torch.tensor([prompts[j] for j in batch], device=device)
+                    log_p[batch] = torch.log_softmax(model(x)[:, -1, value_ids].float(), dim=-1)
             p_correct = log_p.gather(1, target[:, None]).squeeze(1)
             correct = log_p.argmax(dim=1) == target
             prior = math.log2(len(values))

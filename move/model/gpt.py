@@ -122,8 +122,11 @@ class GPT(nn.Module):
         - value memory tables (MoVE bank, LaVE tables): U(-s, s) with the value
           projection's s = sqrt(3)/sqrt(d_model), so memory and v start on one scale;
           drawn in row blocks (_init_rows), so a row-sharded table initialises only its
-          own rows, bit for bit as one process would.
-        - routers / gates: zero, so every gate 2*sigmoid(0) is exactly 1.0.
+          own rows, bit for bit as one process would (x memory_init_scale, 1 by default).
+        - routers / gates: zero, so every gate 2*sigmoid(0) is exactly 1.0; with
+          router_init_scale s > 0, N(0, s^2/fan_in), so at unit-RMS input the gate
+          logits have std ~s: gates near 1 but unequal, which breaks the symmetry
+          between the slots of a row (with a zero router they get equal gradients).
         - the other memory designs (memory_designs.py): the bigram table zero and its
           per-layer scales 0.1 (modded-nanogpt); product-key sub-keys U(-s, s) with
           s = sqrt(3)/sqrt(key width), its query like any input matrix and its values
@@ -140,7 +143,8 @@ class GPT(nn.Module):
             if isinstance(module, ValueTable) and module.zero_init:
                 nn.init.zeros_(module.weight)
             elif isinstance(module, ValueTable):
-                _init_rows(module.weight, init_seed, name, s_model, module.shard.start if module.shard else 0)
+                scale = s_model * self.config.memory_init_scale
+                _init_rows(module.weight, init_seed, name, scale, module.shard.start if module.shard else 0)
             elif isinstance(module, BigramHashEmbedding):
                 nn.init.constant_(module.scales, BIGRAM_SCALE_INIT)
             elif isinstance(module, ProductKeyMemory):
@@ -150,7 +154,10 @@ class GPT(nn.Module):
             elif isinstance(module, ValueResidual):
                 nn.init.constant_(module.lambdas, VALUE_RESIDUAL_INIT)
             elif isinstance(module, nn.Linear):
-                if name.endswith(("c_proj", "router")):
+                if name.endswith("router") and self.config.router_init_scale > 0:
+                    std = self.config.router_init_scale / math.sqrt(module.in_features)
+                    _init_named(module.weight, init_seed, name, "normal", std)
+                elif name.endswith(("c_proj", "router")):
                     nn.init.zeros_(module.weight)
                 elif name == "lm_head":
                     _init_named(module.weight, init_seed, name, "normal", 0.001)
