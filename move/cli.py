@@ -322,7 +322,7 @@ def cmd_eval(args) -> None:
     from move.device import pick_device
     from move.evaluation.bpb import bits_per_byte
     from move.recipes import resolve_checkpoint
-    from move.text.loader import eval_windows
+    from move.text.loader import eval_windows, sliding_windows
     from move.text.prepare import encode_document, load_prepared
     from move.training.checkpoint import load_model
 
@@ -330,10 +330,14 @@ def cmd_eval(args) -> None:
     args.checkpoint = resolve_checkpoint(args.checkpoint)  # a checkpoint, or a run directory (its newest)
     model, _ = load_model(args.checkpoint, device)
     seq_len = model.config.seq_len
+    sliding = args.protocol == "sliding"
     if args.text:
         tokenizer = tokenizer_for(args.checkpoint, args.tokenizer)
         text = read_text(args.text)
-        tokens = np.asarray(encode_document(tokenizer, text, seq_len), dtype=np.int64)
+        if sliding:  # one BOS, then the text as one sequence
+            tokens = np.asarray([tokenizer.bos_id, *tokenizer.encode(text)], dtype=np.int64)
+        else:  # a BOS before every passage of seq_len tokens, as training data is made
+            tokens = np.asarray(encode_document(tokenizer, text, seq_len), dtype=np.int64)
         if len(tokens) < 2:
             raise UserError(f"{args.text}: no text to evaluate (bits per byte needs at least one predicted token)")
         source = args.text
@@ -342,8 +346,15 @@ def cmd_eval(args) -> None:
         tokenizer, tokens, source = data.tokenizer, data.tokens(args.split), f"{args.data}:{args.split}"
     model.check_token_ids(torch.tensor([int(tokens.min()), int(tokens.max())]))  # once: the forward does not check
     token_bytes = torch.from_numpy(tokenizer.token_bytes())
-    bpb = bits_per_byte(model, eval_windows(tokens, seq_len, args.max_tokens, args.batch_size), token_bytes)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "source": source, "bpb": bpb}))
+    if sliding:
+        stride = args.stride or seq_len // 2
+        windows = sliding_windows(tokens, seq_len, stride, args.max_tokens, args.batch_size)
+        protocol = {"protocol": "sliding", "stride": stride}
+    else:
+        windows = eval_windows(tokens, seq_len, args.max_tokens, args.batch_size)
+        protocol = {"protocol": "passages"}
+    bpb = bits_per_byte(model, windows, token_bytes)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "source": source, **protocol, "bpb": bpb}))
 
 
 def cmd_sample(args) -> None:
@@ -774,6 +785,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.add_argument("--max-tokens", type=at_least(1), default=10**9, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="windows per forward")
+    p.add_argument(
+        "--protocol",
+        choices=("passages", "sliding"),
+        default="passages",
+        help="passages: disjoint windows of the context length, a BOS before every passage of --text (as "
+        "training data is made; the README's figures); sliding: one BOS, windows every --stride tokens, "
+        "each token scored once with at least context - stride tokens before it (the transformers recipe)",
+    )
+    p.add_argument(
+        "--stride", type=at_least(1), default=0, help="sliding: tokens between windows (0: half the context)"
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_eval)
 

@@ -114,6 +114,19 @@ class ModelConfig(SerialConfig):
     rope_base: float = option(10000.0, "rotary embedding base")
 
     # ---- derived quantities (one place, used by model and accounting) ----
+    def standard_names(self) -> dict:
+        """The model's shape under the names transformers and the tools around it read
+        (hidden_size, num_hidden_layers, ...): the Hugging Face export's config."""
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.n_embd,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.seq_len,
+        }
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head

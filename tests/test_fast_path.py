@@ -64,6 +64,23 @@ def test_dense_mode_reuses_one_gradient_buffer_and_zeroes_only_touched_rows():
     assert len(pointers) == 1  # no bank-sized allocation after the first step
 
 
+def test_a_plain_zero_grad_from_outside_leaves_no_stale_rows():
+    """transformers' Trainer and peft zero gradients with nn.Module.zero_grad, which
+    drops the dense buffer: the next step's gradient is right and the table forgets
+    the rows of the dropped buffer (else its list of touched rows grows every step)."""
+    model = randomized(GPT(make_config("mha", "move")))
+    model.set_value_memory_grad_mode("dense")
+    for _step in range(3):
+        idx = torch.randint(0, VOCAB, (2, 6))
+        torch.nn.Module.zero_grad(model)
+        model(idx, targets=idx).backward()
+        fast = model.bank.weight.grad.clone()
+        assert len(model.bank.touched) == 1
+    model.set_value_memory_grad_mode("autograd")
+    model(idx, targets=idx).backward()
+    torch.testing.assert_close(fast, model.bank.weight.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("optimizer_mode", ["exact", "lazy"])
 def test_optimizer_steps_match_reference_adamw(optimizer_mode):
     """Exact mode gives AdamW's update everywhere. Lazy mode equals AdamW on rows

@@ -17,7 +17,7 @@ from move.errors import DataError
 from move.evaluation.bpb import bits_per_byte
 from move.model.gpt import GPT
 from move.text.corpora import iter_documents
-from move.text.loader import BatchLoader, eval_windows
+from move.text.loader import BatchLoader, eval_windows, sliding_windows
 from move.text.prepare import PrepareOptions, load_prepared, passages, prepare, split_documents
 from move.text.tokenizer import Tokenizer
 
@@ -241,3 +241,24 @@ def test_bounded_lines_cut_long_lines_at_spaces_and_lose_nothing():
     pieces = list(bounded_lines(text))
     assert "".join(pieces) == text and max(map(len, pieces)) <= MAX_LINE_CHARS
     assert pieces[0].endswith(" ")  # cut after a space, not inside a word
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(50, 8, 3), (9, 8, 4), (100, 16, 15), (17, 16, 1), (3, 8, 4)])
+def test_sliding_windows_score_every_target_once_with_enough_context(n, seq_len, stride):
+    tokens = np.arange(n) + 100  # token t sits at position t - 100
+    scored = []
+    for x, y in sliding_windows(tokens, seq_len, stride, max_tokens=10**9, batch_size=3):
+        assert x.shape == y.shape and x.shape[1] <= seq_len - 1
+        for row_x, row_y in zip(x, y):
+            for i in (row_y >= 0).nonzero().flatten().tolist():
+                position = int(row_y[i]) - 100
+                context = i + 1  # inputs row_x[0..i] precede the target
+                assert int(row_x[i]) - 100 == position - 1
+                assert context == position or context >= seq_len - stride
+                scored.append(position)
+    assert sorted(scored) == list(range(1, n))
+
+
+def test_sliding_windows_refuse_a_stride_that_would_leave_tokens_unscored():
+    with pytest.raises(DataError, match="stride"):
+        next(sliding_windows(np.arange(40), 8, 8, max_tokens=10**9, batch_size=2))

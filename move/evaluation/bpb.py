@@ -2,7 +2,8 @@
 
 bpb = (sum over scored targets of -ln p(target)) / (ln 2 * sum of their UTF-8 bytes),
 where targets that are special tokens (BOS: 0 bytes) are excluded from both sums,
-as nanochat computes it. Changing the vocabulary changes tokens per byte, not bpb.
+as nanochat computes it, and so are targets marked -1 (context a sliding window only
+reads). Changing the vocabulary changes tokens per byte, not bpb.
 """
 
 import math
@@ -29,7 +30,7 @@ def bits_per_byte(model, batches, token_bytes: torch.Tensor) -> float:
             with autocast(device):
                 nats = model(x, targets=y, reduction="none")
             if counts:
-                nbytes = token_bytes[y]
+                nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
                 total_nats += (nats.double() * (nbytes > 0)).sum()
                 total_bytes += nbytes.sum()
     total_nats, total_bytes = all_reduce_sum([total_nats.item(), total_bytes.item()], device)

@@ -86,10 +86,13 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
         "model_type": "move",
         "auto_map": {"AutoConfig": "modeling_move.MoveConfig", "AutoModelForCausalLM": "modeling_move.MoveForCausalLM"},
         "move_config": model.config.to_dict(),
-        "vocab_size": model.config.vocab_size,
+        **model.config.standard_names(),
+        "tie_word_embeddings": False,
+        # every passage starts with BOS, so the model predicts it where a passage ends:
+        # it is the end-of-text token too, as <|endoftext|> is GPT-2's
         "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.bos_id,
         "pad_token_id": tokenizer.bos_id,
-        "eos_token_id": None,
         "use_cache": True,
         "torch_dtype": "float32",
         # the checkpoint's own name (a run's step_NNNNNN), never a path of this machine
@@ -109,6 +112,7 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "bos_token": bos,
+                "eos_token": bos,
                 "pad_token": bos,
                 "add_bos_token": True,
                 "padding_side": "left",
@@ -117,9 +121,14 @@ def export_hf(checkpoint, out_dir, tokenizer_dir=None, force: bool = False) -> P
             indent=2,
         )
     )
-    (tmp / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.bos_id, "use_cache": True})
-    )
+    generation = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.bos_id,
+        "pad_token_id": tokenizer.bos_id,
+        "max_length": model.config.seq_len,  # the context it was trained on (prompt included)
+        "use_cache": True,
+    }
+    (tmp / "generation_config.json").write_text(json.dumps(generation))
     (tmp / "README.md").write_text(model_card(model, header, checkpoint))
     for file in tmp.iterdir():
         file.chmod(0o644)

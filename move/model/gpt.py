@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from move.config import ModelConfig
 from move.errors import ConfigError, TokenRangeError
@@ -104,6 +105,10 @@ class GPT(nn.Module):
         # traces the first step changes the module, and the second step recompiles. A
         # model built on the meta device (checkpoint loading, sharding) gets its tables
         # when it is materialised or in its first forward.
+        # recompute each block's activations in the backward instead of keeping them
+        # (torch.utils.checkpoint, non-reentrant: the reentrant form would run the bank's
+        # backward once per block instead of once after all of them)
+        self.activation_checkpointing = False
         self._rotary_len = 0
         if not self.wte.weight.is_meta:
             self._rotary(2 * config.seq_len, self.wte.weight.device)
@@ -225,7 +230,10 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.blocks):
             if bigram is not None:
                 x = x + self.bigram.scales[layer].to(x.dtype) * bigram
-            x = block(x, memory, cos, sin, cache, key_mask)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, memory, cos, sin, cache, key_mask, use_reentrant=False)
+            else:
+                x = block(x, memory, cos, sin, cache, key_mask)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(rms_norm(x)).float()

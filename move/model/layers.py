@@ -86,6 +86,29 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
+    # Beam search, assisted and contrastive decoding rearrange what a cache holds:
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (B',) of the batch, in that order (repeats allowed): a beam
+        search step keeps the beams it continues."""
+        for layer in self.buffers:
+            for name, buf in layer.items():
+                layer[name] = buf.index_select(0, index.to(buf.device))
+        self.batch_size = index.numel()
+
+    def repeat_rows(self, times: int) -> None:
+        """Each row `times` times in a row (row i becomes rows i*times .. i*times+times-1)."""
+        for layer in self.buffers:
+            for name, buf in layer.items():
+                layer[name] = buf.repeat_interleave(times, dim=0)
+        self.batch_size *= times
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (rejected draft tokens): the next
+        update writes there, and attention reads only up to what is written."""
+        if not 0 <= length <= self.pos:
+            raise ValueError(f"cannot truncate a cache of {self.pos} positions to {length}")
+        self.pos = length
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for layer in self.buffers for b in layer.values())
 

@@ -267,6 +267,10 @@ class ValueTable(nn.Module):
         touched: the ids of the rows written (repeats allowed)."""
         if self.weight.grad is None:  # allocated once, then reused: only touched rows are ever zeroed
             self.weight.grad = torch.zeros_like(self.weight)
+            # the rows of a buffer someone else dropped (a plain zero_grad(set_to_none=True),
+            # as transformers' Trainer and peft call it) are no longer ours to zero
+            self.touched.clear()
+            self._touched_rows = None
         self.weight.grad.index_add_(0, ids, grads)
         self.touched.append(touched)
         self._touched_rows = None

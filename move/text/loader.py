@@ -55,3 +55,36 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: 
     y = data[1:].view(n_windows, seq_len)
     for i in range(0, n_windows, batch_size):
         yield x[i : i + batch_size], y[i : i + batch_size]
+
+
+def sliding_windows(tokens: np.ndarray, seq_len: int, stride: int, max_tokens: int, batch_size: int):
+    """The field's standard protocol, as the transformers recipe computes it ("Perplexity
+    of fixed-length models", max_length = the context): windows of up to seq_len tokens
+    start every `stride` tokens; each scores only the targets no earlier window scored,
+    every one of them with at least seq_len - stride tokens of context (all before it,
+    near the start). Targets a window only reads are -1 (ignored, 0 bytes). Every target
+    in the first max_tokens tokens is scored exactly once. Yields (inputs, targets)
+    batches of equal-length windows (inputs: at most seq_len - 1 tokens, as the recipe's
+    last position predicts nothing it scores)."""
+    if not 1 <= stride < seq_len:
+        raise DataError(f"the stride must lie in [1, {seq_len - 1}] (below the window of {seq_len}), got {stride}")
+    n = min(len(tokens), max_tokens + 1)
+    if n < 2:
+        raise DataError(f"evaluation needs at least 2 tokens, got {n}")
+    data = torch.from_numpy(np.asarray(tokens[:n], dtype=np.int64))
+    windows, scored_until = [], 1  # targets [1, scored_until) are scored
+    for begin in range(0, n, stride):
+        end = min(begin + seq_len, n)  # window data[begin:end]: inputs [begin, end-1), targets [begin+1, end)
+        targets = data[begin + 1 : end].clone()
+        targets[: max(0, scored_until - begin - 1)] = -1
+        windows.append((data[begin : end - 1], targets))
+        scored_until = end
+        if end == n:
+            break
+    batch: list = []
+    for x, y in windows:
+        if batch and (len(batch) == batch_size or len(batch[-1][0]) != len(x)):
+            yield torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+            batch = []
+        batch.append((x, y))
+    yield torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
