@@ -397,7 +397,8 @@ def test_sliding_protocol_agrees_with_the_transformers_recipe(tmp_path, prepared
         if end == ids.size(1):
             break
     recipe_bpb = nll / (math.log(2) * len(text.encode()))
-    ours = move_eval(tmp_path / "ckpt", "--text", tmp_path / "held_out.txt", "--protocol", "sliding", "--stride", stride)
+    held_out = tmp_path / "held_out.txt"
+    ours = move_eval(tmp_path / "ckpt", "--text", held_out, "--protocol", "sliding", "--stride", stride)
     assert ours["protocol"] == "sliding" and ours["stride"] == stride
     assert ours["bpb"] == pytest.approx(recipe_bpb, abs=1e-4)
     passages = move_eval(tmp_path / "ckpt", "--text", tmp_path / "held_out.txt")
@@ -447,3 +448,16 @@ def test_lm_evaluation_harness_scores_the_export_like_move_eval(tmp_path, prepar
     theirs = results["results"]["move_held_out"]["bits_per_byte,none"]
     ours = move_eval(tmp_path / "ckpt", "--text", tmp_path / "held_out.txt", "--protocol", "sliding")
     assert theirs == pytest.approx(ours["bpb"], abs=1e-4)
+
+
+def test_the_model_card_states_the_figure_and_its_protocol(tmp_path, prepared_dir):
+    import json
+
+    model = GPT(model_config_from_preset("tiny", vocab_size=load_prepared(prepared_dir).tokenizer.vocab_size))
+    run = tmp_path / "run"
+    ckpt = save_checkpoint(
+        run / "checkpoints" / "step_000007", model, meta={"step": 7, "task": {"data": str(prepared_dir)}}
+    )
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 7, "val_bpb": 2.5}) + "\n")
+    card = (export_hf(ckpt, tmp_path / "hf") / "README.md").read_text()
+    assert "- val_bpb: 2.5000" in card and "disjoint windows" in card and "--protocol sliding" in card

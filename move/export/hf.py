@@ -185,6 +185,13 @@ def model_card(model, header: dict, checkpoint) -> str:
     ]
     shown = {k: v for k, v in metrics.items() if k in ("val_bpb", "train_loss", "tokens", "val_nll_bits")}
     lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in shown.items()]
+    if "val_bpb" in shown:
+        lines += [
+            "",
+            "val_bpb is bits per byte on the held-out split of the training data, scored in disjoint windows",
+            "of the context length, each passage after its BOS token (`move eval`'s default protocol). The",
+            "sliding-window protocol of the transformers docs is `move eval --protocol sliding`.",
+        ]
     lines += ["", f"Source checkpoint: `{Path(checkpoint).resolve().name}`", ""]
     return card_metadata(c, task) + "\n".join(lines)
 
