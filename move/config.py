@@ -363,6 +363,12 @@ class TrainConfig:
     log_every: int = option(10, "steps between training-loss records sent to the trackers")
     compile: bool = option(False, "torch.compile the training forward (worth it on GPUs; slow to start on CPU)")
     peak_tflops: float = option(0.0, "per-device peak TFLOP/s for MFU (0: the data sheet of a known GPU, else no MFU)")
+    init_from: str = option(
+        "",
+        "a checkpoint or run directory to start from: its tensors by name, the value memory this model "
+        "adds at zero, so step 0 computes the source's function (move/training/init_from.py)",
+    )
+    init_new_memory: str = option("zero", "with --init-from: zero (function-preserving) or random new memory tables")
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> "TrainConfig":
@@ -384,6 +390,8 @@ class TrainConfig:
             raise ConfigError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
         if self.value_memory_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
+        if self.init_new_memory not in ("zero", "random"):
+            raise ConfigError(f"init_new_memory must be zero or random, got {self.init_new_memory!r}")
         parse_loggers(self.loggers)
         self.optim.validate()
         return self

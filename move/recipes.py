@@ -26,7 +26,9 @@ from move.knowledge.task import KnowledgeTask
 from move.model.gpt import GPT
 from move.text.prepare import load_prepared
 from move.text.task import TextTask
+from move.training.checkpoint import load_model
 from move.training.distributed import current, job_device, per_rank_batch
+from move.training.init_from import initialise_from
 from move.training.trainer import TrainConfig, Trainer, checkpoint_dirs, prepare_model
 
 # name -> model-config fields; the ablations isolate g0 and global sharing; the
@@ -98,12 +100,17 @@ def model_config_for(spec: RunSpec, data) -> ModelConfig:
     return model_config_from_preset(spec.preset, **fields)
 
 
-def build_run(spec: RunSpec):
-    """-> (model prepared for training, task, train_config) for the spec's data."""
+def build_run(spec: RunSpec, resuming: bool = False):
+    """-> (model prepared for training, task, train_config) for the spec's data. A run
+    with init_from starts from that checkpoint, unless it resumes from its own."""
     train_config = spec.train.validate()
     data = load_data(spec.data)
     torch.manual_seed(train_config.seed)
     model = build_training_model(model_config_for(spec, data), train_config)
+    if train_config.init_from and not resuming:
+        checkpoint = resolve_checkpoint(train_config.init_from)
+        source, _ = load_model(checkpoint, "cpu")
+        initialise_from(model, source, train_config.init_new_memory, f"--init-from {checkpoint}")
     task = build_task(data, model, train_config, spec.label_dropout)
     return model, task, train_config
 
@@ -127,7 +134,8 @@ def build_training_model(config: ModelConfig, train_config: TrainConfig) -> GPT:
 def start_training(spec: RunSpec, run_dir, **trainer_options) -> Trainer:
     """A Trainer for the spec's run in run_dir, which records the run's effective
     config (config.toml) when it starts the directory."""
-    model, task, train_config = build_run(spec)
+    resuming = bool(trainer_options.get("resume")) and bool(checkpoint_dirs(run_dir))
+    model, task, train_config = build_run(spec, resuming)
     launch = run_config_text(spec.data, spec.preset, spec.label_dropout, model.config, train_config)
     return Trainer(model, task, train_config, run_dir, launch_config=launch, **trainer_options)
 
