@@ -33,6 +33,18 @@ from move.config import DEFAULT_PRESET, model_config_from_preset
 from move.device import pick_device
 from move.evaluation.bpb import bits_per_byte as bpb
 from move.evaluation.fid import InceptionFeatures, fid_from_features
+from move.export.retrofit import (  # a Hugging Face causal LM with a MoVE bank: see docs/retrofit.md
+    load_retrofitted as load_retrofitted,
+)
+from move.export.retrofit import (
+    memory_parameters as memory_parameters,
+)
+from move.export.retrofit import (
+    retrofit as retrofit,
+)
+from move.export.retrofit import (
+    retrofit_accounting as retrofit_accounting,
+)
 from move.image.evaluate import generate_images
 from move.image.prepare import load_prepared_images
 from move.model.accounting import count_params

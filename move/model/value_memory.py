@@ -79,6 +79,21 @@ def mix_inference(v, slot_values, gate_logits, gate_g0: bool):
     return mixed.view(batch, length, heads, width)
 
 
+def gate_values(gate_logits: torch.Tensor) -> torch.Tensor:
+    """Gates in (0, 2), exactly 1.0 at a zero logit (the zero-initialised router)."""
+    return 2 * torch.sigmoid(gate_logits)
+
+
+def mix_memory(v, gate_logits, slots: Slots, gate_g0: bool) -> torch.Tensor:
+    """v' from the standard values v (B,T,H,D), the router's gate logits (B,T,H,S+g0)
+    and the looked-up slots: the fused form without autograd, the formula (fast path
+    or reference) with it. Every model with value memory mixes through here (this
+    project's GPT, and a retrofitted Hugging Face model)."""
+    if not torch.is_grad_enabled():
+        return mix_inference(v, slots.values, gate_logits, gate_g0)
+    return mix_values(v, slots, gate_values(gate_logits), gate_g0)
+
+
 def plain_linear(module: nn.Module) -> bool:
     """Whether module(x) is exactly F.linear(x, module.weight): an nn.Linear itself,
     without bias and without hooks of its own or global ones."""
@@ -134,13 +149,8 @@ class LayerValueMemory(nn.Module):
         router = F.pad(self.router.weight, (0, projection.in_features - self.gate_channels))
         return torch.cat([projection.weight, router]).detach()
 
-    @staticmethod
-    def gate_values(gate_logits: torch.Tensor) -> torch.Tensor:
-        """Gates in (0, 2), exactly 1.0 at a zero logit (the zero-initialised router)."""
-        return 2 * torch.sigmoid(gate_logits)
+    gate_values = staticmethod(gate_values)
 
     def forward(self, v, gate_logits, idx, bank_slots):
         slots = self.table(idx) if self.table is not None else bank_slots
-        if not torch.is_grad_enabled():
-            return mix_inference(v, slots.values, gate_logits, self.gate_g0)
-        return mix_values(v, slots, self.gate_values(gate_logits), self.gate_g0)
+        return mix_memory(v, gate_logits, slots, self.gate_g0)

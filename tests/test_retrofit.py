@@ -1,0 +1,209 @@
+"""A MoVE bank added to Hugging Face causal LMs (move.export.retrofit), on tiny
+random configurations built here (no download): the original function at step 0,
+cached decoding and padded batches after training, save/load, accounting."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from move import api  # noqa: E402
+from move.errors import ConfigError  # noqa: E402
+
+VOCAB = 96
+CONFIGS = {
+    "llama-gqa": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ),
+    "qwen3-wide-heads": lambda: transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+    ),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+}
+
+
+def random_model(name):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]())
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def ids(rows=2, length=12, seed=1):
+    return torch.randint(1, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def train_a_little(model, steps=5):
+    """Dense weights and memory trained together, so the bank and gates are far from zero."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    model.train()
+    for step in range(steps):
+        x = ids(4, 16, seed=10 + step)
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_retrofitted_model_computes_the_original_function(name):
+    model = random_model(name)
+    x = ids()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        api.retrofit(model, density=2)
+        after = model(input_ids=x).logits
+    assert torch.equal(after, before)
+    assert torch.equal(model(input_ids=x).logits.detach(), before)  # the training path (autograd) too
+    memory = model.move_memory
+    layers = model.config.num_hidden_layers if name != "gpt2" else model.config.n_layer
+    assert memory.bank.weight.shape[2] == 2 * ((layers + 1) // 2) and len(memory.routers) == layers
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_after_training_cached_generation_and_padded_batches_are_right(name):
+    model = train_a_little(api.retrofit(random_model(name), density=2))
+    assert model.move_memory.bank.weight.abs().sum() > 0  # the memory learned something
+    x = ids(1, 8)
+    common = dict(max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    cached = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **common)
+    uncached = model.generate(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False, **common)
+    assert cached.sequences.tolist() == uncached.sequences.tolist()
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-4)
+    # a left-padded batch: every row generates what it generates alone
+    short, long = ids(1, 5, seed=3), ids(1, 9, seed=4)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = (torch.arange(9) >= torch.tensor([[4], [0]])).long()
+    together = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    for row, alone_ids in zip(together, (short, long)):
+        alone = model.generate(
+            input_ids=alone_ids, attention_mask=torch.ones_like(alone_ids), max_new_tokens=6, do_sample=False
+        )
+        assert row[-6:].tolist() == alone[0, -6:].tolist()
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_save_and_load_round_trip_with_the_bank_in_safetensors(name, tmp_path):
+    from safetensors import safe_open
+
+    model = train_a_little(api.retrofit(random_model(name), density=1))
+    model.save_pretrained(tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), framework="pt") as f:
+        assert "move_memory.bank.weight" in set(f.keys())
+    loaded = api.load_retrofitted(tmp_path / "saved").eval()
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)
+    with pytest.raises(ConfigError, match="move_retrofit"):
+        random_model(name).save_pretrained(tmp_path / "plain")
+        api.load_retrofitted(tmp_path / "plain")
+
+
+def test_accounting_counts_the_added_parts_by_hand():
+    model = api.retrofit(random_model("llama-gqa"), density=1)  # 3 layers: M = 2, 2 KV heads of 8
+    counts = api.retrofit_accounting(model)
+    assert counts["params"]["value_memory"] == VOCAB * 2 * 2 * 8
+    assert counts["params"]["routers"] == 3 * 32 * 2 * (2 + 1)
+    assert counts["params"]["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["flops_per_token"]["routers"] == 2 * 3 * 32 * 6
+    assert counts["flops_per_token"]["mix"] == 3 * 2 * 6 * 8
+    assert len(api.memory_parameters(model)) == 1 + 3
+
+
+def test_a_plain_training_loop_teaches_the_memory_with_its_own_learning_rate():
+    """The loop of docs/retrofit.md: dense weights frozen, only the bank and gates learn."""
+    model = api.retrofit(random_model("llama-gqa"), density=2)
+    dense_before = {n: p.detach().clone() for n, p in model.named_parameters() if "move_memory" not in n}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    memory = api.memory_parameters(model)
+    for p in memory:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(memory, lr=0.1, weight_decay=0.0)
+    x = ids(4, 24, seed=7)
+    losses = []
+    model.train()
+    for _ in range(60):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.equal(p, dense_before[n]) for n, p in model.named_parameters() if "move_memory" not in n)
+    assert losses[-1] < losses[0] - 0.25  # the memory alone lowers the loss
+
+
+def test_unsupported_models_and_embeddings_are_refused():
+    with pytest.raises(ConfigError, match="Llama family"):
+        api.retrofit(torch.nn.Module())
+    model = api.retrofit(random_model("llama-gqa"))
+    with pytest.raises(ConfigError, match="already"):
+        api.retrofit(model)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(inputs_embeds=torch.zeros(1, 3, 32))
+
+
+def test_memory_trains_beside_peft_lora_and_under_gradient_checkpointing():
+    """peft calls the model's forward directly (no hooks of the model itself run) and
+    wraps v_proj: the bank still sees the ids and mixes into the base projection's
+    values. HF gradient checkpointing recomputes the layers: the same gradients."""
+    peft = pytest.importorskip("peft")
+    model = api.retrofit(random_model("llama-gqa"), density=2)
+    with torch.no_grad():
+        for p in api.memory_parameters(model):
+            p.normal_(0, 0.1)
+    x = ids(2, 10)
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad(set_to_none=True)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model(input_ids=x, labels=x).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "move_memory.bank.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7, msg=name)
+    model.gradient_checkpointing_disable()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for p in api.memory_parameters(model):  # peft freezes everything it did not add
+        p.requires_grad_(True)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=x).logits, expected)  # LoRA starts at zero
+    model.zero_grad(set_to_none=True)
+    lora(input_ids=x, labels=x).loss.backward()
+    assert model.move_memory.bank.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
