@@ -27,6 +27,7 @@ from move.config import (
     ClassifierConfig,
     ModelConfig,
     OptimConfig,
+    RetrofitRun,
     TrainConfig,
     VQConfig,
     model_config_from_preset,
@@ -617,6 +618,17 @@ def cmd_export_hf(args) -> None:
     print(f"exported {out}: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")
 
 
+def cmd_retrofit(args) -> None:
+    import torch
+
+    from move.export.retrofit_training import train_retrofit
+
+    torch.set_flush_denormal(True)
+    run = RetrofitRun(**config_overrides(args, RetrofitRun))
+    summary = train_retrofit(args.model, args.data, args.out, run)
+    print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
+
+
 # ---------------------------------------------------------------------------- experiments
 def cmd_experiment(args) -> None:
     import torch
@@ -972,6 +984,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=cmd_export_hf)
 
+    p = sub.add_parser(
+        "retrofit", help="give a pretrained causal LM (GGUF file or transformers folder) a MoVE bank and train it"
+    )
+    p.add_argument("model", help="a local .gguf file or transformers folder (never a hub name)")
+    p.add_argument("--data", required=True, help="prepared data (move prepare --tokenizer MODEL)")
+    p.add_argument("--out", required=True, help="folder for the retrofitted model (save_pretrained) and retrofit.json")
+    add_dataclass_flags(p, RetrofitRun)
+    p.set_defaults(func=cmd_retrofit)
+
     p = sub.add_parser("experiment", help="run a declarative experiment (TOML grid over variants, sizes, seeds)")
     p.add_argument("file", help="experiment TOML (see experiments/)")
     p.add_argument("--out", help="results directory (default results/<name>)")
@@ -1054,6 +1075,7 @@ SHOWS_PROGRESS = {
     "knowledge-prepare",
     "knowledge-eval",
     "export-hf",
+    "retrofit",
 }
 
 

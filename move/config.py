@@ -508,3 +508,29 @@ class ClassifierConfig(SerialConfig):
         require_finite(self)
         require_positive(self, ("image_size", "channels", "num_classes", "hidden"))
         return self
+
+
+@dataclass
+class RetrofitRun:
+    """`move retrofit`: a pretrained causal LM given a MoVE bank and trained on (move/export/retrofit_training.py)."""
+
+    density: int = option(1, "MoVE slots M = density x ceil(layers / 2)")
+    steps: int = option(100, "optimiser steps")
+    batch_size: int = option(8, "sequences per step")
+    seq_len: int = option(128, "tokens per sequence")
+    lr_memory: float = option(1e-2, "AdamW learning rate of the bank")
+    lr_router: float = option(1e-3, "AdamW learning rate of the routers")
+    lr_dense: float = option(0.0, "AdamW learning rate of the model's own weights (0: frozen)")
+    eval_tokens: int = option(16384, "validation tokens scored before and after")
+    seed: int = option(0, "data order")
+
+    def validate(self) -> "RetrofitRun":
+        for name in ("density", "steps", "batch_size", "seq_len", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_memory", "lr_router"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
+        if not 0 <= self.lr_dense <= 1:
+            raise ConfigError(f"lr_dense must lie in [0, 1], got {self.lr_dense}")
+        return self

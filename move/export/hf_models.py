@@ -44,22 +44,25 @@ def local_source(path) -> tuple[Path, dict]:
 
 
 def load_causal_lm(path, dtype: torch.dtype = torch.float32):
-    """(model, transformers tokenizer) from a local GGUF file or transformers folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # here: transformers is an optional extra
+    """A transformers causal LM (in eval mode) from a local GGUF file or transformers folder."""
+    from transformers import AutoModelForCausalLM  # here: transformers is an optional extra
 
     folder, where = local_source(path)
-    kwargs = {**where, "local_files_only": True}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    return model.eval(), AutoTokenizer.from_pretrained(folder, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **where).eval()
+
+
+def load_tokenizer(path):
+    """The transformers tokenizer of a local GGUF file or transformers folder."""
+    from transformers import AutoTokenizer
+
+    folder, where = local_source(path)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, **where)
 
 
 def project_tokenizer(path) -> Tokenizer:
     """This project's Tokenizer (for `move prepare`) from a pretrained model's: a GGUF
     file or a transformers folder. Its end-of-text token becomes the passage BOS."""
-    from transformers import AutoTokenizer
-
-    folder, where = local_source(path)
-    hf = AutoTokenizer.from_pretrained(folder, local_files_only=True, **where)
+    hf = load_tokenizer(path)
     if not hasattr(hf, "backend_tokenizer"):
         raise DataError(f"{path}: the tokenizer is not a fast (tokenizers) one; it cannot be used here")
     return Tokenizer(hf.backend_tokenizer)
