@@ -567,8 +567,9 @@ def test_sharded_table_rows_and_gradients(tmp_path):
 
 
 def test_compiled_training_equals_eager(tmp_path, prepared_dir):
-    """--compile true (torch.compile of the training forward; the value-memory
-    gather and fast mix stay eager) trains the same model as eager mode."""
+    """--compile true (torch.compile of the training forward, one graph: the bank
+    differentiated by the reference path inside it) trains the same model as eager
+    mode (the fast path), to rounding."""
     args = ["train", "--data", str(prepared_dir), *COMMON, *VARIANTS["move-exact"], "--steps", "3", "--eval-every", "3"]
     assert main([*args, "--out", str(tmp_path / "eager")]) == 0
     assert main([*args, "--compile", "true", "--out", str(tmp_path / "compiled")]) == 0

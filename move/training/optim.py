@@ -77,14 +77,24 @@ def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
     return optimizers
 
 
-def value_memory_grad_mode(path: str, optimizer_mode: str) -> str:
-    """The ValueTable gradient mode for a (path, optimiser mode) pair."""
+def value_memory_grad_mode(path: str, optimizer_mode: str, compiled: bool = False, sharded: bool = False) -> str:
+    """The ValueTable gradient mode for a (path, optimiser mode) pair.
+
+    Compiled, the fast path's custom backward and its side channel to the layers'
+    mixes are opaque to dynamo: each breaks the graph (a 2-layer MoVE forward: 7
+    graphs, head and loss left eager). So with --compile the exact optimiser gets
+    the reference gradient (plain indexing, differentiated by autograd inside the
+    one compiled graph): the dense table gradient it makes is what exact AdamW reads
+    anyway. The lazy optimiser needs the fast path's touched rows, and a row-sharded
+    table (torchrun) its row exchange: those keep the fast path and its breaks."""
     if path == "reference":
         if optimizer_mode == "lazy":
             raise ConfigError("the lazy value-memory optimizer needs the fast path")
         return "autograd"
     if path != "fast":
         raise ConfigError(f"unknown value_memory_path {path!r}; choose fast or reference")
+    if compiled and optimizer_mode == "exact" and not sharded:
+        return "autograd"
     return "dense"  # both optimiser modes read the persistent buffer (lazy: at the touched rows)
 
 
@@ -160,7 +170,11 @@ def set_lr(optimizers, multiplier: float) -> None:
 
 
 def prepare_for_training(
-    model, value_memory_path: str = "fast", value_memory_optimizer: str = "exact", value_memory_dtype: str = "float32"
+    model,
+    value_memory_path: str = "fast",
+    value_memory_optimizer: str = "exact",
+    value_memory_dtype: str = "float32",
+    compiled: bool = False,
 ) -> None:
     """Set how a GPT's value memory is stored and differentiated, and, under torchrun,
     keep only this rank's rows of every table. Call once, before building Optimizers;
@@ -168,7 +182,8 @@ def prepare_for_training(
     if not isinstance(model, GPT):
         return
     model.set_value_memory_dtype(getattr(torch, value_memory_dtype))
-    model.set_value_memory_grad_mode(value_memory_grad_mode(value_memory_path, value_memory_optimizer))
+    mode = value_memory_grad_mode(value_memory_path, value_memory_optimizer, compiled, current().active)
+    model.set_value_memory_grad_mode(mode)
     if current().active:
         shard_value_memory(model)
 

@@ -125,7 +125,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def prepare_model(model, config: TrainConfig) -> None:
     """prepare_for_training with the value-memory settings of a TrainConfig."""
     prepare_for_training(
-        model, config.value_memory_path, config.optim.value_memory_optimizer, config.value_memory_dtype
+        model, config.value_memory_path, config.optim.value_memory_optimizer, config.value_memory_dtype, config.compile
     )
 
 
@@ -134,8 +134,10 @@ def check_prepared(model, config: TrainConfig) -> None:
     this config (storage dtype, gradient mode, sharding under torchrun)."""
     if not isinstance(model, GPT):
         return
-    mode = value_memory_grad_mode(config.value_memory_path, config.optim.value_memory_optimizer)
     sharded = distributed.current().active
+    mode = value_memory_grad_mode(
+        config.value_memory_path, config.optim.value_memory_optimizer, config.compile, sharded
+    )
     for table in model.value_tables():
         if (
             table.grad_mode != mode
