@@ -1,5 +1,6 @@
 """Experiment runner, statistics and report (issue: experiments)."""
 
+import json
 import math
 
 import pytest
@@ -39,6 +40,7 @@ data = "{data}"
 preset = "tiny"
 seeds = [0, 1]
 variants = ["standard", "move:1", "move-nog0:1"]
+contrasts = [["tiny/move:1", "tiny-deeper/standard"]]
 [train]
 steps = 4
 batch_size = 2
@@ -92,6 +94,14 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, prepared_dir, capsys):
         "(n=2)",
     ):
         assert name in report, name
+    # a contrast: the paired difference computed here from the runs' own summaries
+    bpb = {
+        key: [json.loads((out / "runs" / key / f"seed{s}" / "summary.json").read_text())["val_bpb"] for s in (0, 1)]
+        for key in ("tiny/move_x1", "tiny-deeper/standard")
+    }
+    diff = sum(a - b for a, b in zip(bpb["tiny/move_x1"], bpb["tiny-deeper/standard"])) / 2
+    assert "Contrasts (validation bits per byte), paired by seed:" in report
+    assert f"| tiny MoVE x1 | tiny-deeper standard | {diff:+.4f} [" in report
     for png in ("curves_tiny.png", "curves_tiny-deeper.png", "scaling_val_bpb.png"):
         assert (out / png).stat().st_size > 1000
     page = (out / "report.html").read_text()
@@ -308,3 +318,16 @@ def test_every_variant_of_a_grid_gets_its_own_look_in_the_plots():
     assert variant_style("move_x4 (n=3)") == variant_style("move_x4")
     darkness = [sum(variant_style(f"move_x{k}")["color"][:3]) for k in (1, 2, 4, 8)]
     assert darkness == sorted(darkness, reverse=True)  # more memory, darker
+
+
+@pytest.mark.parametrize(
+    "contrasts,message",
+    [('[["tiny/move:8", "tiny/move:1"]]', "not a size/variant"), ('[["tiny/move:1"]]', "a pair of cells")],
+)
+def test_a_contrast_outside_the_grid_is_refused(tmp_path, prepared_dir, contrasts, message):
+    path = write_experiment(tmp_path, prepared_dir)
+    path.write_text(
+        path.read_text().replace('contrasts = [["tiny/move:1", "tiny-deeper/standard"]]', f"contrasts = {contrasts}")
+    )
+    with pytest.raises(ConfigError, match=message):
+        Experiment.load(path)

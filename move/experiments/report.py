@@ -161,6 +161,18 @@ def build_sections(out: Path, experiment: Experiment, results: dict) -> list:
                 ("p", f"Ablations ({label}):"),
                 ("table", table(["size", "ablation", "Δ [95% CI]", "pairs"], ablation_rows)),
             ]
+        contrast_rows = []
+        for a, b in experiment.contrast_cells():
+            if a in results and b in results:
+                d = paired_difference(
+                    {k: r[key] for k, r in results[a].items()}, {k: r[key] for k, r in results[b].items()}
+                )
+                contrast_rows.append([f"{a[0]} {display(a[1])}", f"{b[0]} {display(b[1])}", d.format(digits), str(d.n)])
+        if contrast_rows:
+            s += [
+                ("p", f"Contrasts ({label}), paired by seed:"),
+                ("table", table(["a", "b", "a − b [95% CI]", "pairs"], contrast_rows)),
+            ]
     if modality == "knowledge":
         s += knowledge_sections(out, results, sizes, variants)
     if experiment.decay_budgets:

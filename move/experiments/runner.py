@@ -81,6 +81,7 @@ TOP_LEVEL = {
     "setup",
     "decay_budgets",
     "variant_train",
+    "contrasts",
 }
 IMAGE_KEYS = {"classifier", "fid_samples", "cfg_scale"}
 TRAIN_KEYS = (TrainConfig.flat_keys() - {"seed", "data_seed"}) | {"label_dropout"}  # the grid sets the seeds
@@ -128,6 +129,9 @@ class Experiment:
     setup: list[dict] = field(default_factory=list)
     decay_budgets: list[int] = field(default_factory=list)
     variant_train: dict[str, dict] = field(default_factory=dict)
+    # paired differences the report shows besides "vs standard": [a, b] cells as
+    # "size/variant" (e.g. ["query-first/move:4", "query-first/move:1"])
+    contrasts: list[list[str]] = field(default_factory=list)
 
     def branch_step(self, budget: int) -> int:
         """The step of the full run from which the branch for `budget` decays."""
@@ -184,10 +188,26 @@ class Experiment:
             setup=raw.get("setup", []),
             decay_budgets=raw.get("decay_budgets", []),
             variant_train=raw.get("variant_train", {}),
+            contrasts=raw.get("contrasts", []),
         )
         experiment.runs()  # validates every variant name
+        experiment.contrast_cells(source)
         experiment.check_budgets(source)
         return experiment
+
+    def contrast_cells(self, source: str = "experiment") -> list[tuple[tuple[str, str], tuple[str, str]]]:
+        """The contrasts as ((size, variant name), (size, variant name)) cells of the grid."""
+        cells = {(r.size, r.variant): (r.size, r.name) for r in self.runs()}
+        pairs = []
+        for contrast in self.contrasts:
+            if not (isinstance(contrast, list) and len(contrast) == 2 and all(isinstance(c, str) for c in contrast)):
+                raise ConfigError(f'{source}: each contrast is a pair of cells, e.g. ["big/move:4", "big/move:1"]')
+            found = [cells.get(tuple(c.split("/", 1))) for c in contrast]
+            if None in found:
+                missing = contrast[found.index(None)]
+                raise ConfigError(f"{source}: contrast cell {missing!r} is not a size/variant of the grid")
+            pairs.append((found[0], found[1]))
+        return pairs
 
     def check_budgets(self, source: str) -> None:
         budgets = self.decay_budgets
@@ -245,7 +265,7 @@ class Experiment:
         )
 
 
-PROSE_KEYS = ("description", "expected_minutes")
+PROSE_KEYS = ("description", "expected_minutes", "contrasts")  # what the runs do not depend on
 
 
 def grid_of(path) -> dict:
