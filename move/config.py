@@ -521,6 +521,8 @@ class RetrofitRun:
     lr_memory: float = option(1e-2, "AdamW learning rate of the bank")
     lr_router: float = option(1e-3, "AdamW learning rate of the routers")
     lr_dense: float = option(0.0, "AdamW learning rate of the model's own weights (0: frozen)")
+    bank_optimizer: str = option("exact", "exact (AdamW over the whole bank) or lazy (Adam on the rows a step touched)")
+    bank_dtype: str = option("float32", "float32 or bfloat16 (half the bank's memory; fp32 optimiser state)")
     eval_tokens: int = option(16384, "validation tokens scored before and after")
     seed: int = option(0, "data order")
 
@@ -533,4 +535,8 @@ class RetrofitRun:
                 raise ConfigError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
         if not 0 <= self.lr_dense <= 1:
             raise ConfigError(f"lr_dense must lie in [0, 1], got {self.lr_dense}")
+        if self.bank_optimizer not in ("exact", "lazy"):
+            raise ConfigError(f"bank_optimizer must be exact or lazy, got {self.bank_optimizer!r}")
+        if self.bank_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"bank_dtype must be float32 or bfloat16, got {self.bank_dtype!r}")
         return self

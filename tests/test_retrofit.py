@@ -209,7 +209,10 @@ def test_memory_trains_beside_peft_lora_and_under_gradient_checkpointing():
     assert all(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
 
 
-def test_move_retrofit_trains_a_local_model_on_prepared_data_in_one_command(tmp_path, prepared_dir, capsys):
+@pytest.mark.parametrize(
+    "bank", [["--bank-optimizer", "exact"], ["--bank-optimizer", "lazy", "--bank-dtype", "bfloat16"]]
+)
+def test_move_retrofit_trains_a_local_model_on_prepared_data_in_one_command(tmp_path, prepared_dir, capsys, bank):
     """The one command: a transformers folder, data prepared with a vocabulary it
     covers; the memory learns (validation bpb falls), the dense weights stay, and the
     saved folder loads back with the memory."""
@@ -231,7 +234,7 @@ def test_move_retrofit_trains_a_local_model_on_prepared_data_in_one_command(tmp_
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     flags = ["--data", str(prepared_dir), "--out", str(tmp_path / "out"), "--steps", "30", "--batch-size", "4"]
-    flags += ["--seq-len", "32", "--lr-memory", "0.05", "--lr-router", "0.01", "--eval-tokens", "2048"]
+    flags += ["--seq-len", "32", "--lr-memory", "0.05", "--lr-router", "0.01", "--eval-tokens", "2048", *bank]
     assert main(["retrofit", str(tmp_path / "base"), *flags]) == 0
     summary = json.loads((tmp_path / "out" / "retrofit.json").read_text())
     assert summary["val_bpb_after"] < summary["val_bpb_before"] - 0.02  # a random frozen model: the memory alone

@@ -26,6 +26,8 @@ from move.export.retrofit import MEMORY_MODULE, retrofit, retrofit_accounting
 from move.progress import progress
 from move.text.loader import BatchLoader, eval_windows
 from move.text.prepare import load_prepared
+from move.training.row_adam import RowAdam
+from move.training.table_adamw import TableAdamW
 
 SUMMARY = "retrofit.json"
 
@@ -60,16 +62,21 @@ def train_retrofit(model_path, data_dir, out, run: RetrofitRun) -> dict:
     torch.manual_seed(run.seed)
     retrofit(model, density=run.density)
     memory = getattr(model, MEMORY_MODULE)
+    bank = memory.bank
+    bank.weight.data = bank.weight.data.to(getattr(torch, run.bank_dtype))
     dense = [p for n, p in model.named_parameters() if not n.startswith(f"{MEMORY_MODULE}.")]
     for p in dense:
         p.requires_grad_(run.lr_dense > 0)
-    groups = [
-        {"params": [memory.bank.weight], "lr": run.lr_memory},
-        {"params": list(memory.routers.parameters()), "lr": run.lr_router},
+    # the bank as in this project's training: fp32 Adam moments whatever its dtype, and
+    # the lazy optimiser reading only the rows the step touched (the fast path's buffer)
+    optimizers = [
+        RowAdam([bank.weight], {id(bank.weight): bank}, lr=run.lr_memory)
+        if run.bank_optimizer == "lazy"
+        else TableAdamW([bank.weight], lr=run.lr_memory),
+        torch.optim.AdamW(memory.routers.parameters(), lr=run.lr_router, weight_decay=0.0),
     ]
     if run.lr_dense > 0:
-        groups.append({"params": dense, "lr": run.lr_dense})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        optimizers.append(torch.optim.AdamW(dense, lr=run.lr_dense, weight_decay=0.0))
     scorer = TokenLoss(model)
     token_bytes = torch.from_numpy(data.tokenizer.token_bytes())
     val = data.tokens("val")
@@ -85,8 +92,11 @@ def train_retrofit(model_path, data_dir, out, run: RetrofitRun) -> dict:
         x, y = loader.next_batch()
         loss = scorer(x, y, reduction="mean")
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+        bank.zero_touched_grad()  # keeps the bank's gradient buffer: only the touched rows are zeroed
+        for optimizer in optimizers[1:]:
+            optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     model.eval()
     summary = {
