@@ -205,16 +205,24 @@ def done_verb(args, verb: str) -> str:
     return "kept (already made with these options)" if Path(args.out).exists() and not args.force else verb
 
 
+def pretrained_tokenizer(path):
+    """This project's Tokenizer from a pretrained model's: a tokenizer.json, a
+    transformers folder, or a .gguf file (read through transformers)."""
+    from move.text.tokenizer import Tokenizer
+
+    if str(path).endswith(".gguf"):
+        from move.export.hf_models import project_tokenizer
+
+        return project_tokenizer(path)
+    return Tokenizer.load(path)
+
+
 def cmd_prepare(args) -> None:
     from move.text.prepare import PrepareOptions, prepare
 
     options = PrepareOptions(**config_overrides(args, PrepareOptions))
     verb = done_verb(args, "prepared")
-    pretrained = None
-    if options.tokenizer.endswith(".gguf"):  # a model file: its tokenizer is read through transformers
-        from move.export.hf_models import project_tokenizer
-
-        pretrained = project_tokenizer(options.tokenizer)
+    pretrained = pretrained_tokenizer(options.tokenizer) if options.tokenizer not in ("bpe", "gpt2") else None
     manifest = prepare(options, args.out, force=args.force, pretrained=pretrained)
     s = manifest["splits"]
     print(
@@ -562,7 +570,8 @@ def cmd_knowledge_prepare(args) -> None:
         args.individuals, args.name_tokens, args.seed, args.relations, args.values, args.cue_tokens, args.order
     )
     verb = done_verb(args, "prepared")
-    manifest = prepare_knowledge(config, args.out, force=args.force)
+    pretrained = pretrained_tokenizer(args.tokenizer) if args.tokenizer else None
+    manifest = prepare_knowledge(config, args.out, args.force, pretrained, args.tokenizer or "")
     relations = f"{args.relations} relations of {args.values} values" if args.relations else "the 5 classic relations"
     print(
         f"{verb} {args.out}: {args.individuals} individuals, names of {args.name_tokens} token(s), {relations}, "
@@ -951,6 +960,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["key-first", "query-first", "mixed"],
         default="key-first",
         help="key-first: '<name> <cue> <value>'; query-first: 'the <relation> of <name> is <value>'; mixed: either",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="a pretrained model's tokenizer (tokenizer.json, transformers folder or .gguf) instead of the "
+        "word-level one (default none: word-level)",
     )
     p.add_argument("--out", required=True, help="knowledge data directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing directory")

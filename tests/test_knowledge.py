@@ -114,7 +114,9 @@ def knowledge_data(tmp_path_factory):
 
 
 class LookupModel(torch.nn.Module):
-    """A hand-built model that knows every fact (or nothing, with uniform=True)."""
+    """A hand-built model that knows every fact (or nothing, with uniform=True): after
+    each prompt, and after each prefix of the value's tokens, it puts its mass on the
+    value's next token."""
 
     def __init__(self, data, knowledge, uniform=False):
         super().__init__()
@@ -124,13 +126,17 @@ class LookupModel(torch.nn.Module):
         relations = relations_in(knowledge)
         for person, relation, value, order in facts_in(knowledge):
             phrase = relations[relation].phrase(knowledge["held_out_opener"], knowledge["names"][person], order)
-            self.answers[(tok.bos_id, *tok.encode(phrase))] = tok.encode(value)[0]
+            prompt, sentence = tok.encode(phrase), tok.encode(f"{phrase} {value}")
+            for end in range(len(prompt), len(sentence)):
+                self.answers[(tok.bos_id, *sentence[:end])] = sentence[end]
 
     def forward(self, x):
         logits = torch.zeros(*x.shape, self.vocab)
         if not self.uniform:
             for i, row in enumerate(x.tolist()):
-                logits[i, -1, self.answers[tuple(row)]] = 50.0
+                for t in range(len(row)):
+                    if (answer := self.answers.get(tuple(row[: t + 1]))) is not None:
+                        logits[i, t, answer] = 50.0
         return logits
 
 
@@ -208,3 +214,35 @@ def test_malformed_knowledge_files_are_one_line_errors(knowledge):
 
     with pytest.raises(DataError, match="malformed"):
         relations_in(knowledge) if "relations" in knowledge else facts_in(knowledge)
+
+
+def test_a_pretrained_tokenizer_gives_multi_token_values_and_recall_scores_them(tmp_path):
+    """GPT-2's vocabulary (shipped offline) cuts names and values into several tokens:
+    recall scores a value by all of its tokens, and a model that knows every fact
+    stores every bit."""
+    from move.cli import main
+    from move.text.tokenizer import Tokenizer
+
+    Tokenizer.gpt2().save(tmp_path)
+    flags = ["--individuals", "12", "--relations", "3", "--values", "8", "--order", "mixed"]
+    assert (
+        main(
+            [
+                "knowledge-prepare",
+                *flags,
+                "--tokenizer",
+                str(tmp_path / "tokenizer.json"),
+                "--out",
+                str(tmp_path / "kc"),
+            ]
+        )
+        == 0
+    )
+    data, knowledge = load_prepared(tmp_path / "kc"), load_knowledge(tmp_path / "kc")
+    assert data.tokenizer.vocab_size == 50257
+    assert len(data.tokenizer.encode(" r1v7")) > 1  # really multi-token
+    result = recall(LookupModel(data, knowledge), data.tokenizer, knowledge)
+    assert result["recall_accuracy"] == 1.0 and result["knowledge_bits"] == pytest.approx(12 * 3 * 3, rel=1e-4)
+    wrong = LookupModel(data, knowledge)
+    wrong.answers = {k: (v + 1) % 50257 for k, v in wrong.answers.items()}  # confidently wrong on every token
+    assert recall(wrong, data.tokenizer, knowledge)["knowledge_bits"] == pytest.approx(0, abs=1e-3)

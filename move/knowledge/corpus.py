@@ -247,17 +247,24 @@ def vocabulary(config: KnowledgeConfig) -> list[str]:
     return [*words, "."]
 
 
-def prepare_knowledge(config: KnowledgeConfig, out_dir, force: bool = False) -> dict:
+def prepare_knowledge(
+    config: KnowledgeConfig, out_dir, force: bool = False, pretrained: Tokenizer | None = None, tokenizer_name: str = ""
+) -> dict:
     """A prepared text directory (train: training openers; val: the held-out
-    opener) plus knowledge.json, the facts and names the recall probe asks about."""
+    opener) plus knowledge.json, the facts and names the recall probe asks about.
+    The tokenizer is word-level (a name is exactly name_tokens tokens), or a pretrained
+    model's (`pretrained`, named tokenizer_name in the manifest), under which names and
+    values are as many tokens as its merges make them."""
 
     config.validate()
     out_dir = Path(out_dir)
     options = {"source": "knowledge", **asdict(config)}
+    if pretrained is not None:
+        options["tokenizer"] = tokenizer_name or "pretrained"
     kept = existing_data(out_dir, force, options, lambda manifest: manifest["options"])
     if kept is not None:
         return kept
-    tokenizer = Tokenizer.word_level(vocabulary(config))
+    tokenizer = pretrained or Tokenizer.word_level(vocabulary(config))
     docs = lambda: training_documents(config) + held_out_documents(config)
     split_of = lambda doc_id: "val" if doc_id.startswith("test") else "train"
     record = {"options": options, "split_rule": "val = every fact under the held-out opener; train = the other openers"}

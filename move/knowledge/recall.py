@@ -57,6 +57,36 @@ def facts_in(knowledge: dict) -> list[tuple[int, str, str, str]]:
         raise DataError(f"knowledge file: malformed facts ({error!r})") from None
 
 
+def value_tokens(tokenizer, prompt: str, values) -> list[list[int]]:
+    """Each value's tokens as they follow the prompt (one each under the word-level
+    tokenizer; several under a pretrained BPE, whose pre-tokenizer splits at the
+    space before the value, so they do not depend on the prompt)."""
+    start = len(tokenizer.encode(prompt))
+    tokens = []
+    for value in values:
+        full = tokenizer.encode(f"{prompt} {value}")
+        if len(full) <= start:
+            raise DataError(f"the tokenizer merges the value {value!r} into the prompt before it")
+        tokens.append(full[start:])
+    return tokens
+
+
+def log_p_over_values(model, prompts: torch.Tensor, candidates: list[list[int]]) -> torch.Tensor:
+    """(B, V) log-probabilities over the value set of each prompt (B, T): the model's
+    probability of each value's tokens after the prompt, normalised over the set.
+    Single-token values need one forward (the last position's logits over the set)."""
+    if all(len(c) == 1 for c in candidates):
+        ids = torch.tensor([c[0] for c in candidates], device=prompts.device)
+        return torch.log_softmax(model(prompts)[:, -1, ids].float(), dim=-1)
+    length = prompts.size(1)
+    scores = []
+    for tokens in candidates:  # prompt + the value but its last token; score each of its tokens
+        value = torch.tensor(tokens, device=prompts.device).expand(prompts.size(0), -1)
+        logits = model(torch.cat([prompts, value[:, :-1]], dim=1))[:, length - 1 :].float()
+        scores.append(torch.log_softmax(logits, dim=-1).gather(2, value[..., None]).sum((1, 2)))
+    return torch.log_softmax(torch.stack(scores, dim=1), dim=-1)
+
+
 @torch.no_grad()
 def recall(model, tokenizer, knowledge: dict) -> dict:
     with evaluating(model):
@@ -68,11 +98,10 @@ def recall(model, tokenizer, knowledge: dict) -> dict:
         for attribute, relation in relations_in(knowledge).items():
             values = relation.values
             facts = [(p, v, order) for p, a, v, order in all_facts if a == attribute]
-            value_ids = torch.tensor([tokenizer.encode(v)[0] for v in values], device=device)
             index = {v: i for i, v in enumerate(values)}
-            prompts = [
-                [tokenizer.bos_id, *tokenizer.encode(relation.phrase(opener, names[p], order))] for p, _, order in facts
-            ]
+            texts = [relation.phrase(opener, names[p], order) for p, _, order in facts]
+            prompts = [[tokenizer.bos_id, *tokenizer.encode(text)] for text in texts]
+            candidates = value_tokens(tokenizer, texts[0], values)
             target = torch.tensor([index[v] for _, v, _ in facts], device=device)
             log_p = torch.empty(len(prompts), len(values), device=device)
             for length in sorted({len(x) for x in prompts}):  # batches of equal-length prompts
@@ -80,7 +109,7 @@ def recall(model, tokenizer, knowledge: dict) -> dict:
                 for i in range(0, len(rows), PROMPT_BATCH):
                     batch = rows[i : i + PROMPT_BATCH]
                     x = torch.tensor([prompts[j] for j in batch], device=device)
-                    log_p[batch] = torch.log_softmax(model(x)[:, -1, value_ids].float(), dim=-1)
+                    log_p[batch] = log_p_over_values(model, x, candidates)
             p_correct = log_p.gather(1, target[:, None]).squeeze(1)
             correct = log_p.argmax(dim=1) == target
             prior = math.log2(len(values))
