@@ -634,7 +634,7 @@ def cmd_retrofit(args) -> None:
 
     torch.set_flush_denormal(True)
     run = RetrofitRun(**config_overrides(args, RetrofitRun))
-    summary = train_retrofit(args.model, args.data, args.out, run)
+    summary = train_retrofit(args.model, args.data, args.out, run, args.general_data, save=not args.no_save)
     print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
 
 
@@ -999,11 +999,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser(
-        "retrofit", help="give a pretrained causal LM (GGUF file or transformers folder) a MoVE bank and train it"
+        "retrofit",
+        help="teach a pretrained causal LM (GGUF file or transformers folder) a corpus: MoVE bank, LoRA or both",
     )
     p.add_argument("model", help="a local .gguf file or transformers folder (never a hub name)")
     p.add_argument("--data", required=True, help="prepared data (move prepare --tokenizer MODEL)")
     p.add_argument("--out", required=True, help="folder for the retrofitted model (save_pretrained) and retrofit.json")
+    p.add_argument(
+        "--general-data", help="a corpus prepared with the same tokenizer: its bpb before and after (forgetting)"
+    )
+    p.add_argument("--no-save", action="store_true", help="write retrofit.json only, not the model")
     add_dataclass_flags(p, RetrofitRun)
     p.set_defaults(func=cmd_retrofit)
 

@@ -514,7 +514,11 @@ class ClassifierConfig(SerialConfig):
 class RetrofitRun:
     """`move retrofit`: a pretrained causal LM given a MoVE bank and trained on (move/export/retrofit_training.py)."""
 
+    memory: str = option("bank", "bank (a MoVE bank is added) or none (LoRA or full fine-tuning alone)")
     density: int = option(1, "MoVE slots M = density x ceil(layers / 2)")
+    slots: int = option(0, "MoVE slots M directly (0: from the density)")
+    lora_rank: int = option(0, "LoRA rank on every linear layer but the head (0: no LoRA)")
+    lr_lora: float = option(1e-4, "AdamW learning rate of LoRA")
     steps: int = option(100, "optimiser steps")
     batch_size: int = option(8, "sequences per step")
     seq_len: int = option(128, "tokens per sequence")
@@ -530,7 +534,11 @@ class RetrofitRun:
         for name in ("density", "steps", "batch_size", "seq_len", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_memory", "lr_router"):
+        if self.slots < 0 or self.lora_rank < 0:
+            raise ConfigError("slots and lora_rank must be >= 0")
+        if self.memory not in ("bank", "none"):
+            raise ConfigError(f"memory must be bank or none, got {self.memory!r}")
+        for name in ("lr_memory", "lr_router", "lr_lora"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
         if not 0 <= self.lr_dense <= 1:

@@ -237,7 +237,7 @@ def test_move_retrofit_trains_a_local_model_on_prepared_data_in_one_command(tmp_
     flags += ["--seq-len", "32", "--lr-memory", "0.05", "--lr-router", "0.01", "--eval-tokens", "2048", *bank]
     assert main(["retrofit", str(tmp_path / "base"), *flags]) == 0
     summary = json.loads((tmp_path / "out" / "retrofit.json").read_text())
-    assert summary["val_bpb_after"] < summary["val_bpb_before"] - 0.02  # a random frozen model: the memory alone
+    assert summary["after"]["val_bpb"] < summary["before"]["val_bpb"] - 0.02  # a random frozen model: the memory alone
     assert summary["accounting"]["params"]["value_memory"] == vocab * 2 * 1 * 8
     loaded = api.load_retrofitted(tmp_path / "out")
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
@@ -246,3 +246,65 @@ def test_move_retrofit_trains_a_local_model_on_prepared_data_in_one_command(tmp_
     assert loaded.move_memory.bank.weight.abs().sum() > 0
     assert main(["retrofit", str(tmp_path / "base"), *flags]) == 2  # an existing --out is never overwritten
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_study_arms_bank_lora_and_full_fine_tuning_measure_facts_and_forgetting(tmp_path, text_folder):
+    """A knowledge corpus and a general corpus under one tokenizer (GPT-2's): every arm
+    starts from the same untouched model (same numbers before), trains only its part,
+    and reports recall and both bpb figures after."""
+    import json
+
+    from move.cli import main
+    from move.knowledge.corpus import KnowledgeConfig, prepare_knowledge
+    from move.text.prepare import PrepareOptions, prepare
+    from move.text.tokenizer import Tokenizer
+
+    gpt2 = Tokenizer.gpt2()
+    prepare_knowledge(KnowledgeConfig(individuals=20, relations=2, values=4), tmp_path / "facts", pretrained=gpt2)
+    prepare(
+        PrepareOptions(source="txt", path=str(text_folder), tokenizer="gpt2", passage_tokens=64), tmp_path / "general"
+    )
+    config = transformers.LlamaConfig(
+        vocab_size=gpt2.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    common = ["--data", str(tmp_path / "facts"), "--general-data", str(tmp_path / "general"), "--no-save"]
+    common += ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "1024"]
+    arms = {
+        "bank": ["--slots", "2"],
+        "lora": ["--memory", "none", "--lora-rank", "4", "--lr-lora", "1e-2"],
+        "bank+lora": ["--slots", "2", "--lora-rank", "4"],
+        "full": ["--memory", "none", "--lr-dense", "1e-3"],
+    }
+    summaries = {}
+    for arm, flags in arms.items():
+        assert main(["retrofit", str(tmp_path / "base"), *common, *flags, "--out", str(tmp_path / arm)]) == 0
+        summaries[arm] = json.loads((tmp_path / arm / "retrofit.json").read_text())
+        assert not (tmp_path / arm / "model.safetensors").exists()
+    befores = [s["before"] for s in summaries.values()]
+    assert all(b == befores[0] for b in befores)  # the untouched model, whatever is added
+    assert set(befores[0]) == {
+        "val_bpb",
+        "general_bpb",
+        "recall_accuracy",
+        "knowledge_bits",
+        "chance_accuracy",
+        "facts",
+    }
+    bank = gpt2.vocab_size * 2 * 2 * 8 + 2 * 32 * 2 * 3
+    lora = 2 * 4 * ((32 + 32) + (32 + 16) * 2 + (32 + 32) + (32 + 64) * 2 + (64 + 32))  # A and B of 7 projections
+    assert summaries["bank"]["trainable_params"] == bank
+    assert summaries["lora"]["trainable_params"] == lora
+    assert summaries["bank+lora"]["trainable_params"] == bank + lora
+    assert summaries["full"]["trainable_params"] == sum(
+        p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").parameters()
+    )
+    for s in summaries.values():
+        assert s["after"] != s["before"]
