@@ -33,6 +33,7 @@ from move.config import (
     model_config_from_preset,
 )
 from move.errors import UserError
+from move.knowledge.corpus import OPENERS
 from move.readers import read_text
 
 if TYPE_CHECKING:
@@ -590,7 +591,10 @@ def cmd_knowledge_eval(args) -> None:
     model, header = load_model(checkpoint, pick_device(args.device))
     data_dir = data_dir_for(checkpoint, header, args.data, "--data")
     data = load_prepared(data_dir)
-    print(json.dumps(recall(model, data.tokenizer, load_knowledge(data_dir))))
+    knowledge = load_knowledge(data_dir)
+    if args.opener is not None:  # ask in another phrasing (a training one: what the model memorised verbatim)
+        knowledge = {**knowledge, "held_out_opener": args.opener}
+    print(json.dumps(recall(model, data.tokenizer, knowledge)))
 
 
 # ---------------------------------------------------------------------------- gates
@@ -973,6 +977,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("knowledge-eval", help="recall accuracy and stored bits of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint or run directory")
     p.add_argument("--data", help="knowledge data (default the one the model was trained on)")
+    p.add_argument(
+        "--opener",
+        choices=OPENERS,
+        help="ask under this opener instead of the held-out one (a training opener: recall of the trained "
+        "sentences themselves)",
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_knowledge_eval)
 

@@ -200,6 +200,18 @@ def test_tiny_run_stores_knowledge(knowledge_data, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"]["modality"] == "knowledge"
     assert summary["recall_accuracy"] > summary["chance_accuracy"] and summary["knowledge_bits"] > 0
+    # asked under a training opener: the sentences it was trained on score at least as well here
+    import contextlib
+    import io
+
+    for opener in ("we know that", "it is said that"):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["knowledge-eval", str(tmp_path / "run"), "--opener", opener]) == 0
+        result = json.loads(out.getvalue())
+        assert result["facts"] == summary["facts"]
+        if opener == "it is said that":  # the held-out opener: what training reported
+            assert result["knowledge_bits"] == pytest.approx(summary["knowledge_bits"], rel=1e-6)
 
 
 def test_knowledge_files_from_before_relations_read_as_the_classic_five():
