@@ -11,44 +11,27 @@ from move import api  # noqa: E402
 from move.errors import ConfigError  # noqa: E402
 
 VOCAB = 96
+
+
+def llama_family(config_class, vocab=VOCAB, layers=2, kv_heads=2, **extra):
+    """A tiny configuration of a Llama-family architecture (width 32, 4 query heads)."""
+    return config_class(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        **extra,
+    )
+
+
 CONFIGS = {
-    "llama-gqa": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    ),
-    "qwen2": lambda: transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    ),
-    "qwen3-wide-heads": lambda: transformers.Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-    ),
-    "mistral": lambda: transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    ),
+    "llama-gqa": lambda: llama_family(transformers.LlamaConfig, layers=3),
+    "qwen2": lambda: llama_family(transformers.Qwen2Config),
+    "qwen3-wide-heads": lambda: llama_family(transformers.Qwen3Config, kv_heads=1, head_dim=16),
+    "mistral": lambda: llama_family(transformers.MistralConfig),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
 }
 
@@ -222,15 +205,7 @@ def test_move_retrofit_trains_a_local_model_on_prepared_data_in_one_command(tmp_
     from move.text.prepare import load_prepared
 
     vocab = load_prepared(prepared_dir).tokenizer.vocab_size
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = llama_family(transformers.LlamaConfig, vocab=vocab)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     flags = ["--data", str(prepared_dir), "--out", str(tmp_path / "out"), "--steps", "30", "--batch-size", "4"]
@@ -264,15 +239,7 @@ def test_the_study_arms_bank_lora_and_full_fine_tuning_measure_facts_and_forgett
     prepare(
         PrepareOptions(source="txt", path=str(text_folder), tokenizer="gpt2", passage_tokens=64), tmp_path / "general"
     )
-    config = transformers.LlamaConfig(
-        vocab_size=gpt2.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = llama_family(transformers.LlamaConfig, vocab=gpt2.vocab_size)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     common = ["--data", str(tmp_path / "facts"), "--general-data", str(tmp_path / "general"), "--no-save"]
