@@ -100,10 +100,20 @@ def build_sections(out: Path, experiment: Experiment, results: dict) -> list:
         ("p", experiment.description),
         (
             "p",
-            f"{n_runs} finished runs of {len(experiment.runs())}; seeds {experiment.seeds}; every run sees the same "
-            f"batches in the same order (data seed {experiment.data_seed}) and {any_run['tokens_seen']:,} training "
-            f"tokens; the seed sets the initialisation, and runs with one seed share their transformer weights "
-            f"at initialisation, so differences are paired by seed. Device: {any_run['device']}. "
+            f"{n_runs} finished runs of {len(experiment.runs())}; seeds {experiment.seeds}; "
+            + (
+                f"every run sees the same batches in the same order (data seed {experiment.data_seed})"
+                if experiment.data_seed >= 0
+                else "each seed draws its own data order (data seed = the seed), the same for every variant"
+            )
+            + f" and {any_run['tokens_seen']:,} training tokens; "
+            + (
+                f"every run starts from {experiment.train['init_from']} (--init-from), its added memory at zero"
+                if experiment.train.get("init_from")
+                else "the seed sets the initialisation, and runs with one seed share their transformer weights "
+                "at initialisation"
+            )
+            + f", so differences are paired by seed. Device: {any_run['device']}. "
             "Cells: mean ± standard deviation over seeds (n = seeds). Δ: mean paired difference to the standard "
             "model of the same size with its 95% t-interval; * marks intervals that exclude zero.",
         ),
