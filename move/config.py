@@ -108,6 +108,9 @@ class ModelConfig(SerialConfig):
     memory_init_scale: float = option(
         1.0, "value-memory tables' init range as a multiple of the value projection's (1: the paper)"
     )
+    slot_dropout: float = option(
+        0.0, "MoVE/LaVE, training only: each slot's gate is dropped with this probability per token and head"
+    )
     pkm_heads: int = option(4, "pkm: query heads, each reading its own top-k rows (Lample et al. 2019: 4)")
     pkm_topk: int = option(8, "pkm: rows each head reads per token (Lample et al. 2019: 32)")
     logit_softcap: float = option(15.0, "tanh soft-cap of the logits (0 disables)")
@@ -215,6 +218,8 @@ class ModelConfig(SerialConfig):
         for name in ["router_init_scale", "memory_init_scale"]:
             if not 0 <= getattr(self, name) <= 100:  # also refuses nan
                 raise ConfigError(f"{name} must lie in [0, 100], got {getattr(self, name)}")
+        if not 0 <= self.slot_dropout < 1:
+            raise ConfigError(f"slot_dropout must lie in [0, 1), got {self.slot_dropout}")
         for name in ["n_kv_head", "kv_latent_dim", "rope_head_dim", "memory_slots"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = default), got {getattr(self, name)}")

@@ -157,3 +157,36 @@ def test_row_set_holds_the_distinct_rows_in_a_buffer_bounded_by_the_table():
     assert bounded.ids.tolist() == [0, 1, 2] and bounded.first.all()
     empty = RowSet.of(torch.zeros(0, dtype=torch.long), num_rows=5)
     assert empty.ids.numel() == 0
+
+
+def test_slot_dropout_drops_gates_the_same_way_on_both_paths_and_only_in_training():
+    """With one random state the fast and the reference path drop the same gates and
+    give the same gradients; in eval mode (or at p = 0) nothing is dropped; the mixed
+    values are unbiased over the drops."""
+    model = randomized(GPT(make_config("mha", "move", memory_density=4, slot_dropout=0.25)), std=0.1)
+    plain = randomized(GPT(make_config("mha", "move", memory_density=4)), std=0.1)
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, VOCAB, (4, 10))
+    grads = {}
+    for mode in ("autograd", "dense"):
+        torch.manual_seed(3)
+        grads[mode] = grads_after_backward(model, mode, idx)
+    for name in grads["autograd"]:
+        torch.testing.assert_close(grads["dense"][name], grads["autograd"][name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(3)
+    plain_grads = grads_after_backward(plain, "dense", idx)
+    assert any(not torch.allclose(plain_grads[n], grads["dense"][n]) for n in plain_grads)  # it does drop
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx), plain(idx))
+    attn = model.blocks[0].attn.value_memory
+    v = torch.randn(2000, 1, attn.heads, 8)
+    logits = torch.randn(2000, 1, attn.heads, attn.slots + 1)
+    from move.model.value_memory import mix_memory
+    from move.model.value_tables import Slots
+
+    slots = Slots(torch.randn(2000, 1, attn.heads, attn.slots, 8))
+    dropped = mix_memory(v, logits, slots, True, slot_dropout=0.25)
+    full = mix_memory(v, logits, slots, True)
+    assert not torch.allclose(dropped, full)
+    assert (dropped - full).mean().abs() < 0.05 * full.abs().mean()  # unbiased

@@ -84,14 +84,24 @@ def gate_values(gate_logits: torch.Tensor) -> torch.Tensor:
     return 2 * torch.sigmoid(gate_logits)
 
 
-def mix_memory(v, gate_logits, slots: Slots, gate_g0: bool) -> torch.Tensor:
+def mix_memory(v, gate_logits, slots: Slots, gate_g0: bool, slot_dropout: float = 0.0) -> torch.Tensor:
     """v' from the standard values v (B,T,H,D), the router's gate logits (B,T,H,S+g0)
     and the looked-up slots: the fused form without autograd, the formula (fast path
     or reference) with it. Every model with value memory mixes through here (this
-    project's GPT, and a retrofitted Hugging Face model)."""
+    project's GPT, and a retrofitted Hugging Face model).
+
+    slot_dropout p (training only): each slot's gate is zeroed with probability p per
+    token and head and the others scaled by 1/(1-p), so a slot cannot rely on the
+    others of its row (g0 is never dropped). The bank's gradient sees the same
+    dropped gates, on the fast path as on the reference one."""
     if not torch.is_grad_enabled():
         return mix_inference(v, slots.values, gate_logits, gate_g0)
-    return mix_values(v, slots, gate_values(gate_logits), gate_g0)
+    gates = gate_values(gate_logits)
+    if slot_dropout > 0:
+        g0 = int(gate_g0)
+        keep = torch.rand_like(gates[..., g0:]) >= slot_dropout
+        gates = torch.cat([gates[..., :g0], gates[..., g0:] * keep / (1 - slot_dropout)], dim=-1)
+    return mix_values(v, slots, gates, gate_g0)
 
 
 def plain_linear(module: nn.Module) -> bool:
@@ -121,6 +131,7 @@ class LayerValueMemory(nn.Module):
         self.heads = config.kv_heads
         self.slots = config.n_slots
         self.gate_g0 = config.gate_g0
+        self.slot_dropout = config.slot_dropout
         full_width = config.value_memory == "move" or config.lave_full_gates
         self.gate_channels = config.n_embd if full_width else LAVE_GATE_CHANNELS
         self.router = nn.Linear(self.gate_channels, self.heads * (self.slots + int(self.gate_g0)), bias=False)
@@ -153,4 +164,4 @@ class LayerValueMemory(nn.Module):
 
     def forward(self, v, gate_logits, idx, bank_slots):
         slots = self.table(idx) if self.table is not None else bank_slots
-        return mix_memory(v, gate_logits, slots, self.gate_g0)
+        return mix_memory(v, gate_logits, slots, self.gate_g0, self.slot_dropout if self.training else 0.0)

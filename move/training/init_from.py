@@ -33,6 +33,7 @@ MEMORY_FIELDS = {
     "lave_full_gates",
     "router_init_scale",
     "memory_init_scale",
+    "slot_dropout",
 }
 ADDS_MEMORY_TO = ("standard", "lave", "move")  # kinds whose added parts can start as the identity
 NEW_MEMORY_INITS = ("zero", "random")
