@@ -565,13 +565,17 @@ def cmd_compare(args) -> None:
 
 # ---------------------------------------------------------------------------- knowledge probe
 def cmd_knowledge_prepare(args) -> None:
-    from move.knowledge.corpus import KnowledgeConfig, prepare_knowledge
+    from move.knowledge.corpus import KnowledgeConfig, prepare_knowledge, single_token_words, value_count
 
     config = KnowledgeConfig(
         args.individuals, args.name_tokens, args.seed, args.relations, args.values, args.cue_tokens, args.order
     )
     verb = done_verb(args, "prepared")
     pretrained = pretrained_tokenizer(args.tokenizer) if args.tokenizer else None
+    if args.word_values:
+        if pretrained is None:
+            raise UserError("--word-values draws one-token words of a pretrained tokenizer: give --tokenizer too")
+        config.value_words = single_token_words(pretrained, value_count(config), args.seed)
     manifest = prepare_knowledge(config, args.out, args.force, pretrained, args.tokenizer or "")
     relations = f"{args.relations} relations of {args.values} values" if args.relations else "the 5 classic relations"
     print(
@@ -969,6 +973,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         help="a pretrained model's tokenizer (tokenizer.json, transformers folder or .gguf) instead of the "
         "word-level one (default none: word-level)",
+    )
+    p.add_argument(
+        "--word-values",
+        action="store_true",
+        help="with --tokenizer: values are real words of one token each (recall then needs one forward per "
+        "prompt) instead of invented ones (city5, r3v12)",
     )
     p.add_argument("--out", required=True, help="knowledge data directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing directory")

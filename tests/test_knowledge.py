@@ -258,3 +258,26 @@ def test_a_pretrained_tokenizer_gives_multi_token_values_and_recall_scores_them(
     wrong = LookupModel(data, knowledge)
     wrong.answers = {k: (v + 1) % 50257 for k, v in wrong.answers.items()}  # confidently wrong on every token
     assert recall(wrong, data.tokenizer, knowledge)["knowledge_bits"] == pytest.approx(0, abs=1e-3)
+
+
+def test_word_values_are_one_token_each_under_the_pretrained_tokenizer(tmp_path, capsys):
+    from move.cli import main
+    from move.knowledge.recall import value_tokens
+    from move.text.tokenizer import Tokenizer
+
+    Tokenizer.gpt2().save(tmp_path)
+    tokenizer = str(tmp_path / "tokenizer.json")
+    flags = ["--individuals", "15", "--name-tokens", "2", "--word-values", "--out", str(tmp_path / "kc")]
+    assert main(["knowledge-prepare", *flags, "--tokenizer", tokenizer]) == 0
+    data, knowledge = load_prepared(tmp_path / "kc"), load_knowledge(tmp_path / "kc")
+    relations = relations_in(knowledge)
+    values = [v for r in relations.values() for v in r.values]
+    assert len(values) == len(set(values)) == sum(len(v) for _, v in ATTRIBUTES.values())
+    assert all(v.isalpha() and v.islower() for v in values)
+    for name, relation in relations.items():
+        prompt = relation.phrase("it is said that", knowledge["names"][0], "key-first")
+        assert all(len(t) == 1 for t in value_tokens(data.tokenizer, prompt, relation.values)), name
+    result = recall(LookupModel(data, knowledge), data.tokenizer, knowledge)
+    assert result["recall_accuracy"] == 1.0 and result["knowledge_bits"] == pytest.approx(15 * PRIOR_BITS_PER_PERSON)
+    assert main(["knowledge-prepare", "--individuals", "5", "--word-values", "--out", str(tmp_path / "kc2")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err

@@ -31,13 +31,13 @@ the default config gives the corpus of the first probe studies, token for token.
 
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from move.config import SerialConfig
-from move.errors import ConfigError
+from move.errors import ConfigError, DataError
 from move.files import existing_data
 from move.text.prepare import write_prepared
 from move.text.tokenizer import Tokenizer
@@ -123,6 +123,10 @@ class KnowledgeConfig(SerialConfig):
     values: int = 32  # values per synthetic relation
     cue_tokens: int = 1  # words in a synthetic relation's cue
     order: str = "key-first"  # key-first | query-first | mixed
+    # words the values are drawn from instead of the invented ones (city5, r3v12), in
+    # order: one token each under a pretrained tokenizer (single_token_words), so that
+    # recall scores a value with one forward pass
+    value_words: list[str] = field(default_factory=list)
 
     def validate(self) -> "KnowledgeConfig":
         if self.individuals < 1:
@@ -141,6 +145,11 @@ class KnowledgeConfig(SerialConfig):
             raise ConfigError(f"cue_tokens must lie in [1, 8], got {self.cue_tokens}")
         if self.relations == 0 and (self.values, self.cue_tokens) != (32, 1):
             raise ConfigError("values and cue_tokens set synthetic relations: give relations > 0 too")
+        if self.value_words:
+            needed = value_count(self)
+            words = self.value_words
+            if len(words) < needed or len(set(words)) != len(words) or not all(w.isalpha() for w in words):
+                raise ConfigError(f"value_words must be {needed} or more distinct alphabetic words")
         return self
 
 
@@ -149,8 +158,45 @@ def classic_relations() -> dict[str, Relation]:
     return {a: Relation(cue, QUERY_NOUNS[a], tuple(values)) for a, (cue, values) in ATTRIBUTES.items()}
 
 
+def value_count(config: KnowledgeConfig) -> int:
+    """The values of all relations together."""
+    return (
+        sum(len(values) for _, values in ATTRIBUTES.values())
+        if config.relations == 0
+        else config.relations * config.values
+    )
+
+
 def relations_of(config: KnowledgeConfig) -> dict[str, Relation]:
-    """The relations a corpus asks about, by name, in the order facts are drawn."""
+    """The relations a corpus asks about, by name, in the order facts are drawn; with
+    value_words, their values are those words, relation after relation."""
+    relations = invented_relations(config)
+    if not config.value_words:
+        return relations
+    words = iter(config.value_words)
+    return {a: replace(r, values=tuple(next(words) for _ in r.values)) for a, r in relations.items()}
+
+
+def single_token_words(tokenizer: Tokenizer, count: int, seed: int) -> list[str]:
+    """`count` distinct lowercase words of 4-10 letters that the tokenizer writes as one
+    token after a space, drawn by seed: real words, invented facts."""
+    words = sorted(
+        word
+        for word in (tokenizer.hf.decode([i]) for i in range(tokenizer.vocab_size))
+        if word.startswith(" ")
+        and word[1:].isascii()
+        and word[1:].isalpha()
+        and word[1:].islower()
+        and 4 <= len(word) - 1 <= 10
+        and len(tokenizer.encode(word)) == 1
+    )
+    if len(words) < count:
+        raise DataError(f"the tokenizer has {len(words)} one-token words, the corpus needs {count}")
+    rng = np.random.default_rng([seed, 6])
+    return [words[i][1:] for i in rng.choice(len(words), size=count, replace=False)]
+
+
+def invented_relations(config: KnowledgeConfig) -> dict[str, Relation]:
     if config.relations == 0:
         return classic_relations()
     return {
