@@ -990,8 +990,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--opener",
         choices=OPENERS,
-        help="ask under this opener instead of the held-out one (a training opener: recall of the trained "
-        "sentences themselves)",
+        help="ask under this opener (a training one: recall of the trained sentences themselves) "
+        "(default none: the held-out opener)",
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_knowledge_eval)
@@ -1026,7 +1026,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared data (move prepare --tokenizer MODEL)")
     p.add_argument("--out", required=True, help="folder for the retrofitted model (save_pretrained) and retrofit.json")
     p.add_argument(
-        "--general-data", help="a corpus prepared with the same tokenizer: its bpb before and after (forgetting)"
+        "--general-data",
+        help="a corpus prepared with the same tokenizer: its bpb before and after, what the model forgets "
+        "(default none)",
     )
     p.add_argument("--no-save", action="store_true", help="write retrofit.json only, not the model")
     add_dataclass_flags(p, RetrofitRun)
