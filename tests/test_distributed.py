@@ -620,8 +620,11 @@ def test_no_rank_ever_holds_a_whole_table(tmp_path):
         assert share == 512
         bounds = {
             "startup": 0.25 * 1.25 * share + 32,  # its rows' weights (a whole table: 2x that)
-            "steps": 1.25 * share,
-            "resume_steps": 1.25 * share,
+            # the rows' state plus the step's transient exchange buffers: 1.2505 x share was
+            # measured once in a clean clone (RSS peaks move by ~10% of a share between runs);
+            # a whole table per rank would be 2x
+            "steps": 1.35 * share,
+            "resume_steps": 1.35 * share,
             "resume": 1.5 * share,  # + one stored piece read before it is copied in
             "save": 2.0 * share,
         }  # + DCP's serialisation copies of the pieces being written
