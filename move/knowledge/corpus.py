@@ -91,7 +91,6 @@ ATTRIBUTES = {  # attribute -> (relation cue, value set)
     "field": ("studied", [f"field{i}" for i in range(16)]),
     "pet": ("owns a", ["cat", "dog", "horse", "parrot", "rabbit", "turtle", "snake", "goat"]),
 }
-QUERY_NOUNS = {"city": "city", "year": "year", "employer": "employer", "field": "field", "pet": "pet"}
 OPENERS = ["", "we know that", "records show that", "it is said that"]  # the last one is held out
 HELD_OUT_OPENER = OPENERS[-1]
 KNOWLEDGE_FILE = "knowledge.json"
@@ -154,8 +153,9 @@ class KnowledgeConfig(SerialConfig):
 
 
 def classic_relations() -> dict[str, Relation]:
-    """The five attributes of the first probe studies."""
-    return {a: Relation(cue, QUERY_NOUNS[a], tuple(values)) for a, (cue, values) in ATTRIBUTES.items()}
+    """The five attributes of the first probe studies; asked query-first by their name
+    ("the city of <name> is")."""
+    return {a: Relation(cue, a, tuple(values)) for a, (cue, values) in ATTRIBUTES.items()}
 
 
 def value_count(config: KnowledgeConfig) -> int:
@@ -199,14 +199,8 @@ def single_token_words(tokenizer: Tokenizer, count: int, seed: int) -> list[str]
 def invented_relations(config: KnowledgeConfig) -> dict[str, Relation]:
     if config.relations == 0:
         return classic_relations()
-    return {
-        f"r{i}": Relation(
-            " ".join(f"r{i}" if j == 0 else f"r{i}w{j}" for j in range(config.cue_tokens)),
-            " ".join(f"r{i}" if j == 0 else f"r{i}w{j}" for j in range(config.cue_tokens)),
-            tuple(f"r{i}v{k}" for k in range(config.values)),
-        )
-        for i in range(config.relations)
-    }
+    cues = [" ".join([f"r{i}", *(f"r{i}w{j}" for j in range(1, config.cue_tokens))]) for i in range(config.relations)]
+    return {f"r{i}": Relation(cue, cue, tuple(f"r{i}v{k}" for k in range(config.values))) for i, cue in enumerate(cues)}
 
 
 @dataclass(frozen=True)
@@ -286,10 +280,11 @@ def held_out_documents(config: KnowledgeConfig) -> list[tuple[str, str]]:
 def vocabulary(config: KnowledgeConfig) -> list[str]:
     words = [w for o in OPENERS for w in o.split()]
     words += [w for name in make_names(config) for w in name.split()]
-    for r in relations_of(config).values():
+    relations = relations_of(config).values()
+    for r in relations:
         words += r.key_cue.split() + list(r.values)
     if config.order != "key-first":
-        words += ["the", "of", "is"] + [w for r in relations_of(config).values() for w in r.query_cue.split()]
+        words += ["the", "of", "is"] + [w for r in relations for w in r.query_cue.split()]
     return [*words, "."]
 
 
