@@ -18,6 +18,8 @@ and the model (save_pretrained; load a bank with move.api.load_retrofitted).
 """
 
 import json
+import resource
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -146,6 +148,7 @@ def train_retrofit(model_path, data_dir, out, run: RetrofitRun, general_data=Non
     loader = BatchLoader(data.tokens("train"), data.tokenizer.bos_id, run.batch_size, run.seq_len, run.seed)
     losses = []
     trained.train()
+    started = time.perf_counter()
     for _ in progress(range(run.steps), "retrofit training", unit="step"):
         x, y = loader.next_batch()
         loss = scorer(x, y, reduction="mean")
@@ -154,6 +157,7 @@ def train_retrofit(model_path, data_dir, out, run: RetrofitRun, general_data=Non
             optimizer.step()
         trained.zero_grad(set_to_none=True)  # (a bank's next backward starts a fresh buffer and row list)
         losses.append(loss.item())
+    train_seconds = time.perf_counter() - started
     trained.eval()
     summary = {
         "model": Path(model_path).name,
@@ -164,6 +168,10 @@ def train_retrofit(model_path, data_dir, out, run: RetrofitRun, general_data=Non
         "after": measure(scorer, run, corpora, knowledge, data.tokenizer),
         "train_loss_first": losses[0],
         "train_loss_last": losses[-1],
+        "train_seconds": train_seconds,
+        "step_seconds": train_seconds / run.steps,
+        # the process's peak resident memory so far (Linux reports kB): model, optimiser and evaluations
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if run.memory == "bank":
         summary["accounting"] = retrofit_accounting(model)
