@@ -111,6 +111,12 @@ class ModelConfig(SerialConfig):
     slot_dropout: float = option(
         0.0, "MoVE/LaVE, training only: each slot's gate is dropped with this probability per token and head"
     )
+    layer_start_bias: float = option(
+        0.0,
+        "MoVE: layer-assigned start b; each layer's gates get a trained bias, 0 for g0 and for the slots of "
+        "its LaVE layer, -b for the other slots, so MoVE xk starts near LaVE xk and can learn to share "
+        "(0: no bias, every gate exactly 1: the paper)",
+    )
     pkm_heads: int = option(4, "pkm: query heads, each reading its own top-k rows (Lample et al. 2019: 4)")
     pkm_topk: int = option(8, "pkm: rows each head reads per token (Lample et al. 2019: 32)")
     logit_softcap: float = option(15.0, "tanh soft-cap of the logits (0 disables)")
@@ -180,6 +186,16 @@ class ModelConfig(SerialConfig):
             return self.move_gate_g0
         return self.value_memory == "lave" and self.lave_full_gates
 
+    def own_slots(self, layer: int) -> list[int]:
+        """MoVE slots that the layer-assigned start gives a layer: the LaVE layers take
+        the slots in turn (slot m goes to LaVE layer m mod their count), so at M = k x
+        LaVE layers each LaVE layer owns k slots, as LaVE xk owns k tables; the other
+        layers own none."""
+        if layer not in self.lave_layers:
+            return []
+        turn, turns = self.lave_layers.index(layer), len(self.lave_layers)
+        return [m for m in range(self.n_slots) if m % turns == turn]
+
     def memory_layers(self) -> list[int]:
         """Layers that mix value memory into attention (MoVE, LaVE gates and tables)."""
         if self.value_memory == "move":
@@ -215,11 +231,13 @@ class ModelConfig(SerialConfig):
         require_positive(self, ["vocab_size", "seq_len", "n_layer", "n_embd", "n_head", "memory_density"])
         if self.rope_base <= 1:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base}")
-        for name in ["router_init_scale", "memory_init_scale"]:
+        for name in ["router_init_scale", "memory_init_scale", "layer_start_bias"]:
             if not 0 <= getattr(self, name) <= 100:  # also refuses nan
                 raise ConfigError(f"{name} must lie in [0, 100], got {getattr(self, name)}")
         if not 0 <= self.slot_dropout < 1:
             raise ConfigError(f"slot_dropout must lie in [0, 1), got {self.slot_dropout}")
+        if self.layer_start_bias > 0 and self.value_memory != "move":
+            raise ConfigError(f"layer_start_bias is a MoVE option; value_memory is {self.value_memory}")
         for name in ["n_kv_head", "kv_latent_dim", "rope_head_dim", "memory_slots"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = default), got {getattr(self, name)}")

@@ -10,9 +10,10 @@ work (norms, rotary, gates' sigmoid, residual adds) is ignored.
 from move.config import ModelConfig
 
 PARAM_GROUPS = ("token_embedding", "lm_head", "transformer_matrices", "routers", "memory_control", "value_memory")
-# the other memory designs' parameters that are neither tables nor matrices
-# (memory_designs.py): bigram scales, value-residual weights, product sub-keys
-MEMORY_CONTROL_NAMES = ("scales", "lambdas", "sub_keys")
+# memory parameters that are neither tables nor matrices: the other designs' bigram
+# scales, value-residual weights, product sub-keys (memory_designs.py), and MoVE's
+# gate biases of the layer-assigned start (value_memory.py)
+MEMORY_CONTROL_NAMES = ("scales", "lambdas", "sub_keys", "gate_bias")
 
 
 def param_group(name: str) -> str:

@@ -73,7 +73,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
-        self.value_memory = LayerValueMemory(config) if layer_idx in config.memory_layers() else None
+        self.value_memory = LayerValueMemory(config, layer_idx) if layer_idx in config.memory_layers() else None
         value_residual = config.value_memory == "value_residual"
         self.keeps_first_values = value_residual and layer_idx == 0
         self.value_residual = ValueResidual() if value_residual and layer_idx > 0 else None
@@ -129,7 +129,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.c_k_up = nn.Linear(self.latent_dim, self.n_head * self.head_dim, bias=False)
         self.c_v_up = nn.Linear(self.latent_dim, self.n_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
-        self.value_memory = LayerValueMemory(config) if layer_idx in config.memory_layers() else None
+        self.value_memory = LayerValueMemory(config, layer_idx) if layer_idx in config.memory_layers() else None
         self.memory_in_latent = config.value_memory == "move"
 
     def forward(self, x, memory: MemoryInputs, cos, sin, cache: KVCache | None, key_mask=None):

@@ -25,7 +25,7 @@ from move.model.memory_designs import (
     ValueResidual,
     previous_tokens,
 )
-from move.model.value_memory import MemoryInputs
+from move.model.value_memory import LayerValueMemory, MemoryInputs
 from move.model.value_tables import GRAD_MODES, Slots, ValueTable
 
 
@@ -132,6 +132,8 @@ class GPT(nn.Module):
           router_init_scale s > 0, N(0, s^2/fan_in), so at unit-RMS input the gate
           logits have std ~s: gates near 1 but unequal, which breaks the symmetry
           between the slots of a row (with a zero router they get equal gradients).
+          The layer-assigned start (layer_start_bias b > 0) adds a gate bias: 0 for
+          g0 and a layer's own slots, -b for the rest (LayerValueMemory.start_gate_bias).
         - the other memory designs (memory_designs.py): the bigram table zero and its
           per-layer scales 0.1 (modded-nanogpt); product-key sub-keys U(-s, s) with
           s = sqrt(3)/sqrt(key width), its query like any input matrix and its values
@@ -158,6 +160,8 @@ class GPT(nn.Module):
                 )
             elif isinstance(module, ValueResidual):
                 nn.init.constant_(module.lambdas, VALUE_RESIDUAL_INIT)
+            elif isinstance(module, LayerValueMemory) and module.gate_bias is not None:
+                module.start_gate_bias()
             elif isinstance(module, nn.Linear):
                 if name.endswith("router") and self.config.router_init_scale > 0:
                     std = self.config.router_init_scale / math.sqrt(module.in_features)

@@ -126,7 +126,7 @@ class LayerValueMemory(nn.Module):
     token ids, bank_slots MoVE's gathered global bank rows (or None).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.heads = config.kv_heads
         self.slots = config.n_slots
@@ -135,6 +135,12 @@ class LayerValueMemory(nn.Module):
         full_width = config.value_memory == "move" or config.lave_full_gates
         self.gate_channels = config.n_embd if full_width else LAVE_GATE_CHANNELS
         self.router = nn.Linear(self.gate_channels, self.heads * (self.slots + int(self.gate_g0)), bias=False)
+        # the layer-assigned start: a trained bias on the gate logits (memory_control group)
+        self.gate_bias = None
+        self.start_bias = config.layer_start_bias
+        self.own_slots = config.own_slots(layer)
+        if self.start_bias > 0:
+            self.gate_bias = nn.Parameter(torch.empty(self.heads * (self.slots + int(self.gate_g0))))
         self.table = None
         if config.value_memory == "lave":
             self.table = ValueTable(config.vocab_size, self.heads, self.slots, config.memory_width // self.heads)
@@ -148,11 +154,24 @@ class LayerValueMemory(nn.Module):
         one with forward hooks computes more than its weight, so it is called."""
         B, T, _ = x.shape
         if cache is None or torch.is_grad_enabled() or not (plain_linear(projection) and plain_linear(self.router)):
-            return projection(x), self.router(x[..., : self.gate_channels]).view(B, T, self.heads, -1)
-        stacked = cache.prepared(layer, "value_and_router", lambda: self.stacked_weight(projection))
-        both = F.linear(x, stacked)
-        width = projection.out_features
-        return both[..., :width], both[..., width:].view(B, T, self.heads, -1)
+            v, logits = projection(x), self.router(x[..., : self.gate_channels])
+        else:
+            stacked = cache.prepared(layer, "value_and_router", lambda: self.stacked_weight(projection))
+            both = F.linear(x, stacked)
+            v, logits = both[..., : projection.out_features], both[..., projection.out_features :]
+        if self.gate_bias is not None:
+            logits = logits + self.gate_bias.to(logits.dtype)
+        return v, logits.view(B, T, self.heads, -1)
+
+    @torch.no_grad()
+    def start_gate_bias(self) -> None:
+        """The layer-assigned start: logit 0 (gate exactly 1) for g0 and this layer's
+        own slots, -start_bias (gate 2*sigmoid(-b)) for every other slot, each head alike."""
+        bias = self.gate_bias.view(self.heads, -1)
+        first = int(self.gate_g0)
+        bias.fill_(-self.start_bias)
+        bias[:, :first] = 0
+        bias[:, [first + m for m in self.own_slots]] = 0
 
     def stacked_weight(self, projection: nn.Linear) -> torch.Tensor:
         """[projection; router] as one matrix; LaVE's router, which reads only the

@@ -34,6 +34,7 @@ MEMORY_FIELDS = {
     "router_init_scale",
     "memory_init_scale",
     "slot_dropout",
+    "layer_start_bias",
 }
 ADDS_MEMORY_TO = ("standard", "lave", "move")  # kinds whose added parts can start as the identity
 NEW_MEMORY_INITS = ("zero", "random")
