@@ -392,6 +392,13 @@ class TrainConfig:
         "adds at zero, so step 0 computes the source's function (move/training/init_from.py)",
     )
     init_new_memory: str = option("zero", "with --init-from: zero (function-preserving) or random new memory tables")
+    # continued training that must not forget: new text (facts) with general text mixed in
+    mix_data: str = option(
+        "",
+        "a second prepared text corpus with the same tokenizer, mixed into every batch; its validation bpb "
+        "is reported as mix_val_bpb (default none)",
+    )
+    mix_fraction: float = option(0.0, "with --mix-data: the fraction of each batch's rows drawn from it")
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> "TrainConfig":
@@ -415,6 +422,10 @@ class TrainConfig:
             raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
         if self.init_new_memory not in ("zero", "random"):
             raise ConfigError(f"init_new_memory must be zero or random, got {self.init_new_memory!r}")
+        if not 0 <= self.mix_fraction < 1:
+            raise ConfigError(f"mix_fraction must lie in [0, 1), got {self.mix_fraction}")
+        if bool(self.mix_data) != (self.mix_fraction > 0):
+            raise ConfigError("mix_data and mix_fraction go together: give both or neither")
         parse_loggers(self.loggers)
         self.optim.validate()
         return self

@@ -150,7 +150,10 @@ def build_task(data, model, train_config: TrainConfig, label_dropout: float = 0.
         task = GenerationTask(data, batch, c.loader_seed, eval_images, label_dropout, rank, world)
     else:
         task_class = KnowledgeTask if (Path(data.directory) / "knowledge.json").exists() else TextTask
-        task = task_class(data, model.config.seq_len, batch, c.loader_seed, c.eval_tokens, rank, world)
+        mixed_in = load_prepared(c.mix_data) if c.mix_data else None
+        task = task_class(
+            data, model.config.seq_len, batch, c.loader_seed, c.eval_tokens, rank, world, mixed_in, c.mix_fraction
+        )
     task.check_model(model)
     return task
 

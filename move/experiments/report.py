@@ -24,7 +24,8 @@ from move.training.curves import plot_curve_bands, plot_knowledge, plot_scaling
 from move.training.trainer import read_metrics
 
 # metric key -> (label, lower is better)
-TEXT_METRICS = {"val_bpb": ("validation bits per byte", True)}
+MIXED_IN = {"mix_val_bpb": ("bits per byte on the mixed-in corpus (what continued training forgets)", True)}
+TEXT_METRICS = {"val_bpb": ("validation bits per byte", True), **MIXED_IN}
 IMAGE_METRICS = {
     "fid": ("FID", True),
     "class_accuracy": ("class accuracy", False),
@@ -34,6 +35,7 @@ KNOWLEDGE_METRICS = {
     "knowledge_bits": ("stored knowledge (bits, cross-entropy estimate)", False),
     "recall_accuracy": ("recall accuracy under the held-out phrasing", False),
     "val_bpb": ("validation bits per byte", True),
+    **MIXED_IN,
 }
 DIGITS = {"knowledge_bits": 0, "fid": 2}  # decimals shown per metric (default 4)
 ABLATIONS = [("move-nog0", "move", "MoVE without g0"), ("lave-full", "lave", "LaVE with full gates + g0")]

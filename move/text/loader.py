@@ -43,6 +43,26 @@ class BatchLoader:
         self.sampler.load_state_dict(state)
 
 
+class MixedLoader:
+    """Every batch holds rows of two corpora: the main loader's rows first, then the
+    mixed-in loader's (a fixed count, so the ratio holds in every step, not only on
+    average). Each keeps its own seeded order; the state holds both."""
+
+    def __init__(self, main: BatchLoader, mixed_in: BatchLoader):
+        self.main, self.mixed_in = main, mixed_in
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (x, y), (mx, my) = self.main.next_batch(), self.mixed_in.next_batch()
+        return torch.cat([x, mx]), torch.cat([y, my])
+
+    def state_dict(self) -> dict:
+        return {"main": self.main.state_dict(), "mixed_in": self.mixed_in.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.main.load_state_dict(state["main"])
+        self.mixed_in.load_state_dict(state["mixed_in"])
+
+
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int):
     """Consecutive non-overlapping windows over the first max_tokens tokens, so that
     every scored token is scored exactly once. Yields (inputs, targets) batches."""

@@ -7,7 +7,7 @@ import torch
 
 from move.errors import DataError
 from move.evaluation.bpb import bits_per_byte
-from move.text.loader import BatchLoader, eval_windows
+from move.text.loader import BatchLoader, MixedLoader, eval_windows
 from move.text.prepare import PreparedData
 
 
@@ -21,19 +21,39 @@ class TextTask:
         eval_tokens: int,
         rank: int = 0,
         world_size: int = 1,
+        mixed_in: PreparedData | None = None,
+        mix_fraction: float = 0.0,
     ):
+        """mixed_in: another corpus with the same tokenizer, round(batch_size x
+        mix_fraction) rows of every batch (general text that continued training must
+        not forget); its validation bpb is reported as mix_val_bpb."""
         self.data, self.seq_len, self.batch_size, self.eval_tokens = data, seq_len, batch_size, eval_tokens
-        for split in ("train", "val"):  # checked now, not minutes in at the first evaluation
-            tokens = data.manifest["splits"][split]["tokens"]
-            if tokens < seq_len + 1:
-                raise DataError(
-                    f"{data.directory}: the {split} split has {tokens} tokens, fewer than one window of "
-                    f"{seq_len + 1}; prepare more text (or a larger --val-fraction)"
-                )
+        self.mixed_in = mixed_in
+        for corpus in [data] + ([mixed_in] if mixed_in else []):
+            for split in ("train", "val"):  # checked now, not minutes in at the first evaluation
+                tokens = corpus.manifest["splits"][split]["tokens"]
+                if tokens < seq_len + 1:
+                    raise DataError(
+                        f"{corpus.directory}: the {split} split has {tokens} tokens, fewer than one window of "
+                        f"{seq_len + 1}; prepare more text (or a larger --val-fraction)"
+                    )
         self.tokens_per_example = seq_len
+        mixed_rows = round(batch_size * mix_fraction) if mixed_in else 0
+        if mixed_in and not 0 < mixed_rows < batch_size:
+            raise DataError(
+                f"mix_fraction {mix_fraction} of {batch_size} rows a batch (per process) is {mixed_rows} rows; "
+                "it must leave at least one row of each corpus"
+            )
+        if mixed_in and mixed_in.tokenizer.fingerprint() != data.tokenizer.fingerprint():
+            raise DataError(f"{mixed_in.directory} was prepared with another tokenizer than {data.directory}")
         self.loader = BatchLoader(
-            data.tokens("train"), data.tokenizer.bos_id, batch_size, seq_len, seed, rank, world_size
+            data.tokens("train"), data.tokenizer.bos_id, batch_size - mixed_rows, seq_len, seed, rank, world_size
         )
+        if mixed_in:
+            other = BatchLoader(
+                mixed_in.tokens("train"), data.tokenizer.bos_id, mixed_rows, seq_len, seed, rank, world_size
+            )
+            self.loader = MixedLoader(self.loader, other)
         self.token_bytes = torch.from_numpy(data.tokenizer.token_bytes())
 
     def check_model(self, model) -> None:
@@ -47,8 +67,14 @@ class TextTask:
             )
 
     def evaluate(self, model) -> dict:
-        batches = eval_windows(self.data.tokens("val"), self.seq_len, self.eval_tokens, self.batch_size)
-        return {"val_bpb": bits_per_byte(model, batches, self.token_bytes)}
+        scores = {"val_bpb": self.bits_per_byte(model, self.data)}
+        if self.mixed_in:
+            scores["mix_val_bpb"] = self.bits_per_byte(model, self.mixed_in)
+        return scores
+
+    def bits_per_byte(self, model, corpus: PreparedData) -> float:
+        batches = eval_windows(corpus.tokens("val"), self.seq_len, self.eval_tokens, self.batch_size)
+        return bits_per_byte(model, batches, self.token_bytes)
 
     def checkpoint_files(self) -> dict[str, bytes]:
         """The tokenizer goes into every checkpoint: a run can be moved or shared alone."""
@@ -63,4 +89,5 @@ class TextTask:
             "tokenizer_sha256": m["tokenizer_sha256"],
             "train_tokens": m["splits"]["train"]["tokens"],
             "eval_tokens": min(self.eval_tokens, m["splits"]["val"]["tokens"] - 1),
+            **({"mixed_in": str(Path(self.mixed_in.directory).resolve())} if self.mixed_in else {}),
         }
