@@ -382,6 +382,12 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     value_memory_path: str = option("fast", "fast (row-sparse gradients) or reference (the direct implementation)")
     value_memory_dtype: str = option("float32", "float32 or bfloat16 (half the bank memory, fp32 optimiser state)")
+    row_exchange: str = option(
+        "sized",
+        "under torchrun, how a row-sharded table's rows travel: sized (exactly the rows asked for; 4 host "
+        "syncs per micro-batch + 4 per step) or fixed (padded buffers of fixed size: no host sync, up to "
+        "world-size times the traffic)",
+    )
     loggers: str = option("", "tensorboard, wandb or both, comma-separated (metrics.jsonl is always written)")
     log_every: int = option(10, "steps between training-loss records sent to the trackers")
     compile: bool = option(False, "torch.compile the training forward (worth it on GPUs; slow to start on CPU)")
@@ -422,6 +428,8 @@ class TrainConfig:
             raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
         if self.init_new_memory not in ("zero", "random"):
             raise ConfigError(f"init_new_memory must be zero or random, got {self.init_new_memory!r}")
+        if self.row_exchange not in ("sized", "fixed"):
+            raise ConfigError(f"row_exchange must be sized or fixed, got {self.row_exchange!r}")
         if not 0 <= self.mix_fraction < 1:
             raise ConfigError(f"mix_fraction must lie in [0, 1), got {self.mix_fraction}")
         if bool(self.mix_data) != (self.mix_fraction > 0):

@@ -83,6 +83,7 @@ class RowsOf:
 
     def __init__(self):
         self.rows = None
+        self.shard = None
 
     def touched_rows(self):
         return self.rows
@@ -117,6 +118,37 @@ def test_row_adam_is_sparse_adam_on_the_touched_rows(dtype):
     untouched = torch.tensor([0, 1, 40])
     assert torch.equal(ours[untouched], start[untouched].to(dtype))
     assert opt_ours.state[ours]["exp_avg"].dtype == torch.float32 and opt_ours.state[ours]["step"] == 4
+
+
+def test_row_adam_moves_nothing_of_a_shard_that_no_rank_asked_for():
+    """A shard with fixed exchanges gets a RowSet of padding only when no rank touched
+    its rows: lazy Adam must then leave every row and moment as it is (the padding
+    points at a real row); with one real row, only that row moves."""
+    from move.model.row_shard import RowShard
+    from move.model.value_tables import RowSet
+    from move.training.row_adam import RowAdam
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(10, 2, 3))
+    table = RowsOf()
+    table.shard = RowShard(20, rank=0, world_size=2)  # its 10 rows of 20; no collective is called here
+    optimizer = RowAdam([weight], {id(weight): table}, lr=0.1)
+    weight.grad = torch.randn_like(weight)
+    table.rows = RowSet.of(torch.tensor([0, 1, 2, 3]), num_rows=10)
+    optimizer.step()  # moments now non-zero at rows 0..3
+    before = weight.detach().clone(), optimizer.state[weight]["exp_avg"].clone()
+    table.rows = RowSet.of(torch.tensor([10, 10, 10]), num_rows=10)  # padding only
+    optimizer.step()
+    assert torch.equal(weight, before[0]) and torch.equal(optimizer.state[weight]["exp_avg"], before[1])
+    table.rows = RowSet.of(torch.tensor([10, 2, 10]), num_rows=10)
+    optimizer.step()
+    moved = (weight != before[0]).flatten(1).any(1)
+    assert moved.tolist() == [False, False, True] + [False] * 7
+    table.shard = None  # the guard is what keeps padding still: without it, padding at row 0 would move it
+    table.rows = RowSet.of(torch.tensor([10, 10, 10]), num_rows=10)
+    before = weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(weight[0], before[0])
 
 
 @pytest.mark.parametrize("mode", ["exact", "lazy"])

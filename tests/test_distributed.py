@@ -60,6 +60,18 @@ VARIANTS = {
     # the other memory designs' tables (one reader each, _LookupRows) shard the same way
     "bigram-exact": ["--variant", "bigram"],
     "pkm-lazy": ["--variant", "pkm", "--value-memory-optimizer", "lazy"],
+    # fixed-capacity row exchanges (no host sync): padded buffers, the same rows and sums
+    "move-lazy-fixed": [
+        "--variant",
+        "move",
+        "--density",
+        "4",
+        "--value-memory-optimizer",
+        "lazy",
+        "--row-exchange",
+        "fixed",
+    ],
+    "move-exact-accum-fixed": ["--variant", "move", "--density", "4", "--grad-accum", "2", "--row-exchange", "fixed"],
 }
 
 
@@ -398,11 +410,14 @@ def test_gpu_smoke_script_on_cpu(tmp_path, prepared_dir):
         ("resume", "move_x4"),
         ("compile", "move_x1"),
         ("torchrun", "move_x4"),
+        ("torchrun", "move_x4"),  # --row-exchange fixed
     ]
     assert all(r["loss_falls"] and r["planned_gib"] > 0 and r["mfu"] is None for r in report["runs"])
     assert report["decode"]["ok"] and report["decode"]["graphs"] == 1
     assert "| resume | tiny | move_x4 |" in (out / "smoke.md").read_text()
     assert json.loads((out / "tiny" / "torchrun2_move_x4" / "summary.json").read_text())["world_size"] == 2
+    fixed_run = json.loads((out / "tiny" / "torchrun2_move_x4_fixed" / "run.json").read_text())
+    assert fixed_run["train_config"]["row_exchange"] == "fixed"
     # without --vocab-size a run has its preset's vocabulary, not the data's
     parsed = type("Args", (), {"vocab_size": None, "steps": 8, "batch_size": 4, "data": "d", "train_flags": []})
     command = train_command(parsed, "d12", "move_x4", tmp_path / "r")

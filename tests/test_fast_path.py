@@ -159,6 +159,29 @@ def test_row_set_holds_the_distinct_rows_in_a_buffer_bounded_by_the_table():
     assert empty.ids.numel() == 0
 
 
+def test_row_set_and_row_sums_leave_out_the_absent_id():
+    """An id equal to the row count stands for no row (the padding of a fixed-size
+    exchange): it never counts as touched, and a set of nothing but padding points
+    at a real row (zeroing or reading it is harmless) with no entry marked first."""
+    from move.model.row_ids import sum_repeated_rows
+    from move.model.value_tables import RowSet
+
+    with_absent = RowSet.of(torch.tensor([9, 4, 10, 2, 10, 4]), num_rows=10)
+    assert with_absent.ids.tolist() == [2, 4, 9, 2, 2, 2] and with_absent.first.tolist() == [True] * 3 + [False] * 3
+    full = RowSet.of(torch.tensor([0, 1, 2, 3, 4, 4, 4]), num_rows=4)  # every row, then the absent one
+    assert full.ids.tolist() == [0, 1, 2, 3] and full.first.all()
+    nothing = RowSet.of(torch.tensor([5, 5, 5]), num_rows=5)
+    assert nothing.ids.tolist() == [0, 0, 0] and not nothing.first.any()
+    ids = torch.tensor([3, 7, 3, 12, 1, 7, 12, 3])  # 12: absent
+    values = torch.arange(8.0)[:, None].expand(8, 2) * torch.tensor([1.0, -1.0])
+    rows, sums = sum_repeated_rows(ids, values, absent=12)
+    expected = {i: sum(values[k] for k in range(8) if ids[k] == i) for i in (1, 3, 7)}  # written out
+    assert rows.tolist() == [1, 3, 7, 12, 12, 12, 12, 12]
+    for slot, i in enumerate((1, 3, 7)):
+        assert torch.equal(sums[slot], expected[i])
+    assert not sums[4:].any()
+
+
 def test_slot_dropout_drops_gates_the_same_way_on_both_paths_and_only_in_training():
     """With one random state the fast and the reference path drop the same gates and
     give the same gradients; in eval mode (or at p = 0) nothing is dropped; the mixed

@@ -7,6 +7,13 @@ then launches the optimiser's kernels. On a CPU nothing waits, so the test count
 the ops that would: a TorchDispatchMode sees every aten op of the step (forward,
 backward, clipping, optimiser) and records those that sync on CUDA."""
 
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_model import VOCAB, make_config
@@ -100,32 +107,45 @@ def test_a_training_step_never_syncs(variant, extra, optimizer, grad_accum, bank
     assert counter.syncs == []
 
 
-def test_syncs_under_torchrun_are_the_documented_ones(tmp_path):
-    """A row-sharded bank exchanges rows whose number depends on the batch, and reads
-    those counts on the host: per micro-batch the forward fetch (unique, bincount, the
-    exchanged counts read back) and the sum of its row gradients (unique); per step the
-    gradient exchange (merge unique, bincount, counts read back, the owner's unique).
-    4 x micro-batches + 4 per step and rank; on a CPU the reads back (tolist) are not
-    dispatched, so 3 x micro-batches + 3 are counted here (docs/gpu.md)."""
-    import collections
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def run_sync_probe(out: Path, optimizer: str, exchange: str, micro_batches: int = 2):
+    """tests/torchrun_sync_probe.py on 2 processes: (each rank's record, the whole bank
+    after its 3 steps, the ranks' rows put together)."""
+    out.mkdir()
     probe = Path(__file__).parent / "torchrun_sync_probe.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(probe), "2", "exact", tmp_path]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", probe, micro_batches, optimizer]
     result = subprocess.run(
-        [str(c) for c in command], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        [str(c) for c in [*command, exchange, out]],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
+    shards = sorted((torch.load(out / f"rank{r}.pt") for r in (0, 1)), key=lambda shard: shard["start"])
+    return ranks, {key: torch.cat([shard[key] for shard in shards]) for key in ("bank", "initial")}
+
+
+@pytest.mark.parametrize("optimizer", ["exact", "lazy"])
+def test_syncs_under_torchrun_are_the_documented_ones_and_fixed_exchanges_have_none(tmp_path, optimizer):
+    """A row-sharded bank with sized exchanges reads the row counts on the host: per
+    micro-batch the forward fetch (unique, bincount, the exchanged counts read back) and
+    the sum of its row gradients (unique); per step the gradient exchange (merge
+    unique, bincount, counts read back, the owner's unique). 4 x micro-batches + 4 per
+    step and rank; on a CPU the reads back (tolist) are not dispatched, so 3 x
+    micro-batches + 3 are counted here (docs/gpu.md). Fixed-capacity exchanges
+    (--row-exchange fixed) read nothing, and train the same bank."""
     micro_batches = 2
+    sized, sized_bank = run_sync_probe(tmp_path / "sized", optimizer, "sized", micro_batches)
     expected = {"aten._unique2.default": 2 * micro_batches + 2, "aten.bincount.default": micro_batches + 1}
-    for r in ranks:
+    for r in sized:
         assert collections.Counter(r["syncs"]) == expected, r
+    fixed, fixed_bank = run_sync_probe(tmp_path / "fixed", optimizer, "fixed", micro_batches)
+    assert [r["syncs"] for r in fixed] == [[], []]
+    moved = (sized_bank["bank"] != sized_bank["initial"]).flatten(1).any(1)
+    assert moved.float().mean() > 0.3  # the steps moved rows of both shards: the comparison below means something
+    assert moved[: len(moved) // 2].any() and moved[len(moved) // 2 :].any()
+    torch.testing.assert_close(fixed_bank["bank"], sized_bank["bank"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["standard", "move"])

@@ -1,8 +1,9 @@
 """Run by tests/test_host_syncs.py under torchrun (2 processes, gloo): a few training
 steps of a MoVE model with a row-sharded bank, the syncing ops of each step counted
-on every rank. Writes OUT/rank<r>.json: {"rank", "grad_accum", "syncs": [ops]}.
+on every rank. Writes OUT/rank<r>.json: {"rank", "grad_accum", "syncs": [ops]} and,
+with SAVE, the bank's rows and the routers after the steps (rank<r>.pt).
 
-    torchrun --nproc_per_node=2 tests/torchrun_sync_probe.py GRAD_ACCUM exact|lazy OUT"""
+    torchrun --nproc_per_node=2 tests/torchrun_sync_probe.py GRAD_ACCUM exact|lazy sized|fixed OUT"""
 
 import json
 import sys
@@ -18,11 +19,11 @@ from move.training.distributed import current, distributed_job, wrap_ddp
 from move.training.optim import Optimizers, prepare_for_training
 
 
-def main(grad_accum: int, optimizer: str, out: Path) -> None:
+def main(grad_accum: int, optimizer: str, exchange: str, out: Path) -> None:
     with distributed_job("cpu") as device:
         torch.manual_seed(0)
         model = GPT(make_config("mha", "move", memory_density=2), init_seed=0)
-        prepare_for_training(model, "fast", optimizer, "float32")
+        prepare_for_training(model, "fast", optimizer, "float32", row_exchange=exchange)
         optimizers = Optimizers(model, OptimConfig(value_memory_optimizer=optimizer, grad_clip=1.0))
         ddp = wrap_ddp(model, device)
         rank = current().rank
@@ -39,12 +40,18 @@ def main(grad_accum: int, optimizer: str, out: Path) -> None:
             optimizers.clip()
             optimizers.step()
 
+        initial = model.bank.weight.detach().clone()
         step(batches[:grad_accum])  # the first step creates the optimiser state
         with SyncCounter() as counter:
             step(batches[grad_accum : 2 * grad_accum])
         record = {"rank": rank, "grad_accum": grad_accum, "syncs": counter.syncs}
         (out / f"rank{rank}.json").write_text(json.dumps(record))
+        step(batches[2 * grad_accum :])  # rows that an exchange sent wrong would move the wrong way
+        torch.save(
+            {"bank": model.bank.weight.detach(), "initial": initial, "start": model.bank.shard.start},
+            out / f"rank{rank}.pt",
+        )
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))

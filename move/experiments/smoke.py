@@ -11,8 +11,9 @@ step fails the run.
   compile     MoVE x1 with --compile: the loss falls; tok/s against eager
   decode      generate(compiled=True) over 10 lengths in one process: one graph per
               cache bucket, no recompile-limit failure
-  torchrun    MoVE x4 on every GPU present (when there are several), under sync-debug
-              "warn": the row-sharded bank's syncs (8 per step, docs/gpu.md) are counted
+  torchrun    MoVE x4 on every GPU present (when there are several): the sized row
+              exchange under sync-debug "warn" (its syncs, 8 per step, docs/gpu.md, are
+              counted), then --row-exchange fixed under "error" (it must have none)
 
     python -m move.experiments.smoke --out runs/gpu_smoke
 
@@ -307,6 +308,8 @@ def main(argv=None) -> int:
             # a sharded bank syncs 8 times a step by design (docs/gpu.md): counted, not failed
             run_dir = out / preset / f"torchrun{nproc}_move_x4"
             smoke.train("torchrun", preset, "move_x4", run_dir, nproc, ["--force"], sync_mode="warn")
+            fixed = ["--row-exchange", "fixed", "--force"]
+            smoke.train("torchrun", preset, "move_x4", run_dir.with_name(f"{run_dir.name}_fixed"), nproc, fixed)
     report.update(runs=smoke.runs, failures=smoke.failures, ok=not smoke.failures)
     report["minutes"] = (time.perf_counter() - started) / 60
     atomic_write_json(out / "report.json", report)

@@ -12,7 +12,22 @@ rank may own fewer). A step moves only the rows its batch touches:
             rows only (exact AdamW or lazy row-wise Adam, both element-wise, so
             the shard update equals the unsharded update restricted to its rows).
 
-Traffic per step is 2 x (unique ids in the batch) x row bytes, independent of the
+Two ways to size the exchanges (RowShard.fixed):
+
+  sized (default)  each rank sends exactly its distinct ids and rows. Their number
+            depends on the batch, so the host reads it before every collective:
+            unique, bincount and the exchanged counts are host syncs (4 per
+            micro-batch + 4 per step, listed in docs/gpu.md).
+  fixed     each rank sends every owner a buffer of C = min(ids looked up, rows per
+            rank) entries, its ids first and padding after (row_ids.py: sorting,
+            no unique). The sizes follow from the shapes, so no host reads anything:
+            no sync in the step. The price is traffic: world x C rows each way
+            instead of the distinct ids, at most a whole table's rows per exchange.
+            Every rank must look up the same number of ids (a training batch split
+            evenly, as under torchrun here); forwards without autograd (evaluation,
+            decoding) use the sized exchange, whose batches may differ by rank.
+
+Traffic per step, sized: 2 x (unique ids in the batch) x row bytes, independent of the
 vocabulary. FSDP2's fully_shard would all-gather the whole table before the
 forward and reduce-scatter a whole-table gradient after the backward: the same
 bytes as replicating it, vocab x row bytes, which is what sharding is meant to
@@ -27,18 +42,15 @@ import math
 import torch
 import torch.distributed as dist
 
+from move.model.row_ids import distinct_slots, sum_repeated_rows, sum_rows
 
-def sum_rows(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted distinct ids, the sum of the values of each id's occurrences) for
-    ids (n,) and values (n, ...): how row gradients are combined, wherever the same
-    row shows up more than once."""
-    rows, position = torch.unique(ids, return_inverse=True)
-    return rows, values.new_zeros((len(rows), *values.shape[1:])).index_add_(0, position, values)
+EXCHANGES = ("sized", "fixed")
 
 
 class RowShard:
-    def __init__(self, num_rows: int, rank: int, world_size: int, group=None):
+    def __init__(self, num_rows: int, rank: int, world_size: int, group=None, fixed: bool = False):
         self.num_rows, self.rank, self.world_size, self.group = num_rows, rank, world_size, group
+        self.fixed = fixed  # fixed-capacity exchanges (no host sync) for lookups with autograd on
         self.per_rank = math.ceil(num_rows / world_size)
         self.start = min(rank * self.per_rank, num_rows)
         self.stop = min(self.start + self.per_rank, num_rows)
@@ -72,4 +84,60 @@ class RowShard:
         Returns (local row indices, their gradients summed over ranks / world)."""
         send_counts, recv_counts, asked = self._route(ids)
         rows, summed = sum_rows(asked - self.start, self._all_to_all(grads, send_counts, recv_counts))
+        return rows, summed / self.world_size
+
+    # ---- the fixed-capacity exchange: sizes from the shapes, no host sync ----
+    def _places(self, ids: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For sorted ids (n,), each real id once, then `num_rows` (absent): the owner
+        of each and its place in the owner's part of a (world, capacity + 1) buffer;
+        absent ids go to the last column, which is never sent."""
+        owner = self.owners(ids).clamp_(max=self.world_size - 1)
+        bounds = torch.arange(self.world_size, device=ids.device) * self.per_rank
+        place = torch.arange(len(ids), device=ids.device) - torch.searchsorted(ids, bounds)[owner]
+        return owner, torch.where(ids < self.num_rows, place, capacity)
+
+    def _exchange(self, owner, place, values: torch.Tensor, capacity: int, fill) -> torch.Tensor:
+        """values (n, ...) at (owner, place) of a padded buffer, sent: -> (world,
+        capacity, ...), what each rank put in our part."""
+        buffer = values.new_full((self.world_size, capacity + 1, *values.shape[1:]), fill)
+        buffer[owner, place] = values
+        send = buffer[:, :capacity].contiguous()
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.group)
+        return received
+
+    def fetch_fixed(self, local_weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of the full table for token ids idx (any shape, repeats allowed), by
+        fixed-capacity exchanges. Every rank calls it with as many ids."""
+        flat = idx.flatten()
+        sorted_ids, order = torch.sort(flat)
+        slot = distinct_slots(sorted_ids)
+        distinct = torch.full_like(flat, self.num_rows).scatter_(0, slot, sorted_ids)  # each id once, then absent
+        capacity = min(len(flat), self.per_rank)
+        owner, place = self._places(distinct, capacity)
+        asked = self._exchange(owner, place, distinct, capacity, self.num_rows)  # (world, capacity) global ids
+        local = (asked - self.start).clamp_(0, self.stop - self.start - 1)  # padding answers a row nobody reads
+        answers = local_weight[local].contiguous()
+        got = torch.empty_like(answers)
+        dist.all_to_all_single(got, answers, group=self.group)  # got[o, c]: the row we asked owner o for at c
+        rows = torch.empty((len(flat), *local_weight.shape[1:]), dtype=local_weight.dtype, device=flat.device)
+        rows[order] = got[owner[slot], place[slot]]
+        return rows.view(*idx.shape, *local_weight.shape[1:])
+
+    def merge_rows(self, ids: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row gradients (ids (n,), grads (n, ...)) summed per distinct id in a buffer
+        of n entries, the distinct ids first, sorted, then `num_rows` (absent)."""
+        return sum_repeated_rows(ids, grads, absent=self.num_rows)
+
+    def reduce_grads_fixed(self, ids: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """reduce_grads by fixed-capacity exchanges, for merge_rows' output: (local row
+        indices, their gradients summed over ranks / world), in a buffer of world x C
+        entries whose padding holds local_rows (absent) with zero gradients."""
+        capacity = min(len(ids), self.per_rank)
+        owner, place = self._places(ids, capacity)
+        asked = self._exchange(owner, place, ids, capacity, self.num_rows).flatten()
+        received = self._exchange(owner, place, grads, capacity, 0).flatten(0, 1)
+        local_rows = self.stop - self.start
+        local = torch.where(asked < self.num_rows, asked - self.start, local_rows)
+        rows, summed = sum_repeated_rows(local, received, absent=local_rows)
         return rows, summed / self.world_size

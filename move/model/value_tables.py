@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from move.errors import ConfigError
-from move.model.row_shard import RowShard, sum_rows
+from move.model.row_ids import distinct_slots, sum_repeated_rows, sum_rows
+from move.model.row_shard import EXCHANGES, RowShard
 
 GRAD_MODES = ("autograd", "dense")
 
@@ -59,36 +60,19 @@ class RowSet(NamedTuple):
 
     @classmethod
     def of(cls, ids: torch.Tensor, num_rows: int) -> "RowSet":
-        """The RowSet of ids (any shape, repeats allowed) of a table of num_rows rows."""
+        """The RowSet of ids (any shape, repeats allowed) of a table of num_rows rows. An
+        id equal to num_rows stands for no row (move/model/row_ids.py) and is left out;
+        with no row at all every entry is padding (first all False) at row 0."""
         ids = torch.sort(ids.flatten()).values
         capacity = min(ids.numel(), num_rows)
         if capacity == 0:
             return cls(ids[:0], ids[:0].bool())
-        slot = distinct_slots(ids)  # < capacity
-        distinct = torch.zeros(capacity, dtype=ids.dtype, device=ids.device).scatter_(0, slot, ids)
-        first = torch.arange(capacity, device=ids.device) < slot[-1] + 1  # slot[-1] + 1 distinct ids
-        return cls(torch.where(first, distinct, distinct[0]), first)
-
-
-def distinct_slots(sorted_ids: torch.Tensor) -> torch.Tensor:
-    """For sorted ids (n,): the place of each id among the distinct ones (0, 0, 1, 2,
-    2, ...), computed on the device (no unique, no host sync)."""
-    new_run = torch.ones_like(sorted_ids, dtype=torch.bool)
-    new_run[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    return torch.cumsum(new_run, 0) - 1
-
-
-def sum_repeated_rows(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row ids (n,), sums (n, ...)): the values of each distinct id (n,) summed into
-    one slot, in order of first appearance of the sorted ids; the slots past the last
-    distinct id hold zeros at row 0, so adding them anywhere changes nothing. The size
-    is fixed by n, not by the data: no host sync (sum_rows in row_shard.py gives the
-    compact form, at the price of one)."""
-    order = torch.sort(ids, stable=True).indices  # stable: each slot sums in the original order
-    ids = ids[order]
-    slot = distinct_slots(ids)
-    sums = torch.zeros_like(values).index_add_(0, slot, values[order])
-    return torch.zeros_like(ids).index_copy_(0, slot, ids), sums
+        slot = distinct_slots(ids)  # <= capacity: at most num_rows real ids, then the absent one
+        distinct = torch.full((capacity + 1,), num_rows, dtype=ids.dtype, device=ids.device)
+        distinct = distinct.scatter_(0, slot, ids)[:capacity]
+        first = distinct < num_rows
+        padding = torch.where(first[0], distinct[0], 0)
+        return cls(torch.where(first, distinct, padding), first)
 
 
 class MixRecord:
@@ -112,7 +96,7 @@ class _GatherRows(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.table, ctx.record = table, record
         ctx.save_for_backward(idx)
-        rows = table.gather(idx)
+        rows = table.gather(idx, training=True)
         ctx.mark_non_differentiable(rows)
         return rows, weight.new_zeros(())
 
@@ -143,7 +127,7 @@ class _LookupRows(torch.autograd.Function):
     def forward(ctx, weight, idx, table):
         ctx.table = table
         ctx.save_for_backward(idx)
-        return table.gather(idx)
+        return table.gather(idx, training=True)
 
     @staticmethod
     def backward(ctx, grad_rows):
@@ -200,18 +184,24 @@ class ValueTable(nn.Module):
         self.shard: RowShard | None = None  # set by shard_rows(): weight then holds this rank's rows only
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # sharded: (ids, grads) not yet sent
 
-    def shard_rows(self, rank: int, world_size: int, group=None) -> None:
+    def shard_rows(self, rank: int, world_size: int, group=None, exchange: str = "sized") -> None:
         """Keep only this rank's rows (see move/model/row_shard.py). Every rank must
         hold the same full table when this is called (same seed or checkpoint)."""
         if self.grad_mode == "autograd":
             raise ConfigError("a sharded value-memory table needs the fast path (value_memory_path fast)")
-        self.shard = RowShard(self.weight.shape[0], rank, world_size, group)
+        if exchange not in EXCHANGES:
+            raise ConfigError(f"row exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
+        self.shard = RowShard(self.weight.shape[0], rank, world_size, group, fixed=exchange == "fixed")
         self.weight = nn.Parameter(self.weight.data[self.shard.start : self.shard.stop].clone())
 
-    def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows of the full table for token ids idx (any shape)."""
+    def gather(self, idx: torch.Tensor, training: bool = False) -> torch.Tensor:
+        """Rows of the full table for token ids idx (any shape). training: a lookup of
+        the fast path (every rank looks up as many ids), which a shard with fixed
+        exchanges serves without a host sync."""
         if self.shard is None:
             return self.weight[idx]
+        if training and self.shard.fixed:
+            return self._fetch_fixed(idx)
         return self._fetch_from_shards(idx)
 
     # Not traced by torch.compile: collectives and data-dependent shapes.
@@ -219,6 +209,10 @@ class ValueTable(nn.Module):
     def _fetch_from_shards(self, idx: torch.Tensor) -> torch.Tensor:
         ids, inverse = torch.unique(idx, return_inverse=True)
         return self.shard.fetch(self.weight.detach(), ids)[inverse]
+
+    @torch.compiler.disable
+    def _fetch_fixed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.shard.fetch_fixed(self.weight.detach(), idx)
 
     def on_fast_path(self) -> bool:
         """Whether a lookup now builds the fast path's row gradients (dense mode, autograd
@@ -255,7 +249,8 @@ class ValueTable(nn.Module):
         rows, whose fresh allocation cost more in page faults than its arithmetic. A
         bf16 buffer gets fp32 sums, rounded once."""
         if self.shard is not None:  # sent to the rows' owners after the backward (reduce_shard_grads)
-            self.pending.append(sum_rows(ids, grads))  # fp32: partial sums are rounded once, at the owner
+            # fp32: partial sums are rounded once, at the owner
+            self.pending.append(self.shard.merge_rows(ids, grads) if self.shard.fixed else sum_rows(ids, grads))
         elif self.weight.dtype == torch.float32:
             self.add_dense_grad(ids, grads, touched=ids)
         else:
@@ -286,6 +281,11 @@ class ValueTable(nn.Module):
             [self.weight.new_zeros(0, heads, slots, width, dtype=torch.float32)] + [g for _, g in self.pending]
         )
         self.pending.clear()
+        if self.shard.fixed:  # padding: rows == the local row count (absent), with zero gradients
+            rows, grad_rows = self.shard.reduce_grads_fixed(*self.shard.merge_rows(ids, grads))
+            written = rows.clamp(max=self.weight.shape[0] - 1)  # adds the padding's zeros to a real row
+            self.add_dense_grad(written, grad_rows.to(self.weight.dtype), touched=rows)
+            return
         rows, grad_rows = self.shard.reduce_grads(*sum_rows(ids, grads))  # micro-batches may share rows
         self.add_dense_grad(rows, grad_rows.to(self.weight.dtype), touched=rows)
 

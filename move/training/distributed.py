@@ -108,13 +108,14 @@ def per_rank_batch(batch_size: int) -> int:
     return batch_size // world
 
 
-def shard_value_memory(model) -> None:
-    """Row-shard every value-memory table of a GPT across the job's ranks."""
+def shard_value_memory(model, exchange: str = "sized") -> None:
+    """Row-shard every value-memory table of a GPT across the job's ranks; exchange:
+    sized or fixed (move/model/row_shard.py)."""
     s = current()
     for table in model.value_tables():
         if table.weight.shape[0] < s.world_size:
             raise ConfigError(f"a table of {table.weight.shape[0]} rows cannot be sharded over {s.world_size} ranks")
-        table.shard_rows(s.rank, s.world_size, s.memory_group)
+        table.shard_rows(s.rank, s.world_size, s.memory_group, exchange)
 
 
 def sharded_tables(model) -> dict[str, object]:

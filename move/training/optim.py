@@ -175,6 +175,7 @@ def prepare_for_training(
     value_memory_optimizer: str = "exact",
     value_memory_dtype: str = "float32",
     compiled: bool = False,
+    row_exchange: str = "sized",
 ) -> None:
     """Set how a GPT's value memory is stored and differentiated, and, under torchrun,
     keep only this rank's rows of every table. Call once, before building Optimizers;
@@ -185,7 +186,7 @@ def prepare_for_training(
     mode = value_memory_grad_mode(value_memory_path, value_memory_optimizer, compiled, current().active)
     model.set_value_memory_grad_mode(mode)
     if current().active:
-        shard_value_memory(model)
+        shard_value_memory(model, row_exchange)
 
 
 def split_state_key(key: str) -> tuple[str, str]:

@@ -64,6 +64,13 @@ class RowAdam(Fp32StateOptimizer):
                     amsgrad=False,
                     maximize=False,
                 )
+                if self.tables[id(p)].shard is not None:
+                    # a shard with fixed exchanges that no rank asked for this step holds only
+                    # padding (RowSet.first all False): nothing of it was touched, so nothing moves
+                    untouched = ~touched.first[0]
+                    weights = torch.where(untouched, p.index_select(0, rows).float(), weights)
+                    m_rows = torch.where(untouched, m.index_select(0, rows), m_rows)
+                    v_rows = torch.where(untouched, v.index_select(0, rows), v_rows)
                 m.index_copy_(0, rows, m_rows)
                 v.index_copy_(0, rows, v_rows)
                 p.index_copy_(0, rows, weights.to(p.dtype))

@@ -125,7 +125,12 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def prepare_model(model, config: TrainConfig) -> None:
     """prepare_for_training with the value-memory settings of a TrainConfig."""
     prepare_for_training(
-        model, config.value_memory_path, config.optim.value_memory_optimizer, config.value_memory_dtype, config.compile
+        model,
+        config.value_memory_path,
+        config.optim.value_memory_optimizer,
+        config.value_memory_dtype,
+        config.compile,
+        config.row_exchange,
     )
 
 
