@@ -642,7 +642,9 @@ def cmd_retrofit(args) -> None:
 
     torch.set_flush_denormal(True)
     run = RetrofitRun(**config_overrides(args, RetrofitRun))
-    summary = train_retrofit(args.model, args.data, args.out, run, args.general_data, save=not args.no_save)
+    summary = train_retrofit(
+        args.model, args.data, args.out, run, args.general_data, save=not args.no_save, untouched=args.untouched
+    )
     print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
 
 
@@ -1027,8 +1029,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the retrofitted model (save_pretrained) and retrofit.json")
     p.add_argument(
         "--general-data",
-        help="a corpus prepared with the same tokenizer: its bpb before and after, what the model forgets "
-        "(default none)",
+        action="append",
+        help="a corpus prepared with the same tokenizer that the model does not train on: its bpb before and "
+        "after and the KL divergence from the untouched model, what the model forgets; repeat for more "
+        "(the first is reported as general_*, the others by their directory name) (default none)",
+    )
+    p.add_argument(
+        "--untouched",
+        help="a JSON file keeping the untouched model's measures: written by the first run, reused by later "
+        "runs of the same model, data and evaluation settings, refused for others (default none: measured)",
     )
     p.add_argument("--no-save", action="store_true", help="write retrofit.json only, not the model")
     add_dataclass_flags(p, RetrofitRun)

@@ -556,9 +556,13 @@ class ClassifierConfig(SerialConfig):
 class RetrofitRun:
     """`move retrofit`: a pretrained causal LM given a MoVE bank and trained on (move/export/retrofit_training.py)."""
 
-    memory: str = option("bank", "bank (a MoVE bank is added) or none (LoRA or full fine-tuning alone)")
-    density: int = option(1, "MoVE slots M = density x ceil(layers / 2)")
-    slots: int = option(0, "MoVE slots M directly (0: from the density)")
+    memory: str = option(
+        "bank",
+        "bank (a MoVE bank is added), lave (tables on alternate layers: nanochat's layout, the paper's "
+        "LaVE) or none (LoRA or full fine-tuning alone)",
+    )
+    density: int = option(1, "MoVE slots M = density x ceil(layers / 2); lave: tables per memory layer")
+    slots: int = option(0, "MoVE slots M directly (lave: tables per memory layer; 0: from the density)")
     lora_rank: int = option(0, "LoRA rank on every linear layer but the head (0: no LoRA)")
     lr_lora: float = option(1e-4, "AdamW learning rate of LoRA")
     steps: int = option(100, "optimiser steps")
@@ -570,16 +574,19 @@ class RetrofitRun:
     bank_optimizer: str = option("exact", "exact (AdamW over the whole bank) or lazy (Adam on the rows a step touched)")
     bank_dtype: str = option("float32", "float32 or bfloat16 (half the bank's memory; fp32 optimiser state)")
     eval_tokens: int = option(16384, "validation tokens scored before and after")
+    kl_tokens: int = option(
+        4096, "general-text tokens on which the KL divergence from the untouched model is measured (0: none)"
+    )
     seed: int = option(0, "data order")
 
     def validate(self) -> "RetrofitRun":
         for name in ("density", "steps", "batch_size", "seq_len", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.slots < 0 or self.lora_rank < 0:
-            raise ConfigError("slots and lora_rank must be >= 0")
-        if self.memory not in ("bank", "none"):
-            raise ConfigError(f"memory must be bank or none, got {self.memory!r}")
+        if self.slots < 0 or self.lora_rank < 0 or self.kl_tokens < 0:
+            raise ConfigError("slots, lora_rank and kl_tokens must be >= 0")
+        if self.memory not in ("bank", "lave", "none"):
+            raise ConfigError(f"memory must be bank, lave or none, got {self.memory!r}")
         for name in ("lr_memory", "lr_router", "lr_lora"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must lie in (0, 1], got {getattr(self, name)}")

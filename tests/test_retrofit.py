@@ -113,6 +113,33 @@ def test_save_and_load_round_trip_with_the_bank_in_safetensors(name, tmp_path):
         api.load_retrofitted(tmp_path / "plain")
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_the_lave_layout_keeps_the_function_decodes_cached_and_round_trips(name, tmp_path):
+    """nanochat's layout: a table per alternate layer ending at the last, no g0."""
+    model = random_model(name)
+    x = ids()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        api.retrofit(model, density=2, layout="lave")
+        assert torch.equal(model(input_ids=x).logits, before)
+    memory = model.move_memory
+    layers = 3 if name == "llama-gqa" else 2
+    assert memory.memory_layers == list(range(layers))[(layers - 1) % 2 :: 2]
+    assert [t.weight.shape[2] for t in memory.tables] == [2] * len(memory.memory_layers)
+    assert not hasattr(memory, "bank") and not memory.gate_g0
+    model = train_a_little(model)
+    assert all(t.weight.abs().sum() > 0 for t in memory.tables)
+    common = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    prompt = ids(1, 6)
+    cached = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **common)
+    uncached = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=False, **common)
+    assert cached.sequences.tolist() == uncached.sequences.tolist()
+    model.save_pretrained(tmp_path / "saved")
+    loaded = api.load_retrofitted(tmp_path / "saved").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
 def test_accounting_counts_the_added_parts_by_hand():
     model = api.retrofit(random_model("llama-gqa"), density=1)  # 3 layers: M = 2, 2 KV heads of 8
     counts = api.retrofit_accounting(model)
@@ -122,6 +149,12 @@ def test_accounting_counts_the_added_parts_by_hand():
     assert counts["flops_per_token"]["routers"] == 2 * 3 * 32 * 6
     assert counts["flops_per_token"]["mix"] == 3 * 2 * 6 * 8
     assert len(api.memory_parameters(model)) == 1 + 3
+    lave = api.retrofit(random_model("llama-gqa"), density=1, layout="lave")  # layers 0 and 2, a table each
+    counts = api.retrofit_accounting(lave)
+    assert counts["params"]["value_memory"] == 2 * VOCAB * 2 * 1 * 8
+    assert counts["params"]["routers"] == 2 * 32 * 2 * 1  # no g0
+    assert counts["flops_per_token"]["mix"] == 2 * 2 * 2 * 8
+    assert counts["params"]["total"] == sum(p.numel() for p in lave.parameters())
 
 
 def test_a_plain_training_loop_teaches_the_memory_with_its_own_learning_rate():
@@ -244,19 +277,29 @@ def test_the_study_arms_bank_lora_and_full_fine_tuning_measure_facts_and_forgett
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     common = ["--data", str(tmp_path / "facts"), "--general-data", str(tmp_path / "general"), "--no-save"]
     common += ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "1024"]
+    common += ["--kl-tokens", "256", "--untouched", str(tmp_path / "untouched.json")]
     arms = {
         "bank": ["--slots", "2"],
         "lora": ["--memory", "none", "--lora-rank", "4", "--lr-lora", "1e-2"],
         "bank+lora": ["--slots", "2", "--lora-rank", "4"],
         "full": ["--memory", "none", "--lr-dense", "1e-3"],
+        "lave": ["--memory", "lave"],
     }
     summaries = {}
     for arm, flags in arms.items():
         assert main(["retrofit", str(tmp_path / "base"), *common, *flags, "--out", str(tmp_path / arm)]) == 0
         summaries[arm] = json.loads((tmp_path / arm / "retrofit.json").read_text())
         assert not (tmp_path / arm / "model.safetensors").exists()
+        assert summaries[arm]["after"]["general_kl"] > 0  # each arm moved the model's predictions on general text
+        assert summaries[arm]["cost"]["decode_tok_s"] > 0 and summaries[arm]["cost"]["decode_tok_s_untouched"] > 0
     befores = [s["before"] for s in summaries.values()]
     assert all(b == befores[0] for b in befores)  # the untouched model, whatever is added
+    kept = json.loads((tmp_path / "untouched.json").read_text())
+    assert kept["measures"] == befores[0]  # measured by the first arm, reused by the others
+    other_setting = [*common, "--seq-len", "16", "--slots", "2", "--out", str(tmp_path / "refused")]
+    assert main(["retrofit", str(tmp_path / "base"), *other_setting]) == 2  # the file is not overwritten
+    assert json.loads((tmp_path / "untouched.json").read_text()) == kept
+    assert summaries["lave"]["cost"]["rows_moved"] > 0 and summaries["lora"]["cost"]["lora_flops_per_token"] > 0
     assert set(befores[0]) == {
         "val_bpb",
         "general_bpb",
@@ -270,8 +313,35 @@ def test_the_study_arms_bank_lora_and_full_fine_tuning_measure_facts_and_forgett
     assert summaries["bank"]["trainable_params"] == bank
     assert summaries["lora"]["trainable_params"] == lora
     assert summaries["bank+lora"]["trainable_params"] == bank + lora
+    assert summaries["lave"]["trainable_params"] == gpt2.vocab_size * 2 * 1 * 8 + 32 * 2  # 2 layers: the last; no g0
     assert summaries["full"]["trainable_params"] == sum(
         p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").parameters()
     )
     for s in summaries.values():
         assert s["after"] != s["before"]
+
+
+def test_the_kl_from_the_untouched_model_is_the_textbook_divergence():
+    """mean_kl against torch's kl_div on the same windows; zero for the model itself."""
+    from move.export.retrofit_measures import log_probs, mean_kl
+
+    class Corpus:  # what log_probs reads of prepared data
+        def __init__(self, tokens):
+            self._tokens = tokens
+
+        def tokens(self, split):
+            return self._tokens
+
+    corpus = Corpus(torch.randint(1, VOCAB, (200,), generator=torch.Generator().manual_seed(3)).numpy())
+    untouched, changed = random_model("llama-gqa"), train_a_little(random_model("llama-gqa"))
+    score = lambda model: lambda x: model(input_ids=x).logits
+    reference = log_probs(score(untouched), corpus, 16, 128, 4)
+    assert reference.shape == (128, VOCAB)
+    assert mean_kl(reference, score(untouched), corpus, 16, 128, 4) == pytest.approx(0, abs=1e-6)
+    x = torch.from_numpy(corpus.tokens("val")[:128].astype("int64")).view(8, 16)
+    with torch.no_grad():
+        p0 = torch.log_softmax(untouched(input_ids=x).logits, -1).flatten(0, 1)
+        p1 = torch.log_softmax(changed(input_ids=x).logits, -1).flatten(0, 1)
+    expected = torch.nn.functional.kl_div(p1, p0, log_target=True, reduction="batchmean").item()
+    assert mean_kl(reference, score(changed), corpus, 16, 128, 4) == pytest.approx(expected, rel=1e-5)
+    assert expected > 1e-3

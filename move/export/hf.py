@@ -38,6 +38,7 @@ MODEL_FILES = {
     "move.readers": "move_readers.py",  # config.py reads run configs with it
     "move.config": "move_config.py",
     "move.model.layers": "move_layers.py",
+    "move.model.row_ids": "move_row_ids.py",
     "move.model.row_shard": "move_row_shard.py",
     "move.model.value_tables": "move_value_tables.py",
     "move.model.memory_designs": "move_memory_designs.py",

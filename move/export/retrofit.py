@@ -33,10 +33,14 @@ MEMORY_MODULE = "move_memory"  # the attribute of the model that owns what the r
 CONFIG_KEY = "move_retrofit"  # its settings in the model's config (and config.json)
 
 
+LAYOUTS = ("move", "lave")
+
+
 @dataclass
 class RetrofitSettings:
-    slots: int  # M, bank slots per token and key/value head
-    gate_g0: bool = True  # a gate on the model's own values (the paper's MoVE)
+    slots: int  # move: M, bank slots per token and key/value head; lave: tables per memory layer
+    gate_g0: bool = True  # a gate on the model's own values (the paper's MoVE; LaVE has none)
+    layout: str = "move"  # move: one global bank read by every layer; lave: a table per alternate layer
 
 
 @dataclass
@@ -72,19 +76,37 @@ def attention_shape(model: nn.Module) -> AttentionShape:
 
 
 class ValueMemoryRetrofit(nn.Module):
-    """The parts a retrofit adds and the hooks that use them."""
+    """The parts a retrofit adds and the hooks that use them. Layout "move": one bank
+    of M slots looked up once per forward, a router on every attention layer. Layout
+    "lave" (nanochat's value embeddings, the paper's LaVE baseline): each alternate
+    layer, ending at the last, owns k tables of its own and a router without g0."""
 
     def __init__(self, shape: AttentionShape, settings: RetrofitSettings):
         super().__init__()
-        self.family, self.gate_g0 = shape.family, settings.gate_g0
+        self.family, self.gate_g0, self.layout = shape.family, settings.gate_g0, settings.layout
         self.kv_heads, self.head_dim = shape.kv_heads, shape.head_dim
-        self.bank = ValueTable(shape.vocab_size, shape.kv_heads, settings.slots, shape.head_dim, zero_init=True)
+        count = len(shape.layers)
+        alternate = [i for i in range(count) if i % 2 == (count - 1) % 2]
+        self.memory_layers = list(range(count)) if self.layout == "move" else alternate
+
+        def table():
+            return ValueTable(shape.vocab_size, shape.kv_heads, settings.slots, shape.head_dim, zero_init=True)
+
+        if self.layout == "move":
+            self.bank = table()
+        else:
+            self.tables = nn.ModuleList(table() for _ in self.memory_layers)
         gates = shape.kv_heads * (settings.slots + int(settings.gate_g0))
-        self.routers = nn.ModuleList(nn.Linear(shape.hidden_size, gates, bias=False) for _ in shape.layers)
-        for part in (self.bank.weight, *(r.weight for r in self.routers)):
+        self.routers = nn.ModuleList(nn.Linear(shape.hidden_size, gates, bias=False) for _ in self.memory_layers)
+        for part in (*(t.weight for t in self.value_tables()), *(r.weight for r in self.routers)):
             nn.init.zeros_(part)  # every gate exactly 1, every slot 0: the original function
-        self.slots_now = None  # the bank rows of the current forward's tokens (set by look_up)
+        self.ids_now = None  # the token ids of the current forward (set by look_up)
+        self.slots_now = None  # move: the bank rows of those tokens, looked up once for all layers
         self.handles = []
+
+    def value_tables(self) -> list[ValueTable]:
+        """The bank (move) or the layers' tables (lave)."""
+        return [self.bank] if self.layout == "move" else list(self.tables)
 
     def attach(self, model: nn.Module, shape: AttentionShape) -> None:
         """The ids are read where the model embeds them: its input embedding is called
@@ -92,23 +114,25 @@ class ValueMemoryRetrofit(nn.Module):
         model's forward directly, which bypasses hooks on the model itself."""
         self.handles.append(model.register_forward_pre_hook(self.forget))
         self.handles.append(model.get_input_embeddings().register_forward_pre_hook(self.look_up))
-        for router, layer in zip(self.routers, shape.layers):
-            self.handles.append(layer.register_forward_hook(self.mixer(router)))
+        tables = self.value_tables() if self.layout == "lave" else [None] * len(self.routers)
+        for router, table, index in zip(self.routers, tables, self.memory_layers):
+            self.handles.append(shape.layers[index].register_forward_hook(self.mixer(router, table)))
 
     def forget(self, _model, _args):
-        """A new forward: rows of the last one must not be used (inputs_embeds)."""
-        self.slots_now = None
+        """A new forward: ids and rows of the last one must not be used (inputs_embeds)."""
+        self.ids_now = self.slots_now = None
 
     def look_up(self, _embedding, args):
-        """The bank rows of the embedded ids, once for all layers."""
-        self.slots_now = self.bank(args[0])
+        """The embedded ids; with one bank, its rows, once for all layers."""
+        self.ids_now = args[0]
+        self.slots_now = self.bank(args[0]) if self.layout == "move" else None
 
-    def mixer(self, router: nn.Linear):
+    def mixer(self, router: nn.Linear, table: ValueTable | None):
         def mix_into_values(_layer, args, output):
             x = args[0]
-            slots = self.slots_now
-            if slots is None or slots.values.shape[:2] != output.shape[:2]:
+            if self.ids_now is None or self.ids_now.shape[:2] != output.shape[:2]:
                 raise ValueError("a retrofitted model's value memory is looked up by token id: pass input_ids")
+            slots = self.slots_now if table is None else table(self.ids_now)
             if slots.values.dtype != output.dtype:  # a bf16 model: cast once per layer, gradients stay fp32
                 slots = slots._replace(values=slots.values.to(output.dtype))
             B, T = output.shape[:2]
@@ -124,20 +148,30 @@ class ValueMemoryRetrofit(nn.Module):
         return mix_into_values
 
 
-def retrofit(model: nn.Module, density: int = 1, slots: int = 0, gate_g0: bool = True) -> nn.Module:
-    """Add a MoVE bank to a Hugging Face causal LM, in place; returns the model.
+def retrofit(
+    model: nn.Module, density: int = 1, slots: int = 0, gate_g0: bool = True, layout: str = "move"
+) -> nn.Module:
+    """Add value memory to a Hugging Face causal LM, in place; returns the model.
 
-    density K gives M = K x ceil(layers / 2) slots (this project's convention: MoVE
-    xK has LaVE xK's value-memory parameters); `slots` sets M directly."""
+    layout "move": a MoVE bank; density K gives M = K x ceil(layers / 2) slots (this
+    project's convention: MoVE xK has LaVE xK's value-memory parameters), `slots` sets
+    M directly. Layout "lave": K tables (or `slots`) on each alternate layer ending at
+    the last, gates without g0 (gate_g0 is ignored), the same parameters as MoVE xK."""
     if hasattr(model, MEMORY_MODULE):
         raise ConfigError(f"{type(model).__name__} already has value memory ({MEMORY_MODULE})")
     shape = attention_shape(model)
     if density < 1 or slots < 0:
         raise ConfigError(f"density must be >= 1 and slots >= 0, got {density} and {slots}")
-    settings = RetrofitSettings(slots or density * ((len(shape.layers) + 1) // 2), gate_g0)
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "lave":
+        settings = RetrofitSettings(slots or density, gate_g0=False, layout="lave")
+    else:
+        settings = RetrofitSettings(slots or density * ((len(shape.layers) + 1) // 2), gate_g0)
     memory = ValueMemoryRetrofit(shape, settings)
     reference = model.get_input_embeddings().weight
-    memory.bank.to(reference.device)  # fp32, like this project's banks (rows cast per layer)
+    for table in memory.value_tables():
+        table.to(reference.device)  # fp32, like this project's banks (rows cast per layer)
     memory.routers.to(reference.device, reference.dtype)  # in the model's dtype, like its own projections
     setattr(model, MEMORY_MODULE, memory)
     memory.attach(model, shape)
@@ -146,7 +180,7 @@ def retrofit(model: nn.Module, density: int = 1, slots: int = 0, gate_g0: bool =
 
 
 def memory_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The bank and routers (for their own optimiser group, or to train only them)."""
+    """The tables and routers (for their own optimiser group, or to train only them)."""
     return list(getattr(model, MEMORY_MODULE).parameters())
 
 
@@ -160,7 +194,8 @@ def load_retrofitted(path, **from_pretrained_kwargs) -> nn.Module:
     if not isinstance(settings, dict):
         raise ConfigError(f"{path}: no {CONFIG_KEY} in its config.json; was the model retrofitted?")
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
-    retrofit(model, slots=int(settings["slots"]), gate_g0=bool(settings["gate_g0"]))
+    layout = settings.get("layout", "move")  # saved before LaVE layouts existed: a bank
+    retrofit(model, slots=int(settings["slots"]), gate_g0=bool(settings["gate_g0"]), layout=layout)
     memory = getattr(model, MEMORY_MODULE)
     prefix = f"{MEMORY_MODULE}."
     state = {}
@@ -177,7 +212,7 @@ def retrofit_accounting(model: nn.Module) -> dict:
     grow with the context, not included) of a retrofitted model, as `move plan`
     reports them for this project's models."""
     memory = getattr(model, MEMORY_MODULE)
-    bank = memory.bank.weight.numel()
+    bank = sum(t.weight.numel() for t in memory.value_tables())
     routers = sum(r.weight.numel() for r in memory.routers)
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight

@@ -4,9 +4,9 @@ with a MoVE bank, LoRA, full fine-tuning or a mix of them, in one command.
 The loop is this project's data path (BatchLoader: BOS-aligned windows of the
 prepared tokens, seeded order; bits_per_byte) around a Hugging Face model; the
 project's Trainer builds its own GPT and is not used. What trains:
-  - the bank (`--slots` / `--density`; `--memory none` for none), with its own rates
-    for the bank and the routers, and this project's bank optimisers (exact or lazy,
-    fp32 or bf16);
+  - the bank (`--slots` / `--density`), or LaVE-style tables on alternate layers
+    (`--memory lave`), or none (`--memory none`), with its own rates for the tables
+    and the routers, and this project's table optimisers (exact or lazy, fp32 or bf16);
   - LoRA on every linear layer but the head (`--lora-rank r`, peft), at --lr-lora;
   - the model's own weights at --lr-dense (0: frozen).
 Measured before training (the untouched model: the retrofit and LoRA start as the
@@ -19,6 +19,7 @@ and the model (save_pretrained; load a bank with move.api.load_retrofitted).
 
 import json
 import resource
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,18 +30,26 @@ import torch.nn.functional as F
 
 from move.config import RetrofitRun
 from move.errors import UserError
-from move.evaluation.bpb import bits_per_byte
 from move.export.hf_models import load_causal_lm
 from move.export.retrofit import MEMORY_MODULE, retrofit, retrofit_accounting
+from move.export.retrofit_measures import (
+    decode_tokens_per_second,
+    log_probs,
+    mean_kl,
+    measure,
+    untouched_key,
+    untouched_measures,
+)
 from move.knowledge.corpus import KNOWLEDGE_FILE
-from move.knowledge.recall import load_knowledge, recall
+from move.knowledge.recall import load_knowledge
 from move.progress import progress
-from move.text.loader import BatchLoader, eval_windows
+from move.text.loader import BatchLoader
 from move.text.prepare import load_prepared
 from move.training.row_adam import RowAdam
 from move.training.table_adamw import TableAdamW
 
 SUMMARY = "retrofit.json"
+LAYOUT_OF = {"bank": "move", "lave": "lave"}  # --memory -> the retrofit's layout (none: no memory)
 
 
 class TokenLoss(nn.Module):
@@ -74,14 +83,15 @@ def optimizers_for(model: nn.Module, run: RetrofitRun) -> list[torch.optim.Optim
         found.append(torch.optim.AdamW(lora, lr=run.lr_lora, weight_decay=0.0))
     memory = getattr(model, MEMORY_MODULE, None)
     if memory is not None:
-        bank = memory.bank
+        tables = memory.value_tables()
+        weights = [t.weight for t in tables]
         for p in memory.parameters():
             p.requires_grad_(True)
-        # fp32 Adam moments whatever the bank's dtype; lazy: only the rows a step touched
+        # fp32 Adam moments whatever the tables' dtype; lazy: only the rows a step touched
         found.append(
-            RowAdam([bank.weight], {id(bank.weight): bank}, lr=run.lr_memory)
+            RowAdam(weights, {id(t.weight): t for t in tables}, lr=run.lr_memory)
             if run.bank_optimizer == "lazy"
-            else TableAdamW([bank.weight], lr=run.lr_memory)
+            else TableAdamW(weights, lr=run.lr_memory)
         )
         found.append(torch.optim.AdamW(memory.routers.parameters(), lr=run.lr_router, weight_decay=0.0))
     if not found:
@@ -104,29 +114,33 @@ def add_lora(model: nn.Module, rank: int) -> nn.Module:
     return peft.get_peft_model(model, config)
 
 
-def measure(scorer: TokenLoss, run: RetrofitRun, corpora: dict, knowledge: dict | None, tokenizer) -> dict:
-    """Bits per byte on each corpus's validation split, and recall if there are facts."""
-    out = {}
-    for name, data in corpora.items():
-        windows = eval_windows(data.tokens("val"), run.seq_len, run.eval_tokens, run.batch_size)
-        out[f"{name}_bpb"] = bits_per_byte(scorer, windows, torch.from_numpy(data.tokenizer.token_bytes()))
-    if knowledge is not None:
-        result = recall(scorer, tokenizer, knowledge)
-        out.update({k: result[k] for k in ("recall_accuracy", "knowledge_bits", "chance_accuracy", "facts")})
-    return out
+def general_corpora(general_data, data) -> dict:
+    """{name: corpus}: the first general corpus is "general" (general_bpb, general_kl),
+    the others are named by their directory; all with the data's tokenizer."""
+    paths = [general_data] if isinstance(general_data, (str, Path)) else list(general_data or [])
+    corpora = {}
+    for i, path in enumerate(paths):
+        name = "general" if i == 0 else Path(path).name
+        if name in corpora or name == "val":
+            raise UserError(f"two general corpora would both be called {name!r}; rename one directory")
+        corpora[name] = load_prepared(path)
+        if corpora[name].tokenizer.fingerprint() != data.tokenizer.fingerprint():
+            raise UserError(f"{path} was prepared with another tokenizer than {data.directory}")
+    return corpora
 
 
-def train_retrofit(model_path, data_dir, out, run: RetrofitRun, general_data=None, save: bool = True) -> dict:
+def train_retrofit(
+    model_path, data_dir, out, run: RetrofitRun, general_data=None, save: bool = True, untouched=None
+) -> dict:
+    """general_data: one or more corpora (paths) the model is not trained on;
+    untouched: a file that keeps the untouched model's measures for later runs."""
     run.validate()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     data = load_prepared(data_dir)
-    corpora = {"val": data}
-    if general_data:
-        corpora["general"] = load_prepared(general_data)
-        if corpora["general"].tokenizer.fingerprint() != data.tokenizer.fingerprint():
-            raise UserError(f"{general_data} was prepared with another tokenizer than {data_dir}")
+    general = general_corpora(general_data, data)
+    corpora = {"val": data, **general}
     knowledge = load_knowledge(data_dir) if (Path(data_dir) / KNOWLEDGE_FILE).exists() else None
     model = load_causal_lm(model_path)
     vocab = model.get_input_embeddings().num_embeddings
@@ -135,19 +149,31 @@ def train_retrofit(model_path, data_dir, out, run: RetrofitRun, general_data=Non
             f"{data_dir} was prepared with a vocabulary of {data.tokenizer.vocab_size:,} tokens, the model has "
             f"{vocab:,}: prepare it with the model's tokenizer (--tokenizer {model_path})"
         )
+    scoring = (run.seq_len, run.eval_tokens, run.batch_size)
+    key = untouched_key(model_path, corpora, *scoring)
+    untouched_decode = decode_tokens_per_second(model, data.tokenizer.vocab_size)  # nothing added yet
+    scorer = TokenLoss(model)
+    before = untouched_measures(untouched, key, lambda: measure(scorer, corpora, knowledge, data.tokenizer, *scoring))
+    # the untouched next-token distributions, kept on disk while training (vocab x tokens each)
+    references = tempfile.TemporaryDirectory(prefix="move-kl-")
+    kl_args = (run.seq_len, run.kl_tokens, run.batch_size)
+    if run.kl_tokens:
+        for name, corpus in general.items():
+            torch.save(log_probs(scorer, corpus, *kl_args), Path(references.name) / f"{name}.pt")
     torch.manual_seed(run.seed)  # the new parameters' initialisation (LoRA's A) and nothing else
-    if run.memory == "bank":
-        retrofit(model, density=run.density, slots=run.slots)
-        bank = getattr(model, MEMORY_MODULE).bank
-        bank.weight.data = bank.weight.data.to(getattr(torch, run.bank_dtype))
+    layout = LAYOUT_OF.get(run.memory)
+    if layout:
+        retrofit(model, density=run.density, slots=run.slots, layout=layout)
+        for table in getattr(model, MEMORY_MODULE).value_tables():
+            table.weight.data = table.weight.data.to(getattr(torch, run.bank_dtype))
     trained = add_lora(model, run.lora_rank) if run.lora_rank else model
     scorer = TokenLoss(trained)
-    before = measure(scorer, run, corpora, knowledge, data.tokenizer)
     optimizers = optimizers_for(trained, run)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     loader = BatchLoader(data.tokens("train"), data.tokenizer.bos_id, run.batch_size, run.seq_len, run.seed)
     losses = []
     trained.train()
+    rss_before_training = peak_rss_mb()
     started = time.perf_counter()
     for _ in progress(range(run.steps), "retrofit training", unit="step"):
         x, y = loader.next_batch()
@@ -158,25 +184,49 @@ def train_retrofit(model_path, data_dir, out, run: RetrofitRun, general_data=Non
         trained.zero_grad(set_to_none=True)  # (a bank's next backward starts a fresh buffer and row list)
         losses.append(loss.item())
     train_seconds = time.perf_counter() - started
+    rss_after_training = peak_rss_mb()
     trained.eval()
+    after = measure(scorer, corpora, knowledge, data.tokenizer, *scoring)
+    for name, corpus in general.items() if run.kl_tokens else ():
+        reference = torch.load(Path(references.name) / f"{name}.pt")
+        after[f"{name}_kl"] = mean_kl(reference, scorer, corpus, *kl_args)
+    references.cleanup()
     summary = {
         "model": Path(model_path).name,
         "data": Path(data_dir).name,
+        "general_data": {name: Path(corpus.directory).name for name, corpus in general.items()},
         "run": asdict(run),
         "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in trained.parameters()),
         "before": before,
-        "after": measure(scorer, run, corpora, knowledge, data.tokenizer),
+        "after": after,
         "train_loss_first": losses[0],
         "train_loss_last": losses[-1],
-        "train_seconds": train_seconds,
-        "step_seconds": train_seconds / run.steps,
-        # the process's peak resident memory so far (Linux reports kB): model, optimiser and evaluations
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cost": {
+            "train_seconds": train_seconds,
+            "step_seconds": train_seconds / run.steps,
+            # the process's peak resident memory (Linux reports kB) before and after the training loop:
+            # the second is the training's peak when it is higher (the model, optimiser state, activations)
+            "peak_rss_mb_before_training": rss_before_training,
+            "peak_rss_mb": rss_after_training,
+            "decode_tok_s_untouched": untouched_decode,
+            "decode_tok_s": decode_tokens_per_second(trained, data.tokenizer.vocab_size),
+            # each LoRA weight is one multiply-add per token; the memory's FLOPs are in accounting
+            "lora_flops_per_token": 2 * sum(p.numel() for n, p in trained.named_parameters() if "lora_" in n),
+        },
     }
-    if run.memory == "bank":
+    if layout:
         summary["accounting"] = retrofit_accounting(model)
+        tables = getattr(model, MEMORY_MODULE).value_tables()
+        summary["cost"]["rows_moved"] = sum(int(t.weight.ne(0).flatten(1).any(1).sum()) for t in tables)
+        summary["cost"]["rows"] = sum(t.weight.shape[0] for t in tables)
     out.mkdir(parents=True, exist_ok=True)
     if save:  # with LoRA, peft writes the adapter; a bank and the model are written by save_pretrained
         trained.save_pretrained(out)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
