@@ -577,6 +577,10 @@ class RetrofitRun:
     kl_tokens: int = option(
         4096, "general-text tokens on which the KL divergence from the untouched model is measured (0: none)"
     )
+    mix_data: str = option(
+        "", "a corpus with the same tokenizer mixed into every batch (general text to keep) (default none)"
+    )
+    mix_fraction: float = option(0.0, "with --mix-data: the fraction of each batch's rows drawn from it")
     seed: int = option(0, "data order")
 
     def validate(self) -> "RetrofitRun":
@@ -596,4 +600,12 @@ class RetrofitRun:
             raise ConfigError(f"bank_optimizer must be exact or lazy, got {self.bank_optimizer!r}")
         if self.bank_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"bank_dtype must be float32 or bfloat16, got {self.bank_dtype!r}")
+        if bool(self.mix_data) != (self.mix_fraction > 0) or not 0 <= self.mix_fraction < 1:
+            raise ConfigError("mix_data and mix_fraction go together, with mix_fraction in [0, 1)")
+        mixed_rows = round(self.batch_size * self.mix_fraction)
+        if self.mix_data and not 0 < mixed_rows < self.batch_size:
+            raise ConfigError(
+                f"mix_fraction {self.mix_fraction} of {self.batch_size} rows is {mixed_rows} rows; "
+                "it must leave at least one row of each corpus"
+            )
         return self

@@ -284,6 +284,7 @@ def test_the_study_arms_bank_lora_and_full_fine_tuning_measure_facts_and_forgett
         "bank+lora": ["--slots", "2", "--lora-rank", "4"],
         "full": ["--memory", "none", "--lr-dense", "1e-3"],
         "lave": ["--memory", "lave"],
+        "bank-mixed": ["--slots", "2", "--mix-data", str(tmp_path / "general"), "--mix-fraction", "0.5"],
     }
     summaries = {}
     for arm, flags in arms.items():
@@ -300,6 +301,20 @@ def test_the_study_arms_bank_lora_and_full_fine_tuning_measure_facts_and_forgett
     assert main(["retrofit", str(tmp_path / "base"), *other_setting]) == 2  # the file is not overwritten
     assert json.loads((tmp_path / "untouched.json").read_text()) == kept
     assert summaries["lave"]["cost"]["rows_moved"] > 0 and summaries["lora"]["cost"]["lora_flops_per_token"] > 0
+    # half of every batch from the general corpus: the rows its own loader would give
+    from move.config import RetrofitRun
+    from move.export.retrofit_training import training_batches
+    from move.text.loader import BatchLoader
+    from move.text.prepare import load_prepared
+
+    facts, general = load_prepared(tmp_path / "facts"), load_prepared(tmp_path / "general")
+    run = RetrofitRun(batch_size=4, seq_len=32, mix_data=str(tmp_path / "general"), mix_fraction=0.5, seed=2)
+    x, _ = training_batches(facts, run).next_batch()
+    own = BatchLoader(facts.tokens("train"), facts.tokenizer.bos_id, 2, 32, 2).next_batch()[0]
+    mixed = BatchLoader(general.tokens("train"), general.tokenizer.bos_id, 2, 32, 2).next_batch()[0]
+    assert torch.equal(x, torch.cat([own, mixed]))
+    with pytest.raises(ConfigError, match="at least one row"):
+        RetrofitRun(batch_size=4, mix_data="x", mix_fraction=0.1).validate()
     assert set(befores[0]) == {
         "val_bpb",
         "general_bpb",

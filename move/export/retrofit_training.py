@@ -43,7 +43,7 @@ from move.export.retrofit_measures import (
 from move.knowledge.corpus import KNOWLEDGE_FILE
 from move.knowledge.recall import load_knowledge
 from move.progress import progress
-from move.text.loader import BatchLoader
+from move.text.loader import BatchLoader, MixedLoader
 from move.text.prepare import load_prepared
 from move.training.row_adam import RowAdam
 from move.training.table_adamw import TableAdamW
@@ -140,6 +140,7 @@ def train_retrofit(
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     data = load_prepared(data_dir)
     general = general_corpora(general_data, data)
+    loader = training_batches(data, run)  # (a mixed-in corpus is checked now, not after the measures)
     corpora = {"val": data, **general}
     knowledge = load_knowledge(data_dir) if (Path(data_dir) / KNOWLEDGE_FILE).exists() else None
     model = load_causal_lm(model_path)
@@ -170,7 +171,6 @@ def train_retrofit(
     scorer = TokenLoss(trained)
     optimizers = optimizers_for(trained, run)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    loader = BatchLoader(data.tokens("train"), data.tokenizer.bos_id, run.batch_size, run.seq_len, run.seed)
     losses = []
     trained.train()
     rss_before_training = peak_rss_mb()
@@ -225,6 +225,20 @@ def train_retrofit(
         trained.save_pretrained(out)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def training_batches(data, run: RetrofitRun):
+    """The data's batches, with round(batch_size x mix_fraction) rows of --mix-data in each."""
+    mixed_rows = round(run.batch_size * run.mix_fraction) if run.mix_data else 0
+    rows = run.batch_size - mixed_rows
+    loader = BatchLoader(data.tokens("train"), data.tokenizer.bos_id, rows, run.seq_len, run.seed)
+    if not mixed_rows:
+        return loader
+    mixed_in = load_prepared(run.mix_data)
+    if mixed_in.tokenizer.fingerprint() != data.tokenizer.fingerprint():
+        raise UserError(f"{run.mix_data} was prepared with another tokenizer than {data.directory}")
+    other = BatchLoader(mixed_in.tokens("train"), data.tokenizer.bos_id, mixed_rows, run.seq_len, run.seed)
+    return MixedLoader(loader, other)
 
 
 def peak_rss_mb() -> float:
