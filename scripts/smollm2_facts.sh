@@ -6,13 +6,7 @@
 # and news bpb (forgetting) before and after. Resumable: a finished run is skipped.
 #   bash scripts/smollm2_facts.sh            -> results/smollm2-facts/<arm>/seed<k>/retrofit.json
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-MODEL="$(python -c "from move.export.hf_models import packaged_model; print(packaged_model('smollm2-135m'))")"
-[ -f data/facts_smol/manifest.json ] || move knowledge-prepare --individuals 60 --name-tokens 2 \
-    --tokenizer "$MODEL" --word-values --out data/facts_smol
-[ -f data/news_smol/manifest.json ] || move prepare --corpus news --tokenizer "$MODEL" \
-    --passage-tokens 128 --out data/news_smol
+source "$(dirname "${BASH_SOURCE[0]}")/smollm2_data.sh"
 declare -A ARMS=(
     [bank]="--slots 1 --lr-memory 1e-2 --lr-router 1e-3"
     [lora]="--memory none --lora-rank 32 --lr-lora 1e-3"

@@ -18,15 +18,7 @@
 # once for every run (--untouched). Resumable: a finished run is skipped.
 #   bash scripts/smollm2_study.sh   -> results/smollm2-study/<mix>/<arm>/seed<k>/retrofit.json
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-MODEL="$(python -c "from move.export.hf_models import packaged_model; print(packaged_model('smollm2-135m'))")"
-[ -f data/facts_smol/manifest.json ] || move knowledge-prepare --individuals 60 --name-tokens 2 \
-    --tokenizer "$MODEL" --word-values --out data/facts_smol
-for corpus in news shakespeare; do
-    [ -f "data/${corpus}_smol/manifest.json" ] || move prepare --corpus "$corpus" --tokenizer "$MODEL" \
-        --passage-tokens 128 --out "data/${corpus}_smol"
-done
+source "$(dirname "${BASH_SOURCE[0]}")/smollm2_data.sh"
 bash scripts/smollm2_sweep.sh  # (skips what is done)
 RATES="$(python scripts/smollm2_select.py results/smollm2-sweep)"
 rate() { python -c "import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$RATES" "$1"; }

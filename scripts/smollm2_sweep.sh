@@ -12,13 +12,7 @@
 # bank/seed0 (bank 1e-2) and lora/seed0 (LoRA 1e-3), copied here, not rerun.
 #   bash scripts/smollm2_sweep.sh   -> results/smollm2-sweep/<arm>-<rate>/retrofit.json
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-MODEL="$(python -c "from move.export.hf_models import packaged_model; print(packaged_model('smollm2-135m'))")"
-[ -f data/facts_smol/manifest.json ] || move knowledge-prepare --individuals 60 --name-tokens 2 \
-    --tokenizer "$MODEL" --word-values --out data/facts_smol
-[ -f data/news_smol/manifest.json ] || move prepare --corpus news --tokenizer "$MODEL" \
-    --passage-tokens 128 --out data/news_smol
+source "$(dirname "${BASH_SOURCE[0]}")/smollm2_data.sh"
 OUT=results/smollm2-sweep
 for pilot in "bank-1e-2:bank" "lora-1e-3:lora"; do
     mkdir -p "$OUT/${pilot%%:*}"
