@@ -111,6 +111,12 @@ class ModelConfig(SerialConfig):
     slot_dropout: float = option(
         0.0, "MoVE/LaVE, training only: each slot's gate is dropped with this probability per token and head"
     )
+    slot_gate_channels: int = option(
+        0,
+        "MoVE: each slot's gate also reads the first k channels of the slot's own content (learned weights "
+        "per layer and head, modded-nanogpt's value-embedding gate), so slots with different content get "
+        "different gates (0: off, the paper)",
+    )
     layer_start_bias: float = option(
         0.0,
         "MoVE: layer-assigned start b; each layer's gates get a trained bias, 0 for g0 and for the slots of "
@@ -238,6 +244,12 @@ class ModelConfig(SerialConfig):
             raise ConfigError(f"slot_dropout must lie in [0, 1), got {self.slot_dropout}")
         if self.layer_start_bias > 0 and self.value_memory != "move":
             raise ConfigError(f"layer_start_bias is a MoVE option; value_memory is {self.value_memory}")
+        if self.slot_gate_channels and self.value_memory != "move":
+            raise ConfigError(f"slot_gate_channels is a MoVE option; value_memory is {self.value_memory}")
+        if not 0 <= self.slot_gate_channels <= self.memory_width // max(self.kv_heads, 1):
+            raise ConfigError(
+                f"slot_gate_channels must lie in [0, the slot width per head], got {self.slot_gate_channels}"
+            )
         for name in ["n_kv_head", "kv_latent_dim", "rope_head_dim", "memory_slots"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = default), got {getattr(self, name)}")

@@ -26,6 +26,7 @@ def grads_after_backward(model, mode, idx, micro_batches=1):
     [
         ("move", {}),
         ("move", {"move_gate_g0": False}),
+        ("move", {"slot_gate_channels": 4, "layer_start_bias": 2.0, "memory_density": 2}),
         ("lave", {"memory_density": 2}),
         ("lave", {"lave_full_gates": True}),
         ("bigram", {}),

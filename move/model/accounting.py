@@ -12,8 +12,8 @@ from move.config import ModelConfig
 PARAM_GROUPS = ("token_embedding", "lm_head", "transformer_matrices", "routers", "memory_control", "value_memory")
 # memory parameters that are neither tables nor matrices: the other designs' bigram
 # scales, value-residual weights, product sub-keys (memory_designs.py), and MoVE's
-# gate biases of the layer-assigned start (value_memory.py)
-MEMORY_CONTROL_NAMES = ("scales", "lambdas", "sub_keys", "gate_bias")
+# gate biases of the layer-assigned start and content-reading gate weights (value_memory.py)
+MEMORY_CONTROL_NAMES = ("scales", "lambdas", "sub_keys", "gate_bias", "slot_gate")
 
 
 def param_group(name: str) -> str:

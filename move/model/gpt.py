@@ -134,6 +134,9 @@ class GPT(nn.Module):
           between the slots of a row (with a zero router they get equal gradients).
           The layer-assigned start (layer_start_bias b > 0) adds a gate bias: 0 for
           g0 and a layer's own slots, -b for the rest (LayerValueMemory.start_gate_bias).
+          The content-reading gate's weights u (slot_gate_channels k): N(0, 1/k), so a
+          slot of unit-RMS content shifts its logit by ~1; the bank's content starts
+          far smaller (the value projection's scale), so gates start near 1.
         - the other memory designs (memory_designs.py): the bigram table zero and its
           per-layer scales 0.1 (modded-nanogpt); product-key sub-keys U(-s, s) with
           s = sqrt(3)/sqrt(key width), its query like any input matrix and its values
@@ -160,8 +163,12 @@ class GPT(nn.Module):
                 )
             elif isinstance(module, ValueResidual):
                 nn.init.constant_(module.lambdas, VALUE_RESIDUAL_INIT)
-            elif isinstance(module, LayerValueMemory) and module.gate_bias is not None:
-                module.start_gate_bias()
+            elif isinstance(module, LayerValueMemory):
+                if module.gate_bias is not None:
+                    module.start_gate_bias()
+                if module.slot_gate is not None:
+                    k = module.slot_gate.shape[1]
+                    _init_named(module.slot_gate, init_seed, f"{name}.slot_gate", "normal", 1 / math.sqrt(k))
             elif isinstance(module, nn.Linear):
                 if name.endswith("router") and self.config.router_init_scale > 0:
                     std = self.config.router_init_scale / math.sqrt(module.in_features)

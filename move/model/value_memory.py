@@ -141,6 +141,10 @@ class LayerValueMemory(nn.Module):
         self.own_slots = config.own_slots(layer)
         if self.start_bias > 0:
             self.gate_bias = nn.Parameter(torch.empty(self.heads * (self.slots + int(self.gate_g0))))
+        # the content-reading gate: slot m's logit also gets u_h . m[:k] (memory_control group)
+        self.slot_gate = None
+        if config.slot_gate_channels:
+            self.slot_gate = nn.Parameter(torch.empty(self.heads, config.slot_gate_channels))
         self.table = None
         if config.value_memory == "lave":
             self.table = ValueTable(config.vocab_size, self.heads, self.slots, config.memory_width // self.heads)
@@ -183,4 +187,17 @@ class LayerValueMemory(nn.Module):
 
     def forward(self, v, gate_logits, idx, bank_slots):
         slots = self.table(idx) if self.table is not None else bank_slots
+        if self.slot_gate is not None:
+            gate_logits = self.read_slots(gate_logits, slots.values)
         return mix_memory(v, gate_logits, slots, self.gate_g0, self.slot_dropout if self.training else 0.0)
+
+    def read_slots(self, gate_logits: torch.Tensor, slot_values: torch.Tensor) -> torch.Tensor:
+        """Add u_h . m[:k] to each slot's gate logit (not to g0): a gate that reads its
+        slot's content, so slots of one row that differ get different gates from the
+        first step. The content is read without a gradient to the bank (the bank
+        learns through the mix alone; u learns to read it), so the fast path's bank
+        gradient, which sees the gates only, stays exact."""
+        k = self.slot_gate.shape[1]
+        content = slot_values.detach()[..., :k].to(gate_logits.dtype)  # (B,T,H,S,k)
+        reads = (content * self.slot_gate.to(gate_logits.dtype)[:, None, :]).sum(-1)  # (B,T,H,S)
+        return torch.cat([gate_logits[..., : int(self.gate_g0)], gate_logits[..., int(self.gate_g0) :] + reads], -1)

@@ -35,6 +35,7 @@ MEMORY_FIELDS = {
     "memory_init_scale",
     "slot_dropout",
     "layer_start_bias",
+    "slot_gate_channels",
 }
 ADDS_MEMORY_TO = ("standard", "lave", "move")  # kinds whose added parts can start as the identity
 NEW_MEMORY_INITS = ("zero", "random")

@@ -1,5 +1,7 @@
-"""The layer-assigned start (layer_start_bias): MoVE xk begins as LaVE xk, with a
-trained gate bias that lets the layers learn to share their slots."""
+"""Symmetry breaking between the slots of a row: the layer-assigned start
+(layer_start_bias: MoVE xk begins as LaVE xk, with a trained gate bias that lets the
+layers learn to share their slots) and the content-reading gate (slot_gate_channels:
+each slot's gate reads the slot's own first channels)."""
 
 import pytest
 import torch
@@ -99,15 +101,22 @@ def test_layer_start_bias_is_refused_outside_move():
         ModelConfig(**BASE, value_memory="move", layer_start_bias=-1.0).validate()
 
 
+OPTIONS = {"layer start": dict(layer_start_bias=2.0), "content gate": dict(slot_gate_channels=4)}
+OPTION_PARAMS = ("gate_bias", "slot_gate")
+
+
 @pytest.mark.parametrize("shape", ["mha", "mla"])
-def test_cached_decoding_adds_the_bias_as_the_training_forward_does(shape):
-    """Decoding stacks the router with the value projection; the bias must follow."""
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_cached_decoding_gates_as_the_training_forward_does(shape, option):
+    """Decoding stacks the router with the value projection and mixes in fewer
+    kernels; the bias and the content-reading gate must follow."""
     extra = dict(attention="mla", kv_latent_dim=64, rope_head_dim=8) if shape == "mla" else {}
-    model = api.build_model("tiny", seed=2, **BASE, **extra, value_memory="move", layer_start_bias=2.0)
+    fields = dict(**BASE, **extra, value_memory="move", memory_density=2)
+    model = api.build_model("tiny", seed=2, **fields, **OPTIONS[option])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not name.endswith("gate_bias"):
+            if not name.endswith(OPTION_PARAMS):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     idx = torch.randint(0, 64, (2, 12), generator=g)
     full = model(idx)
@@ -115,6 +124,44 @@ def test_cached_decoding_adds_the_bias_as_the_training_forward_does(shape):
     with torch.no_grad():
         pieces = [model(idx[:, :5], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
-    unbiased = api.build_model("tiny", seed=2, **BASE, **extra, value_memory="move")
-    unbiased.load_state_dict({k: v for k, v in model.state_dict().items() if "gate_bias" not in k})
-    assert not torch.allclose(unbiased(idx), full, atol=1e-4)  # the bias is what the check is about
+    without = api.build_model("tiny", seed=2, **fields)
+    without.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(OPTION_PARAMS)})
+    assert not torch.allclose(without(idx), full, atol=1e-4)  # the option is what the check is about
+
+
+def test_the_content_gate_adds_each_slots_own_reading_to_its_logit():
+    """read_slots against the formula written out: logit_m + sum_c u[h, c] m[..., c]
+    for the slots, g0 untouched; equal slots get equal gates, different ones do not."""
+    model = api.build_model("tiny", seed=4, **BASE, value_memory="move", memory_density=2, slot_gate_channels=3)
+    memory = model.blocks[1].attn.value_memory
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, memory.heads, 1 + memory.slots, generator=g)
+    values = torch.randn(2, 5, memory.heads, memory.slots, 16, generator=g)
+    values[:, :, :, 1] = values[:, :, :, 0]  # slots 0 and 1 hold the same content
+    out = memory.read_slots(logits, values)
+    u = memory.slot_gate.detach()
+    expected = logits.clone()
+    for h in range(memory.heads):
+        for m in range(memory.slots):
+            expected[:, :, h, 1 + m] += sum(u[h, c] * values[:, :, h, m, c] for c in range(3))
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[..., 0], logits[..., 0])
+    torch.testing.assert_close(out[..., 1] - logits[..., 1], out[..., 2] - logits[..., 2])
+    assert not torch.allclose(out[..., 3] - logits[..., 3], out[..., 1] - logits[..., 1])
+
+
+def test_the_content_gate_changes_only_its_own_weights_and_counts_them():
+    paper = api.build_model("tiny", seed=5, **BASE, value_memory="move")
+    reading = api.build_model("tiny", seed=5, **BASE, value_memory="move", slot_gate_channels=4)
+    theirs = paper.state_dict()
+    for name, tensor in reading.state_dict().items():
+        if name.endswith("slot_gate"):
+            assert tensor.std() > 0.3  # N(0, 1/4)
+            continue
+        assert torch.equal(tensor, theirs[name]), name
+    heads = reading.config.kv_heads
+    assert count_params(reading)["memory_control"] - count_params(paper)["memory_control"] == 4 * heads * 4
+    with pytest.raises(ConfigError, match="slot_gate_channels is a MoVE option"):
+        ModelConfig(**BASE, value_memory="lave", slot_gate_channels=2).validate()
+    with pytest.raises(ConfigError, match="slot width per head"):
+        ModelConfig(**BASE, value_memory="move", slot_gate_channels=1000).validate()
