@@ -116,8 +116,11 @@ class RowShard:
         capacity = min(len(flat), self.per_rank)
         owner, place = self._places(distinct, capacity)
         asked = self._exchange(owner, place, distinct, capacity, self.num_rows)  # (world, capacity) global ids
-        local = (asked - self.start).clamp_(0, self.stop - self.start - 1)  # padding answers a row nobody reads
-        answers = local_weight[local].contiguous()
+        if self.stop > self.start:
+            local = (asked - self.start).clamp_(0, self.stop - self.start - 1)  # padding answers a row nobody reads
+            answers = local_weight[local].contiguous()
+        else:  # the last ranks of a small table may own no row: nobody asks them anything
+            answers = local_weight.new_zeros((*asked.shape, *local_weight.shape[1:]))
         got = torch.empty_like(answers)
         dist.all_to_all_single(got, answers, group=self.group)  # got[o, c]: the row we asked owner o for at c
         rows = torch.empty((len(flat), *local_weight.shape[1:]), dtype=local_weight.dtype, device=flat.device)
