@@ -30,7 +30,7 @@ VARIANTS = [
 ]
 
 
-def export_random_model(tmp_path, prepared_dir, monkeypatch, variant, attention, meta=None):
+def export_random_model(tmp_path, prepared_dir, monkeypatch, variant, attention, meta=None, **fields):
     """A model with decisive (non-uniform) logits, checkpointed and exported; the
     transformers dynamic-module cache is private to the test."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
@@ -38,7 +38,8 @@ def export_random_model(tmp_path, prepared_dir, monkeypatch, variant, attention,
     data = load_prepared(prepared_dir)
     torch.manual_seed(0)
     extra = dict(attention="mla", n_head=4, kv_latent_dim=32) if attention == "mla" else dict(n_head=4, n_kv_head=2)
-    model = GPT(model_config_from_preset("tiny", vocab_size=data.tokenizer.vocab_size, value_memory=variant, **extra))
+    vocab = data.tokenizer.vocab_size
+    model = GPT(model_config_from_preset("tiny", vocab_size=vocab, value_memory=variant, **extra, **fields))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -67,6 +68,19 @@ def test_exported_model_generates_the_same_tokens(tmp_path, prepared_dir, monkey
     ours = generate(model, prompt["input_ids"], 12, temperature=0)
     theirs = hf_model.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert theirs.tolist() == ours.tolist()
+
+
+def test_the_symmetry_breaking_options_export(tmp_path, prepared_dir, monkeypatch):
+    """A MoVE model with a layer-assigned start and a content-reading gate: the export
+    carries both (their parameters and settings) and generates the project's tokens."""
+    model, _, hf_model, hf_tokenizer, _ = export_random_model(
+        tmp_path, prepared_dir, monkeypatch, "move", "mha", layer_start_bias=3.0, slot_gate_channels=4, memory_density=2
+    )
+    names = {n for n, _ in hf_model.named_parameters()}
+    assert any(n.endswith("gate_bias") for n in names) and any(n.endswith("slot_gate") for n in names)
+    prompt = hf_tokenizer("First Citizen: Before we proceed", return_tensors="pt")
+    ours = generate(model, prompt["input_ids"], 12, temperature=0)
+    assert hf_model.generate(**prompt, max_new_tokens=12, do_sample=False).tolist() == ours.tolist()
 
 
 @pytest.mark.parametrize("variant,attention", VARIANTS, ids=[f"{v}-{a}" for v, a in VARIANTS])
