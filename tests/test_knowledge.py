@@ -220,6 +220,26 @@ def test_knowledge_files_from_before_relations_read_as_the_classic_five():
     assert facts_in(knowledge) == [(3, "city", "city7", "key-first"), (3, "pet", "dog", "key-first")]
 
 
+def test_a_corpus_made_before_an_option_existed_is_kept_not_refused(tmp_path):
+    """A manifest written before an option was added lacks it; the corpus was made with
+    its default, so preparing the same corpus again keeps it (an experiment's set-up
+    reruns its data commands every time); another value is still refused."""
+    import json
+
+    from move.cli import main
+    from move.errors import DataError
+    from move.knowledge.corpus import KnowledgeConfig, prepare_knowledge
+
+    out = tmp_path / "facts"
+    assert main(["knowledge-prepare", "--individuals", "20", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["options"]["value_words"], manifest["options"]["order"]  # as older versions wrote it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert prepare_knowledge(KnowledgeConfig(individuals=20), out)["options"] == manifest["options"]
+    with pytest.raises(DataError, match="order: 'key-first', not 'query-first'"):
+        prepare_knowledge(KnowledgeConfig(individuals=20, order="query-first"), out)
+
+
 @pytest.mark.parametrize("knowledge", [{"facts": [[1]]}, {"facts": 5}, {"relations": {"r0": {"key_cue": "x"}}}])
 def test_malformed_knowledge_files_are_one_line_errors(knowledge):
     from move.errors import DataError
