@@ -19,6 +19,7 @@ VALUE_MEMORY_VARIANTS = ("standard", "lave", "move")
 # layer and the value residual. They run on MHA/GQA attention.
 OTHER_MEMORY_DESIGNS = ("bigram", "pkm", "value_residual")
 MEMORY_KINDS = VALUE_MEMORY_VARIANTS + OTHER_MEMORY_DESIGNS
+ROW_EXCHANGES = ("sized", "fixed")  # how a row-sharded table's rows travel (move/model/row_shard.py)
 MEMORY_LABELS = {
     "standard": "standard",
     "lave": "LaVE",
@@ -379,6 +380,15 @@ class OptimConfig:
         return self
 
 
+def check_mix(config) -> None:
+    """A config's mix_data and mix_fraction (TrainConfig, RetrofitRun): both or neither,
+    the fraction in [0, 1)."""
+    if not 0 <= config.mix_fraction < 1:
+        raise ConfigError(f"mix_fraction must lie in [0, 1), got {config.mix_fraction}")
+    if bool(config.mix_data) != (config.mix_fraction > 0):
+        raise ConfigError("mix_data and mix_fraction go together: give both or neither")
+
+
 @dataclass
 class TrainConfig:
     steps: int = option(200, "optimiser steps")
@@ -440,12 +450,9 @@ class TrainConfig:
             raise ConfigError(f"value_memory_dtype must be float32 or bfloat16, got {self.value_memory_dtype!r}")
         if self.init_new_memory not in ("zero", "random"):
             raise ConfigError(f"init_new_memory must be zero or random, got {self.init_new_memory!r}")
-        if self.row_exchange not in ("sized", "fixed"):
-            raise ConfigError(f"row_exchange must be sized or fixed, got {self.row_exchange!r}")
-        if not 0 <= self.mix_fraction < 1:
-            raise ConfigError(f"mix_fraction must lie in [0, 1), got {self.mix_fraction}")
-        if bool(self.mix_data) != (self.mix_fraction > 0):
-            raise ConfigError("mix_data and mix_fraction go together: give both or neither")
+        if self.row_exchange not in ROW_EXCHANGES:
+            raise ConfigError(f"row_exchange must be one of {', '.join(ROW_EXCHANGES)}, got {self.row_exchange!r}")
+        check_mix(self)
         parse_loggers(self.loggers)
         self.optim.validate()
         return self
@@ -612,8 +619,7 @@ class RetrofitRun:
             raise ConfigError(f"bank_optimizer must be exact or lazy, got {self.bank_optimizer!r}")
         if self.bank_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"bank_dtype must be float32 or bfloat16, got {self.bank_dtype!r}")
-        if bool(self.mix_data) != (self.mix_fraction > 0) or not 0 <= self.mix_fraction < 1:
-            raise ConfigError("mix_data and mix_fraction go together, with mix_fraction in [0, 1)")
+        check_mix(self)
         mixed_rows = round(self.batch_size * self.mix_fraction)
         if self.mix_data and not 0 < mixed_rows < self.batch_size:
             raise ConfigError(

@@ -49,20 +49,22 @@ def read_manifest(directory, name: str, fmt: str, missing_hint: str) -> dict:
     raise DataError(f"{path}: not a {fmt} manifest")
 
 
-def existing_data(out_dir, force: bool, recipe: dict, recorded) -> dict | None:
+def existing_data(out_dir, force: bool, recipe: dict, recorded, defaults: dict | None = None) -> dict | None:
     """What to do with the output directory of a data-preparing command: None = build
     it (absent, or --force, which may replace only move's own data); its manifest = it
     already holds data made with this recipe (keep it, nothing to do). Data made with
     another recipe is refused with a one-line error naming the first difference, so an
     experiment's set-up never trains on data prepared for something else.
-    recorded(manifest) -> the recipe a manifest records."""
+    recorded(manifest) -> the recipe a manifest records. defaults: what an option the
+    manifest lacks reads as (one added after the data was made: its default is what the
+    data was made with, as new options keep old data bit for bit)."""
     out_dir = Path(out_dir)
     check_replaceable(out_dir, DATA_MARKERS, "prepared data")
     if force or not out_dir.exists():
         return None
     try:
         manifest = read_json(out_dir / DATA_MARKERS[0], "manifest")
-        theirs = recorded(manifest)
+        theirs = {**(defaults or {}), **recorded(manifest)}
     except (UserError, ValueError, KeyError, TypeError, AttributeError):
         raise DataError(
             f"{out_dir} already exists and its manifest is unreadable; pass --force to replace it"

@@ -43,7 +43,7 @@ from move.export.retrofit_measures import (
 from move.knowledge.corpus import KNOWLEDGE_FILE
 from move.knowledge.recall import load_knowledge
 from move.progress import progress
-from move.text.loader import BatchLoader, MixedLoader
+from move.text.loader import training_loader
 from move.text.prepare import load_prepared
 from move.training.row_adam import RowAdam
 from move.training.table_adamw import TableAdamW
@@ -229,16 +229,10 @@ def train_retrofit(
 
 def training_batches(data, run: RetrofitRun):
     """The data's batches, with round(batch_size x mix_fraction) rows of --mix-data in each."""
-    mixed_rows = round(run.batch_size * run.mix_fraction) if run.mix_data else 0
-    rows = run.batch_size - mixed_rows
-    loader = BatchLoader(data.tokens("train"), data.tokenizer.bos_id, rows, run.seq_len, run.seed)
-    if not mixed_rows:
-        return loader
-    mixed_in = load_prepared(run.mix_data)
-    if mixed_in.tokenizer.fingerprint() != data.tokenizer.fingerprint():
-        raise UserError(f"{run.mix_data} was prepared with another tokenizer than {data.directory}")
-    other = BatchLoader(mixed_in.tokens("train"), data.tokenizer.bos_id, mixed_rows, run.seq_len, run.seed)
-    return MixedLoader(loader, other)
+    mixed_in = load_prepared(run.mix_data) if run.mix_data else None
+    return training_loader(
+        data, run.batch_size, run.seq_len, run.seed, mixed_in=mixed_in, mix_fraction=run.mix_fraction
+    )
 
 
 def peak_rss_mb() -> float:

@@ -302,10 +302,7 @@ def prepare_knowledge(
     options = {"source": "knowledge", **asdict(config)}
     if pretrained is not None:
         options["tokenizer"] = tokenizer_name or "pretrained"
-    # an option added after a corpus was made is absent from its manifest; its default is
-    # what that corpus was made with (new options keep the old corpora bit for bit)
-    recorded = lambda manifest: {**asdict(KnowledgeConfig()), **manifest["options"]}
-    kept = existing_data(out_dir, force, options, recorded)
+    kept = existing_data(out_dir, force, options, lambda manifest: manifest["options"], asdict(KnowledgeConfig()))
     if kept is not None:
         return kept
     tokenizer = pretrained or Tokenizer.word_level(vocabulary(config))

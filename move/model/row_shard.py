@@ -44,8 +44,6 @@ import torch.distributed as dist
 
 from move.model.row_ids import distinct_slots, sum_repeated_rows, sum_rows
 
-EXCHANGES = ("sized", "fixed")
-
 
 class RowShard:
     def __init__(self, num_rows: int, rank: int, world_size: int, group=None, fixed: bool = False):

@@ -28,9 +28,10 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from move.config import ROW_EXCHANGES
 from move.errors import ConfigError
 from move.model.row_ids import distinct_slots, sum_repeated_rows, sum_rows
-from move.model.row_shard import EXCHANGES, RowShard
+from move.model.row_shard import RowShard
 
 GRAD_MODES = ("autograd", "dense")
 
@@ -189,8 +190,8 @@ class ValueTable(nn.Module):
         hold the same full table when this is called (same seed or checkpoint)."""
         if self.grad_mode == "autograd":
             raise ConfigError("a sharded value-memory table needs the fast path (value_memory_path fast)")
-        if exchange not in EXCHANGES:
-            raise ConfigError(f"row exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
+        if exchange not in ROW_EXCHANGES:
+            raise ConfigError(f"row exchange must be one of {', '.join(ROW_EXCHANGES)}, got {exchange!r}")
         self.shard = RowShard(self.weight.shape[0], rank, world_size, group, fixed=exchange == "fixed")
         self.weight = nn.Parameter(self.weight.data[self.shard.start : self.shard.stop].clone())
 

@@ -63,6 +63,35 @@ class MixedLoader:
         self.mixed_in.load_state_dict(state["mixed_in"])
 
 
+def training_loader(
+    data,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    mixed_in=None,
+    mix_fraction: float = 0.0,
+):
+    """Training batches of prepared data (PreparedData); with `mixed_in` (another corpus
+    under the same tokenizer), round(batch_size x mix_fraction) rows of every batch
+    come from it (MixedLoader). Refuses, in one line, a share that leaves a corpus no
+    row and a corpus under another tokenizer."""
+    mixed_rows = round(batch_size * mix_fraction) if mixed_in else 0
+    if mixed_in and not 0 < mixed_rows < batch_size:
+        raise DataError(
+            f"mix_fraction {mix_fraction} of {batch_size} rows a batch (per process) is {mixed_rows} rows; "
+            "it must leave at least one row of each corpus"
+        )
+    if mixed_in and mixed_in.tokenizer.fingerprint() != data.tokenizer.fingerprint():
+        raise DataError(f"{mixed_in.directory} was prepared with another tokenizer than {data.directory}")
+    bos = data.tokenizer.bos_id
+    loader = BatchLoader(data.tokens("train"), bos, batch_size - mixed_rows, seq_len, seed, rank, world_size)
+    if not mixed_in:
+        return loader
+    return MixedLoader(loader, BatchLoader(mixed_in.tokens("train"), bos, mixed_rows, seq_len, seed, rank, world_size))
+
+
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int):
     """Consecutive non-overlapping windows over the first max_tokens tokens, so that
     every scored token is scored exactly once. Yields (inputs, targets) batches."""

@@ -7,7 +7,7 @@ import torch
 
 from move.errors import DataError
 from move.evaluation.bpb import bits_per_byte
-from move.text.loader import BatchLoader, MixedLoader, eval_windows
+from move.text.loader import eval_windows, training_loader
 from move.text.prepare import PreparedData
 
 
@@ -38,22 +38,7 @@ class TextTask:
                         f"{seq_len + 1}; prepare more text (or a larger --val-fraction)"
                     )
         self.tokens_per_example = seq_len
-        mixed_rows = round(batch_size * mix_fraction) if mixed_in else 0
-        if mixed_in and not 0 < mixed_rows < batch_size:
-            raise DataError(
-                f"mix_fraction {mix_fraction} of {batch_size} rows a batch (per process) is {mixed_rows} rows; "
-                "it must leave at least one row of each corpus"
-            )
-        if mixed_in and mixed_in.tokenizer.fingerprint() != data.tokenizer.fingerprint():
-            raise DataError(f"{mixed_in.directory} was prepared with another tokenizer than {data.directory}")
-        self.loader = BatchLoader(
-            data.tokens("train"), data.tokenizer.bos_id, batch_size - mixed_rows, seq_len, seed, rank, world_size
-        )
-        if mixed_in:
-            other = BatchLoader(
-                mixed_in.tokens("train"), data.tokenizer.bos_id, mixed_rows, seq_len, seed, rank, world_size
-            )
-            self.loader = MixedLoader(self.loader, other)
+        self.loader = training_loader(data, batch_size, seq_len, seed, rank, world_size, mixed_in, mix_fraction)
         self.token_bytes = torch.from_numpy(data.tokenizer.token_bytes())
 
     def check_model(self, model) -> None:
