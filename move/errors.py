@@ -24,3 +24,7 @@ class CheckpointError(UserError):
 
 class TokenRangeError(UserError):
     """Token ids outside the model's vocabulary."""
+
+
+class DirectoryBusy(UserError):
+    """Another live process is writing the directory (its lock is held)."""

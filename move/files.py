@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from move.errors import DataError, UserError
+from move.errors import DataError, DirectoryBusy, UserError
 from move.readers import read_json
 
 # Marker files: a directory holding one of these was written by move.
@@ -166,7 +166,7 @@ class DirectoryLock:
         except BlockingIOError:
             owner = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
-            raise UserError(
+            raise DirectoryBusy(
                 f"{directory} is being written by another move process (pid {owner}); "
                 f"wait for it to finish or choose another {what}"
             ) from None

@@ -108,6 +108,47 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, prepared_dir, capsys):
     assert page.count("data:image/png;base64,") == 3 and "<table>" in page
 
 
+def test_a_run_another_process_holds_is_passed_over_and_taken_up_when_it_is_free(
+    tmp_path, prepared_dir, capsys, monkeypatch
+):
+    """Two `move experiment` processes share a grid: the one that finds a run's lock
+    held trains the other runs first and comes back to it (here the holder lets go
+    without finishing, as a killed process would, so this one trains it)."""
+    from move.experiments import runner
+    from move.files import DirectoryLock
+
+    path = tmp_path / "pair.toml"
+    path.write_text(f"""
+name = "pair"
+data = "{prepared_dir}"
+preset = "tiny"
+seeds = [0]
+variants = ["standard", "move:1"]
+[train]
+steps = 2
+batch_size = 2
+eval_every = 2
+eval_tokens = 256
+checkpoint_every = 2
+""")
+    out = tmp_path / "results"
+    held = out / "runs" / "base" / "standard" / "seed0"  # the grid's first run
+    lock = DirectoryLock(held)  # what the other process's trainer holds while it trains
+    waits = []
+
+    def other_process_lets_go(seconds):
+        waits.append(seconds)
+        lock.release()
+
+    monkeypatch.setattr(runner.time, "sleep", other_process_lets_go)
+    run_experiment(path, out)
+    log = capsys.readouterr().out
+    assert waits == [runner.BUSY_POLL_SECONDS]
+    assert "1 run(s) are being trained by another process" in log
+    assert log.index("move_x1/seed0: training") < log.index("standard/seed0: training")
+    assert all((out / "runs" / "base" / v / "seed0" / "summary.json").exists() for v in ("standard", "move_x1"))
+
+
 def assert_refused(path, text: str, match: str) -> None:
     """Experiment file `path` holding `text` is refused with a ConfigError matching `match`."""
     path.write_text(text)

@@ -44,6 +44,10 @@ The grid is sizes x variants x seeds, run seed-major (every variant of seed 0
 first), so an interrupted experiment already has complete pairs. Every run sees
 the same batches in the same order (data_seed) and the same number of tokens;
 finished runs are skipped, interrupted ones resume from their checkpoint.
+Several processes may work on one grid at once (`move experiment FILE` started
+twice, each with OMP_NUM_THREADS=1 on a 2-core machine): a run another process is
+training (its directory lock is held) is passed over and looked at again later, so
+each process trains different runs and returns once the whole grid is finished.
 Results: <out>/runs/<size>/<variant>/seed<k>/ (run.json, metrics.jsonl,
 summary.json, checkpoints), budget branches in <run>/decay/steps_<b>/, then
 `move report <out>`.
@@ -53,13 +57,14 @@ import dataclasses
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from move.config import ModelConfig
-from move.errors import ConfigError
+from move.errors import ConfigError, DirectoryBusy
 from move.experiments.compare import ImageEvalSpec, image_sample_metrics
 from move.readers import read_toml
 from move.recipes import RunSpec, parse_variant, start_training
@@ -348,6 +353,39 @@ def run_budget_branch(experiment: Experiment, spec: GridRun, run_dir: Path, budg
     return "stopped_at" not in trainer.run()
 
 
+BUSY_POLL_SECONDS = 30.0
+
+
+def run_grid_entry(experiment: Experiment, spec: GridRun, out: Path, place: str, force: bool, bar: tqdm) -> bool:
+    """Train (or resume, or skip) one run of the grid with its budget branches and
+    image metrics; False if a signal stopped it. DirectoryBusy: another process holds it."""
+    run_dir = out / "runs" / spec.key
+    bar.set_description(f"{experiment.name} [{place}]")
+    if not (run_dir / "summary.json").exists() or force:
+        resume = (run_dir / "run.json").exists() and not force
+        trainer = start_training(
+            experiment.run_spec(spec),
+            run_dir,
+            resume=resume,
+            force=force,
+            quiet=True,
+            keep_steps=frozenset(experiment.branch_step(b) for b in experiment.decay_budgets),
+            progress=bar,
+        )
+        bar.write(f"[{place}] {spec.key}: {'resuming' if resume else 'training'}")
+        if "stopped_at" in trainer.run():
+            bar.write(f"stopped during {spec.key}; rerun the same command to continue")
+            return False
+    for budget in experiment.decay_budgets:
+        if not run_budget_branch(experiment, spec, run_dir, budget, bar):
+            bar.write(f"stopped during {spec.key} (budget {budget}); rerun the same command to continue")
+            return False
+    if experiment.image:
+        bar.write(f"    {spec.key}: sample metrics")
+        image_sample_metrics(run_dir, spec.data, ImageEvalSpec(**experiment.image))
+    return True
+
+
 def run_experiment(path, out=None, force: bool = False) -> Path | None:
     """Run every missing run of the grid (and its budget branches and image metrics);
     -> the results directory, or None if a signal stopped it (rerun to continue)."""
@@ -366,30 +404,17 @@ def run_experiment(path, out=None, force: bool = False) -> Path | None:
     done, total = grid_steps(experiment, out) if not force else (0, grid_steps(experiment, out)[1])
     # one bar over every training step of the grid: its rate and ETA are the experiment's
     with tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, desc=experiment.name) as bar:
-        for i, spec in enumerate(specs, 1):
-            run_dir = out / "runs" / spec.key
-            bar.set_description(f"{experiment.name} [{i}/{len(specs)}]")
-            if not (run_dir / "summary.json").exists() or force:
-                resume = (run_dir / "run.json").exists() and not force
-                bar.write(f"[{i}/{len(specs)}] {spec.key}: {'resuming' if resume else 'training'}")
-                keep = frozenset(experiment.branch_step(b) for b in experiment.decay_budgets)
-                summary = start_training(
-                    experiment.run_spec(spec),
-                    run_dir,
-                    resume=resume,
-                    force=force,
-                    quiet=True,
-                    keep_steps=keep,
-                    progress=bar,
-                ).run()
-                if "stopped_at" in summary:
-                    bar.write(f"stopped during {spec.key}; rerun the same command to continue")
-                    return None
-            for budget in experiment.decay_budgets:
-                if not run_budget_branch(experiment, spec, run_dir, budget, bar):
-                    bar.write(f"stopped during {spec.key} (budget {budget}); rerun the same command to continue")
-                    return None
-            if experiment.image:
-                bar.write(f"    {spec.key}: sample metrics")
-                image_sample_metrics(run_dir, spec.data, ImageEvalSpec(**experiment.image))
+        waiting = list(enumerate(specs, 1))
+        while waiting:
+            busy = []
+            for i, spec in waiting:
+                try:
+                    if not run_grid_entry(experiment, spec, out, f"{i}/{len(specs)}", force, bar):
+                        return None
+                except DirectoryBusy:  # another process trains it: come back to it
+                    busy.append((i, spec))
+            if busy:
+                bar.write(f"{len(busy)} run(s) are being trained by another process; waiting for them")
+                time.sleep(BUSY_POLL_SECONDS)
+            waiting = busy
     return out
