@@ -86,6 +86,21 @@ def test_prepared_data_manifest_and_bos_alignment(prepared_dir):
     assert int(token_bytes[np.asarray(data.tokens("val"))].sum()) == m["splits"]["val"]["text_bytes"]
 
 
+def test_data_made_before_an_option_existed_is_kept_and_another_value_refused(prepared_copy, text_folder):
+    """A manifest written before an option was added lacks it; the data was made with
+    the option's default, so the same prepare command keeps it (an experiment's set-up
+    reruns it every time)."""
+    from move.errors import DataError
+
+    manifest = json.loads((prepared_copy / "manifest.json").read_text())
+    del manifest["options"]["tokenizer_chars"]  # as a version before the option wrote it
+    (prepared_copy / "manifest.json").write_text(json.dumps(manifest))
+    same = dict(source="txt", path=str(text_folder), vocab_size=512, val_fraction=0.25, passage_tokens=64)
+    assert prepare(PrepareOptions(**same), prepared_copy)["options"] == manifest["options"]
+    with pytest.raises(DataError, match="tokenizer_chars: 50000000, not 1000"):
+        prepare(PrepareOptions(**same, tokenizer_chars=1000), prepared_copy)
+
+
 def test_corrupted_shard_is_caught(prepared_copy):
     shard = prepared_copy / "train.bin"
     raw = bytearray(shard.read_bytes())

@@ -172,7 +172,7 @@ def prepare(options: PrepareOptions, out_dir, force: bool = False, pretrained: T
     file is read through transformers, which this layer does not import)."""
     o = options.validate()
     out_dir = Path(out_dir)
-    kept = existing_data(out_dir, force, asdict(o), lambda manifest: manifest["options"])
+    kept = existing_data(out_dir, force, asdict(o), lambda manifest: manifest["options"], asdict(PrepareOptions()))
     if kept is not None:
         return kept
     docs = lambda: iter_documents(o.source, o.path, o.field)
