@@ -16,7 +16,9 @@
 # Forgetting: bpb and KL on held-out news and Shakespeare (with news mixed in, news is
 # no longer unseen text: Shakespeare is). The untouched model's figures are measured
 # once for every run (--untouched). Resumable: a finished run is skipped.
-#   bash scripts/smollm2_study.sh   -> results/smollm2-study/<mix>/<arm>/seed<k>/retrofit.json
+#   bash scripts/smollm2_study.sh [MIX ...]   -> results/smollm2-study/<mix>/<arm>/seed<k>/retrofit.json
+# MIX: none and/or news (default both). Two workers on a 2-core machine, each with
+# OMP_NUM_THREADS=1, take one each: `bash scripts/smollm2_study.sh none` and `... news`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/smollm2_data.sh"
 bash scripts/smollm2_sweep.sh  # (skips what is done)
@@ -35,8 +37,12 @@ declare -A ARMS=(
 )
 declare -A MIXES=([none]="" [news]="--mix-data data/news_smol --mix-fraction 0.25")
 OUT=results/smollm2-study
+CHOSEN=("${@:-none news}")
+for mix in ${CHOSEN[*]}; do
+    [ -n "${MIXES[$mix]+set}" ] || { echo "unknown mix '$mix': choose none or news" >&2; exit 2; }
+done
 for seed in 0 1 2; do
-    for mix in none news; do
+    for mix in ${CHOSEN[*]}; do
         for arm in bank1 lora32 full lave bank15 lora8 bank1+lora32; do
             out="$OUT/$mix/$arm/seed$seed"
             [ -f "$out/retrofit.json" ] && continue
