@@ -656,7 +656,7 @@ def cmd_experiment(args) -> None:
     from move.experiments.runner import run_experiment
 
     torch.set_flush_denormal(True)
-    out = run_experiment(args.file, args.out, force=args.force)
+    out = run_experiment(args.file, args.out, force=args.force, only=tuple(args.only))
     if out is not None:
         write_experiment_report(out)
 
@@ -1047,6 +1047,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="experiment TOML (see experiments/)")
     p.add_argument("--out", help="results directory (default results/<name>)")
     p.add_argument("--force", action="store_true", help="retrain finished runs")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="SIZE/VARIANT",
+        help="run only this cell of the grid (every seed), e.g. layer-start/move:1; repeatable (default every cell)",
+    )
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("report", help="tables, statistics and plots of an experiment's results")

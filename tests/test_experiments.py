@@ -149,6 +149,17 @@ checkpoint_every = 2
     assert all((out / "runs" / "base" / v / "seed0" / "summary.json").exists() for v in ("standard", "move_x1"))
 
 
+def test_only_runs_the_named_cells_every_seed_and_refuses_an_unknown_one(tmp_path, prepared_dir, capsys):
+    path = write_experiment(tmp_path, prepared_dir)
+    out = tmp_path / "results"
+    with pytest.raises(ConfigError, match="--only 'tiny/move:4' is not a size/variant cell"):
+        run_experiment(path, out, only=("tiny/move:4",))
+    run_experiment(path, out, only=("tiny/move:1", "tiny-deeper/standard"))
+    trained = sorted(p.parent.relative_to(out / "runs").as_posix() for p in out.glob("runs/*/*/*/summary.json"))
+    assert trained == [f"{k}/seed{s}" for k in ("tiny-deeper/standard", "tiny/move_x1") for s in (0, 1)]
+    assert capsys.readouterr().out.count("training") == 4
+
+
 def assert_refused(path, text: str, match: str) -> None:
     """Experiment file `path` holding `text` is refused with a ConfigError matching `match`."""
     path.write_text(text)

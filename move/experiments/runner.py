@@ -311,12 +311,12 @@ def latest_step(run_dir: Path) -> int:
     return int(found[-1].name.split("_")[1]) if found else 0
 
 
-def grid_steps(experiment: "Experiment", out: Path) -> tuple[int, int]:
-    """(steps already trained, steps in all) over every run of the grid and its budget
-    branches (a branch trains from its branch point): the experiment's progress bar."""
+def grid_steps(experiment: "Experiment", out: Path, specs: list[GridRun]) -> tuple[int, int]:
+    """(steps already trained, steps in all) over the runs and their budget branches
+    (a branch trains from its branch point): the experiment's progress bar."""
     done = total = 0
     steps = experiment.train_config.steps
-    for spec in experiment.runs():
+    for spec in specs:
         run_dir = out / "runs" / spec.key
         total += steps
         done += steps if (run_dir / "summary.json").exists() else latest_step(run_dir)
@@ -386,9 +386,11 @@ def run_grid_entry(experiment: Experiment, spec: GridRun, out: Path, place: str,
     return True
 
 
-def run_experiment(path, out=None, force: bool = False) -> Path | None:
+def run_experiment(path, out=None, force: bool = False, only: tuple[str, ...] = ()) -> Path | None:
     """Run every missing run of the grid (and its budget branches and image metrics);
-    -> the results directory, or None if a signal stopped it (rerun to continue)."""
+    -> the results directory, or None if a signal stopped it (rerun to continue).
+    only: "size/variant" cells (as in contrasts) to run now, every seed of each; the
+    rest of the grid waits for a later call (the cells a decision needs, first)."""
     experiment = Experiment.load(path)
     out = Path(out or Path("results") / experiment.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -401,7 +403,16 @@ def run_experiment(path, out=None, force: bool = False) -> Path | None:
     shutil.copyfile(path, copy)
     run_setup(experiment)
     specs = experiment.runs()
-    done, total = grid_steps(experiment, out) if not force else (0, grid_steps(experiment, out)[1])
+    if only:
+        cells = {f"{r.size}/{r.variant}" for r in specs}
+        unknown = sorted(set(only) - cells)
+        if unknown:
+            raise ConfigError(
+                f"--only {unknown[0]!r} is not a size/variant cell of the grid ({', '.join(sorted(cells))})"
+            )
+        specs = [r for r in specs if f"{r.size}/{r.variant}" in only]
+    done, total = grid_steps(experiment, out, specs)
+    done = 0 if force else done
     # one bar over every training step of the grid: its rate and ETA are the experiment's
     with tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, desc=experiment.name) as bar:
         waiting = list(enumerate(specs, 1))
