@@ -255,18 +255,22 @@ def test_two_process_checkpoint_resumes_with_one(tmp_path, failed_job, prepared_
 @pytest.mark.parametrize("optimizer", ["exact", "lazy"])
 def test_bf16_bank_resumes_from_a_sharded_checkpoint(tmp_path, prepared_dir, optimizer):
     """A bf16 bank keeps fp32 Adam moments; the sharded (DCP) checkpoint of 2 processes,
-    failed in step 4 and resumed by 2, continues exactly as one uninterrupted process."""
+    failed in step 4 and resumed by 2, continues bit for bit as 2 uninterrupted ones.
+    (Against one process it cannot be compared tightly: the ranks sum gradients in
+    another order, and a bf16 bank rounds that difference up to a whole bf16 step of a
+    row, 4e-3 near 1, which the next steps carry into every weight.)"""
     args = ["--data", prepared_dir, *COMMON, "--variant", "move", "--density", "2"]
     args += ["--value-memory-optimizer", optimizer, "--value-memory-dtype", "bfloat16"]
     args += ["--steps", 4, "--eval-every", 2, "--checkpoint-every", 2]
-    run = tmp_path / "two"
+    run = tmp_path / "resumed"
     assert torchrun([*args, "--out", run], fault="1:4").returncode != 0
     resumed = torchrun([*args, "--out", run, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    reference = tmp_path / "one"
-    assert main(["train", *map(str, args), "--out", str(reference)]) == 0
-    assert_same_state(run / "checkpoints" / "step_000004", reference / "checkpoints" / "step_000004")
-    assert_same_metrics(run, reference, ["train_loss", "val_bpb"])
+    reference = tmp_path / "uninterrupted"
+    assert torchrun([*args, "--out", reference]).returncode == 0
+    assert_same_state(run / "checkpoints" / "step_000004", reference / "checkpoints" / "step_000004", atol=0)
+    losses = lambda run_dir: [(m["step"], m["train_loss"], m["val_bpb"]) for m in metrics(run_dir)]
+    assert losses(run) == losses(reference)
 
 
 def test_checkpoints_reshard_from_one_to_two_to_three_processes(tmp_path, prepared_dir, monkeypatch):

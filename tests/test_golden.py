@@ -39,6 +39,7 @@ VARIANTS = {
     "lave_x1": dict(value_memory="lave"),
     "move_x2": dict(value_memory="move", memory_density=2),
     "move_x1_mla": dict(value_memory="move", attention="mla", kv_latent_dim=64),
+    "move_x2_layer_start": dict(value_memory="move", memory_density=2, layer_start_bias=4.0),
 }
 
 

@@ -40,6 +40,16 @@ GROWTHS = {
     "standard -> MoVE x4": ({}, {"value_memory": "move", "memory_density": 4}),
     "standard -> LaVE x1": ({}, {"value_memory": "lave"}),
     "MoVE x1 -> MoVE x4": ({"value_memory": "move"}, {"value_memory": "move", "memory_density": 4}),
+    # the layer-assigned start's gate bias: a paper-start source has none (its gates take
+    # a bias of 0); a layer-start source's bias is kept for its gates
+    "MoVE x1 -> MoVE x4 layer start": (
+        {"value_memory": "move"},
+        {"value_memory": "move", "memory_density": 4, "layer_start_bias": 4.0},
+    ),
+    "MoVE x1 layer start -> MoVE x4 layer start": (
+        {"value_memory": "move", "layer_start_bias": 4.0},
+        {"value_memory": "move", "memory_density": 4, "layer_start_bias": 4.0},
+    ),
     "LaVE x1 -> LaVE x2": ({"value_memory": "lave"}, {"value_memory": "lave", "memory_density": 2}),
     "LaVE -> LaVE with full gates": ({"value_memory": "lave"}, {"value_memory": "lave", "lave_full_gates": True}),
 }
@@ -69,7 +79,7 @@ def test_the_grown_model_computes_the_sources_function(prepared_dir, tmp_path, s
     assert_same(model(x, targets=x), source(x, targets=x), exact)
     for name, t in source.state_dict().items():  # every source tensor kept (tables: as the first slots)
         mine = model.state_dict()[name]
-        if "router" not in name:  # routers gain rows per head: their outputs are what the logits test
+        if "router" not in name and "gate_bias" not in name:  # gain gates per head: the logits test them
             assert torch.equal(mine[:, :, : t.shape[2]] if mine.dim() == 4 else mine, t), name
 
 

@@ -1,6 +1,7 @@
 """Trackers and value-memory diagnostics (issue: ecosystem)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -23,6 +24,18 @@ def test_diagnostics_at_init_gates_are_one():
     rows = model.bank.weight[torch.unique(idx)].flatten(1).norm(dim=1)
     assert d["vm/row_norm_max"] == pytest.approx(rows.max().item())
     assert value_memory_diagnostics(GPT(model_config_from_preset("tiny")), idx) == {}
+
+
+def test_at_init_the_layer_start_opens_each_layers_own_slots_only():
+    """The layer-assigned start (b = 4): g0 and the slots of the layer's LaVE turn at
+    2*sigmoid(0) = 1, every other slot at 2*sigmoid(-4)."""
+    model = GPT(model_config_from_preset("tiny", value_memory="move", memory_density=2, layer_start_bias=4.0))
+    gates = collect_gates(model, torch.randint(0, 512, (2, 16)))
+    closed = 2 / (1 + math.exp(4))
+    for layer, g in gates.items():
+        own = set(model.config.own_slots(layer))
+        expected = [1.0] + [1.0 if m in own else closed for m in range(model.config.n_slots)]
+        torch.testing.assert_close(g, torch.tensor(expected).expand_as(g))
 
 
 def test_slot_cosine_known_values():

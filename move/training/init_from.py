@@ -78,6 +78,8 @@ def initialise_from(model: GPT, source: GPT, init_new_memory: str, where: str) -
             copy_table(param, theirs.get(name), tables[name], zero_new=init_new_memory == "zero")
         elif name.endswith("router.weight"):
             copy_router(param, theirs.get(name), source.config, model.config)
+        elif name.endswith("gate_bias"):
+            copy_gate_bias(param, theirs.get(name), source.config, model.config)
         elif name in theirs:
             param.copy_(theirs[name])
     copied = sum(name in theirs for name in mine)
@@ -111,3 +113,17 @@ def copy_router(param: torch.Tensor, old: torch.Tensor | None, source: ModelConf
     first, gates_old = int(new_g0), old.shape[0] // heads
     rows[:, first : first + gates_old] = 0  # channels the source's router did not read (LaVE's narrow router)
     rows[:, first : first + gates_old, : old.shape[1]] = old.view(heads, gates_old, -1)
+
+
+def copy_gate_bias(param: torch.Tensor, old: torch.Tensor | None, source: ModelConfig, target: ModelConfig) -> None:
+    """The layer-assigned start's bias, (heads, gates) flattened as the router's rows.
+    The source's gates keep the source's bias, or 0 where it had none (the paper's
+    start: no bias is a bias of 0), so the grown model computes the source's function;
+    the new slots keep the start's bias (their slots are zero, so it changes nothing yet)."""
+    rows = param.view(target.kv_heads, -1)
+    first = int(target.gate_g0 and not source.gate_g0)  # a new g0 was started at 0 already
+    source_gates = int(source.gate_g0) + (source.n_slots if source.value_memory == "move" else 0)
+    if old is None:
+        rows[:, first : first + source_gates] = 0
+    else:
+        rows[:, first : first + source_gates] = old.view(target.kv_heads, source_gates)
