@@ -380,6 +380,19 @@ class OptimConfig:
         return self
 
 
+def mixed_rows(batch_size: int, mix_fraction: float, error=ConfigError, per: str = "") -> int:
+    """The rows of each batch taken from the mixed-in corpus: round(batch x fraction),
+    refused (as `error`) unless each corpus keeps at least one row. per: what the batch
+    is counted per, for the message (a process, under torchrun)."""
+    rows = round(batch_size * mix_fraction)
+    if not 0 < rows < batch_size:
+        raise error(
+            f"mix_fraction {mix_fraction} of {batch_size} rows a batch{per} is {rows} rows; "
+            "it must leave at least one row of each corpus"
+        )
+    return rows
+
+
 def check_mix(config) -> None:
     """A config's mix_data and mix_fraction (TrainConfig, RetrofitRun): both or neither,
     the fraction in [0, 1)."""
@@ -620,10 +633,6 @@ class RetrofitRun:
         if self.bank_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"bank_dtype must be float32 or bfloat16, got {self.bank_dtype!r}")
         check_mix(self)
-        mixed_rows = round(self.batch_size * self.mix_fraction)
-        if self.mix_data and not 0 < mixed_rows < self.batch_size:
-            raise ConfigError(
-                f"mix_fraction {self.mix_fraction} of {self.batch_size} rows is {mixed_rows} rows; "
-                "it must leave at least one row of each corpus"
-            )
+        if self.mix_data:
+            mixed_rows(self.batch_size, self.mix_fraction)  # before the model loads
         return self

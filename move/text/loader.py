@@ -7,6 +7,7 @@ holds, and the resumable state, come from the shared EpochSampler.
 import numpy as np
 import torch
 
+from move.config import mixed_rows
 from move.errors import DataError
 from move.training.sampler import EpochSampler
 
@@ -77,19 +78,14 @@ def training_loader(
     under the same tokenizer), round(batch_size x mix_fraction) rows of every batch
     come from it (MixedLoader). Refuses, in one line, a share that leaves a corpus no
     row and a corpus under another tokenizer."""
-    mixed_rows = round(batch_size * mix_fraction) if mixed_in else 0
-    if mixed_in and not 0 < mixed_rows < batch_size:
-        raise DataError(
-            f"mix_fraction {mix_fraction} of {batch_size} rows a batch (per process) is {mixed_rows} rows; "
-            "it must leave at least one row of each corpus"
-        )
+    rows_mixed = mixed_rows(batch_size, mix_fraction, DataError, " (per process)") if mixed_in else 0
     if mixed_in and mixed_in.tokenizer.fingerprint() != data.tokenizer.fingerprint():
         raise DataError(f"{mixed_in.directory} was prepared with another tokenizer than {data.directory}")
     bos = data.tokenizer.bos_id
-    loader = BatchLoader(data.tokens("train"), bos, batch_size - mixed_rows, seq_len, seed, rank, world_size)
+    loader = BatchLoader(data.tokens("train"), bos, batch_size - rows_mixed, seq_len, seed, rank, world_size)
     if not mixed_in:
         return loader
-    return MixedLoader(loader, BatchLoader(mixed_in.tokens("train"), bos, mixed_rows, seq_len, seed, rank, world_size))
+    return MixedLoader(loader, BatchLoader(mixed_in.tokens("train"), bos, rows_mixed, seq_len, seed, rank, world_size))
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int):
