@@ -17,8 +17,9 @@
 # no longer unseen text: Shakespeare is). The untouched model's figures are measured
 # once for every run (--untouched). Resumable: a finished run is skipped.
 #   bash scripts/smollm2_study.sh [MIX ...]   -> results/smollm2-study/<mix>/<arm>/seed<k>/retrofit.json
-# MIX: none and/or news (default both). Two workers on a 2-core machine, each with
-# OMP_NUM_THREADS=1, take one each: `bash scripts/smollm2_study.sh none` and `... news`.
+# MIX: none and/or news (default both). Workers started with the same arguments share
+# the runs: each run is claimed with an flock on <arm>/.seed<k>.lock (released when its process
+# ends, even by kill -9), so two single-thread workers on a 2-core machine split a mix.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/smollm2_data.sh"
 bash scripts/smollm2_sweep.sh  # (skips what is done)
@@ -46,13 +47,18 @@ for seed in 0 1 2; do
         for arm in bank1 lora32 full lave bank15 lora8 bank1+lora32; do
             out="$OUT/$mix/$arm/seed$seed"
             [ -f "$out/retrofit.json" ] && continue
+            mkdir -p "$(dirname "$out")"
+            exec {claim}>"$(dirname "$out")/.seed$seed.lock"
+            # another worker holds this run: leave it to that worker
+            flock --nonblock "$claim" || { exec {claim}>&-; continue; }
+            [ -f "$out/retrofit.json" ] && { exec {claim}>&-; continue; }
             rm -rf "$out"
-            mkdir -p "$OUT"
             # shellcheck disable=SC2086
             move retrofit "$MODEL" --data data/facts_smol --general-data data/news_smol \
                 --general-data data/shakespeare_smol --untouched "$OUT/untouched.json" --no-save \
                 --steps 100 --batch-size 8 --seq-len 64 --eval-tokens 8192 --kl-tokens 2048 --seed "$seed" \
                 ${ARMS[$arm]} ${MIXES[$mix]} --out "$out"
+            exec {claim}>&-
         done
     done
 done
