@@ -301,6 +301,11 @@ def test_the_study_arms_bank_lora_and_full_fine_tuning_measure_facts_and_forgett
     assert main(["retrofit", str(tmp_path / "base"), *other_setting]) == 2  # the file is not overwritten
     assert json.loads((tmp_path / "untouched.json").read_text()) == kept
     assert summaries["lave"]["cost"]["rows_moved"] > 0 and summaries["lora"]["cost"]["lora_flops_per_token"] > 0
+    # what the memory does, per memory layer and corpus: every layer of a bank, the last of LaVE's alternates
+    assert set(summaries["bank"]["memory_use"]) == {"val", "general"} and "memory_use" not in summaries["lora"]
+    assert set(summaries["bank"]["memory_use"]["val"]) == {"0", "1"}
+    assert set(summaries["lave"]["memory_use"]["val"]) == {"1"}
+    assert summaries["bank"]["memory_use"]["val"]["1"]["memory_share"] > 0
     # half of every batch from the general corpus: the rows its own loader would give
     from move.config import RetrofitRun
     from move.export.retrofit_training import training_batches
@@ -360,3 +365,37 @@ def test_the_kl_from_the_untouched_model_is_the_textbook_divergence():
     expected = torch.nn.functional.kl_div(p1, p0, log_target=True, reduction="batchmean").item()
     assert mean_kl(reference, score(changed), corpus, 16, 128, 4) == pytest.approx(expected, rel=1e-5)
     assert expected > 1e-3
+
+
+def test_memory_use_reports_the_gates_and_the_share_computed_by_hand():
+    """One layer, so the value projection's input is the normed embedding whatever the
+    memory does: the gates 2 sigmoid(router(x)) and ||v' - v|| / ||v|| computed from the
+    model's parts, against memory_use; silent memory at step 0 reads gates 1, share 0."""
+    from move.export.retrofit_measures import memory_use
+
+    class Corpus:  # what memory_use reads of prepared data
+        def tokens(self, split):
+            return torch.randint(1, VOCAB, (65,), generator=torch.Generator().manual_seed(5)).numpy()
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(llama_family(transformers.LlamaConfig, layers=1)).eval()
+    api.retrofit(model, slots=3)
+    memory = model.move_memory
+    score = lambda x: model(input_ids=x).logits
+    silent = memory_use(memory, score, Corpus(), 16, 64, 2)
+    assert silent == {"0": {"g0_mean": 1.0, "slot_gate_mean": 1.0, "memory_share": 0.0}}
+    with torch.no_grad():
+        memory.bank.weight.normal_()
+        memory.routers[0].weight.normal_(std=0.3)
+    x = torch.from_numpy(Corpus().tokens("val")[:64].astype("int64")).view(4, 16)
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(x))
+        v = torch.nn.functional.linear(hidden, attention.v_proj.weight).view(4, 16, 2, 8)
+        gates = 2 * torch.sigmoid(memory.routers[0](hidden)).view(4, 16, 2, 4)
+        slots = memory.bank.weight[x]  # (4, 16, heads, slots, width)
+        mixed = gates[..., :1] * v + (gates[..., 1:, None] * slots).sum(-2)
+    used = memory_use(memory, score, Corpus(), 16, 64, 2)["0"]
+    assert used["g0_mean"] == pytest.approx(gates[..., 0].mean().item(), rel=1e-5)
+    assert used["slot_gate_mean"] == pytest.approx(gates[..., 1:].mean().item(), rel=1e-5)
+    assert used["memory_share"] == pytest.approx(((mixed - v).norm() / v.norm()).item(), rel=1e-4)

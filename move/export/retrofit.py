@@ -100,6 +100,7 @@ class ValueMemoryRetrofit(nn.Module):
         self.routers = nn.ModuleList(nn.Linear(shape.hidden_size, gates, bias=False) for _ in self.memory_layers)
         for part in (*(t.weight for t in self.value_tables()), *(r.weight for r in self.routers)):
             nn.init.zeros_(part)  # every gate exactly 1, every slot 0: the original function
+        self.value_layers = []  # the modules whose values the hooks mix (set by attach; not submodules)
         self.ids_now = None  # the token ids of the current forward (set by look_up)
         self.slots_now = None  # move: the bank rows of those tokens, looked up once for all layers
         self.handles = []
@@ -114,6 +115,7 @@ class ValueMemoryRetrofit(nn.Module):
         model's forward directly, which bypasses hooks on the model itself."""
         self.handles.append(model.register_forward_pre_hook(self.forget))
         self.handles.append(model.get_input_embeddings().register_forward_pre_hook(self.look_up))
+        self.value_layers = [shape.layers[index] for index in self.memory_layers]
         tables = self.value_tables() if self.layout == "lave" else [None] * len(self.routers)
         for router, table, index in zip(self.routers, tables, self.memory_layers):
             self.handles.append(shape.layers[index].register_forward_hook(self.mixer(router, table)))

@@ -1,7 +1,7 @@
 """What `move retrofit` measures of a model before and after it learns: facts learnt
 (recall, stored bits), forgetting (bits per byte on general text, and the KL
 divergence from the untouched model's next-token distribution on it), and cost
-(decoding speed with the KV cache).
+(decoding speed with the KV cache), and for memory, what the gates do per layer.
 
 The untouched model's figures are the same for every arm of a study (the added parts
 start as the identity), so `--untouched FILE` keeps them: computed once, reused by
@@ -74,6 +74,65 @@ def decode_tokens_per_second(model, vocab: int, prompt: int = 32, new: int = 64,
     seconds = time.perf_counter() - started
     model.train(was_training)
     return new / seconds
+
+
+@torch.no_grad()
+def memory_use(memory, scorer, data, seq_len: int, tokens: int, batch: int) -> dict:
+    """What a retrofitted model does with its memory on a corpus's first `tokens`
+    validation tokens, per memory layer: the mean gate on the model's own values (g0,
+    when there is one) and on the memory slots, and the memory share ||v' - v|| / ||v||
+    (summed over every position and head): how far the memory moved the values the
+    frozen layers read. `memory` is the model's move_memory; hooks read the values
+    before and after its mix, and the gates from its routers."""
+    width = memory.kv_heads * memory.head_dim
+    sums = [dict(g0=0.0, slot=0.0, gates=0, slot_gates=0, moved=0.0, norm=0.0) for _ in memory.routers]
+    raw = {}
+
+    def values(output):
+        return output[..., -width:].float()  # the values (GPT-2's c_attn gives [q, k, v])
+
+    def gates_of(index):
+        def record(_router, _args, logits):
+            gates = 2 * torch.sigmoid(logits.float().unflatten(-1, (memory.kv_heads, -1)))
+            slots = gates[..., 1:] if memory.gate_g0 else gates
+            if memory.gate_g0:
+                sums[index]["g0"] += gates[..., 0].sum().item()
+                sums[index]["gates"] += gates[..., 0].numel()
+            sums[index]["slot"] += slots.sum().item()
+            sums[index]["slot_gates"] += slots.numel()
+
+        return record
+
+    def before_mix(index):
+        return lambda _layer, _args, output: raw.__setitem__(index, values(output))
+
+    def after_mix(index):
+        def record(_layer, _args, output):
+            v = raw.pop(index)
+            sums[index]["moved"] += (values(output) - v).square().sum().item()
+            sums[index]["norm"] += v.square().sum().item()
+
+        return record
+
+    handles = []
+    for index, (router, layer) in enumerate(zip(memory.routers, memory.value_layers)):
+        handles.append(router.register_forward_hook(gates_of(index)))
+        handles.append(layer.register_forward_hook(before_mix(index), prepend=True))
+        handles.append(layer.register_forward_hook(after_mix(index)))
+    try:
+        for x, _ in eval_windows(data.tokens("val"), seq_len, tokens, batch):
+            scorer(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = {}
+    for layer, s in zip(memory.memory_layers, sums):
+        layers[str(layer)] = {
+            **({"g0_mean": s["g0"] / s["gates"]} if memory.gate_g0 else {}),
+            "slot_gate_mean": s["slot"] / s["slot_gates"],
+            "memory_share": (s["moved"] / max(s["norm"], 1e-30)) ** 0.5,
+        }
+    return layers
 
 
 def untouched_key(model_path, corpora: dict, seq_len: int, tokens: int, batch: int) -> dict:

@@ -13,7 +13,8 @@ Measured before training (the untouched model: the retrofit and LoRA start as th
 identity) and after: bits per byte on the data's validation split and, with
 --general-data (another corpus prepared with the same tokenizer), on that one: what
 the model forgets of general text. A knowledge corpus (knowledge-prepare) adds recall
-and stored bits on its held-out phrasing. The result goes to --out: retrofit.json,
+and stored bits on its held-out phrasing; with memory, what its gates do per layer on
+each corpus (memory_use). The result goes to --out: retrofit.json,
 and the model (save_pretrained; load a bank with move.api.load_retrofitted).
 """
 
@@ -37,6 +38,7 @@ from move.export.retrofit_measures import (
     log_probs,
     mean_kl,
     measure,
+    memory_use,
     untouched_key,
     untouched_measures,
 )
@@ -50,6 +52,7 @@ from move.training.table_adamw import TableAdamW
 
 SUMMARY = "retrofit.json"
 LAYOUT_OF = {"bank": "move", "lave": "lave"}  # --memory -> the retrofit's layout (none: no memory)
+MEMORY_USE_TOKENS = 1024  # tokens per corpus for the gates' and memory share's diagnostics (a forward each)
 
 
 class TokenLoss(nn.Module):
@@ -217,9 +220,14 @@ def train_retrofit(
     }
     if layout:
         summary["accounting"] = retrofit_accounting(model)
-        tables = getattr(model, MEMORY_MODULE).value_tables()
+        memory = getattr(model, MEMORY_MODULE)
+        tables = memory.value_tables()
         summary["cost"]["rows_moved"] = sum(int(t.weight.ne(0).flatten(1).any(1).sum()) for t in tables)
         summary["cost"]["rows"] = sum(t.weight.shape[0] for t in tables)
+        use_args = (run.seq_len, min(run.eval_tokens, MEMORY_USE_TOKENS), run.batch_size)
+        summary["memory_use"] = {
+            name: memory_use(memory, scorer, corpus, *use_args) for name, corpus in corpora.items()
+        }
     out.mkdir(parents=True, exist_ok=True)
     if save:  # with LoRA, peft writes the adapter; a bank and the model are written by save_pretrained
         trained.save_pretrained(out)
