@@ -264,7 +264,7 @@ def test_the_study_arms_bank_lora_and_full_fine_tuning_measure_facts_and_forgett
 
     from move.cli import main
     from move.knowledge.corpus import KnowledgeConfig, prepare_knowledge
-    from move.text.prepare import PrepareOptions, prepare
+    from move.text.prepare import PrepareOptions, load_prepared, prepare
     from move.text.tokenizer import Tokenizer
 
     gpt2 = Tokenizer.gpt2()
@@ -306,11 +306,14 @@ def test_the_study_arms_bank_lora_and_full_fine_tuning_measure_facts_and_forgett
     assert set(summaries["bank"]["memory_use"]["val"]) == {"0", "1"}
     assert set(summaries["lave"]["memory_use"]["val"]) == {"1"}
     assert summaries["bank"]["memory_use"]["val"]["1"]["memory_share"] > 0
+    norms = [row["norm"] for row in summaries["bank"]["rows_moved_most"]]
+    assert len(norms) == 20 and norms == sorted(norms, reverse=True) and norms[0] > 0
+    facts_tokens = {gpt2.decode([i]) for i in load_prepared(tmp_path / "facts").tokens("train").tolist()}
+    assert {row["token"] for row in summaries["bank"]["rows_moved_most"]} <= facts_tokens  # rows it trained on
     # half of every batch from the general corpus: the rows its own loader would give
     from move.config import RetrofitRun
     from move.export.retrofit_training import training_batches
     from move.text.loader import BatchLoader
-    from move.text.prepare import load_prepared
 
     facts, general = load_prepared(tmp_path / "facts"), load_prepared(tmp_path / "general")
     run = RetrofitRun(batch_size=4, seq_len=32, mix_data=str(tmp_path / "general"), mix_fraction=0.5, seed=2)

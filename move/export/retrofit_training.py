@@ -224,6 +224,7 @@ def train_retrofit(
         tables = memory.value_tables()
         summary["cost"]["rows_moved"] = sum(int(t.weight.ne(0).flatten(1).any(1).sum()) for t in tables)
         summary["cost"]["rows"] = sum(t.weight.shape[0] for t in tables)
+        summary["rows_moved_most"] = rows_moved_most(tables, data.tokenizer)
         use_args = (run.seq_len, min(run.eval_tokens, MEMORY_USE_TOKENS), run.batch_size)
         summary["memory_use"] = {
             name: memory_use(memory, scorer, corpus, *use_args) for name, corpus in corpora.items()
@@ -233,6 +234,14 @@ def train_retrofit(
         trained.save_pretrained(out)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def rows_moved_most(tables, tokenizer, count: int = 20) -> list[dict]:
+    """The tokens whose rows moved furthest from their zero start (the L2 norm of the
+    row over every table, slot and head), most first: which tokens the memory learnt."""
+    norms = sum(t.weight.detach().float().flatten(1).square().sum(1) for t in tables).sqrt()
+    top = norms.topk(min(count, norms.numel()))
+    return [{"token": tokenizer.decode([i]), "norm": n} for i, n in zip(top.indices.tolist(), top.values.tolist())]
 
 
 def training_batches(data, run: RetrofitRun):
