@@ -1,11 +1,15 @@
-"""The tables and the plot of scripts/smollm2_study.sh: per mix setting and arm, mean ±
+"""The tables and the plots of scripts/smollm2_study.sh: per mix setting and arm, mean ±
 std over seeds of what was learnt (recall, stored bits on the held-out phrasing), what
 it cost the model (bpb and KL on news and Shakespeare against the untouched model) and
 what it cost to run (trainable parameters, step time, peak memory, decoding speed);
-then each arm against the one-slot bank, paired by seed, with 95% intervals; and one
-plot of facts against forgetting (KL on Shakespeare), a point per arm and seed.
+then each arm against the one-slot bank, paired by seed, with 95% intervals; the
+parameters, memory and FLOPs per token of each arm next to the untouched model's; what
+the memory arms' gates do per layer (mean slot gate, memory share on the facts and on
+news); one plot of facts against forgetting (KL on Shakespeare), a point per arm and
+seed, and one of the memory share per layer.
 
-    python scripts/smollm2_study_table.py results/smollm2-study   -> summary.md, facts_vs_forgetting.png"""
+    python scripts/smollm2_study_table.py results/smollm2-study
+        -> summary.md, facts_vs_forgetting.png, memory_use.png"""
 
 import json
 import sys
@@ -84,6 +88,74 @@ def tables(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def cost_table(runs: dict) -> str:
+    """Parameters, the memory's size and rows, and FLOPs per token: fixed by the arm (the
+    first run of each), against the untouched model's (the dense part of any memory arm).
+    A LoRA adapter is counted unmerged (its FLOPs vanish once merged into the weights)."""
+    arms = {arm: next(iter(seeds.values())) for mix in runs.values() for arm, seeds in mix.items()}
+    accounted = next((r["accounting"] for r in arms.values() if "accounting" in r), None)
+    if accounted is None:
+        return ""
+    dense_params, dense_flops = accounted["params"]["dense"], accounted["flops_per_token"]["dense"]
+    header = ["arm", "trainable", "total params", "memory MB (fp32)", "rows moved / rows", "FLOPs/token", "x untouched"]
+    lines = ["## What each arm adds", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.append(f"| untouched | 0 | {dense_params:,} | 0 | | {dense_flops:,} | 1.000 |")
+    for arm, r in arms.items():
+        flops = r["accounting"]["flops_per_token"]["total"] if "accounting" in r else dense_flops
+        flops += r["cost"]["lora_flops_per_token"]
+        memory = r["accounting"]["params"]["value_memory"] * 4 / 2**20 if "accounting" in r else 0
+        rows = f"{r['cost']['rows_moved']:,} / {r['cost']['rows']:,}" if "rows" in r["cost"] else ""
+        row = [arm, f"{r['trainable_params']:,}", f"{r['total_params']:,}", f"{memory:,.0f}", rows]
+        lines.append("| " + " | ".join([*row, f"{flops:,}", f"{flops / dense_flops:.3f}"]) + " |")
+    return "\n".join([*lines, ""])
+
+
+def memory_use_table(runs: dict) -> str:
+    """Per memory arm (no news mixed in), the mean over layers and seeds of the slot gate
+    and of the memory share on the facts and on news, and the layer that moves most."""
+    lines = ["## What the memory does (no news mixed in; mean over layers and seeds)", ""]
+    header = ["arm", "slot gate, facts", "slot gate, news", "memory share, facts", "memory share, news", "top layer"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, seeds in runs.get("none", {}).items():
+        uses = [r["memory_use"] for r in seeds.values() if "memory_use" in r]
+        if not uses:
+            continue
+        share = layer_means(uses, "val", "memory_share")
+        top = max(share, key=share.get)
+        row = []
+        for key in ("slot_gate_mean", "memory_share"):
+            for corpus in ("val", "general"):
+                per_layer = layer_means(uses, corpus, key)
+                row.append(sum(per_layer.values()) / len(per_layer))
+        lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {top} ({share[top]:.3f}) |")
+    return "\n".join([*lines, ""])
+
+
+def layer_means(uses: list[dict], corpus: str, key: str) -> dict[int, float]:
+    """{layer: the mean of key over runs} for one corpus."""
+    layers = sorted(uses[0][corpus], key=int)
+    return {int(layer): sum(u[corpus][layer][key] for u in uses) / len(uses) for layer in layers}
+
+
+def plot_memory_use(runs: dict, out: Path) -> None:
+    """The memory share per layer, on the facts and on news, per memory arm (no news
+    mixed in; mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, seeds in runs.get("none", {}).items():
+        uses = [r["memory_use"] for r in seeds.values() if "memory_use" in r]
+        if not uses:
+            continue
+        for corpus, style in (("val", "-"), ("general", ":")):
+            share = layer_means(uses, corpus, "memory_share")
+            label = f"{arm}, {'facts' if corpus == 'val' else 'news'}"
+            ax.plot(list(share), list(share.values()), style, marker="o", markersize=3, label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("memory share ||v' - v|| / ||v||")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def plot(runs: dict, out: Path) -> None:
     """Stored bits against the KL from the untouched model on Shakespeare (text no arm
     trains on, news being mixed into some), a point per arm and seed."""
@@ -105,6 +177,7 @@ def plot(runs: dict, out: Path) -> None:
 if __name__ == "__main__":
     results = Path(sys.argv[1])
     runs = load(results)
-    (results / "summary.md").write_text(tables(runs))
+    (results / "summary.md").write_text("\n".join([tables(runs), cost_table(runs), memory_use_table(runs)]))
     plot(runs, results / "facts_vs_forgetting.png")
+    plot_memory_use(runs, results / "memory_use.png")
     print((results / "summary.md").read_text())
