@@ -656,7 +656,7 @@ def cmd_experiment(args) -> None:
     from move.experiments.runner import run_experiment
 
     torch.set_flush_denormal(True)
-    out = run_experiment(args.file, args.out, force=args.force, only=tuple(args.only))
+    out = run_experiment(args.file, args.out, force=args.force, only=tuple(args.only), wait=not args.no_wait)
     if out is not None:
         write_experiment_report(out)
 
@@ -1053,6 +1053,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SIZE/VARIANT",
         help="run only this cell of the grid (every seed), e.g. layer-start/move:1; repeatable (default every cell)",
+    )
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when only runs another process is training are left, leave them to it and stop (with a partial "
+        "report) instead of waiting for them (default wait)",
     )
     p.set_defaults(func=cmd_experiment)
 

@@ -150,6 +150,25 @@ checkpoint_every = 2
     assert all((out / "runs" / "base" / v / "seed0" / "summary.json").exists() for v in ("standard", "move_x1"))
 
 
+def test_without_waiting_a_run_another_process_holds_is_left_to_it(tmp_path, prepared_dir, capsys, monkeypatch):
+    """--no-wait: the other runs are trained, the held one is neither waited for nor
+    touched, and the command returns (the holder finishes it and writes the full report)."""
+    from move.experiments import runner
+    from move.files import DirectoryLock
+
+    path = write_experiment(tmp_path, prepared_dir)
+    out = tmp_path / "results"
+    held = out / "runs" / "tiny" / "standard" / "seed0"
+    lock = DirectoryLock(held)
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: pytest.fail("waited for the held run"))
+    assert run_experiment(path, out, wait=False) == out
+    assert "1 run(s) are being trained by another process; left to it" in capsys.readouterr().out
+    trained = {p.parent.relative_to(out / "runs").as_posix() for p in out.glob("runs/*/*/*/summary.json")}
+    assert "tiny/standard/seed0" not in trained and len(trained) == len(Experiment.load(path).runs()) - 1
+    assert not (held / "checkpoints").exists()  # not touched
+    lock.release()
+
+
 def test_only_runs_the_named_cells_every_seed_and_refuses_an_unknown_one(tmp_path, prepared_dir, capsys):
     path = write_experiment(tmp_path, prepared_dir)
     out = tmp_path / "results"

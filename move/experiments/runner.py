@@ -386,11 +386,13 @@ def run_grid_entry(experiment: Experiment, spec: GridRun, out: Path, place: str,
     return True
 
 
-def run_experiment(path, out=None, force: bool = False, only: tuple[str, ...] = ()) -> Path | None:
+def run_experiment(path, out=None, force: bool = False, only: tuple[str, ...] = (), wait: bool = True) -> Path | None:
     """Run every missing run of the grid (and its budget branches and image metrics);
     -> the results directory, or None if a signal stopped it (rerun to continue).
     only: "size/variant" cells (as in contrasts) to run now, every seed of each; the
-    rest of the grid waits for a later call (the cells a decision needs, first)."""
+    rest of the grid waits for a later call (the cells a decision needs, first).
+    wait: when only runs another process holds are left, wait for them (so the grid is
+    complete on return); False leaves them to that process and returns (frees a core)."""
     experiment = Experiment.load(path)
     out = Path(out or Path("results") / experiment.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -424,6 +426,9 @@ def run_experiment(path, out=None, force: bool = False, only: tuple[str, ...] = 
                         return None
                 except DirectoryBusy:  # another process trains it: come back to it
                     busy.append((i, spec))
+            if busy and not wait:
+                bar.write(f"{len(busy)} run(s) are being trained by another process; left to it")
+                break
             if busy:
                 bar.write(f"{len(busy)} run(s) are being trained by another process; waiting for them")
                 time.sleep(BUSY_POLL_SECONDS)
