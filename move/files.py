@@ -178,3 +178,9 @@ class DirectoryLock:
             self.path.unlink(missing_ok=True)
             os.close(self.fd)  # closing drops the lock
             self.fd = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.release()

@@ -169,6 +169,30 @@ def test_without_waiting_a_run_another_process_holds_is_left_to_it(tmp_path, pre
     lock.release()
 
 
+def test_a_runs_sample_metrics_are_computed_by_one_process(tmp_path, monkeypatch):
+    """An image run's FID sampling happens under the run's lock: while another process
+    holds it, this one passes the run over (DirectoryBusy) instead of sampling it too."""
+    from types import SimpleNamespace
+
+    from move.errors import DirectoryBusy
+    from move.experiments import runner
+    from move.files import DirectoryLock
+
+    run_dir = tmp_path / "runs" / "base" / "move_x1" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text("{}")  # trained: only the sample metrics are left
+    sampled = []
+    monkeypatch.setattr(runner, "image_sample_metrics", lambda *args: sampled.append(args))
+    experiment = SimpleNamespace(name="images", decay_budgets=[], image={"fid_samples": 8})
+    spec = SimpleNamespace(key="base/move_x1/seed0", data="data/mnist")
+    bar = SimpleNamespace(set_description=lambda text: None, write=lambda text: None)
+    with DirectoryLock(run_dir), pytest.raises(DirectoryBusy):
+        runner.run_grid_entry(experiment, spec, tmp_path, "1/1", False, bar)
+    assert sampled == []
+    assert runner.run_grid_entry(experiment, spec, tmp_path, "1/1", False, bar)
+    assert len(sampled) == 1
+
+
 def test_only_runs_the_named_cells_every_seed_and_refuses_an_unknown_one(tmp_path, prepared_dir, capsys):
     path = write_experiment(tmp_path, prepared_dir)
     out = tmp_path / "results"

@@ -66,6 +66,7 @@ from tqdm import tqdm
 from move.config import ModelConfig
 from move.errors import ConfigError, DirectoryBusy
 from move.experiments.compare import ImageEvalSpec, image_sample_metrics
+from move.files import DirectoryLock
 from move.readers import read_toml
 from move.recipes import RunSpec, parse_variant, start_training
 from move.training.optim import decay_start
@@ -381,8 +382,9 @@ def run_grid_entry(experiment: Experiment, spec: GridRun, out: Path, place: str,
             bar.write(f"stopped during {spec.key} (budget {budget}); rerun the same command to continue")
             return False
     if experiment.image:
-        bar.write(f"    {spec.key}: sample metrics")
-        image_sample_metrics(run_dir, spec.data, ImageEvalSpec(**experiment.image))
+        with DirectoryLock(run_dir, "--out"):  # one process samples a run; another passes it over (DirectoryBusy)
+            bar.write(f"    {spec.key}: sample metrics")
+            image_sample_metrics(run_dir, spec.data, ImageEvalSpec(**experiment.image))
     return True
 
 
