@@ -1,7 +1,8 @@
 """The tables and the plots of scripts/smollm2_study.sh: per mix setting and arm, mean ±
 std over seeds of what was learnt (recall, stored bits on the held-out phrasing), what
 it cost the model (bpb and KL on news and Shakespeare against the untouched model) and
-what it cost to run (trainable parameters, step time, peak memory, decoding speed);
+what it cost to run (trainable parameters, step time, peak memory, decoding speed and
+its ratio to the untouched model's, both timed in the same run);
 then each arm against the one-slot bank, paired by seed, with 95% intervals; the
 parameters, memory and FLOPs per token of each arm next to the untouched model's; what
 the memory arms' gates do per layer (mean slot gate, memory share on the facts and on
@@ -53,10 +54,10 @@ def tables(runs: dict) -> str:
         before = some["before"]
         lines += [f"## General text mixed in: {mix}", ""]
         header = ["arm", "trained", "seeds"] + [label for _, label, _ in LEARNT + FORGOT]
-        header += ["step s", "peak MB", "decode tok/s (untouched)"]
+        header += ["step s", "peak MB", "decode tok/s (untouched)", "decode / untouched"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         untouched = [f"{before[k]:.{d}f}" if k in before else "0" for k, _, d in LEARNT + FORGOT]  # KL: 0
-        lines.append("| " + " | ".join(["untouched", "0", "", *untouched, "", "", ""]) + " |")
+        lines.append("| " + " | ".join(["untouched", "0", "", *untouched, "", "", "", ""]) + " |")
         for arm, seeds in arms.items():
             row = [arm, f"{next(iter(seeds.values()))['trainable_params']:,}", str(len(seeds))]
             row += [cell((s["after"][k] for s in seeds.values()), d) for k, _, d in LEARNT + FORGOT]
@@ -68,6 +69,8 @@ def tables(runs: dict) -> str:
                 + cell((c["decode_tok_s_untouched"] for c in cost), 1)
                 + ")"
             )
+            # each run times both models in one process, one after the other: the ratio is paired
+            row.append(cell((c["decode_tok_s"] / c["decode_tok_s_untouched"] for c in cost), 3))
             lines.append("| " + " | ".join(row) + " |")
         if REFERENCE_ARM in arms:
             lines += ["", f"Each arm minus {REFERENCE_ARM}, paired by seed (95% interval; * excludes zero):", ""]

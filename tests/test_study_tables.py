@@ -66,6 +66,11 @@ def test_the_paired_rows_are_the_t_interval_of_the_seed_differences(results):
     assert stored_bits.startswith(f"{d.mean():+.0f} [{d.mean() - half:+.0f}, {d.mean() + half:+.0f}]")
 
 
+def test_decoding_speed_is_reported_as_a_ratio_to_the_untouched_model_of_the_same_run(results):
+    row = next(line for line in table.tables(table.load(results)).splitlines() if line.startswith("| bank1 |"))
+    assert row.endswith(f"| 10.0 ± 0.0 (11.0 ± 0.0) | {10 / 11:.3f} ± 0.000 |")
+
+
 def test_the_cost_table_counts_flops_against_the_untouched_model(results):
     text = table.cost_table(table.load(results))
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
