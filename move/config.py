@@ -603,6 +603,11 @@ class RetrofitRun:
     lr_memory: float = option(1e-2, "AdamW learning rate of the bank")
     lr_router: float = option(1e-3, "AdamW learning rate of the routers")
     lr_dense: float = option(0.0, "AdamW learning rate of the model's own weights (0: frozen)")
+    layer_start_bias: float = option(
+        0.0,
+        "bank: the layer-assigned start b; each layer's gates get a trained bias, 0 for g0 and the slots of its "
+        "LaVE turn, -b for the others, so slots that all start at zero train apart (0: off, every gate 1)",
+    )
     bank_optimizer: str = option("exact", "exact (AdamW over the whole bank) or lazy (Adam on the rows a step touched)")
     bank_dtype: str = option("float32", "float32 or bfloat16 (half the bank's memory; fp32 optimiser state)")
     eval_tokens: int = option(16384, "validation tokens scored before and after")
@@ -623,6 +628,8 @@ class RetrofitRun:
             raise ConfigError("slots, lora_rank and kl_tokens must be >= 0")
         if self.memory not in ("bank", "lave", "none"):
             raise ConfigError(f"memory must be bank, lave or none, got {self.memory!r}")
+        if self.layer_start_bias < 0 or (self.layer_start_bias > 0 and self.memory != "bank"):
+            raise ConfigError(f"layer_start_bias (>= 0) is a bank option; memory is {self.memory}")
         for name in ("lr_memory", "lr_router", "lr_lora"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must lie in (0, 1], got {getattr(self, name)}")

@@ -402,3 +402,55 @@ def test_memory_use_reports_the_gates_and_the_share_computed_by_hand():
     assert used["g0_mean"] == pytest.approx(gates[..., 0].mean().item(), rel=1e-5)
     assert used["slot_gate_mean"] == pytest.approx(gates[..., 1:].mean().item(), rel=1e-5)
     assert used["memory_share"] == pytest.approx(((mixed - v).norm() / v.norm()).item(), rel=1e-4)
+
+
+def test_a_zero_bank_keeps_its_slots_identical_unless_the_layer_start_sets_them_apart(tmp_path):
+    """Every slot of a retrofitted bank starts at zero and every gate at 1, so the slots
+    of a row get the same gradient and the same Adam step: after training they are still
+    equal (up to rounding), M slots training as one. The layer-assigned start (a gate bias: 0 for g0 and
+    a layer's own slots, -b for the rest) keeps the original function at step 0 (the
+    bank is zero) and trains the slots apart. It is saved and loaded with the bank."""
+
+    def trained(start):
+        model = random_model("llama-gqa")  # 3 layers: layers 0 and 2 take LaVE turns
+        x = ids()
+        with torch.no_grad():
+            before = model(input_ids=x).logits
+        api.retrofit(model, slots=4, layer_start_bias=start)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=x).logits, before)  # the original function at step 0
+        memory = model.move_memory
+        optimizer = torch.optim.AdamW([*memory.parameters()], lr=3e-2)
+        for step in range(4):
+            batch = ids(4, 16, seed=10 + step)
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model
+
+    plain = trained(0.0).move_memory.bank.weight.detach()  # (vocab, heads, slots, width)
+    moved = plain.flatten(1).ne(0).any(1)
+    # equal up to rounding (the gates' gradients <m_i, dL/dv'> are summed in other orders): 1e-8 against 0.1
+    assert moved.sum() > 10 and all(torch.allclose(plain[:, :, m], plain[:, :, 0], rtol=0, atol=1e-6) for m in range(4))
+    model = trained(3.0)
+    memory = model.move_memory
+    first, last = [b.detach().view(2, 5) for b in (memory.gate_biases[0], memory.gate_biases[2])]
+    # LaVE turns: layer 0 owns slots 0 and 2, layer 2 owns 1 and 3 (m mod 2); layer 1 owns none
+    expected_first = torch.tensor([0.0, 0, -3, 0, -3])
+    assert torch.allclose(first, expected_first.expand(2, 5), atol=0.2)  # (trained 4 steps at 3e-2)
+    assert (last[:, [2, 4]] > -0.2).all() and (last[:, [1, 3]] < -2.8).all()
+    assert (memory.gate_biases[1].detach().view(2, 5)[:, 1:] < -2.8).all()
+    bank = memory.bank.weight.detach()
+    assert (bank[:, :, 0] - bank[:, :, 1]).abs().max() > 1e-2
+    assert api.retrofit_accounting(model)["params"]["routers"] == 3 * (32 * 10 + 10)  # weights and biases
+    model.save_pretrained(tmp_path / "saved")
+    loaded = api.load_retrofitted(tmp_path / "saved").eval()
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, model.eval()(input_ids=x).logits)
+    with pytest.raises(ConfigError, match="layer-assigned start"):
+        api.retrofit(random_model("llama-gqa"), layout="lave", layer_start_bias=3.0)
+    from move.config import RetrofitRun
+
+    with pytest.raises(ConfigError, match="bank option"):  # refused before a model is loaded
+        RetrofitRun(memory="lave", layer_start_bias=3.0).validate()

@@ -41,6 +41,11 @@ class RetrofitSettings:
     slots: int  # move: M, bank slots per token and key/value head; lave: tables per memory layer
     gate_g0: bool = True  # a gate on the model's own values (the paper's MoVE; LaVE has none)
     layout: str = "move"  # move: one global bank read by every layer; lave: a table per alternate layer
+    # move: the layer-assigned start b (0: off). Each layer's gates get a trained bias: 0 for g0 and the slots of
+    # its LaVE turn, -b for the others. The bank starts at zero, so the function is still the original one; but
+    # without it the slots of a row stay identical for ever (same zero start, same gradient), so M slots train
+    # as one. The bias makes the layers read, and so train, different slots from the first step.
+    layer_start_bias: float = 0.0
 
 
 @dataclass
@@ -98,6 +103,14 @@ class ValueMemoryRetrofit(nn.Module):
             self.tables = nn.ModuleList(table() for _ in self.memory_layers)
         gates = shape.kv_heads * (settings.slots + int(settings.gate_g0))
         self.routers = nn.ModuleList(nn.Linear(shape.hidden_size, gates, bias=False) for _ in self.memory_layers)
+        self.gate_biases = nn.ParameterList()  # the layer-assigned start's (empty without it)
+        if settings.layer_start_bias > 0:
+            for layer in self.memory_layers:
+                bias = torch.full((shape.kv_heads, settings.slots + 1), -settings.layer_start_bias)
+                bias[:, 0] = 0  # g0
+                turn = alternate.index(layer) if layer in alternate else None
+                bias[:, [1 + m for m in range(settings.slots) if m % len(alternate) == turn]] = 0
+                self.gate_biases.append(nn.Parameter(bias.flatten()))
         for part in (*(t.weight for t in self.value_tables()), *(r.weight for r in self.routers)):
             nn.init.zeros_(part)  # every gate exactly 1, every slot 0: the original function
         self.value_layers = []  # the modules whose values the hooks mix (set by attach; not submodules)
@@ -117,8 +130,9 @@ class ValueMemoryRetrofit(nn.Module):
         self.handles.append(model.get_input_embeddings().register_forward_pre_hook(self.look_up))
         self.value_layers = [shape.layers[index] for index in self.memory_layers]
         tables = self.value_tables() if self.layout == "lave" else [None] * len(self.routers)
-        for router, table, index in zip(self.routers, tables, self.memory_layers):
-            self.handles.append(shape.layers[index].register_forward_hook(self.mixer(router, table)))
+        biases = list(self.gate_biases) or [None] * len(self.routers)
+        for router, table, bias, index in zip(self.routers, tables, biases, self.memory_layers):
+            self.handles.append(shape.layers[index].register_forward_hook(self.mixer(router, table, bias)))
 
     def forget(self, _model, _args):
         """A new forward: ids and rows of the last one must not be used (inputs_embeds)."""
@@ -129,7 +143,7 @@ class ValueMemoryRetrofit(nn.Module):
         self.ids_now = args[0]
         self.slots_now = self.bank(args[0]) if self.layout == "move" else None
 
-    def mixer(self, router: nn.Linear, table: ValueTable | None):
+    def mixer(self, router: nn.Linear, table: ValueTable | None, bias: nn.Parameter | None):
         def mix_into_values(_layer, args, output):
             x = args[0]
             if self.ids_now is None or self.ids_now.shape[:2] != output.shape[:2]:
@@ -139,7 +153,8 @@ class ValueMemoryRetrofit(nn.Module):
                 slots = slots._replace(values=slots.values.to(output.dtype))
             B, T = output.shape[:2]
             width = self.kv_heads * self.head_dim
-            logits = router(x).view(B, T, self.kv_heads, -1)
+            logits = router(x) if bias is None else router(x) + bias.to(x.dtype)
+            logits = logits.view(B, T, self.kv_heads, -1)
             if self.family == "gpt2":  # c_attn gives [q, k, v]
                 qk, v = output[..., :-width], output[..., -width:]
                 mixed = mix_memory(v.view(B, T, self.kv_heads, self.head_dim), logits, slots, self.gate_g0)
@@ -151,14 +166,20 @@ class ValueMemoryRetrofit(nn.Module):
 
 
 def retrofit(
-    model: nn.Module, density: int = 1, slots: int = 0, gate_g0: bool = True, layout: str = "move"
+    model: nn.Module,
+    density: int = 1,
+    slots: int = 0,
+    gate_g0: bool = True,
+    layout: str = "move",
+    layer_start_bias: float = 0.0,
 ) -> nn.Module:
     """Add value memory to a Hugging Face causal LM, in place; returns the model.
 
     layout "move": a MoVE bank; density K gives M = K x ceil(layers / 2) slots (this
     project's convention: MoVE xK has LaVE xK's value-memory parameters), `slots` sets
     M directly. Layout "lave": K tables (or `slots`) on each alternate layer ending at
-    the last, gates without g0 (gate_g0 is ignored), the same parameters as MoVE xK."""
+    the last, gates without g0 (gate_g0 is ignored), the same parameters as MoVE xK.
+    layer_start_bias b > 0 (move, with g0): the layer-assigned start (RetrofitSettings)."""
     if hasattr(model, MEMORY_MODULE):
         raise ConfigError(f"{type(model).__name__} already has value memory ({MEMORY_MODULE})")
     shape = attention_shape(model)
@@ -166,15 +187,20 @@ def retrofit(
         raise ConfigError(f"density must be >= 1 and slots >= 0, got {density} and {slots}")
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layer_start_bias < 0 or (layer_start_bias > 0 and (layout != "move" or not gate_g0)):
+        raise ConfigError(f"the layer-assigned start (b >= 0) is for a bank with g0, got b={layer_start_bias}")
     if layout == "lave":
         settings = RetrofitSettings(slots or density, gate_g0=False, layout="lave")
     else:
-        settings = RetrofitSettings(slots or density * ((len(shape.layers) + 1) // 2), gate_g0)
+        settings = RetrofitSettings(
+            slots or density * ((len(shape.layers) + 1) // 2), gate_g0, "move", layer_start_bias
+        )
     memory = ValueMemoryRetrofit(shape, settings)
     reference = model.get_input_embeddings().weight
     for table in memory.value_tables():
         table.to(reference.device)  # fp32, like this project's banks (rows cast per layer)
     memory.routers.to(reference.device, reference.dtype)  # in the model's dtype, like its own projections
+    memory.gate_biases.to(reference.device)
     setattr(model, MEMORY_MODULE, memory)
     memory.attach(model, shape)
     model.config.move_retrofit = asdict(settings)
@@ -197,7 +223,10 @@ def load_retrofitted(path, **from_pretrained_kwargs) -> nn.Module:
         raise ConfigError(f"{path}: no {CONFIG_KEY} in its config.json; was the model retrofitted?")
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     layout = settings.get("layout", "move")  # saved before LaVE layouts existed: a bank
-    retrofit(model, slots=int(settings["slots"]), gate_g0=bool(settings["gate_g0"]), layout=layout)
+    start = float(settings.get("layer_start_bias", 0.0))  # saved before the option existed: none
+    retrofit(
+        model, slots=int(settings["slots"]), gate_g0=bool(settings["gate_g0"]), layout=layout, layer_start_bias=start
+    )
     memory = getattr(model, MEMORY_MODULE)
     prefix = f"{MEMORY_MODULE}."
     state = {}
@@ -215,7 +244,7 @@ def retrofit_accounting(model: nn.Module) -> dict:
     reports them for this project's models."""
     memory = getattr(model, MEMORY_MODULE)
     bank = sum(t.weight.numel() for t in memory.value_tables())
-    routers = sum(r.weight.numel() for r in memory.routers)
+    routers = sum(r.weight.numel() for r in memory.routers) + sum(b.numel() for b in memory.gate_biases)
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     dense = sum(p.numel() for p in model.parameters()) - bank - routers

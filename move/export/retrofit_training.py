@@ -96,7 +96,8 @@ def optimizers_for(model: nn.Module, run: RetrofitRun) -> list[torch.optim.Optim
             if run.bank_optimizer == "lazy"
             else TableAdamW(weights, lr=run.lr_memory)
         )
-        found.append(torch.optim.AdamW(memory.routers.parameters(), lr=run.lr_router, weight_decay=0.0))
+        control = [*memory.routers.parameters(), *memory.gate_biases]  # what sets the gates
+        found.append(torch.optim.AdamW(control, lr=run.lr_router, weight_decay=0.0))
     if not found:
         raise UserError("nothing to train: give a bank (--memory bank), --lora-rank or --lr-dense")
     return found
@@ -167,7 +168,7 @@ def train_retrofit(
     torch.manual_seed(run.seed)  # the new parameters' initialisation (LoRA's A) and nothing else
     layout = LAYOUT_OF.get(run.memory)
     if layout:
-        retrofit(model, density=run.density, slots=run.slots, layout=layout)
+        retrofit(model, density=run.density, slots=run.slots, layout=layout, layer_start_bias=run.layer_start_bias)
         for table in getattr(model, MEMORY_MODULE).value_tables():
             table.weight.data = table.weight.data.to(getattr(torch, run.bank_dtype))
     trained = add_lora(model, run.lora_rank) if run.lora_rank else model
