@@ -13,6 +13,10 @@
 #             (the project's per-slot rate)
 #   lave      LaVE-style tables on the 15 alternate layers, no g0, the chosen bank rate
 #   bank1+lora32  both, each at its chosen rate
+# Added after seeds 0-1 of the arms above (post hoc, reported apart from the stated comparison): bank15
+# trained exactly as bank1 (its slots start at zero with every gate at 1 and never separate), so
+#   bank15-layer  MoVE bank M=15 with the layer-assigned start (--layer-start-bias 4: each slot is read
+#                 by one LaVE layer at first), at the chosen bank rate (LaVE's: each slot is one layer's table)
 # Forgetting: bpb and KL on held-out news and Shakespeare (with news mixed in, news is
 # no longer unseen text: Shakespeare is). The untouched model's figures are measured
 # once for every run (--untouched). Resumable: a finished run is skipped.
@@ -35,6 +39,7 @@ declare -A ARMS=(
     [bank15]="--slots 15 --lr-memory $BANK15 --lr-router 1e-3"
     [lave]="--memory lave --lr-memory $BANK --lr-router 1e-3"
     [bank1+lora32]="--slots 1 --lr-memory $BANK --lr-router 1e-3 --lora-rank 32 --lr-lora $LORA"
+    [bank15-layer]="--slots 15 --layer-start-bias 4 --lr-memory $BANK --lr-router 1e-3"
 )
 declare -A MIXES=([none]="" [news]="--mix-data data/news_smol --mix-fraction 0.25")
 OUT=results/smollm2-study
@@ -44,7 +49,7 @@ for mix in ${CHOSEN[*]}; do
 done
 for seed in 0 1 2; do
     for mix in ${CHOSEN[*]}; do
-        for arm in bank1 lora32 full lave bank15 lora8 bank1+lora32; do
+        for arm in bank1 lora32 full lave bank15 lora8 bank1+lora32 bank15-layer; do
             out="$OUT/$mix/$arm/seed$seed"
             [ -f "$out/retrofit.json" ] && continue
             mkdir -p "$(dirname "$out")"
