@@ -194,14 +194,8 @@ class ModelConfig(SerialConfig):
         return self.value_memory == "lave" and self.lave_full_gates
 
     def own_slots(self, layer: int) -> list[int]:
-        """MoVE slots that the layer-assigned start gives a layer: the LaVE layers take
-        the slots in turn (slot m goes to LaVE layer m mod their count), so at M = k x
-        LaVE layers each LaVE layer owns k slots, as LaVE xk owns k tables; the other
-        layers own none."""
-        if layer not in self.lave_layers:
-            return []
-        turn, turns = self.lave_layers.index(layer), len(self.lave_layers)
-        return [m for m in range(self.n_slots) if m % turns == turn]
+        """MoVE slots that the layer-assigned start gives a layer (owned_slots)."""
+        return owned_slots(layer, self.lave_layers, self.n_slots)
 
     def memory_layers(self) -> list[int]:
         """Layers that mix value memory into attention (MoVE, LaVE gates and tables)."""
@@ -378,6 +372,17 @@ class OptimConfig:
         if not 0 <= self.weight_decay <= 1:  # decoupled decay multiplies weights by 1 - lr * wd each step
             raise ConfigError(f"weight_decay must be in [0, 1], got {self.weight_decay}")
         return self
+
+
+def owned_slots(layer: int, lave_layers: list[int], slots: int) -> list[int]:
+    """The slots the layer-assigned start gives a layer: the LaVE layers take the slots
+    in turn (slot m goes to LaVE layer m mod their count), so at M = k x LaVE layers
+    each LaVE layer owns k slots, as LaVE xk owns k tables; the other layers own none.
+    One rule for this project's models and a retrofitted Hugging Face model."""
+    if layer not in lave_layers:
+        return []
+    turn, turns = lave_layers.index(layer), len(lave_layers)
+    return [m for m in range(slots) if m % turns == turn]
 
 
 def mixed_rows(batch_size: int, mix_fraction: float, error=ConfigError, per: str = "") -> int:

@@ -47,6 +47,16 @@ def ids(rows=2, length=12, seed=1):
     return torch.randint(1, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
+class Corpus:
+    """What the retrofit's measures read of prepared data: its tokens."""
+
+    def __init__(self, tokens):
+        self._tokens = tokens
+
+    def tokens(self, split):
+        return self._tokens
+
+
 def train_a_little(model, steps=5):
     """Dense weights and memory trained together, so the bank and gates are far from zero."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
@@ -348,13 +358,6 @@ def test_the_kl_from_the_untouched_model_is_the_textbook_divergence():
     """mean_kl against torch's kl_div on the same windows; zero for the model itself."""
     from move.export.retrofit_measures import log_probs, mean_kl
 
-    class Corpus:  # what log_probs reads of prepared data
-        def __init__(self, tokens):
-            self._tokens = tokens
-
-        def tokens(self, split):
-            return self._tokens
-
     corpus = Corpus(torch.randint(1, VOCAB, (200,), generator=torch.Generator().manual_seed(3)).numpy())
     untouched, changed = random_model("llama-gqa"), train_a_little(random_model("llama-gqa"))
     score = lambda model: lambda x: model(input_ids=x).logits
@@ -376,21 +379,18 @@ def test_memory_use_reports_the_gates_and_the_share_computed_by_hand():
     model's parts, against memory_use; silent memory at step 0 reads gates 1, share 0."""
     from move.export.retrofit_measures import memory_use
 
-    class Corpus:  # what memory_use reads of prepared data
-        def tokens(self, split):
-            return torch.randint(1, VOCAB, (65,), generator=torch.Generator().manual_seed(5)).numpy()
-
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(llama_family(transformers.LlamaConfig, layers=1)).eval()
     api.retrofit(model, slots=3)
     memory = model.move_memory
     score = lambda x: model(input_ids=x).logits
-    silent = memory_use(memory, score, Corpus(), 16, 64, 2)
+    corpus = Corpus(torch.randint(1, VOCAB, (65,), generator=torch.Generator().manual_seed(5)).numpy())
+    silent = memory_use(memory, score, corpus, 16, 64, 2)
     assert silent == {"0": {"g0_mean": 1.0, "slot_gate_mean": 1.0, "memory_share": 0.0}}
     with torch.no_grad():
         memory.bank.weight.normal_()
         memory.routers[0].weight.normal_(std=0.3)
-    x = torch.from_numpy(Corpus().tokens("val")[:64].astype("int64")).view(4, 16)
+    x = torch.from_numpy(corpus.tokens("val")[:64].astype("int64")).view(4, 16)
     attention = model.model.layers[0].self_attn
     with torch.no_grad():
         hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(x))
@@ -398,7 +398,7 @@ def test_memory_use_reports_the_gates_and_the_share_computed_by_hand():
         gates = 2 * torch.sigmoid(memory.routers[0](hidden)).view(4, 16, 2, 4)
         slots = memory.bank.weight[x]  # (4, 16, heads, slots, width)
         mixed = gates[..., :1] * v + (gates[..., 1:, None] * slots).sum(-2)
-    used = memory_use(memory, score, Corpus(), 16, 64, 2)["0"]
+    used = memory_use(memory, score, corpus, 16, 64, 2)["0"]
     assert used["g0_mean"] == pytest.approx(gates[..., 0].mean().item(), rel=1e-5)
     assert used["slot_gate_mean"] == pytest.approx(gates[..., 1:].mean().item(), rel=1e-5)
     assert used["memory_share"] == pytest.approx(((mixed - v).norm() / v.norm()).item(), rel=1e-4)
@@ -434,14 +434,19 @@ def test_a_zero_bank_keeps_its_slots_identical_unless_the_layer_start_sets_them_
     assert moved.sum() > 10 and all(torch.allclose(plain[:, :, m], plain[:, :, 0], rtol=0, atol=1e-6) for m in range(4))
     model = trained(3.0)
     memory = model.move_memory
-    first, last = [b.detach().view(2, 5) for b in (memory.gate_biases[0], memory.gate_biases[2])]
+    first, last = [memory.routers[i].bias.detach().view(2, 5) for i in (0, 2)]
     # LaVE turns: layer 0 owns slots 0 and 2, layer 2 owns 1 and 3 (m mod 2); layer 1 owns none
     expected_first = torch.tensor([0.0, 0, -3, 0, -3])
     assert torch.allclose(first, expected_first.expand(2, 5), atol=0.2)  # (trained 4 steps at 3e-2)
     assert (last[:, [2, 4]] > -0.2).all() and (last[:, [1, 3]] < -2.8).all()
-    assert (memory.gate_biases[1].detach().view(2, 5)[:, 1:] < -2.8).all()
+    assert (memory.routers[1].bias.detach().view(2, 5)[:, 1:] < -2.8).all()
     bank = memory.bank.weight.detach()
     assert (bank[:, :, 0] - bank[:, :, 1]).abs().max() > 1e-2
+    from move.export.retrofit_measures import memory_use
+
+    corpus = Corpus(ids(1, 65).flatten().numpy())
+    used = memory_use(memory, lambda x: model(input_ids=x).logits, corpus, 16, 64, 2)
+    assert used["1"]["slot_gate_mean"] < 0.5 < used["1"]["g0_mean"]  # the gates as mixed: the bias included
     assert api.retrofit_accounting(model)["params"]["routers"] == 3 * (32 * 10 + 10)  # weights and biases
     model.save_pretrained(tmp_path / "saved")
     loaded = api.load_retrofitted(tmp_path / "saved").eval()

@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from move.config import owned_slots
 from move.errors import ConfigError
-from move.model.value_memory import mix_memory
+from move.model.value_memory import layer_start_logits, mix_memory
 from move.model.value_tables import ValueTable
 
 MEMORY_MODULE = "move_memory"  # the attribute of the model that owns what the retrofit adds
@@ -102,17 +103,15 @@ class ValueMemoryRetrofit(nn.Module):
         else:
             self.tables = nn.ModuleList(table() for _ in self.memory_layers)
         gates = shape.kv_heads * (settings.slots + int(settings.gate_g0))
-        self.routers = nn.ModuleList(nn.Linear(shape.hidden_size, gates, bias=False) for _ in self.memory_layers)
-        self.gate_biases = nn.ParameterList()  # the layer-assigned start's (empty without it)
-        if settings.layer_start_bias > 0:
-            for layer in self.memory_layers:
-                bias = torch.full((shape.kv_heads, settings.slots + 1), -settings.layer_start_bias)
-                bias[:, 0] = 0  # g0
-                turn = alternate.index(layer) if layer in alternate else None
-                bias[:, [1 + m for m in range(settings.slots) if m % len(alternate) == turn]] = 0
-                self.gate_biases.append(nn.Parameter(bias.flatten()))
+        start = settings.layer_start_bias  # the layer-assigned start: a trained bias on each router
+        self.routers = nn.ModuleList(nn.Linear(shape.hidden_size, gates, bias=start > 0) for _ in self.memory_layers)
         for part in (*(t.weight for t in self.value_tables()), *(r.weight for r in self.routers)):
-            nn.init.zeros_(part)  # every gate exactly 1, every slot 0: the original function
+            nn.init.zeros_(part)  # every gate exactly 1 (but the start's), every slot 0: the original function
+        if start > 0:
+            for router, layer in zip(self.routers, self.memory_layers):
+                own = owned_slots(layer, alternate, settings.slots)
+                with torch.no_grad():
+                    router.bias.copy_(layer_start_logits(shape.kv_heads, settings.slots, True, own, start))
         self.value_layers = []  # the modules whose values the hooks mix (set by attach; not submodules)
         self.ids_now = None  # the token ids of the current forward (set by look_up)
         self.slots_now = None  # move: the bank rows of those tokens, looked up once for all layers
@@ -130,9 +129,8 @@ class ValueMemoryRetrofit(nn.Module):
         self.handles.append(model.get_input_embeddings().register_forward_pre_hook(self.look_up))
         self.value_layers = [shape.layers[index] for index in self.memory_layers]
         tables = self.value_tables() if self.layout == "lave" else [None] * len(self.routers)
-        biases = list(self.gate_biases) or [None] * len(self.routers)
-        for router, table, bias, index in zip(self.routers, tables, biases, self.memory_layers):
-            self.handles.append(shape.layers[index].register_forward_hook(self.mixer(router, table, bias)))
+        for router, table, index in zip(self.routers, tables, self.memory_layers):
+            self.handles.append(shape.layers[index].register_forward_hook(self.mixer(router, table)))
 
     def forget(self, _model, _args):
         """A new forward: ids and rows of the last one must not be used (inputs_embeds)."""
@@ -143,7 +141,7 @@ class ValueMemoryRetrofit(nn.Module):
         self.ids_now = args[0]
         self.slots_now = self.bank(args[0]) if self.layout == "move" else None
 
-    def mixer(self, router: nn.Linear, table: ValueTable | None, bias: nn.Parameter | None):
+    def mixer(self, router: nn.Linear, table: ValueTable | None):
         def mix_into_values(_layer, args, output):
             x = args[0]
             if self.ids_now is None or self.ids_now.shape[:2] != output.shape[:2]:
@@ -153,8 +151,7 @@ class ValueMemoryRetrofit(nn.Module):
                 slots = slots._replace(values=slots.values.to(output.dtype))
             B, T = output.shape[:2]
             width = self.kv_heads * self.head_dim
-            logits = router(x) if bias is None else router(x) + bias.to(x.dtype)
-            logits = logits.view(B, T, self.kv_heads, -1)
+            logits = router(x).view(B, T, self.kv_heads, -1)
             if self.family == "gpt2":  # c_attn gives [q, k, v]
                 qk, v = output[..., :-width], output[..., -width:]
                 mixed = mix_memory(v.view(B, T, self.kv_heads, self.head_dim), logits, slots, self.gate_g0)
@@ -200,7 +197,6 @@ def retrofit(
     for table in memory.value_tables():
         table.to(reference.device)  # fp32, like this project's banks (rows cast per layer)
     memory.routers.to(reference.device, reference.dtype)  # in the model's dtype, like its own projections
-    memory.gate_biases.to(reference.device)
     setattr(model, MEMORY_MODULE, memory)
     memory.attach(model, shape)
     model.config.move_retrofit = asdict(settings)
@@ -244,7 +240,7 @@ def retrofit_accounting(model: nn.Module) -> dict:
     reports them for this project's models."""
     memory = getattr(model, MEMORY_MODULE)
     bank = sum(t.weight.numel() for t in memory.value_tables())
-    routers = sum(r.weight.numel() for r in memory.routers) + sum(b.numel() for b in memory.gate_biases)
+    routers = sum(p.numel() for p in memory.routers.parameters())  # with the layer start's biases
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     dense = sum(p.numel() for p in model.parameters()) - bank - routers

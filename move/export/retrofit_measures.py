@@ -21,6 +21,7 @@ from move.errors import UserError
 from move.evaluation.bpb import bits_per_byte
 from move.files import atomic_write_json
 from move.knowledge.recall import recall
+from move.model.value_memory import gate_values
 from move.readers import read_json
 from move.text.loader import eval_windows
 
@@ -93,7 +94,7 @@ def memory_use(memory, scorer, data, seq_len: int, tokens: int, batch: int) -> d
 
     def gates_of(index):
         def record(_router, _args, logits):
-            gates = 2 * torch.sigmoid(logits.float().unflatten(-1, (memory.kv_heads, -1)))
+            gates = gate_values(logits.float().unflatten(-1, (memory.kv_heads, -1)))
             slots = gates[..., 1:] if memory.gate_g0 else gates
             if memory.gate_g0:
                 sums[index]["g0"] += gates[..., 0].sum().item()

@@ -96,8 +96,7 @@ def optimizers_for(model: nn.Module, run: RetrofitRun) -> list[torch.optim.Optim
             if run.bank_optimizer == "lazy"
             else TableAdamW(weights, lr=run.lr_memory)
         )
-        control = [*memory.routers.parameters(), *memory.gate_biases]  # what sets the gates
-        found.append(torch.optim.AdamW(control, lr=run.lr_router, weight_decay=0.0))
+        found.append(torch.optim.AdamW(memory.routers.parameters(), lr=run.lr_router, weight_decay=0.0))
     if not found:
         raise UserError("nothing to train: give a bank (--memory bank), --lora-rank or --lr-dense")
     return found

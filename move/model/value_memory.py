@@ -84,6 +84,17 @@ def gate_values(gate_logits: torch.Tensor) -> torch.Tensor:
     return 2 * torch.sigmoid(gate_logits)
 
 
+def layer_start_logits(heads: int, slots: int, gate_g0: bool, own_slots: list[int], bias: float) -> torch.Tensor:
+    """The layer-assigned start's gate-logit bias, flat as a router's output (heads x
+    (g0 + slots)): 0 (gate exactly 1) for g0 and the layer's own slots, -bias (gate
+    2*sigmoid(-b)) for every other slot, each head alike."""
+    logits = torch.full((heads, slots + int(gate_g0)), -bias)
+    first = int(gate_g0)
+    logits[:, :first] = 0
+    logits[:, [first + m for m in own_slots]] = 0
+    return logits.flatten()
+
+
 def mix_memory(v, gate_logits, slots: Slots, gate_g0: bool, slot_dropout: float = 0.0) -> torch.Tensor:
     """v' from the standard values v (B,T,H,D), the router's gate logits (B,T,H,S+g0)
     and the looked-up slots: the fused form without autograd, the formula (fast path
@@ -169,13 +180,8 @@ class LayerValueMemory(nn.Module):
 
     @torch.no_grad()
     def start_gate_bias(self) -> None:
-        """The layer-assigned start: logit 0 (gate exactly 1) for g0 and this layer's
-        own slots, -start_bias (gate 2*sigmoid(-b)) for every other slot, each head alike."""
-        bias = self.gate_bias.view(self.heads, -1)
-        first = int(self.gate_g0)
-        bias.fill_(-self.start_bias)
-        bias[:, :first] = 0
-        bias[:, [first + m for m in self.own_slots]] = 0
+        """The layer-assigned start (layer_start_logits) into this layer's gate bias."""
+        self.gate_bias.copy_(layer_start_logits(self.heads, self.slots, self.gate_g0, self.own_slots, self.start_bias))
 
     def stacked_weight(self, projection: nn.Linear) -> torch.Tensor:
         """[projection; router] as one matrix; LaVE's router, which reads only the
