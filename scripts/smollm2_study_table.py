@@ -119,10 +119,7 @@ def memory_use_table(runs: dict) -> str:
     lines = ["## What the memory does (no news mixed in; mean over layers and seeds)", ""]
     header = ["arm", "slot gate, facts", "slot gate, news", "memory share, facts", "memory share, news", "top layer"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for arm, seeds in runs.get("none", {}).items():
-        uses = [r["memory_use"] for r in seeds.values() if "memory_use" in r]
-        if not uses:
-            continue
+    for arm, uses in memory_uses(runs):
         share = layer_means(uses, "val", "memory_share")
         top = max(share, key=share.get)
         row = []
@@ -132,6 +129,14 @@ def memory_use_table(runs: dict) -> str:
                 row.append(sum(per_layer.values()) / len(per_layer))
         lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {top} ({share[top]:.3f}) |")
     return "\n".join([*lines, ""])
+
+
+def memory_uses(runs: dict):
+    """(arm, [each seed's memory_use]) for the memory arms without news mixed in."""
+    for arm, seeds in runs.get("none", {}).items():
+        uses = [r["memory_use"] for r in seeds.values() if "memory_use" in r]
+        if uses:
+            yield arm, uses
 
 
 def layer_means(uses: list[dict], corpus: str, key: str) -> dict[int, float]:
@@ -144,10 +149,7 @@ def plot_memory_use(runs: dict, out: Path) -> None:
     """The memory share per layer, on the facts and on news, per memory arm (no news
     mixed in; mean over seeds)."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for arm, seeds in runs.get("none", {}).items():
-        uses = [r["memory_use"] for r in seeds.values() if "memory_use" in r]
-        if not uses:
-            continue
+    for arm, uses in memory_uses(runs):
         for corpus, style in (("val", "-"), ("general", ":")):
             share = layer_means(uses, corpus, "memory_share")
             label = f"{arm}, {'facts' if corpus == 'val' else 'news'}"
