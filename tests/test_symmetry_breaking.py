@@ -165,3 +165,19 @@ def test_the_content_gate_changes_only_its_own_weights_and_counts_them():
         ModelConfig(**BASE, value_memory="lave", slot_gate_channels=2).validate()
     with pytest.raises(ConfigError, match="slot width per head"):
         ModelConfig(**BASE, value_memory="move", slot_gate_channels=1000).validate()
+
+
+def test_with_every_gate_at_one_the_slots_of_a_row_get_the_same_gradient():
+    """The paper's start (zero routers: every gate exactly 1): whatever the slots hold,
+    slot m's gradient is sum over layers and positions of g_m dL/dv', the same for
+    every m, so Adam moves every slot of a row by the same step (the symmetry the layer
+    start breaks). With the layer start the gradients differ."""
+    for start, same in ((0.0, True), (3.0, False)):
+        model = api.build_model("tiny", seed=1, **BASE, value_memory="move", memory_density=2, layer_start_bias=start)
+        random_weights(model)  # slots differ; the routers and gate biases stay as they start
+        idx = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        grad = model.value_tables()[0].weight.grad  # (vocab, heads, slots, width)
+        assert grad.abs().max() > 0
+        equal = all(torch.allclose(grad[:, :, m], grad[:, :, 0], rtol=1e-5, atol=1e-8) for m in range(4))
+        assert equal is same
