@@ -643,7 +643,15 @@ def cmd_retrofit(args) -> None:
     torch.set_flush_denormal(True)
     run = RetrofitRun(**config_overrides(args, RetrofitRun))
     summary = train_retrofit(
-        args.model, args.data, args.out, run, args.general_data, save=not args.no_save, untouched=args.untouched
+        args.model,
+        args.data,
+        args.out,
+        run,
+        args.general_data,
+        save=not args.no_save,
+        untouched=args.untouched,
+        resume=args.resume,
+        force=args.force,
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "accounting"}, indent=2))
 
@@ -1040,6 +1048,10 @@ def build_parser() -> argparse.ArgumentParser:
         "runs of the same model, data and evaluation settings, refused for others (default none: measured)",
     )
     p.add_argument("--no-save", action="store_true", help="write retrofit.json only, not the model")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint (same flags)"
+    )
+    p.add_argument("--force", action="store_true", help="replace the run in --out")
     add_dataclass_flags(p, RetrofitRun)
     p.set_defaults(func=cmd_retrofit)
 

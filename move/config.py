@@ -590,8 +590,9 @@ class ClassifierConfig(SerialConfig):
 
 
 @dataclass
-class RetrofitRun:
-    """`move retrofit`: a pretrained causal LM given a MoVE bank and trained on (move/export/retrofit_training.py)."""
+class RetrofitRun(SerialConfig):
+    """`move retrofit`: a pretrained causal LM given a MoVE bank and trained on (move/export/retrofit_training.py).
+    It is also the trained model's config in the Trainer's run.json and checkpoints: a resumed run must match it."""
 
     memory: str = option(
         "bank",
@@ -624,15 +625,18 @@ class RetrofitRun:
     )
     mix_fraction: float = option(0.0, "with --mix-data: the fraction of each batch's rows drawn from it")
     seed: int = option(0, "data order")
+    checkpoint_every: int = option(50, "steps between checkpoints (--resume continues from the newest)")
 
     def validate(self) -> "RetrofitRun":
-        for name in ("density", "steps", "batch_size", "seq_len", "eval_tokens"):
+        for name in ("density", "steps", "batch_size", "seq_len", "eval_tokens", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.slots < 0 or self.lora_rank < 0 or self.kl_tokens < 0:
             raise ConfigError("slots, lora_rank and kl_tokens must be >= 0")
         if self.memory not in ("bank", "lave", "none"):
             raise ConfigError(f"memory must be bank, lave or none, got {self.memory!r}")
+        if self.memory == "none" and not self.lora_rank and not self.lr_dense:
+            raise ConfigError("nothing to train: give a bank (--memory bank), --lora-rank or --lr-dense")
         if self.layer_start_bias < 0 or (self.layer_start_bias > 0 and self.memory != "bank"):
             raise ConfigError(f"layer_start_bias (>= 0) is a bank option; memory is {self.memory}")
         for name in ("lr_memory", "lr_router", "lr_lora"):

@@ -19,7 +19,8 @@
 #                 by one LaVE layer at first), at the chosen bank rate (LaVE's: each slot is one layer's table)
 # Forgetting: bpb and KL on held-out news and Shakespeare (with news mixed in, news is
 # no longer unseen text: Shakespeare is). The untouched model's figures are measured
-# once for every run (--untouched). Resumable: a finished run is skipped.
+# once for every run (--untouched). Resumable: a finished run is skipped, a stopped one
+# resumes from its checkpoint.
 #   bash scripts/smollm2_study.sh [MIX ...]   -> results/smollm2-study/<mix>/<arm>/seed<k>/retrofit.json
 # MIX: none and/or news (default both). Workers started with the same arguments share
 # the runs: each run is claimed with an flock on <arm>/.seed<k>.lock (released when its process
@@ -57,9 +58,10 @@ for seed in 0 1 2; do
             # another worker holds this run: leave it to that worker
             flock --nonblock "$claim" || { exec {claim}>&-; continue; }
             [ -f "$out/retrofit.json" ] && { exec {claim}>&-; continue; }
-            rm -rf "$out"
+            # a run stopped mid-way continues from its newest checkpoint (every 50 steps)
+            if [ -f "$out/run.json" ]; then again=--resume; else rm -rf "$out"; again=""; fi
             # shellcheck disable=SC2086
-            move retrofit "$MODEL" --data data/facts_smol --general-data data/news_smol \
+            move retrofit "$MODEL" --data data/facts_smol --general-data data/news_smol $again \
                 --general-data data/shakespeare_smol --untouched "$OUT/untouched.json" --no-save \
                 --steps 100 --batch-size 8 --seq-len 64 --eval-tokens 8192 --kl-tokens 2048 --seed "$seed" \
                 ${ARMS[$arm]} ${MIXES[$mix]} --out "$out"

@@ -459,3 +459,130 @@ def test_a_zero_bank_keeps_its_slots_identical_unless_the_layer_start_sets_them_
 
     with pytest.raises(ConfigError, match="bank option"):  # refused before a model is loaded
         RetrofitRun(memory="lave", layer_start_bias=3.0).validate()
+
+
+def test_the_trainer_trains_a_retrofit_as_a_plain_loop_of_its_optimisers_does(tmp_path, prepared_dir):
+    """Bank + LoRA + dense weights through the project's Trainer equal, bit for bit, the
+    plain loop written here: the same batches, each part's own AdamW (the bank's
+    TableAdamW), constant rates, no clipping. The checkpoint holds what trains."""
+    import torch.nn.functional as F
+
+    from move.config import RetrofitRun
+    from move.export.retrofit_trainable import RetrofitTask, TrainableRetrofit, train_config, training_batches
+    from move.export.retrofit_training import add_lora
+    from move.text.prepare import load_prepared
+    from move.training.checkpoint import load_state_dict
+    from move.training.table_adamw import TableAdamW
+    from move.training.trainer import Trainer
+
+    data = load_prepared(prepared_dir)
+    run = RetrofitRun(slots=2, lora_rank=4, lr_memory=0.05, lr_router=0.01, lr_lora=1e-2, lr_dense=1e-3)
+    run = RetrofitRun(**{**run.to_dict(), "steps": 4, "batch_size": 2, "seq_len": 16, "eval_tokens": 64})
+    run.checkpoint_every = 2
+
+    def build():  # twice the same model (a retrofitted model's hooks do not survive deepcopy)
+        torch.manual_seed(0)
+        base = api.retrofit(transformers.LlamaForCausalLM(llama_family(transformers.LlamaConfig, vocab=512)), slots=2)
+        return add_lora(base, 4)
+
+    ours, theirs = build(), build()
+    net = TrainableRetrofit(ours, run)
+    task = RetrofitTask(data, {"val": data}, None, run, {})
+    Trainer(net, task, train_config(run), tmp_path / "run", quiet=True, keep_steps=frozenset({2})).run()
+
+    named = dict(theirs.named_parameters())
+    for p in theirs.parameters():
+        p.requires_grad_(True)
+    memory = theirs.move_memory
+    parts = {
+        "dense": [p for n, p in named.items() if "move_memory" not in n and "lora_" not in n],
+        "lora": [p for n, p in named.items() if "lora_" in n],
+    }
+    optimizers = [
+        torch.optim.AdamW(parts["dense"], lr=1e-3, weight_decay=0.0),
+        torch.optim.AdamW(parts["lora"], lr=1e-2, weight_decay=0.0),
+        TableAdamW([t.weight for t in memory.value_tables()], lr=0.05),
+        torch.optim.AdamW(memory.routers.parameters(), lr=0.01, weight_decay=0.0),
+    ]
+    loader = training_batches(data, run)
+    theirs.train()
+    for _ in range(run.steps):
+        x, y = loader.next_batch()
+        logits = theirs(input_ids=x).logits.float()
+        F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        theirs.zero_grad(set_to_none=True)
+    for name, p in ours.named_parameters():
+        assert torch.equal(p, named[name]), name
+    assert not torch.equal(memory.bank.weight, torch.zeros_like(memory.bank.weight))
+    weights, _ = load_state_dict(tmp_path / "run" / "checkpoints" / "step_000002")
+    assert set(weights) == {f"model.{n}" for n, p in ours.named_parameters() if p.requires_grad}
+    frozen = TrainableRetrofit(build(), RetrofitRun(slots=2, lora_rank=4))
+    assert {k for k in frozen.state_dict() if "move_memory" not in k and "lora_" not in k} == set()
+    with pytest.raises(RuntimeError, match="exactly the trained parameters"):
+        frozen.load_state_dict(weights)  # holds dense weights the frozen one does not train
+
+
+def test_a_retrofit_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path, prepared_dir, monkeypatch):
+    """`move retrofit` stopped by SIGTERM mid-run saves a checkpoint; --resume ends with
+    the same bank, measures and losses as a run never stopped; a finished run's
+    checkpoints are removed, and --resume of it returns its summary untouched."""
+    import json
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from move.cli import main
+    from move.export import retrofit_trainable
+    from move.text.prepare import load_prepared
+
+    vocab = load_prepared(prepared_dir).tokenizer.vocab_size
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(llama_family(transformers.LlamaConfig, vocab=vocab)).save_pretrained(
+        tmp_path / "base"
+    )
+    flags = ["--data", str(prepared_dir), "--steps", "6", "--batch-size", "2", "--seq-len", "16"]
+    flags += ["--eval-tokens", "256", "--slots", "2", "--lr-memory", "0.05", "--checkpoint-every", "2"]
+    assert main(["retrofit", str(tmp_path / "base"), *flags, "--out", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / "checkpoints").exists()
+
+    batches = retrofit_trainable.training_batches
+
+    class StopAtThird:
+        def __init__(self, loader):
+            self.loader, self.calls = loader, 0
+
+        def next_batch(self):
+            self.calls += 1
+            if self.calls == 3:  # the signal arrives during step 3: it ends, is saved, the run stops
+                os.kill(os.getpid(), signal.SIGTERM)
+            return self.loader.next_batch()
+
+        def state_dict(self):
+            return self.loader.state_dict()
+
+        def load_state_dict(self, state):
+            self.loader.load_state_dict(state)
+
+    monkeypatch.setattr(retrofit_trainable, "training_batches", lambda *a: StopAtThird(batches(*a)))
+    stopped = str(tmp_path / "stopped")
+    assert main(["retrofit", str(tmp_path / "base"), *flags, "--out", stopped]) == 0
+    assert [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()] == ["step_000003"]
+    assert not (tmp_path / "stopped" / "retrofit.json").exists()
+    monkeypatch.setattr(retrofit_trainable, "training_batches", batches)
+    assert main(["retrofit", str(tmp_path / "base"), *flags, "--out", stopped]) == 2  # neither --resume nor --force
+    assert main(["retrofit", str(tmp_path / "base"), *flags, "--out", stopped, "--resume"]) == 0
+    whole = json.loads((tmp_path / "whole" / "retrofit.json").read_text())
+    resumed = json.loads((tmp_path / "stopped" / "retrofit.json").read_text())
+    assert resumed["after"] == whole["after"] and resumed["before"] == whole["before"]
+    assert [resumed[k] for k in ("train_loss_first", "train_loss_last")] == [
+        whole[k] for k in ("train_loss_first", "train_loss_last")
+    ]
+    bank = {k: v for k, v in load_file(tmp_path / "whole" / "model.safetensors").items() if "move_memory" in k}
+    again = load_file(tmp_path / "stopped" / "model.safetensors")
+    assert bank and all(torch.equal(v, again[k]) for k, v in bank.items())
+    written = (tmp_path / "stopped" / "retrofit.json").stat().st_mtime_ns
+    assert main(["retrofit", str(tmp_path / "base"), *flags, "--out", stopped, "--resume"]) == 0
+    assert (tmp_path / "stopped" / "retrofit.json").stat().st_mtime_ns == written

@@ -1,9 +1,10 @@
 """`move retrofit MODEL --data DIR --out DIR`: teach a pretrained causal LM a corpus
 with a MoVE bank, LoRA, full fine-tuning or a mix of them, in one command.
 
-The loop is this project's data path (BatchLoader: BOS-aligned windows of the
-prepared tokens, seeded order; bits_per_byte) around a Hugging Face model; the
-project's Trainer builds its own GPT and is not used. What trains:
+It trains through this project's Trainer (move/export/retrofit_trainable.py wraps the
+Hugging Face model for it: checkpoints every --checkpoint-every steps, --resume, a
+stop on SIGINT/SIGTERM that saves), on this project's data path (BatchLoader:
+BOS-aligned windows of the prepared tokens, seeded order). What trains:
   - the bank (`--slots` / `--density`), or LaVE-style tables on alternate layers
     (`--memory lave`), or none (`--memory none`), with its own rates for the tables
     and the routers, and this project's table optimisers (exact or lazy, fp32 or bf16);
@@ -12,22 +13,22 @@ project's Trainer builds its own GPT and is not used. What trains:
 Measured before training (the untouched model: the retrofit and LoRA start as the
 identity) and after: bits per byte on the data's validation split and, with
 --general-data (another corpus prepared with the same tokenizer), on that one: what
-the model forgets of general text. A knowledge corpus (knowledge-prepare) adds recall
-and stored bits on its held-out phrasing; with memory, what its gates do per layer on
-each corpus (memory_use). The result goes to --out: retrofit.json,
-and the model (save_pretrained; load a bank with move.api.load_retrofitted).
+the model forgets of general text, and the KL divergence from the untouched model on
+it. A knowledge corpus (knowledge-prepare) adds recall and stored bits on its held-out
+phrasing; with memory, what its gates do per layer on each corpus (memory_use). The
+result goes to --out: retrofit.json, the Trainer's run.json, metrics.jsonl and
+summary.json, and the model (save_pretrained; load a bank with
+move.api.load_retrofitted). A finished run's checkpoints are removed.
 """
 
-import json
 import resource
+import shutil
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from move.config import RetrofitRun
 from move.errors import UserError
@@ -36,70 +37,22 @@ from move.export.retrofit import MEMORY_MODULE, retrofit, retrofit_accounting
 from move.export.retrofit_measures import (
     decode_tokens_per_second,
     log_probs,
-    mean_kl,
     measure,
     memory_use,
     untouched_key,
     untouched_measures,
 )
+from move.export.retrofit_trainable import RetrofitTask, TokenLoss, TrainableRetrofit, train_config, training_batches
+from move.files import atomic_write_json
 from move.knowledge.corpus import KNOWLEDGE_FILE
 from move.knowledge.recall import load_knowledge
-from move.progress import progress
-from move.text.loader import training_loader
+from move.readers import read_json
 from move.text.prepare import load_prepared
-from move.training.row_adam import RowAdam
-from move.training.table_adamw import TableAdamW
+from move.training.trainer import Trainer
 
 SUMMARY = "retrofit.json"
 LAYOUT_OF = {"bank": "move", "lave": "lave"}  # --memory -> the retrofit's layout (none: no memory)
 MEMORY_USE_TOKENS = 1024  # tokens per corpus for the gates' and memory share's diagnostics (a forward each)
-
-
-class TokenLoss(nn.Module):
-    """A causal LM as this project's evaluators call its models: model(x) -> logits,
-    model(x, targets, reduction='none') -> per-token nats (targets < 0 ignored)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, targets=None, reduction: str = "none"):
-        logits = self.model(input_ids=x).logits.float()
-        if targets is None:
-            return logits
-        nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-        return nats.view_as(targets) if reduction == "none" else nats.sum() / (targets >= 0).sum()
-
-
-def optimizers_for(model: nn.Module, run: RetrofitRun) -> list[torch.optim.Optimizer]:
-    """Freeze what does not train and give each trained part its optimiser."""
-    for p in model.parameters():
-        p.requires_grad_(run.lr_dense > 0)
-    found = []
-    if run.lr_dense > 0:
-        dense = [p for n, p in model.named_parameters() if MEMORY_MODULE not in n and "lora_" not in n]
-        found.append(torch.optim.AdamW(dense, lr=run.lr_dense, weight_decay=0.0))
-    if run.lora_rank:
-        lora = [p for n, p in model.named_parameters() if "lora_" in n]
-        for p in lora:
-            p.requires_grad_(True)
-        found.append(torch.optim.AdamW(lora, lr=run.lr_lora, weight_decay=0.0))
-    memory = getattr(model, MEMORY_MODULE, None)
-    if memory is not None:
-        tables = memory.value_tables()
-        weights = [t.weight for t in tables]
-        for p in memory.parameters():
-            p.requires_grad_(True)
-        # fp32 Adam moments whatever the tables' dtype; lazy: only the rows a step touched
-        found.append(
-            RowAdam(weights, {id(t.weight): t for t in tables}, lr=run.lr_memory)
-            if run.bank_optimizer == "lazy"
-            else TableAdamW(weights, lr=run.lr_memory)
-        )
-        found.append(torch.optim.AdamW(memory.routers.parameters(), lr=run.lr_router, weight_decay=0.0))
-    if not found:
-        raise UserError("nothing to train: give a bank (--memory bank), --lora-rank or --lr-dense")
-    return found
 
 
 def add_lora(model: nn.Module, rank: int) -> nn.Module:
@@ -133,17 +86,32 @@ def general_corpora(general_data, data) -> dict:
 
 
 def train_retrofit(
-    model_path, data_dir, out, run: RetrofitRun, general_data=None, save: bool = True, untouched=None
+    model_path,
+    data_dir,
+    out,
+    run: RetrofitRun,
+    general_data=None,
+    save: bool = True,
+    untouched=None,
+    resume: bool = False,
+    force: bool = False,
 ) -> dict:
     """general_data: one or more corpora (paths) the model is not trained on;
-    untouched: a file that keeps the untouched model's measures for later runs."""
+    untouched: a file that keeps the untouched model's measures for later runs;
+    resume: continue the run in `out` from its newest checkpoint (a finished run's
+    summary is returned as it is); force: replace the run in `out`.
+    -> the summary (retrofit.json), or {"stopped_at": step} when a signal stopped it."""
     run.validate()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    if resume and (out / SUMMARY).is_file():
+        return read_json(out / SUMMARY, "retrofit summary")
+    if resume and not (out / "run.json").is_file():
+        raise UserError(f"{out}: nothing to resume (no run.json)")
+    if not (resume or force) and out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; pass --resume to continue its run or --force")
     data = load_prepared(data_dir)
     general = general_corpora(general_data, data)
-    loader = training_batches(data, run)  # (a mixed-in corpus is checked now, not after the measures)
+    training_batches(data, run)  # (a mixed-in corpus is checked now, not after the measures)
     corpora = {"val": data, **general}
     knowledge = load_knowledge(data_dir) if (Path(data_dir) / KNOWLEDGE_FILE).exists() else None
     model = load_causal_lm(model_path)
@@ -159,55 +127,40 @@ def train_retrofit(
     scorer = TokenLoss(model)
     before = untouched_measures(untouched, key, lambda: measure(scorer, corpora, knowledge, data.tokenizer, *scoring))
     # the untouched next-token distributions, kept on disk while training (vocab x tokens each)
-    references = tempfile.TemporaryDirectory(prefix="move-kl-")
-    kl_args = (run.seq_len, run.kl_tokens, run.batch_size)
-    if run.kl_tokens:
-        for name, corpus in general.items():
-            torch.save(log_probs(scorer, corpus, *kl_args), Path(references.name) / f"{name}.pt")
-    torch.manual_seed(run.seed)  # the new parameters' initialisation (LoRA's A) and nothing else
-    layout = LAYOUT_OF.get(run.memory)
-    if layout:
-        retrofit(model, density=run.density, slots=run.slots, layout=layout, layer_start_bias=run.layer_start_bias)
-        for table in getattr(model, MEMORY_MODULE).value_tables():
-            table.weight.data = table.weight.data.to(getattr(torch, run.bank_dtype))
-    trained = add_lora(model, run.lora_rank) if run.lora_rank else model
-    scorer = TokenLoss(trained)
-    optimizers = optimizers_for(trained, run)
-    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    losses = []
-    trained.train()
-    rss_before_training = peak_rss_mb()
-    started = time.perf_counter()
-    for _ in progress(range(run.steps), "retrofit training", unit="step"):
-        x, y = loader.next_batch()
-        loss = scorer(x, y, reduction="mean")
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        trained.zero_grad(set_to_none=True)  # (a bank's next backward starts a fresh buffer and row list)
-        losses.append(loss.item())
-    train_seconds = time.perf_counter() - started
-    rss_after_training = peak_rss_mb()
-    trained.eval()
-    after = measure(scorer, corpora, knowledge, data.tokenizer, *scoring)
-    for name, corpus in general.items() if run.kl_tokens else ():
-        reference = torch.load(Path(references.name) / f"{name}.pt")
-        after[f"{name}_kl"] = mean_kl(reference, scorer, corpus, *kl_args)
-    references.cleanup()
+    with tempfile.TemporaryDirectory(prefix="move-kl-") as kept:
+        references = {name: Path(kept) / f"{name}.pt" for name in general if run.kl_tokens}
+        for name, path in references.items():
+            torch.save(log_probs(scorer, general[name], run.seq_len, run.kl_tokens, run.batch_size), path)
+        torch.manual_seed(run.seed)  # the new parameters' initialisation (LoRA's A) and nothing else
+        layout = LAYOUT_OF.get(run.memory)
+        if layout:
+            retrofit(model, density=run.density, slots=run.slots, layout=layout, layer_start_bias=run.layer_start_bias)
+            for table in getattr(model, MEMORY_MODULE).value_tables():
+                table.weight.data = table.weight.data.to(getattr(torch, run.bank_dtype))
+        trained = add_lora(model, run.lora_rank) if run.lora_rank else model
+        net = TrainableRetrofit(trained, run)
+        task = RetrofitTask(data, corpora, knowledge, run, references)
+        trainer = Trainer(net, task, train_config(run), out, resume=resume, force=force)
+        rss_before_training = peak_rss_mb()
+        result = trainer.run()
+        if "stopped_at" in result:
+            return result
+        rss_after_training = peak_rss_mb()
+        after = task.latest if task.latest is not None else task.evaluate(net)  # (a resume of a finished run)
     summary = {
         "model": Path(model_path).name,
         "data": Path(data_dir).name,
         "general_data": {name: Path(corpus.directory).name for name, corpus in general.items()},
         "run": asdict(run),
-        "trainable_params": trainable,
-        "total_params": sum(p.numel() for p in trained.parameters()),
+        "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in net.parameters()),
         "before": before,
         "after": after,
-        "train_loss_first": losses[0],
-        "train_loss_last": losses[-1],
+        "train_loss_first": trainer.train_losses[0],
+        "train_loss_last": trainer.train_losses[-1],
         "cost": {
-            "train_seconds": train_seconds,
-            "step_seconds": train_seconds / run.steps,
+            "train_seconds": result["train_time_s"],
+            "step_seconds": result["train_time_s"] / run.steps,
             # the process's peak resident memory (Linux reports kB) before and after the training loop:
             # the second is the training's peak when it is higher (the model, optimiser state, activations)
             "peak_rss_mb_before_training": rss_before_training,
@@ -226,13 +179,12 @@ def train_retrofit(
         summary["cost"]["rows"] = sum(t.weight.shape[0] for t in tables)
         summary["rows_moved_most"] = rows_moved_most(tables, data.tokenizer)
         use_args = (run.seq_len, min(run.eval_tokens, MEMORY_USE_TOKENS), run.batch_size)
-        summary["memory_use"] = {
-            name: memory_use(memory, scorer, corpus, *use_args) for name, corpus in corpora.items()
-        }
-    out.mkdir(parents=True, exist_ok=True)
+        summary["memory_use"] = {name: memory_use(memory, net, corpus, *use_args) for name, corpus in corpora.items()}
     if save:  # with LoRA, peft writes the adapter; a bank and the model are written by save_pretrained
         trained.save_pretrained(out)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / SUMMARY, summary)
+    # the finished run is its summary (and the saved model): its checkpoints only served --resume
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return summary
 
 
@@ -242,14 +194,6 @@ def rows_moved_most(tables, tokenizer, count: int = 20) -> list[dict]:
     norms = sum(t.weight.detach().float().flatten(1).square().sum(1) for t in tables).sqrt()
     top = norms.topk(min(count, norms.numel()))
     return [{"token": tokenizer.decode([i]), "norm": n} for i, n in zip(top.indices.tolist(), top.values.tolist())]
-
-
-def training_batches(data, run: RetrofitRun):
-    """The data's batches, with round(batch_size x mix_fraction) rows of --mix-data in each."""
-    mixed_in = load_prepared(run.mix_data) if run.mix_data else None
-    return training_loader(
-        data, run.batch_size, run.seq_len, run.seed, mixed_in=mixed_in, mix_fraction=run.mix_fraction
-    )
 
 
 def peak_rss_mb() -> float:

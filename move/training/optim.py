@@ -17,6 +17,8 @@
 - Moments of value memory are fp32 for a bf16 bank (--value-memory-dtype bfloat16):
   RowAdam in lazy mode, TableAdamW in exact mode.
 - The image tokenizer and classifier (conv nets) use plain AdamW at lr_adamw_matrix.
+- A model with a build_optimizers(oc) method builds its own (a retrofitted pretrained
+  model: its bank, LoRA and dense weights have rates of their own).
 - Schedule: linear warmup, constant, linear warmdown to zero over the last
   `warmdown_frac` of the steps.
 """
@@ -35,13 +37,26 @@ from move.training.table_adamw import TableAdamW
 
 
 def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
-    if not isinstance(model, GPT):  # the small conv nets of the image pipeline: plain AdamW
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=oc.lr_adamw_matrix, betas=(0.9, 0.95), weight_decay=oc.weight_decay
-        )
-        for g in optimizer.param_groups:
+    """Every optimiser of `model`, each group's rate also kept as initial_lr (what the
+    schedule multiplies)."""
+    optimizers = model_optimizers(model, oc)
+    for opt in optimizers:
+        for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
-        return [optimizer]
+    return optimizers
+
+
+def model_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
+    # a model that says how its own parts train: a retrofitted pretrained model (bank,
+    # routers, LoRA and dense weights, each at its rate: move/export/retrofit_trainable.py)
+    if hasattr(model, "build_optimizers"):
+        return model.build_optimizers(oc)
+    if not isinstance(model, GPT):  # the small conv nets of the image pipeline: plain AdamW
+        return [
+            torch.optim.AdamW(
+                model.parameters(), lr=oc.lr_adamw_matrix, betas=(0.9, 0.95), weight_decay=oc.weight_decay
+            )
+        ]
     groups: dict[str, list] = {}
     for name, p in model.named_parameters():
         groups.setdefault(param_group(name), []).append(p)
@@ -71,9 +86,6 @@ def build_optimizers(model, oc: OptimConfig) -> list[torch.optim.Optimizer]:
     optimizers.append(
         torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=oc.weight_decay, fused=fused)
     )
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["initial_lr"] = g["lr"]
     return optimizers
 
 
