@@ -31,6 +31,23 @@ FORGOT = [
     ("shakespeare_smol_kl", "Shakespeare KL", 4),
 ]
 REFERENCE_ARM = "bank1"
+# arms added after seeds 0-1 of the stated ones (reported apart): {arm: the stated arm it changes}
+POST_HOC = {"bank15-layer": "bank15"}
+
+
+def label(arm: str) -> str:
+    return f"{arm} (post hoc)" if arm in POST_HOC else arm
+
+
+def paired_row(name: str, seeds: dict, reference: dict, keys) -> str:
+    """One row of paired differences (seeds in both), a 95% interval per key."""
+    diffs = [
+        paired_difference(
+            {s: r["after"][k] for s, r in seeds.items()}, {s: r["after"][k] for s, r in reference.items()}
+        ).format(d)
+        for k, _, d in keys
+    ]
+    return f"| {name} | " + " | ".join(diffs) + " |"
 
 
 def load(results: Path) -> dict:
@@ -59,7 +76,7 @@ def tables(runs: dict) -> str:
         untouched = [f"{before[k]:.{d}f}" if k in before else "0" for k, _, d in LEARNT + FORGOT]  # KL: 0
         lines.append("| " + " | ".join(["untouched", "0", "", *untouched, "", "", "", ""]) + " |")
         for arm, seeds in arms.items():
-            row = [arm, f"{next(iter(seeds.values()))['trainable_params']:,}", str(len(seeds))]
+            row = [label(arm), f"{next(iter(seeds.values()))['trainable_params']:,}", str(len(seeds))]
             row += [cell((s["after"][k] for s in seeds.values()), d) for k, _, d in LEARNT + FORGOT]
             cost = [s["cost"] for s in seeds.values()]
             row += [cell((c["step_seconds"] for c in cost), 2), cell((c["peak_rss_mb"] for c in cost), 0)]
@@ -78,15 +95,14 @@ def tables(runs: dict) -> str:
             lines += ["| arm | " + " | ".join(label for _, label, _ in keys) + " |", "|---|" + "---|" * len(keys)]
             reference = arms[REFERENCE_ARM]
             for arm, seeds in arms.items():
-                if arm == REFERENCE_ARM:
-                    continue
-                diffs = [
-                    paired_difference(
-                        {s: r["after"][k] for s, r in seeds.items()}, {s: r["after"][k] for s, r in reference.items()}
-                    ).format(d)
-                    for k, _, d in keys
-                ]
-                lines.append(f"| {arm} | " + " | ".join(diffs) + " |")
+                if arm != REFERENCE_ARM:
+                    lines.append(paired_row(label(arm), seeds, reference, keys))
+            changed = [(arm, stated) for arm, stated in POST_HOC.items() if arm in arms and stated in arms]
+            if changed:
+                lines += ["", "Post hoc arms minus the stated arm they change, paired by seed:", ""]
+                lines += ["| arm | " + " | ".join(lbl for _, lbl, _ in keys) + " |", "|---|" + "---|" * len(keys)]
+                for arm, stated in changed:
+                    lines.append(paired_row(f"{arm} − {stated}", arms[arm], arms[stated], keys))
         lines.append("")
     return "\n".join(lines)
 

@@ -93,3 +93,15 @@ def test_the_memory_use_summary_averages_layers_then_seeds(results, tmp_path):
     table.plot_memory_use(runs, tmp_path / "use.png")
     table.plot(runs, tmp_path / "facts.png")
     assert (tmp_path / "use.png").stat().st_size > 0 and (tmp_path / "facts.png").stat().st_size > 0
+
+
+def test_a_post_hoc_arm_is_labelled_and_paired_with_the_arm_it_changes(results):
+    for seed in range(2):  # two seeds of the post hoc arm: its differences pair on those
+        for arm, shift in (("bank15", 0.0), ("bank15-layer", 1.0)):
+            directory = results / "none" / arm / f"seed{seed}"
+            directory.mkdir(parents=True)
+            (directory / "retrofit.json").write_text(json.dumps(run(seed + 20, shift, True)))
+    text = table.tables(table.load(results))
+    assert "| bank15-layer (post hoc) | 50 | 2 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| bank15-layer − bank15 |"))
+    assert row.split(" | ")[2].startswith("+1 [")  # stored bits: every seed shifted by exactly 1.0
