@@ -30,6 +30,7 @@ True
 import torch
 
 from move.config import DEFAULT_PRESET, model_config_from_preset
+from move.config import RetrofitRun as RetrofitRun
 from move.device import pick_device
 from move.evaluation.bpb import bits_per_byte as bpb
 from move.evaluation.fid import InceptionFeatures, fid_from_features
@@ -44,6 +45,9 @@ from move.export.retrofit import (
 )
 from move.export.retrofit import (
     retrofit_accounting as retrofit_accounting,
+)
+from move.export.retrofit_training import (  # `move retrofit` in one call (docs/retrofit.md)
+    train_retrofit as train_retrofit,
 )
 from move.image.evaluate import generate_images
 from move.image.prepare import load_prepared_images

@@ -585,4 +585,9 @@ def test_a_retrofit_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tmp_
     assert bank and all(torch.equal(v, again[k]) for k, v in bank.items())
     written = (tmp_path / "stopped" / "retrofit.json").stat().st_mtime_ns
     assert main(["retrofit", str(tmp_path / "base"), *flags, "--out", stopped, "--resume"]) == 0
+    assert api.train_retrofit(tmp_path / "base", prepared_dir, stopped, api.RetrofitRun(), resume=True) == resumed
     assert (tmp_path / "stopped" / "retrofit.json").stat().st_mtime_ns == written
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["retrofit", str(tmp_path / "base"), *flags, "--out", str(tmp_path / "other"), "--force"]) == 2
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"  # not a run: never replaced

@@ -43,7 +43,7 @@ from move.export.retrofit_measures import (
     untouched_measures,
 )
 from move.export.retrofit_trainable import RetrofitTask, TokenLoss, TrainableRetrofit, train_config, training_batches
-from move.files import atomic_write_json
+from move.files import RUN_MARKERS, atomic_write_json, check_replaceable
 from move.knowledge.corpus import KNOWLEDGE_FILE
 from move.knowledge.recall import load_knowledge
 from move.readers import read_json
@@ -109,6 +109,8 @@ def train_retrofit(
         raise UserError(f"{out}: nothing to resume (no run.json)")
     if not (resume or force) and out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; pass --resume to continue its run or --force")
+    if force and not resume:
+        check_replaceable(out, RUN_MARKERS, "a training run")  # (the Trainer would refuse it after the measures)
     data = load_prepared(data_dir)
     general = general_corpora(general_data, data)
     training_batches(data, run)  # (a mixed-in corpus is checked now, not after the measures)
