@@ -5,11 +5,12 @@ an fp32 bank against a bf16 one (fp32 optimiser state either way), at M = 1 and 
     bash scripts/smollm2_data.sh && python benchmarks/retrofit_bank.py
         -> benchmarks/retrofit_bank.md
 
-Each setting is one `move retrofit` process (peak memory is per process) on the facts
-corpus of the study, 12 steps of 8 x 64 tokens, one after the other on an otherwise
-idle machine; the step time is the Trainer's, over the steps after its 5 warm-up steps;
-peak memory is the process's resident peak, before training (the model loaded and
-measured) and at the end. The study itself used the exact optimiser and an fp32 bank."""
+Each setting is one `move retrofit` process (peak memory is per process) on the news
+corpus of the study (the bank's cost does not depend on the text), 12 steps of 8 x 64
+tokens, one after the other on an otherwise idle machine; the step time is the
+Trainer's, over the steps after its 5 warm-up steps; peak memory is the process's
+resident peak, before training (the model loaded and measured) and at the end. The
+study itself used the exact optimiser and an fp32 bank."""
 
 import argparse
 import json

@@ -322,7 +322,7 @@ def test_the_study_arms_bank_lora_and_full_fine_tuning_measure_facts_and_forgett
     assert {row["token"] for row in summaries["bank"]["rows_moved_most"]} <= facts_tokens  # rows it trained on
     # half of every batch from the general corpus: the rows its own loader would give
     from move.config import RetrofitRun
-    from move.export.retrofit_training import training_batches
+    from move.export.retrofit_trainable import training_batches
     from move.text.loader import BatchLoader
 
     facts, general = load_prepared(tmp_path / "facts"), load_prepared(tmp_path / "general")

@@ -48,13 +48,17 @@ class TokenLoss(nn.Module):
         return nats.view_as(targets) if reduction == "none" else nats.sum() / (targets >= 0).sum()
 
 
-def trains(name: str, run: RetrofitRun) -> bool:
-    """Whether the parameter `name` of a retrofitted (and maybe peft-wrapped) model trains."""
+def part_of(name: str) -> str:
+    """Which part the parameter `name` of a retrofitted (and maybe peft-wrapped) model
+    belongs to: memory (the bank or tables, and the routers), lora, or dense (the model's own)."""
     if MEMORY_MODULE in name:
-        return True  # the bank (or tables) and routers: only there when the run adds memory
-    if "lora_" in name:
-        return run.lora_rank > 0
-    return run.lr_dense > 0
+        return "memory"
+    return "lora" if "lora_" in name else "dense"
+
+
+def trains(name: str, run: RetrofitRun) -> bool:
+    """Whether the parameter `name` trains in this run (memory exists only when the run adds it)."""
+    return {"memory": True, "lora": run.lora_rank > 0, "dense": run.lr_dense > 0}[part_of(name)]
 
 
 class TrainableRetrofit(TokenLoss):
@@ -75,10 +79,9 @@ class TrainableRetrofit(TokenLoss):
         adamw = dict(weight_decay=oc.weight_decay)
         found = []
         if run.lr_dense > 0:
-            dense = [p for n, p in named if MEMORY_MODULE not in n and "lora_" not in n]
-            found.append(torch.optim.AdamW(dense, lr=run.lr_dense, **adamw))
+            found.append(torch.optim.AdamW([p for n, p in named if part_of(n) == "dense"], lr=run.lr_dense, **adamw))
         if run.lora_rank:
-            found.append(torch.optim.AdamW([p for n, p in named if "lora_" in n], lr=run.lr_lora, **adamw))
+            found.append(torch.optim.AdamW([p for n, p in named if part_of(n) == "lora"], lr=run.lr_lora, **adamw))
         memory = getattr(self.model, MEMORY_MODULE, None)
         if memory is not None:
             tables = memory.value_tables()
@@ -137,7 +140,8 @@ class RetrofitTask:
     evaluation the measures of the model now (kept as `latest`).
 
     corpora: {"val": the data, name: each general corpus}; references: {general corpus
-    name: file of the untouched model's log-probabilities} (empty: no KL)."""
+    name: file of the untouched model's log-probabilities}, read at each evaluation
+    (empty: no KL). The loader is built here: a bad mixed-in corpus is refused at once."""
 
     def __init__(self, data, corpora: dict, knowledge, run: RetrofitRun, references: dict[str, Path]):
         self.data, self.corpora, self.knowledge, self.run = data, corpora, knowledge, run

@@ -42,7 +42,7 @@ from move.export.retrofit_measures import (
     untouched_key,
     untouched_measures,
 )
-from move.export.retrofit_trainable import RetrofitTask, TokenLoss, TrainableRetrofit, train_config, training_batches
+from move.export.retrofit_trainable import RetrofitTask, TokenLoss, TrainableRetrofit, train_config
 from move.files import RUN_MARKERS, atomic_write_json, check_replaceable
 from move.knowledge.corpus import KNOWLEDGE_FILE
 from move.knowledge.recall import load_knowledge
@@ -113,9 +113,11 @@ def train_retrofit(
         check_replaceable(out, RUN_MARKERS, "a training run")  # (the Trainer would refuse it after the measures)
     data = load_prepared(data_dir)
     general = general_corpora(general_data, data)
-    training_batches(data, run)  # (a mixed-in corpus is checked now, not after the measures)
     corpora = {"val": data, **general}
     knowledge = load_knowledge(data_dir) if (Path(data_dir) / KNOWLEDGE_FILE).exists() else None
+    references: dict[str, Path] = {}  # the KL references, filled below before training
+    # (made now: its loader refuses a bad mixed-in corpus before the model loads and is measured)
+    task = RetrofitTask(data, corpora, knowledge, run, references)
     model = load_causal_lm(model_path)
     vocab = model.get_input_embeddings().num_embeddings
     if data.tokenizer.vocab_size > vocab:
@@ -130,9 +132,9 @@ def train_retrofit(
     before = untouched_measures(untouched, key, lambda: measure(scorer, corpora, knowledge, data.tokenizer, *scoring))
     # the untouched next-token distributions, kept on disk while training (vocab x tokens each)
     with tempfile.TemporaryDirectory(prefix="move-kl-") as kept:
-        references = {name: Path(kept) / f"{name}.pt" for name in general if run.kl_tokens}
-        for name, path in references.items():
-            torch.save(log_probs(scorer, general[name], run.seq_len, run.kl_tokens, run.batch_size), path)
+        for name, corpus in general.items() if run.kl_tokens else ():
+            references[name] = Path(kept) / f"{name}.pt"
+            torch.save(log_probs(scorer, corpus, run.seq_len, run.kl_tokens, run.batch_size), references[name])
         torch.manual_seed(run.seed)  # the new parameters' initialisation (LoRA's A) and nothing else
         layout = LAYOUT_OF.get(run.memory)
         if layout:
@@ -141,7 +143,6 @@ def train_retrofit(
                 table.weight.data = table.weight.data.to(getattr(torch, run.bank_dtype))
         trained = add_lora(model, run.lora_rank) if run.lora_rank else model
         net = TrainableRetrofit(trained, run)
-        task = RetrofitTask(data, corpora, knowledge, run, references)
         trainer = Trainer(net, task, train_config(run), out, resume=resume, force=force)
         rss_before_training = peak_rss_mb()
         result = trainer.run()
