@@ -587,6 +587,9 @@ def test_a_retrofit_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tmp_
     assert main(["retrofit", str(tmp_path / "base"), *flags, "--out", stopped, "--resume"]) == 0
     assert api.train_retrofit(tmp_path / "base", prepared_dir, stopped, api.RetrofitRun(), resume=True) == resumed
     assert (tmp_path / "stopped" / "retrofit.json").stat().st_mtime_ns == written
+    assert main(["retrofit", str(tmp_path / "base"), *flags, "--out", stopped, "--force"]) == 0  # a run anew
+    assert json.loads((tmp_path / "stopped" / "retrofit.json").read_text())["after"] == whole["after"]
+    assert (tmp_path / "stopped" / "retrofit.json").stat().st_mtime_ns != written
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert main(["retrofit", str(tmp_path / "base"), *flags, "--out", str(tmp_path / "other"), "--force"]) == 2
